@@ -1,0 +1,48 @@
+# One command per task. `make run` and `make test` set up everything they need
+# on a fresh Debian machine: system packages (through apt), the virtualenv, the
+# tiny model.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check bench deps venv tiny-model clean
+
+run: deps venv
+	$(VENV)/bin/stepcast run
+
+test: deps venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+tiny-model: venv
+	$(VENV)/bin/stepcast tiny-model
+
+venv: $(STAMP)
+
+# Rebuilt whenever pyproject.toml changes. torch==2.13.0 is the CPU wheel these
+# machines carry on disk (see README for a CUDA build).
+$(STAMP): pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+# Postgres and Redis servers, from apt when missing.
+deps:
+	@if ! command -v redis-server >/dev/null; then \
+		echo "installing redis-server (apt)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	fi
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing postgresql (apt)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+clean:
+	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,160 @@
+"""Build the embedded default model: a tiny Stable Diffusion pipeline with random weights.
+
+No weights can be downloaded, so the project makes its own: the same component
+classes as Stable Diffusion 1.x (CLIP text encoder, UNet, VAE with an 8x spatial
+factor, a byte-level BPE tokenizer) at a size that runs 64x64 in well under a
+second on a CPU. It is saved with ``save_pretrained`` and served through exactly
+the ``from_pretrained`` path a real model directory takes.
+
+    python -m gpu_worker.tiny_model .data/models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Frequent English letter pairs, merged in this order, so common words cost a
+# few tokens instead of one per letter. Written here by hand: no vocabulary is
+# downloaded.
+_MERGES = (
+    "t h", "i n", "e r", "a n", "o n", "r e", "th e</w>", "a t", "e n", "o r",
+    "e d</w>", "a l", "i t", "o u", "a r", "i s</w>", "in g</w>", "l e", "o f</w>", "s t",
+    "r o", "c h", "l o", "f o", "w h", "an d</w>", "e s</w>", "e r</w>", "o n</w>", "a l</w>",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    tokens += ["".join(pair.split()) for pair in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, [(left, right) for left, right in (pair.split() for pair in _MERGES)]
+
+
+def build(target: Path, *, seed: int = 0) -> Path:
+    """Write the tiny pipeline to ``target`` (atomically) and return it."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    vocab, merges = _vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            projection_dim=32,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # Four blocks give Stable Diffusion's 8x latent factor: 64x64 pixels are 8x8 latents.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("tiny model written", extra={"path": str(target)})
+    return target
+
+
+def ensure(target: Path) -> Path:
+    """Build the tiny model unless a complete one is already at ``target``."""
+    if (target / "model_index.json").is_file():
+        return target
+    return build(target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", type=Path, help="directory to write the model to")
+    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = parser.parse_args(argv)
+    path = build(args.target) if args.force else ensure(args.target)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+-- stepcast schema. Postgres is the source of truth for every job: a row exists
+-- before anything is enqueued, and state only moves forward
+-- (pending -> processing -> completed | failed | canceled).
+--
+-- Applied idempotently at start-up (`stepcast migrate`, the server and the
+-- worker all run it); every statement here must be safe to run again.
+
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+
+DO $$
+BEGIN
+    CREATE TYPE job_status AS ENUM ('pending', 'processing', 'completed', 'failed', 'canceled');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    owner            text NOT NULL,
+    params           jsonb NOT NULL,
+    preview          jsonb,
+    status           job_status NOT NULL DEFAULT 'pending',
+    attempt          integer NOT NULL DEFAULT 0,
+    queue            text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    progress_step    integer NOT NULL DEFAULT 0,
+    progress_total   integer NOT NULL,
+    result           jsonb,
+    error_code       text,
+    error_message    text,
+    queue_s          double precision,
+    run_s            double precision,
+    worker           text,
+    lease_expires_at timestamptz,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    last_seq         bigint NOT NULL DEFAULT 0,
+    model_name       text NOT NULL,
+    model_revision   text,
+    stepcast_version text NOT NULL,
+    CONSTRAINT jobs_attempt_nonnegative CHECK (attempt >= 0),
+    CONSTRAINT jobs_progress_in_range CHECK (progress_step BETWEEN 0 AND progress_total),
+    CONSTRAINT jobs_error_when_failed CHECK ((status = 'failed') = (error_code IS NOT NULL))
+);
+
+COMMENT ON TABLE jobs IS 'One row per generation request; the authoritative job state.';
+COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and the storage key prefix.';
+COMMENT ON COLUMN jobs.owner IS 'Who may see, watch, cancel and fetch this job (API key owner or browser session).';
+COMMENT ON COLUMN jobs.params IS 'Validated generation parameters, defaults filled in; the seed is always stored.';
+COMMENT ON COLUMN jobs.preview IS 'Requested step previews {every, max_px}, or NULL for none.';
+COMMENT ON COLUMN jobs.status IS 'pending -> processing -> completed | failed | canceled; never moves backwards.';
+COMMENT ON COLUMN jobs.attempt IS 'Number of claims so far; every worker write is fenced by it.';
+COMMENT ON COLUMN jobs.queue IS 'arq queue the job was enqueued on (one per model family).';
+COMMENT ON COLUMN jobs.started_at IS 'When the current (latest) attempt was claimed.';
+COMMENT ON COLUMN jobs.finished_at IS 'When the job reached a terminal status.';
+COMMENT ON COLUMN jobs.progress_step IS 'Last denoising step reported (1..total), persisted on each heartbeat.';
+COMMENT ON COLUMN jobs.progress_total IS 'Denoising steps the job runs.';
+COMMENT ON COLUMN jobs.result IS '{"images": [{key, width, height, seed, content_type}]} once completed.';
+COMMENT ON COLUMN jobs.error_code IS 'Machine-readable failure reason (pipeline_error, ...); set iff failed.';
+COMMENT ON COLUMN jobs.error_message IS 'Human-readable failure detail.';
+COMMENT ON COLUMN jobs.queue_s IS 'Seconds from creation to the claim of the attempt that finished.';
+COMMENT ON COLUMN jobs.run_s IS 'Seconds the finishing attempt ran, claim to terminal state.';
+COMMENT ON COLUMN jobs.worker IS 'Worker id holding (or last holding) the job.';
+COMMENT ON COLUMN jobs.lease_expires_at IS 'Processing jobs only: the worker must heartbeat before this time.';
+COMMENT ON COLUMN jobs.cancel_requested IS 'Set by a cancel of a processing job; the worker stops at the next step.';
+COMMENT ON COLUMN jobs.last_seq IS 'Highest event seq recorded for the job (terminal events are recorded before publishing).';
+COMMENT ON COLUMN jobs.model_name IS 'Model that serves the job.';
+COMMENT ON COLUMN jobs.model_revision IS 'Content hash of the model directory that produced the result.';
+COMMENT ON COLUMN jobs.stepcast_version IS 'stepcast version that accepted the job.';
+
+-- History: an owner's jobs newest first (GET /v1/jobs), optionally by status.
+CREATE INDEX IF NOT EXISTS jobs_owner_created_idx ON jobs (owner, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner_status_created_idx ON jobs (owner, status, created_at DESC, id DESC);
+-- Queue position: pending jobs of a queue in arrival order.
+CREATE INDEX IF NOT EXISTS jobs_pending_idx ON jobs (queue, created_at, id) WHERE status = 'pending';
+-- ETA: recent run times of finished jobs.
+CREATE INDEX IF NOT EXISTS jobs_completed_finished_idx ON jobs (queue, finished_at DESC) WHERE status = 'completed';

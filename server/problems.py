@@ -1,0 +1,38 @@
+"""Errors on the wire: problem+json (RFC 9457) for REST."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from stepcast.errors import StepcastError
+
+PROBLEM_TYPE = "urn:stepcast:problem:"
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, *, errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+
+
+async def stepcast_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StepcastError)
+    errors = [{"field": e.field, "message": e.message} for e in exc.errors]
+    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail), headers=exc.headers)
+
+
+EXCEPTION_HANDLERS = {StepcastError: stepcast_error, HTTPException: http_error}

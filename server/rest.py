@@ -1,0 +1,152 @@
+"""REST: jobs, images, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.auth import owner_of
+from server.services import Services
+from stepcast.errors import (
+    FieldError,
+    InvalidParams,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from stepcast.jobs import Status
+from stepcast.params import parse_submission
+from stepcast.storage.local import URL_PREFIX
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_PAGE = 100
+# How long a poller should wait before asking again about an unfinished job.
+RETRY_AFTER_S = {Status.PENDING: "2", Status.PROCESSING: "1"}
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+def _job_id(request: Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.path_params["job_id"])
+    except ValueError:
+        raise NotFound(f"no job {request.path_params['job_id']}") from None
+
+
+async def _json_body(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip() not in {"application/json", ""}:
+        raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+async def create_job(request: Request) -> Response:
+    services = _services(request)
+    submission = parse_submission(await _json_body(request), services.settings)
+    job = await services.submit(owner_of(request), submission)
+    return JSONResponse(
+        await services.render(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}
+    )
+
+
+async def get_job(request: Request) -> Response:
+    services = _services(request)
+    job = await services.get(owner_of(request), _job_id(request))
+    headers = {"Retry-After": RETRY_AFTER_S[job.status]} if not job.status.terminal else None
+    return JSONResponse(await services.render(job), headers=headers)
+
+
+async def list_jobs(request: Request) -> Response:
+    services = _services(request)
+    query = request.query_params
+    errors = [FieldError(name, f"unknown query parameter {name!r}") for name in query if name not in {"status", "limit", "cursor"}]
+    status = None
+    if "status" in query:
+        try:
+            status = Status(query["status"])
+        except ValueError:
+            errors.append(FieldError("status", f"status must be one of: {', '.join(s.value for s in Status)}"))
+    limit = 20
+    if "limit" in query:
+        if query["limit"].isdigit() and 1 <= int(query["limit"]) <= MAX_PAGE:
+            limit = int(query["limit"])
+        else:
+            errors.append(FieldError("limit", f"limit must be an integer between 1 and {MAX_PAGE}"))
+    if errors:
+        raise InvalidParams.from_errors(errors)
+    page = await services.db.list_jobs(owner_of(request), status=status, limit=limit, cursor=query.get("cursor"))
+    items = [await services.render(job) for job in page.jobs]
+    return JSONResponse({"items": items, "next_cursor": page.next_cursor})
+
+
+async def cancel_job(request: Request) -> Response:
+    services = _services(request)
+    job = await services.cancel(owner_of(request), _job_id(request))
+    return JSONResponse(await services.render(job), status_code=202 if not job.status.terminal else 200)
+
+
+async def get_image(request: Request) -> Response:
+    """Local storage only: S3 images are fetched from their presigned URLs."""
+    services = _services(request)
+    key: str = request.path_params["key"]
+    job_id = key.split("/", 1)[0]
+    try:
+        job = await services.db.get_job(uuid.UUID(job_id), owner_of(request))
+    except ValueError:
+        job = None
+    if job is None or key not in job.image_keys:
+        raise NotFound(f"no image {key}")
+    try:
+        data = await services.storage.get(key)
+    except KeyError:
+        raise NotFound(f"no image {key}") from None
+    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Postgres and Redis both answer within a second."""
+    services = _services(request)
+    checks: dict[str, str] = {}
+    for name, probe in (("postgres", services.db.ping()), ("redis", services.redis.ping())):
+        try:
+            await asyncio.wait_for(probe, 1.0)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means not ready, whatever it is
+            checks[name] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+
+
+routes = [
+    Route("/v1/jobs", create_job, methods=["POST"]),
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route(URL_PREFIX + "{key:path}", get_image, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,248 @@
+"""The one module that talks to Postgres.
+
+Every write a worker makes is fenced by ``attempt`` (DESIGN §2, invariant 2):
+a worker that lost its job (lease expired, job re-claimed) matches no row and
+learns so from the ``None`` it gets back.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from stepcast.errors import InvalidParams, FieldError
+from stepcast.jobs import Job, Status
+from stepcast.settings import ROOT
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_PATH = ROOT / "schema.sql"
+_MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema application
+
+_FINISH_TIMES = """
+    finished_at = now(),
+    lease_expires_at = NULL,
+    queue_s = extract(epoch FROM started_at - created_at),
+    run_s = extract(epoch FROM now() - started_at)
+"""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, job_id = raw.partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except ValueError:
+        raise InvalidParams.from_errors([FieldError("cursor", "cursor is not valid")]) from None
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, max_size: int = 10) -> Database:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> None:
+        """Apply schema.sql; safe to run from every process at once."""
+        sql = SCHEMA_PATH.read_text()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(sql)
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # -- the server's side -------------------------------------------------
+
+    async def insert_job(
+        self,
+        *,
+        owner: str,
+        params: dict[str, Any],
+        preview: dict[str, Any] | None,
+        queue: str,
+        model_name: str,
+        version: str,
+    ) -> Job:
+        row = await self.pool.fetchrow(
+            """
+            INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            RETURNING *
+            """,
+            owner, params, preview, queue, params["steps"], model_name, version,
+        )  # fmt: skip
+        return Job.from_record(row)
+
+    async def get_job(self, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM jobs WHERE id = $1 AND ($2::text IS NULL OR owner = $2)", job_id, owner
+        )
+        return Job.from_record(row) if row else None
+
+    async def list_jobs(
+        self, owner: str, *, status: Status | None, limit: int, cursor: str | None
+    ) -> Page:
+        after = _decode_cursor(cursor) if cursor else (None, None)
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs
+            WHERE owner = $1
+              AND ($2::job_status IS NULL OR status = $2)
+              AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+            ORDER BY created_at DESC, id DESC
+            LIMIT $5
+            """,
+            owner, status.value if status else None, after[0], after[1], limit + 1,
+        )  # fmt: skip
+        jobs = [Job.from_record(row) for row in rows[:limit]]
+        next_cursor = _encode_cursor(jobs[-1]) if len(rows) > limit else None
+        return Page(jobs, next_cursor)
+
+    async def queue_position(self, job: Job) -> int:
+        ahead = await self.pool.fetchval(
+            """
+            SELECT count(*) FROM jobs
+            WHERE queue = $1 AND status = 'pending' AND (created_at, id) < ($2, $3)
+            """,
+            job.queue, job.created_at, job.id,
+        )  # fmt: skip
+        return int(ahead) + 1
+
+    async def mean_run_s(self, queue: str, width: int, height: int, steps: int) -> float | None:
+        """Recent seconds per job of this shape, scaled from measured seconds per step."""
+        per_step = await self.pool.fetchval(
+            """
+            SELECT avg(run_s / progress_total) FROM (
+                SELECT run_s, progress_total FROM jobs
+                WHERE queue = $1 AND status = 'completed'
+                  AND (params->>'width')::int = $2 AND (params->>'height')::int = $3
+                ORDER BY finished_at DESC LIMIT 50
+            ) recent
+            """,
+            queue, width, height,
+        )  # fmt: skip
+        return None if per_step is None else float(per_step) * steps
+
+    async def cancel_pending(self, job_id: uuid.UUID, seq: int) -> Job | None:
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET status = 'canceled', finished_at = now(), last_seq = $2
+            WHERE id = $1 AND status = 'pending'
+            RETURNING *
+            """,
+            job_id, seq,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def request_cancel(self, job_id: uuid.UUID) -> Job | None:
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET cancel_requested = true
+            WHERE id = $1 AND status = 'processing'
+            RETURNING *
+            """,
+            job_id,
+        )
+        return Job.from_record(row) if row else None
+
+    # -- the worker's side (every write fenced by attempt) -----------------
+
+    async def claim(self, job_id: uuid.UUID, *, worker: str, lease_s: float, model_revision: str) -> Job | None:
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET
+                status = 'processing', attempt = attempt + 1, worker = $2, started_at = now(),
+                lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
+                model_revision = $4
+            WHERE id = $1 AND status = 'pending' AND NOT cancel_requested
+            RETURNING *
+            """,
+            job_id, worker, lease_s, model_revision,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def heartbeat(
+        self, job_id: uuid.UUID, attempt: int, *, lease_s: float, step: int, last_seq: int
+    ) -> bool | None:
+        """Renew the lease and persist progress; the cancel flag, or None if the job is lost."""
+        value = await self.pool.fetchval(
+            """
+            UPDATE jobs SET
+                lease_expires_at = now() + make_interval(secs => $3),
+                progress_step = GREATEST(progress_step, $4),
+                last_seq = GREATEST(last_seq, $5)
+            WHERE id = $1 AND attempt = $2 AND status = 'processing'
+            RETURNING cancel_requested
+            """,
+            job_id, attempt, lease_s, step, last_seq,
+        )  # fmt: skip
+        return None if value is None else bool(value)
+
+    async def complete(
+        self, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], seq: int
+    ) -> Job | None:
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE jobs SET status = 'completed', result = $3, last_seq = $4,
+                progress_step = progress_total, {_FINISH_TIMES}
+            WHERE id = $1 AND attempt = $2 AND status = 'processing'
+            RETURNING *
+            """,
+            job_id, attempt, result, seq,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def fail(
+        self, job_id: uuid.UUID, attempt: int, *, code: str, message: str, seq: int
+    ) -> Job | None:
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE jobs SET status = 'failed', error_code = $3, error_message = $4, last_seq = $5,
+                {_FINISH_TIMES}
+            WHERE id = $1 AND attempt = $2 AND status = 'processing'
+            RETURNING *
+            """,
+            job_id, attempt, code, message, seq,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def cancel_running(self, job_id: uuid.UUID, attempt: int, *, step: int, seq: int) -> Job | None:
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE jobs SET status = 'canceled', last_seq = $3,
+                progress_step = GREATEST(progress_step, $4), {_FINISH_TIMES}
+            WHERE id = $1 AND attempt = $2 AND status = 'processing'
+            RETURNING *
+            """,
+            job_id, attempt, seq, step,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None

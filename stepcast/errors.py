@@ -1,0 +1,79 @@
+"""The one error hierarchy.
+
+Each error carries its machine code and HTTP status here, in one place; the
+REST layer renders it as problem+json and the WebSocket layer as an ``error``
+frame with the same ``code``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class StepcastError(Exception):
+    """Root of every error a client can be shown."""
+
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class InvalidParams(StepcastError):
+    code = "invalid_params"
+    status = 422
+    title = "Invalid parameters"
+
+    @classmethod
+    def from_errors(cls, errors: list[FieldError]) -> InvalidParams:
+        return cls("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
+
+
+class InvalidRequest(StepcastError):
+    code = "invalid_request"
+    status = 400
+    title = "Malformed request"
+
+
+class PayloadTooLarge(StepcastError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(StepcastError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Unsupported media type"
+
+
+class NotFound(StepcastError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(StepcastError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class Unavailable(StepcastError):
+    code = "unavailable"
+    status = 503
+    title = "Service unavailable"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; raised at start-up, never shown to clients."""

@@ -1,0 +1,109 @@
+"""Job events (DESIGN §3): encoding and the per-job log in Redis.
+
+Each event is one flat JSON object: ``type``, ``job_id``, ``seq``, then the
+type's own fields. One Lua script gives an event its ``seq``, appends it to the
+job's capped stream under the stream id ``<seq>-0`` and publishes it, all
+atomically, so the stream order, the pub/sub order and the seq order are the
+same order. The per-job counter never goes below the ``floor`` the caller read
+from Postgres, so seqs keep increasing even after Redis lost its data.
+
+Terminal events take two steps: :meth:`EventLog.reserve` a seq, record the
+terminal state with it in Postgres, then :meth:`EventLog.emit` with that seq.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
+CANCEL_CHANNEL = "stepcast:cancel"
+
+_EMIT = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[2])
+if cur < floor then cur = floor end
+local seq = tonumber(ARGV[1])
+if seq == 0 then seq = cur + 1 end
+if seq > cur then cur = seq end
+redis.call('SET', KEYS[1], cur, 'EX', ARGV[6])
+local data = ARGV[3] .. seq .. ARGV[4]
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'e', data)
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', KEYS[3], data)
+redis.call('PUBLISH', KEYS[4], data)
+return seq
+"""
+
+_RESERVE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[1])
+if cur < floor then cur = floor end
+cur = cur + 1
+redis.call('SET', KEYS[1], cur, 'EX', ARGV[2])
+return cur
+"""
+
+
+def job_channel(job_id: str) -> str:
+    return f"stepcast:job:{job_id}"
+
+
+def owner_channel(owner: str) -> str:
+    return f"stepcast:owner:{owner}"
+
+
+def _keys(job_id: str) -> tuple[str, str]:
+    # The hash tag keeps a job's keys in one slot on Redis Cluster.
+    return f"stepcast:{{{job_id}}}:seq", f"stepcast:{{{job_id}}}:events"
+
+
+def encode(event_type: str, job_id: str, fields: dict[str, Any]) -> tuple[str, str]:
+    """The JSON text around the seq: ``head + str(seq) + tail`` is the event."""
+    head = '{"type":%s,"job_id":%s,"seq":' % (json.dumps(event_type), json.dumps(job_id))
+    body = json.dumps(fields, separators=(",", ":"))
+    tail = "," + body[1:] if fields else "}"
+    return head, tail
+
+
+class EventLog:
+    def __init__(self, redis: Redis, *, stream_max: int, ttl_s: int) -> None:
+        self.redis = redis
+        self.stream_max = stream_max
+        self.ttl_s = ttl_s
+        self._emit = redis.register_script(_EMIT)
+        self._reserve = redis.register_script(_RESERVE)
+
+    async def emit(
+        self,
+        job_id: str,
+        owner: str,
+        event_type: str,
+        fields: dict[str, Any] | None = None,
+        *,
+        floor: int = 0,
+        seq: int = 0,
+    ) -> int:
+        """Append and publish one event; returns its seq (``seq`` given, or the next one)."""
+        head, tail = encode(event_type, job_id, fields or {})
+        counter, stream = _keys(job_id)
+        result = await self._emit(
+            keys=[counter, stream, job_channel(job_id), owner_channel(owner)],
+            args=[seq, floor, head, tail, self.stream_max, self.ttl_s],
+        )
+        return int(result)
+
+    async def reserve(self, job_id: str, *, floor: int) -> int:
+        counter, _ = _keys(job_id)
+        return int(await self._reserve(keys=[counter], args=[floor, self.ttl_s]))
+
+    async def read(self, job_id: str, *, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Events still held in the job's stream with seq > after_seq, in order."""
+        _, stream = _keys(job_id)
+        entries = await self.redis.xrange(stream, min=f"{after_seq + 1}-0", max="+")
+        return [json.loads(fields[b"e"]) for _, fields in entries]

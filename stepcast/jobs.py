@@ -1,0 +1,115 @@
+"""The job record and its wire shape (DESIGN §4.1)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})
+
+
+@dataclass(frozen=True)
+class Job:
+    id: uuid.UUID
+    owner: str
+    params: dict[str, Any]
+    preview: dict[str, Any] | None
+    status: Status
+    attempt: int
+    queue: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress_step: int
+    progress_total: int
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    queue_s: float | None
+    run_s: float | None
+    worker: str | None
+    cancel_requested: bool
+    last_seq: int
+    model_name: str
+    model_revision: str | None
+    stepcast_version: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Job:
+        fields = {name: record[name] for name in cls.__dataclass_fields__}
+        fields["status"] = Status(fields["status"])
+        return cls(**fields)
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [image["key"] for image in (self.result or {}).get("images", [])]
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with millisecond precision and a ``Z``."""
+    if value is None:
+        return None
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+ImageUrl = Callable[[str], Awaitable[str]]
+
+
+async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None = None) -> dict[str, Any]:
+    """The job as REST returns it, inside ``snapshot`` and in history.
+
+    Image URLs are made per request (presigned URLs expire), from the stored keys.
+    """
+    result = None
+    if job.result is not None:
+        images = []
+        for image in job.result["images"]:
+            rendered = {k: v for k, v in image.items() if k != "key"}
+            images.append({"url": await image_url(image["key"]), **rendered})
+        result = {"images": images}
+    error = None
+    if job.error_code is not None:
+        error = {"code": job.error_code, "message": job.error_message or ""}
+    timings = None
+    if job.queue_s is not None or job.run_s is not None:
+        timings = {"queue_s": job.queue_s, "run_s": job.run_s}
+    return {
+        "id": str(job.id),
+        "status": job.status.value,
+        "attempt": job.attempt,
+        "owner": job.owner,
+        "params": job.params,
+        "progress": {"step": job.progress_step, "total": job.progress_total},
+        "queue_position": queue_position if job.status is Status.PENDING else None,
+        "created_at": timestamp(job.created_at),
+        "started_at": timestamp(job.started_at),
+        "finished_at": timestamp(job.finished_at),
+        "result": result,
+        "error": error,
+        "timings": timings,
+        "last_seq": job.last_seq,
+        "preview": job.preview,
+        "cancel_requested": job.cancel_requested,
+        "provenance": {
+            "model": job.model_name,
+            "model_revision": job.model_revision,
+            "stepcast_version": job.stepcast_version,
+        },
+    }

@@ -1,0 +1,192 @@
+"""Job parameters: what a client may ask for, checked against the server's limits.
+
+Validation collects every problem in one pass, names each field, and rejects
+any field it does not know, so a typo (``step`` for ``steps``) is an error
+rather than a silently ignored default.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from stepcast.errors import FieldError, InvalidParams
+from stepcast.settings import Settings
+
+# Scheduler names on the wire; the worker maps each to a diffusers class.
+SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "heun", "unipc")
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
+MAX_GUIDANCE = 50.0
+PREVIEW_MAX_PX = 256
+
+
+@dataclass(frozen=True)
+class JobParams:
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    steps: int
+    width: int
+    height: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobParams:
+        return cls(**data)
+
+    def image_seeds(self) -> list[int]:
+        """One seed per image, so an image never depends on its batch-mates."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass(frozen=True)
+class Preview:
+    every: int
+    max_px: int
+
+
+@dataclass(frozen=True)
+class Submission:
+    params: JobParams
+    preview: Preview | None = None
+
+
+_PARAM_FIELDS = {
+    "prompt", "negative_prompt", "model", "steps", "width", "height",
+    "guidance_scale", "seed", "num_images", "scheduler",
+}  # fmt: skip
+
+
+class _Checker:
+    def __init__(self, data: dict[str, Any], prefix: str = "") -> None:
+        self.data = data
+        self.prefix = prefix
+        self.errors: list[FieldError] = []
+
+    def fail(self, name: str, message: str) -> None:
+        self.errors.append(FieldError(self.prefix + name, message))
+
+    def text(self, name: str, *, max_chars: int, required: bool) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                self.fail(name, f"{name} is required")
+            return None
+        if not isinstance(value, str):
+            self.fail(name, f"{name} must be a string")
+        elif required and not value.strip():
+            self.fail(name, f"{name} must not be empty")
+        elif len(value) > max_chars:
+            self.fail(name, f"{name} must be at most {max_chars} characters")
+        elif "\x00" in value:
+            self.fail(name, f"{name} must not contain NUL characters")
+        else:
+            return value
+        return None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"{name} must be an integer")
+        elif not low <= value <= high:
+            self.fail(name, f"{name} must be between {low} and {high}")
+        else:
+            return value
+        return default
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.fail(name, f"{name} must be a number")
+        elif not low <= value <= high:
+            self.fail(name, f"{name} must be between {low:g} and {high:g}")
+        else:
+            return float(value)
+        return default
+
+    def size(self, name: str, settings: Settings) -> int:
+        value = self.integer(name, settings.default_size_px, settings.min_size_px, settings.max_size_px)
+        if value % 8:
+            self.fail(name, f"{name} must be a multiple of 8")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...]) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if value not in options:
+            self.fail(name, f"{name} must be one of: {', '.join(options)}")
+            return None
+        return str(value)
+
+    def unknown(self, known: set[str]) -> None:
+        for name in sorted(set(self.data) - known):
+            self.fail(name, f"unknown field {name!r}")
+
+
+def parse_params(data: Any, settings: Settings, *, prefix: str = "") -> JobParams:
+    """Validate client-supplied params; raise InvalidParams naming every bad field."""
+    if not isinstance(data, dict):
+        raise InvalidParams.from_errors([FieldError(prefix.rstrip(".") or "body", "must be a JSON object")])
+    check = _Checker(data, prefix)
+    check.unknown(_PARAM_FIELDS)
+    prompt = check.text("prompt", max_chars=settings.max_prompt_chars, required=True)
+    negative = check.text("negative_prompt", max_chars=settings.max_prompt_chars, required=False)
+    model = check.choice("model", (settings.model_name,)) or settings.model_name
+    steps = check.integer("steps", settings.default_steps, 1, settings.max_steps)
+    width = check.size("width", settings)
+    height = check.size("height", settings)
+    guidance = check.number("guidance_scale", settings.default_guidance_scale, 0.0, MAX_GUIDANCE)
+    seed = check.integer("seed", -1, 0, MAX_SEED)
+    num_images = check.integer("num_images", 1, 1, settings.max_images)
+    scheduler = check.choice("scheduler", SCHEDULERS)
+    if check.errors or prompt is None:
+        raise InvalidParams.from_errors(check.errors)
+    return JobParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        model=model,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance_scale=guidance,
+        seed=seed if seed >= 0 else secrets.randbelow(2**32),
+        num_images=num_images,
+        scheduler=scheduler,
+    )
+
+
+def parse_preview(data: Any, settings: Settings) -> Preview | None:
+    if data is None or data is False:
+        return None
+    if data is True:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidParams.from_errors([FieldError("preview", "preview must be an object")])
+    check = _Checker(data, "preview.")
+    check.unknown({"every", "max_px"})
+    every = check.integer("every", 1, 1, settings.max_steps)
+    max_px = check.integer("max_px", 128, 16, PREVIEW_MAX_PX)
+    if check.errors:
+        raise InvalidParams.from_errors(check.errors)
+    return Preview(every=every, max_px=max_px)
+
+
+def parse_submission(body: Any, settings: Settings) -> Submission:
+    """A REST body: the params object itself plus the optional ``preview``."""
+    if not isinstance(body, dict):
+        raise InvalidParams.from_errors([FieldError("body", "request body must be a JSON object")])
+    params = {k: v for k, v in body.items() if k != "preview"}
+    return Submission(params=parse_params(params, settings), preview=parse_preview(body.get("preview"), settings))

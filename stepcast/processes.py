@@ -1,0 +1,210 @@
+"""Postgres and Redis as local child processes on loopback.
+
+Used by ``make run`` (the embedded default) and by the test suite, so both run
+the same real servers the same way. Data lives under a git-ignored folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ProcessError(f"{process.args[0]} exited with {process.returncode}; see {log}")
+        if port_in_use(port):
+            return
+        time.sleep(0.05)
+    raise ProcessError(f"{process.args[0]} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
+
+
+def find_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian keeps the Postgres server binaries off PATH.
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    if candidates:
+        return candidates[-1]
+    raise ProcessError(f"{name} not found: run `make deps` (installs Postgres and Redis through apt)")
+
+
+def _as_postgres_user() -> dict[str, Any]:
+    """Postgres refuses to run as root; as root, run it as the ``postgres`` user."""
+    return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+
+def _postgres_can_reach(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    probe = subprocess.run(["test", "-x", str(path)], capture_output=True, **_as_postgres_user())
+    return probe.returncode == 0
+
+
+def _stop(process: subprocess.Popen[bytes] | None, sig: int, timeout_s: float = 10) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class LocalPostgres:
+    """A private Postgres cluster: ``initdb`` once, then ``postgres`` as a child process."""
+
+    def __init__(self, data_dir: Path, port: int, *, user: str = "stepcast", durable: bool = True) -> None:
+        self.requested_dir = data_dir
+        self.port = port
+        self.user = user
+        self.durable = durable
+        self.process: subprocess.Popen[bytes] | None = None
+        self.data_dir = self._reachable_dir(data_dir)
+
+    @staticmethod
+    def _reachable_dir(wanted: Path) -> Path:
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        if _postgres_can_reach(wanted.parent):
+            return wanted
+        # The checkout sits below a folder the postgres user cannot enter (/root,
+        # say): keep the cluster in a stable place it can, named after the checkout.
+        tag = hashlib.sha256(str(wanted.resolve()).encode()).hexdigest()[:12]
+        fallback = Path(tempfile.gettempdir()) / f"stepcast-pg-{tag}"
+        logger.warning("postgres cannot reach %s; keeping its data in %s", wanted, fallback)
+        return fallback
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run(args, capture_output=True, text=True, **_as_postgres_user())
+        if result.returncode != 0:
+            raise ProcessError(f"{args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
+
+    def start(self, timeout_s: float = 30) -> None:
+        if port_in_use(self.port):
+            raise ProcessError(f"127.0.0.1:{self.port} is taken; set another port or stop what holds it")
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                shutil.chown(self.data_dir, "postgres", "postgres")
+            self.data_dir.chmod(0o700)
+            self._run(
+                find_binary("initdb"), "-D", str(self.data_dir), "-U", self.user,
+                "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions",
+            )  # fmt: skip
+        options = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir}"]
+        if not self.durable:
+            # Test clusters are thrown away: skip the disk flushes.
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        log = self.data_dir / "server.log"
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                [find_binary("postgres"), "-D", str(self.data_dir), "-p", str(self.port), *options],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **_as_postgres_user(),
+            )  # fmt: skip
+        wait_for_port(self.port, self.process, timeout_s, log)
+        self._wait_accepting(timeout_s)
+
+    def _wait_accepting(self, timeout_s: float) -> None:
+        isready = find_binary("pg_isready")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                [isready, "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user], capture_output=True
+            )
+            if probe.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise ProcessError(f"postgres on port {self.port} did not accept connections")
+
+    def create_database(self, name: str, *, template: str | None = None) -> None:
+        """CREATE DATABASE unless it exists (through psql: no event loop needed here)."""
+        exists = subprocess.run(
+            ["psql", self.dsn(), "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        if exists.stdout.strip() != "1":
+            suffix = f' TEMPLATE "{template}"' if template else ""
+            subprocess.run(["psql", self.dsn(), "-qc", f'CREATE DATABASE "{name}"{suffix}'], check=True)
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGINT)  # SIGINT: Postgres "fast" shutdown
+
+
+class LocalRedis:
+    def __init__(self, data_dir: Path, port: int, *, durable: bool = True) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.durable = durable
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout_s: float = 10) -> None:
+        if port_in_use(self.port):
+            raise ProcessError(f"127.0.0.1:{self.port} is taken; set another port or stop what holds it")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes"] if self.durable else ["--appendonly", "no", "--save", ""]
+        log = self.data_dir / "redis.log"
+        self.process = subprocess.Popen(
+            [
+                find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir), "--logfile", str(log), "--daemonize", "no",
+                "--protected-mode", "yes", *persistence,
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        wait_for_port(self.port, self.process, timeout_s, log)
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def running(*servers: LocalPostgres | LocalRedis) -> Iterator[None]:
+    """Start the servers in order, stop them in reverse, whatever happens."""
+    started: list[LocalPostgres | LocalRedis] = []
+    try:
+        for server in servers:
+            server.start()
+            started.append(server)
+        yield
+    finally:
+        for server in reversed(started):
+            server.stop()

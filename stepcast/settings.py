@@ -1,0 +1,112 @@
+"""Every setting of a stepcast process, read once from ``STEPCAST_*`` variables.
+
+One frozen object per process, built at start-up by :func:`load` and passed
+down; nothing below reads the environment. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stepcast.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / ".data"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEPCAST_", frozen=True, extra="forbid")
+
+    # Where the server listens (the embedded run prints http://host:port).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    database_url: str = "postgresql://stepcast@127.0.0.1:54329/stepcast"
+    database_pool_max: int = Field(10, ge=1)
+    redis_url: str = "redis://127.0.0.1:63790/0"
+    queue_name: str = "stepcast:queue"
+
+    # Object storage: "local" keeps images under storage_dir and serves them at
+    # /v1/images/…; "s3" talks to any S3-compatible endpoint and hands out
+    # presigned GET URLs.
+    storage: Literal["local", "s3"] = "local"
+    storage_dir: Path = DATA_DIR / "images"
+    s3_bucket: str = "stepcast"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_presign_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+
+    # The model a worker serves. Any local diffusers directory works; the
+    # embedded default is the tiny random-weight pipeline built on demand.
+    model_name: str = "tiny"
+    model_dir: Path = DATA_DIR / "models" / "tiny"
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    # Limits every job is validated against.
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_steps: int = Field(150, ge=1)
+    min_size_px: int = Field(64, ge=8)
+    max_size_px: int = Field(1024, ge=8)
+    default_size_px: int = Field(512, ge=8)
+    default_steps: int = Field(20, ge=1)
+    default_guidance_scale: float = 7.5
+    max_images: int = Field(4, ge=1)
+
+    # Worker behaviour.
+    worker_id: str | None = None
+    lease_s: float = Field(30.0, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0)
+    job_timeout_s: float = Field(600.0, gt=0)
+    poll_delay_s: float = Field(0.05, gt=0)
+    event_stream_max: int = Field(1000, ge=10)
+    event_ttl_s: int = Field(24 * 3600, ge=60)
+
+    # Owner of every request until API keys and browser sessions arrive.
+    anonymous_owner: str = "anonymous"
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Settings:
+        for name in ("min_size_px", "max_size_px", "default_size_px"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"STEPCAST_{name.upper()} must be a multiple of 8")
+        if not self.min_size_px <= self.default_size_px <= self.max_size_px:
+            raise ValueError(
+                "STEPCAST_DEFAULT_SIZE_PX must lie between STEPCAST_MIN_SIZE_PX "
+                "and STEPCAST_MAX_SIZE_PX"
+            )
+        if self.default_steps > self.max_steps:
+            raise ValueError("STEPCAST_DEFAULT_STEPS must not exceed STEPCAST_MAX_STEPS")
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("STEPCAST_S3_BUCKET is required when STEPCAST_STORAGE=s3")
+        return self
+
+
+def load(**overrides: object) -> Settings:
+    """Read the environment (plus explicit overrides); fail naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            name = f"STEPCAST_{loc[0].upper()}" if loc else "configuration"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_or_exit() -> Settings:
+    """:func:`load` for a process entry point: a bad setting ends it with its name."""
+    try:
+        return load()
+    except ConfigError as exc:
+        sys.exit(f"stepcast: {exc}")

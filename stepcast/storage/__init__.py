@@ -1,0 +1,45 @@
+"""Object storage for generated images, behind one interface.
+
+Keys are deterministic (``<job_id>/<index>.png``) so a rerun of a job
+overwrites rather than duplicates; the job id in them makes them unguessable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from stepcast.settings import Settings
+
+
+class Storage(Protocol):
+    async def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    async def get(self, key: str) -> bytes:
+        """The object's bytes; raises KeyError if it does not exist."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def url(self, key: str) -> str:
+        """A URL a client can GET the object from (presigned where the backend needs it)."""
+        ...
+
+
+def image_key(job_id: str, index: int, extension: str = "png") -> str:
+    return f"{job_id}/{index}.{extension}"
+
+
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """The configured backend, owning its connections for the context's lifetime."""
+    if settings.storage == "s3":
+        from stepcast.storage.s3 import S3Storage
+
+        async with S3Storage.open(settings) as s3:
+            yield s3
+    else:
+        from stepcast.storage.local import LocalStorage
+
+        yield LocalStorage(settings.storage_dir)

@@ -1,0 +1,50 @@
+"""Local filesystem storage: the embedded default, served by the server at /v1/images/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+URL_PREFIX = "/v1/images/"
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        """The file behind ``key``; refuses keys that would escape the root."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise KeyError(key)
+        return path
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self._write, self.path(key), data)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        # Write-then-rename: a reader never sees half an image.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    async def get(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self.path(key).read_bytes)
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
+
+    async def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    async def url(self, key: str) -> str:
+        return URL_PREFIX + key
