@@ -16,7 +16,7 @@ from stepcast.errors import FieldError, InvalidParams
 from stepcast.settings import Settings
 
 # Scheduler names on the wire; the worker maps each to a diffusers class.
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "heun", "unipc")
+SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "unipc")
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_GUIDANCE = 50.0
 PREVIEW_MAX_PX = 256
@@ -74,20 +74,23 @@ class _Checker:
     def fail(self, name: str, message: str) -> None:
         self.errors.append(FieldError(self.prefix + name, message))
 
+    def label(self, name: str) -> str:
+        return self.prefix + name
+
     def text(self, name: str, *, max_chars: int, required: bool) -> str | None:
         value = self.data.get(name)
         if value is None:
             if required:
-                self.fail(name, f"{name} is required")
+                self.fail(name, f"{self.label(name)} is required")
             return None
         if not isinstance(value, str):
-            self.fail(name, f"{name} must be a string")
+            self.fail(name, f"{self.label(name)} must be a string")
         elif required and not value.strip():
-            self.fail(name, f"{name} must not be empty")
+            self.fail(name, f"{self.label(name)} must not be empty")
         elif len(value) > max_chars:
-            self.fail(name, f"{name} must be at most {max_chars} characters")
+            self.fail(name, f"{self.label(name)} must be at most {max_chars} characters")
         elif "\x00" in value:
-            self.fail(name, f"{name} must not contain NUL characters")
+            self.fail(name, f"{self.label(name)} must not contain NUL characters")
         else:
             return value
         return None
@@ -97,9 +100,9 @@ class _Checker:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, f"{name} must be an integer")
+            self.fail(name, f"{self.label(name)} must be an integer")
         elif not low <= value <= high:
-            self.fail(name, f"{name} must be between {low} and {high}")
+            self.fail(name, f"{self.label(name)} must be between {low} and {high}")
         else:
             return value
         return default
@@ -109,9 +112,9 @@ class _Checker:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            self.fail(name, f"{name} must be a number")
+            self.fail(name, f"{self.label(name)} must be a number")
         elif not low <= value <= high:
-            self.fail(name, f"{name} must be between {low:g} and {high:g}")
+            self.fail(name, f"{self.label(name)} must be between {low:g} and {high:g}")
         else:
             return float(value)
         return default
@@ -119,7 +122,7 @@ class _Checker:
     def size(self, name: str, settings: Settings) -> int:
         value = self.integer(name, settings.default_size_px, settings.min_size_px, settings.max_size_px)
         if value % 8:
-            self.fail(name, f"{name} must be a multiple of 8")
+            self.fail(name, f"{self.label(name)} must be a multiple of 8")
         return value
 
     def choice(self, name: str, options: tuple[str, ...]) -> str | None:
@@ -127,13 +130,13 @@ class _Checker:
         if value is None:
             return None
         if value not in options:
-            self.fail(name, f"{name} must be one of: {', '.join(options)}")
+            self.fail(name, f"{self.label(name)} must be one of: {', '.join(options)}")
             return None
         return str(value)
 
     def unknown(self, known: set[str]) -> None:
         for name in sorted(set(self.data) - known):
-            self.fail(name, f"unknown field {name!r}")
+            self.fail(name, f"unknown field {self.label(name)!r}")
 
 
 def parse_params(data: Any, settings: Settings, *, prefix: str = "") -> JobParams:
@@ -188,5 +191,16 @@ def parse_submission(body: Any, settings: Settings) -> Submission:
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
         raise InvalidParams.from_errors([FieldError("body", "request body must be a JSON object")])
-    params = {k: v for k, v in body.items() if k != "preview"}
-    return Submission(params=parse_params(params, settings), preview=parse_preview(body.get("preview"), settings))
+    errors: list[FieldError] = []
+    params = preview = None
+    try:
+        params = parse_params({k: v for k, v in body.items() if k != "preview"}, settings)
+    except InvalidParams as exc:
+        errors += exc.errors
+    try:
+        preview = parse_preview(body.get("preview"), settings)
+    except InvalidParams as exc:
+        errors += exc.errors
+    if errors or params is None:
+        raise InvalidParams.from_errors(errors)
+    return Submission(params=params, preview=preview)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import uuid
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
 
 TASK_NAME = "run_job"
 
 
-async def connect(redis_url: str) -> ArqRedis:
-    return await create_pool(RedisSettings.from_dsn(redis_url))
+def connect(redis_url: str) -> ArqRedis:
+    """A lazy pool: a server starts (and reports not ready) while Redis is down."""
+    return ArqRedis(ConnectionPool.from_url(redis_url, socket_connect_timeout=2, health_check_interval=30))
 
 
 async def enqueue(arq: ArqRedis, job_id: uuid.UUID, queue_name: str) -> bool:

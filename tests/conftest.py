@@ -1,0 +1,214 @@
+"""Real Postgres, Redis and S3 endpoint for the session; isolated state per test.
+
+Postgres: one throw-away cluster per session; each test gets its own database
+cloned from a migrated template. Redis: one server per session, flushed before
+each test. S3: moto's standalone HTTP server as a child process, one bucket per
+test. The server runs in a real uvicorn on a free port, the worker is a real
+arq worker driving the tiny diffusers model (loaded once per session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+
+from gpu_worker.pipeline import DiffusersPipeline, Pipeline
+from gpu_worker.tiny_model import ensure
+from gpu_worker.worker import create_worker
+from server.app import create_app
+from stepcast import settings as settings_module
+from stepcast.db import Database
+from stepcast.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
+from stepcast.settings import DATA_DIR, Settings
+
+TEMPLATE_DB = "stepcast_template"
+
+for name in [n for n in os.environ if n.startswith("STEPCAST_")]:
+    del os.environ[name]  # tests configure themselves; a developer's environment must not leak in
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    server = LocalPostgres(DATA_DIR / "test" / "postgres", free_port(), durable=False)
+    server.start()
+    try:
+        subprocess.run(["psql", server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"'], check=True)
+        server.create_database(TEMPLATE_DB)
+
+        async def migrate() -> None:
+            db = await Database.connect(server.dsn(TEMPLATE_DB), max_size=1)
+            await db.migrate()
+            await db.close()
+
+        asyncio.run(migrate())
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    server = LocalRedis(DATA_DIR / "test" / "redis", free_port(), durable=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server: a real HTTP endpoint speaking the S3 protocol."""
+    port = free_port()
+    log = DATA_DIR / "test" / "moto.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, process, 30, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def pipeline() -> Pipeline:
+    model_dir = ensure(DATA_DIR / "models" / "tiny")
+    return DiffusersPipeline.load(model_dir, name="tiny")
+
+
+@pytest.fixture
+async def database_url(postgres: LocalPostgres) -> AsyncIterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+        yield postgres.dsn(name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server: LocalRedis) -> AsyncIterator[str]:
+    client = Redis.from_url(redis_server.url())
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url()
+
+
+@pytest.fixture
+def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "redis_url": redis_url,
+            "storage_dir": tmp_path / "images",
+            "default_size_px": 64,
+            "poll_delay_s": 0.01,
+            "heartbeat_s": 0.2,
+            "port": free_port(),
+        }
+        values.update(overrides)
+        return settings_module.load(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    client: httpx.AsyncClient
+    db: Database
+
+    async def submit(self, **params: Any) -> dict[str, Any]:
+        response = await self.client.post("/v1/jobs", json={"prompt": "a red fox", **params})
+        assert response.status_code == 202, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def wait(self, job_id: str, *, timeout_s: float = 30) -> dict[str, Any]:
+        """Poll the REST API until the job is terminal."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = (await self.client.get(f"/v1/jobs/{job_id}")).json()
+            if job["status"] in {"completed", "failed", "canceled"}:
+                return job
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"job {job_id} not finished after {timeout_s} s: {job}")
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
+    """Start the real app under uvicorn on the settings' port; returns its base URL."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings) -> str:
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        servers.append((server, task))
+        return f"http://127.0.0.1:{settings.port}"
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def run_worker(pipeline: Pipeline) -> AsyncIterator[Callable[..., Awaitable[None]]]:
+    """Start an in-process arq worker on the shared pipeline."""
+    workers: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings, *, with_pipeline: Pipeline | None = None) -> None:
+        worker = create_worker(settings, pipeline=with_pipeline or pipeline, handle_signals=False)
+        task = asyncio.create_task(worker.async_run())
+        workers.append((worker, task))
+
+    yield start
+    for worker, task in workers:
+        await worker.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def stack(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> AsyncIterator[Stack]:
+    """Server + one worker on real Postgres, Redis and the tiny model."""
+    base_url = await serve(settings)
+    await run_worker(settings)
+    db = await Database.connect(settings.database_url, max_size=2)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        yield Stack(settings, client, db)
+    await db.close()

@@ -1,0 +1,76 @@
+"""Parameter validation: every field checked, every problem named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stepcast import settings as settings_module
+from stepcast.errors import InvalidParams
+from stepcast.params import parse_submission
+
+SETTINGS = settings_module.load(default_size_px=64)
+
+
+def fields_of(body: Any) -> dict[str, str]:
+    with pytest.raises(InvalidParams) as info:
+        parse_submission(body, SETTINGS)
+    return {e.field: e.message for e in info.value.errors}
+
+
+def test_defaults_are_filled_and_seed_is_always_chosen() -> None:
+    params = parse_submission({"prompt": "a red fox"}, SETTINGS).params
+    assert (params.steps, params.width, params.height, params.num_images) == (20, 64, 64, 1)
+    assert params.model == "tiny" and params.scheduler is None
+    assert 0 <= params.seed < 2**32
+    assert params.image_seeds() == [params.seed]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({}, "prompt", "prompt is required"),
+        ({"prompt": ""}, "prompt", "prompt must not be empty"),
+        ({"prompt": "   "}, "prompt", "prompt must not be empty"),
+        ({"prompt": 7}, "prompt", "prompt must be a string"),
+        ({"prompt": "x" * 2001}, "prompt", "prompt must be at most 2000 characters"),
+        ({"prompt": "a\x00b"}, "prompt", "prompt must not contain NUL characters"),
+        ({"prompt": "p", "negative_prompt": ["x"]}, "negative_prompt", "negative_prompt must be a string"),
+        ({"prompt": "p", "model": "sdxl"}, "model", "model must be one of: tiny"),
+        ({"prompt": "p", "steps": 0}, "steps", "steps must be between 1 and 150"),
+        ({"prompt": "p", "steps": 151}, "steps", "steps must be between 1 and 150"),
+        ({"prompt": "p", "steps": 2.5}, "steps", "steps must be an integer"),
+        ({"prompt": "p", "steps": "20"}, "steps", "steps must be an integer"),
+        ({"prompt": "p", "steps": True}, "steps", "steps must be an integer"),
+        ({"prompt": "p", "width": 65}, "width", "width must be a multiple of 8"),
+        ({"prompt": "p", "width": 32}, "width", "width must be between 64 and 1024"),
+        ({"prompt": "p", "height": 2048}, "height", "height must be between 64 and 1024"),
+        ({"prompt": "p", "guidance_scale": -1}, "guidance_scale", "guidance_scale must be between 0 and 50"),
+        ({"prompt": "p", "guidance_scale": "high"}, "guidance_scale", "guidance_scale must be a number"),
+        ({"prompt": "p", "seed": -1}, "seed", f"seed must be between 0 and {2**53 - 1}"),
+        ({"prompt": "p", "seed": 2**60}, "seed", f"seed must be between 0 and {2**53 - 1}"),
+        ({"prompt": "p", "num_images": 5}, "num_images", "num_images must be between 1 and 4"),
+        ({"prompt": "p", "scheduler": "magic"}, "scheduler", "scheduler must be one of: euler, euler_a, ddim, dpmpp_2m, unipc"),
+        ({"prompt": "p", "step": 20}, "step", "unknown field 'step'"),
+        ({"prompt": "p", "preview": {"every": 0}}, "preview.every", "preview.every must be between 1 and 150"),
+        ({"prompt": "p", "preview": {"max_px": 512}}, "preview.max_px", "preview.max_px must be between 16 and 256"),
+        ({"prompt": "p", "preview": {"size": 1}}, "preview.size", "unknown field 'preview.size'"),
+        ({"prompt": "p", "preview": "yes"}, "preview", "preview must be an object"),
+        ([1, 2], "body", "request body must be a JSON object"),
+    ],
+)
+def test_each_bad_field_is_named(body: Any, field: str, message: str) -> None:
+    assert fields_of(body) == {field: message}
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = fields_of({"steps": 0, "width": 7, "colour": "red", "preview": {"every": 0}})
+    assert set(problems) == {"prompt", "steps", "width", "colour", "preview.every"}
+
+
+def test_preview_defaults() -> None:
+    submission = parse_submission({"prompt": "p", "preview": {}}, SETTINGS)
+    assert submission.preview is not None
+    assert (submission.preview.every, submission.preview.max_px) == (1, 128)
+    assert parse_submission({"prompt": "p"}, SETTINGS).preview is None

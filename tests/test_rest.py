@@ -1,0 +1,167 @@
+"""REST against a real server on real Postgres and Redis (no worker unless needed)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from stepcast.settings import Settings
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+async def client(settings: Settings, serve: Callable[[Settings], Awaitable[str]]) -> Any:
+    base_url = await serve(settings)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        yield client
+
+
+def assert_problem(response: httpx.Response, status: int, fields: dict[str, str] | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert {"type", "title", "status", "detail"} <= set(body)
+    assert body["status"] == status
+    if fields:
+        assert {e["field"]: e["message"] for e in body["errors"]} == fields
+    return body
+
+
+async def test_submit_returns_202_location_and_the_pending_job(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "a red fox", "steps": 5, "seed": 7})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    uuid.UUID(job["id"])
+    assert job["status"] == "pending" and job["attempt"] == 0 and job["queue_position"] == 1
+    assert job["params"] == {
+        "prompt": "a red fox", "negative_prompt": None, "model": "tiny", "steps": 5, "width": 64,
+        "height": 64, "guidance_scale": 7.5, "seed": 7, "num_images": 1, "scheduler": None,
+    }  # fmt: skip
+    assert job["progress"] == {"step": 0, "total": 5}
+    assert job["created_at"].endswith("Z") and job["started_at"] is None
+
+    again = await client.get(job["id"].join(["/v1/jobs/", ""]))
+    assert again.status_code == 200 and again.json()["id"] == job["id"]
+    assert again.headers["retry-after"] == "2"
+
+
+async def test_queue_position_counts_jobs_ahead(client: httpx.AsyncClient) -> None:
+    ids = [(await client.post("/v1/jobs", json={"prompt": f"p{i}"})).json()["id"] for i in range(3)]
+    positions = [(await client.get(f"/v1/jobs/{i}")).json()["queue_position"] for i in ids]
+    assert positions == [1, 2, 3]
+
+
+async def test_invalid_params_name_the_field(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "p", "steps": 500, "width": 100, "foo": 1})
+    body = assert_problem(
+        response,
+        422,
+        {
+            "steps": "steps must be between 1 and 150",
+            "width": "width must be a multiple of 8",
+            "foo": "unknown field 'foo'",
+        },
+    )
+    assert body["type"].endswith("invalid_params")
+    listed = (await client.get("/v1/jobs")).json()
+    assert listed["items"] == []  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b"{not json", {"content-type": "application/json"}, 400),
+        (b"prompt=fox", {"content-type": "application/x-www-form-urlencoded"}, 415),
+        (b'{"prompt": "' + b"x" * 70_000 + b'"}', {"content-type": "application/json"}, 413),
+        (b"\xff\xfe", {"content-type": "application/json"}, 400),
+    ],
+)
+async def test_malformed_bodies_get_problems(
+    client: httpx.AsyncClient, content: bytes, headers: dict[str, str], status: int
+) -> None:
+    assert_problem(await client.post("/v1/jobs", content=content, headers=headers), status)
+
+
+async def test_unknown_jobs_are_404_problems(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get(f"/v1/jobs/{uuid.uuid4()}"), 404)
+    assert_problem(await client.get("/v1/jobs/not-a-uuid"), 404)
+    assert_problem(await client.post(f"/v1/jobs/{uuid.uuid4()}/cancel"), 404)
+    assert_problem(await client.get(f"/v1/images/{uuid.uuid4()}/0.png"), 404)
+    assert_problem(await client.get("/v1/images/../../etc/passwd"), 404)
+    assert_problem(await client.delete("/v1/jobs"), 405)
+
+
+async def test_history_is_paginated_newest_first(client: httpx.AsyncClient) -> None:
+    ids = [(await client.post("/v1/jobs", json={"prompt": f"p{i}"})).json()["id"] for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/jobs", params=params)).json()
+        seen += [job["id"] for job in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+
+    canceled = (await client.post(f"/v1/jobs/{ids[0]}/cancel")).json()
+    assert canceled["status"] == "canceled"
+    only = (await client.get("/v1/jobs", params={"status": "canceled"})).json()
+    assert [job["id"] for job in only["items"]] == [ids[0]]
+
+
+async def test_history_query_errors_name_the_parameter(client: httpx.AsyncClient) -> None:
+    assert_problem(
+        await client.get("/v1/jobs", params={"status": "done"}),
+        422,
+        {"status": "status must be one of: pending, processing, completed, failed, canceled"},
+    )
+    assert_problem(
+        await client.get("/v1/jobs", params={"limit": "0"}), 422, {"limit": "limit must be an integer between 1 and 100"}
+    )
+    assert_problem(await client.get("/v1/jobs", params={"cursor": "!!"}), 422, {"cursor": "cursor is not valid"})
+    assert_problem(await client.get("/v1/jobs", params={"sort": "asc"}), 422, {"sort": "unknown query parameter 'sort'"})
+
+
+async def test_cancel_pending_job_is_final(client: httpx.AsyncClient) -> None:
+    job = (await client.post("/v1/jobs", json={"prompt": "p"})).json()
+    response = await client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200
+    canceled = response.json()
+    assert canceled["status"] == "canceled" and canceled["finished_at"] is not None
+    assert canceled["last_seq"] == 2  # queued, canceled
+    # Cancel is idempotent on a canceled job.
+    assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()["status"] == "canceled"
+    assert "retry-after" not in (await client.get(f"/v1/jobs/{job['id']}")).headers
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "checks": {"postgres": "ok", "redis": "ok"}}
+
+
+async def test_readiness_fails_when_redis_is_unreachable(
+    make_settings: Callable[..., Settings], serve: Callable[[Settings], Awaitable[str]]
+) -> None:
+    from stepcast.processes import free_port
+
+    # Nothing listens on this loopback port: Redis is "down" for this server.
+    base_url = await serve(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["postgres"] == "ok"
+    assert ready.json()["checks"]["redis"].startswith("error")
+
+
+async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200 and "<title>stepcast</title>" in page.text
