@@ -81,7 +81,9 @@ class DiffusersPipeline:
         self._schedulers: dict[str, Any] = {}
 
     @classmethod
-    def load(cls, model_dir: Path, *, name: str, device: str = "cpu", dtype: str = "float32") -> DiffusersPipeline:
+    def load(
+        cls, model_dir: Path, *, name: str, device: str = "cpu", dtype: str = "float32"
+    ) -> DiffusersPipeline:
         import torch
         from diffusers import AutoPipelineForText2Image
         from diffusers.utils import logging as diffusers_logging

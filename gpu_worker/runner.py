@@ -96,10 +96,15 @@ class JobRunner:
 
     async def run(self, job_id: uuid.UUID) -> None:
         job = await self.db.claim(
-            job_id, worker=self.worker_id, lease_s=self.settings.lease_s, model_revision=self.pipeline.revision
+            job_id,
+            worker=self.worker_id,
+            lease_s=self.settings.lease_s,
+            model_revision=self.pipeline.revision,
         )
         if job is None:
-            logger.info("job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)})
+            logger.info(
+                "job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)}
+            )
             return
         active = _Active(job, last_seq=job.last_seq)
         self._active[job.id] = active
@@ -164,7 +169,11 @@ class JobRunner:
         self, active: _Active, steps: asyncio.Queue[tuple[int, Any] | None], params: JobParams
     ) -> None:
         started = time.monotonic()
-        preview_px = min(int(active.job.preview["max_px"]), max(params.width, params.height)) if active.job.preview else 0
+        preview_px = (
+            min(int(active.job.preview["max_px"]), max(params.width, params.height))
+            if active.job.preview
+            else 0
+        )
         while (item := await steps.get()) is not None:
             step, latents = item
             active.step = step
@@ -187,7 +196,11 @@ class JobRunner:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 cancel = await self.db.heartbeat(
-                    job.id, job.attempt, lease_s=self.settings.lease_s, step=active.step, last_seq=active.last_seq
+                    job.id,
+                    job.attempt,
+                    lease_s=self.settings.lease_s,
+                    step=active.step,
+                    last_seq=active.last_seq,
                 )
             except Exception:
                 logger.exception("heartbeat failed", extra={"job_id": str(job.id)})
@@ -199,14 +212,22 @@ class JobRunner:
 
     async def _complete(self, active: _Active, params: JobParams, generation: Generation) -> None:
         job = active.job
-        records = []
+        records: list[dict[str, Any]] = []
         try:
             pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in generation.images])
-            for index, (png, image, seed) in enumerate(zip(pngs, generation.images, params.image_seeds(), strict=True)):
+            for index, (png, image, seed) in enumerate(
+                zip(pngs, generation.images, params.image_seeds(), strict=True)
+            ):
                 key = image_key(str(job.id), index)
                 await self.storage.put(key, png, PNG)
                 records.append(
-                    {"key": key, "width": image.width, "height": image.height, "seed": seed, "content_type": PNG}
+                    {
+                        "key": key,
+                        "width": image.width,
+                        "height": image.height,
+                        "seed": seed,
+                        "content_type": PNG,
+                    }
                 )
         except Exception as exc:
             logger.exception("storing images failed", extra={"job_id": str(job.id)})
@@ -260,7 +281,9 @@ class JobRunner:
         try:
             seq = await self.events.reserve(str(job.id), floor=active.last_seq)
         except RedisError:
-            logger.exception("could not reserve a seq; continuing from Postgres", extra={"job_id": str(job.id)})
+            logger.exception(
+                "could not reserve a seq; continuing from Postgres", extra={"job_id": str(job.id)}
+            )
             seq = active.last_seq + 1
         done = await write(seq)
         if done is None:

@@ -23,9 +23,36 @@ logger = logging.getLogger(__name__)
 # few tokens instead of one per letter. Written here by hand: no vocabulary is
 # downloaded.
 _MERGES = (
-    "t h", "i n", "e r", "a n", "o n", "r e", "th e</w>", "a t", "e n", "o r",
-    "e d</w>", "a l", "i t", "o u", "a r", "i s</w>", "in g</w>", "l e", "o f</w>", "s t",
-    "r o", "c h", "l o", "f o", "w h", "an d</w>", "e s</w>", "e r</w>", "o n</w>", "a l</w>",
+    "t h",
+    "i n",
+    "e r",
+    "a n",
+    "o n",
+    "r e",
+    "th e</w>",
+    "a t",
+    "e n",
+    "o r",
+    "e d</w>",
+    "a l",
+    "i t",
+    "o u",
+    "a r",
+    "i s</w>",
+    "in g</w>",
+    "l e",
+    "o f</w>",
+    "s t",
+    "r o",
+    "c h",
+    "l o",
+    "f o",
+    "w h",
+    "an d</w>",
+    "e s</w>",
+    "e r</w>",
+    "o n</w>",
+    "a l</w>",
 )
 
 
@@ -69,7 +96,8 @@ def build(target: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab, merges = _vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # tokenizers' BPE wants (left, right) pairs; transformers' annotation says list[str].
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -129,7 +157,7 @@ def build(target: Path, *, seed: int = 0) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        pipe.save_pretrained(staging, safe_serialization=True)  # type: ignore[attr-defined]
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -24,7 +24,8 @@ from arq.worker import Worker
 
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline
 from gpu_worker.runner import JobRunner
-from stepcast import logs, settings as settings_module
+from stepcast import logs
+from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME
@@ -66,7 +67,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
     )
 
 
-def create_worker(settings: Settings, *, pipeline: Pipeline | None = None, handle_signals: bool = True) -> Worker:
+def create_worker(
+    settings: Settings, *, pipeline: Pipeline | None = None, handle_signals: bool = True
+) -> Worker:
     """An arq Worker wired to stepcast; pass ``pipeline`` to reuse one already loaded."""
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -77,7 +80,7 @@ def create_worker(settings: Settings, *, pipeline: Pipeline | None = None, handl
         stack.push_async_callback(db.close)
         await db.migrate()
         storage = await stack.enter_async_context(open_storage(settings))
-        loaded = pipeline or await asyncio.to_thread(load_pipeline, settings)
+        loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
         events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
         runner = JobRunner(settings, db, events, storage, loaded, worker_id)
         stack.callback(runner.close)
@@ -91,7 +94,9 @@ def create_worker(settings: Settings, *, pipeline: Pipeline | None = None, handl
             await ctx["stack"].aclose()
 
     return Worker(
-        functions=[func(run_job, name=TASK_NAME, keep_result=0, timeout=settings.job_timeout_s + 60, max_tries=1)],
+        functions=[
+            func(run_job, name=TASK_NAME, keep_result=0, timeout=settings.job_timeout_s + 60, max_tries=1)
+        ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=settings.queue_name,
         on_startup=startup,

@@ -14,7 +14,8 @@ from starlette.staticfiles import StaticFiles
 from server import rest
 from server.problems import EXCEPTION_HANDLERS
 from server.services import Services
-from stepcast import logs, settings as settings_module
+from stepcast import logs
+from stepcast import settings as settings_module
 from stepcast.settings import ROOT, Settings
 
 logger = logging.getLogger(__name__)

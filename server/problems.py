@@ -14,7 +14,12 @@ PROBLEM_TYPE = "urn:stepcast:problem:"
 
 
 def problem(
-    status: int, code: str, title: str, detail: str, *, errors: list[dict[str, str]] | None = None,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail}
@@ -32,7 +37,13 @@ async def stepcast_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail), headers=exc.headers)
+    return problem(
+        exc.status_code,
+        code,
+        code.replace("_", " ").capitalize(),
+        str(exc.detail),
+        headers=dict(exc.headers or {}),
+    )
 
 
 EXCEPTION_HANDLERS = {StepcastError: stepcast_error, HTTPException: http_error}

@@ -78,13 +78,19 @@ async def get_job(request: Request) -> Response:
 async def list_jobs(request: Request) -> Response:
     services = _services(request)
     query = request.query_params
-    errors = [FieldError(name, f"unknown query parameter {name!r}") for name in query if name not in {"status", "limit", "cursor"}]
+    errors = [
+        FieldError(name, f"unknown query parameter {name!r}")
+        for name in query
+        if name not in {"status", "limit", "cursor"}
+    ]
     status = None
     if "status" in query:
         try:
             status = Status(query["status"])
         except ValueError:
-            errors.append(FieldError("status", f"status must be one of: {', '.join(s.value for s in Status)}"))
+            errors.append(
+                FieldError("status", f"status must be one of: {', '.join(s.value for s in Status)}")
+            )
     limit = 20
     if "limit" in query:
         if query["limit"].isdigit() and 1 <= int(query["limit"]) <= MAX_PAGE:
@@ -93,7 +99,9 @@ async def list_jobs(request: Request) -> Response:
             errors.append(FieldError("limit", f"limit must be an integer between 1 and {MAX_PAGE}"))
     if errors:
         raise InvalidParams.from_errors(errors)
-    page = await services.db.list_jobs(owner_of(request), status=status, limit=limit, cursor=query.get("cursor"))
+    page = await services.db.list_jobs(
+        owner_of(request), status=status, limit=limit, cursor=query.get("cursor")
+    )
     items = [await services.render(job) for job in page.jobs]
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
 
@@ -138,7 +146,9 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:  # any failure means not ready, whatever it is
             checks[name] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 routes = [

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from stepcast import logs, settings as settings_module
+from stepcast import logs
+from stepcast import settings as settings_module
 from stepcast.settings import Settings
 
 

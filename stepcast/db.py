@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from stepcast.errors import InvalidParams, FieldError
+from stepcast.errors import FieldError, InvalidParams
 from stepcast.jobs import Job, Status
 from stepcast.settings import ROOT
 
@@ -108,9 +108,7 @@ class Database:
         )
         return Job.from_record(row) if row else None
 
-    async def list_jobs(
-        self, owner: str, *, status: Status | None, limit: int, cursor: str | None
-    ) -> Page:
+    async def list_jobs(self, owner: str, *, status: Status | None, limit: int, cursor: str | None) -> Page:
         after = _decode_cursor(cursor) if cursor else (None, None)
         rows = await self.pool.fetch(
             """
@@ -176,7 +174,9 @@ class Database:
 
     # -- the worker's side (every write fenced by attempt) -----------------
 
-    async def claim(self, job_id: uuid.UUID, *, worker: str, lease_s: float, model_revision: str) -> Job | None:
+    async def claim(
+        self, job_id: uuid.UUID, *, worker: str, lease_s: float, model_revision: str
+    ) -> Job | None:
         row = await self.pool.fetchrow(
             """
             UPDATE jobs SET
@@ -221,9 +221,7 @@ class Database:
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
-    async def fail(
-        self, job_id: uuid.UUID, attempt: int, *, code: str, message: str, seq: int
-    ) -> Job | None:
+    async def fail(self, job_id: uuid.UUID, attempt: int, *, code: str, message: str, seq: int) -> Job | None:
         row = await self.pool.fetchrow(
             f"""
             UPDATE jobs SET status = 'failed', error_code = $3, error_message = $4, last_seq = $5,

@@ -32,7 +32,7 @@ def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout_s: fl
     while time.monotonic() < deadline:
         for child in children:
             if child.poll() is not None:
-                raise ProcessError(f"{' '.join(map(str, child.args))} exited with {child.returncode}")
+                raise ProcessError(f"{child.args!r} exited with {child.returncode}")
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
                 if response.status == 200:
@@ -56,11 +56,15 @@ def run(settings: Settings) -> int:
     with ExitStack() as stack:
         db_url = urlsplit(settings.database_url)
         if db_url.hostname in LOOPBACK:
-            postgres = LocalPostgres(DATA_DIR / "postgres", db_url.port or 5432, user=db_url.username or "stepcast")
+            postgres = LocalPostgres(
+                DATA_DIR / "postgres", db_url.port or 5432, user=db_url.username or "stepcast"
+            )
             postgres.start()
             stack.callback(postgres.stop)
             postgres.create_database(db_url.path.lstrip("/") or "stepcast")
-            print(f"postgres  {postgres.dsn(db_url.path.lstrip('/'))}  (data: {postgres.data_dir})", flush=True)
+            print(
+                f"postgres  {postgres.dsn(db_url.path.lstrip('/'))}  (data: {postgres.data_dir})", flush=True
+            )
         redis_url = urlsplit(settings.redis_url)
         if redis_url.hostname in LOOPBACK:
             redis = LocalRedis(DATA_DIR / "redis", redis_url.port or 6379)

@@ -65,7 +65,7 @@ def _keys(job_id: str) -> tuple[str, str]:
 
 def encode(event_type: str, job_id: str, fields: dict[str, Any]) -> tuple[str, str]:
     """The JSON text around the seq: ``head + str(seq) + tail`` is the event."""
-    head = '{"type":%s,"job_id":%s,"seq":' % (json.dumps(event_type), json.dumps(job_id))
+    head = f'{{"type":{json.dumps(event_type)},"job_id":{json.dumps(job_id)},"seq":'
     body = json.dumps(fields, separators=(",", ":"))
     tail = "," + body[1:] if fields else "}"
     return head, tail

@@ -40,14 +40,15 @@ def port_in_use(port: int) -> bool:
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    name = Path(str(process.args[0] if isinstance(process.args, list) else process.args)).name
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ProcessError(f"{process.args[0]} exited with {process.returncode}; see {log}")
+            raise ProcessError(f"{name} exited with {process.returncode}; see {log}")
         if port_in_use(port):
             return
         time.sleep(0.05)
-    raise ProcessError(f"{process.args[0]} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
+    raise ProcessError(f"{name} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
 
 
 def find_binary(name: str) -> str:

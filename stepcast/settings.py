@@ -81,8 +81,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"STEPCAST_{name.upper()} must be a multiple of 8")
         if not self.min_size_px <= self.default_size_px <= self.max_size_px:
             raise ValueError(
-                "STEPCAST_DEFAULT_SIZE_PX must lie between STEPCAST_MIN_SIZE_PX "
-                "and STEPCAST_MAX_SIZE_PX"
+                "STEPCAST_DEFAULT_SIZE_PX must lie between STEPCAST_MIN_SIZE_PX and STEPCAST_MAX_SIZE_PX"
             )
         if self.default_steps > self.max_steps:
             raise ValueError("STEPCAST_DEFAULT_STEPS must not exceed STEPCAST_MAX_STEPS")

@@ -47,8 +47,12 @@ async def test_prompt_in_image_out(stack: Stack) -> None:
     assert job["provenance"]["model"] == "tiny" and len(job["provenance"]["model_revision"]) == 16
     [image] = job["result"]["images"]
     assert image == {
-        "url": f"/v1/images/{job['id']}/0.png", "width": 64, "height": 96, "seed": 7, "content_type": "image/png",
-    }  # fmt: skip
+        "url": f"/v1/images/{job['id']}/0.png",
+        "width": 64,
+        "height": 96,
+        "seed": 7,
+        "content_type": "image/png",
+    }
     png = await fetch_png(stack, image["url"])
     assert png.size == (64, 96) and png.mode == "RGB"
 
@@ -106,7 +110,10 @@ async def test_pipeline_exception_fails_the_job_with_its_message(
     monkeypatch.setattr(pipeline.pipe.unet, "forward", broken_unet)
     job = await stack.wait((await stack.submit())["id"])
     assert job["status"] == "failed"
-    assert job["error"] == {"code": "pipeline_error", "message": "RuntimeError: CUDA out of memory (injected)"}
+    assert job["error"] == {
+        "code": "pipeline_error",
+        "message": "RuntimeError: CUDA out of memory (injected)",
+    }
     assert job["result"] is None and job["finished_at"]
     last = (await events_of(stack, job["id"]))[-1]
     assert last["type"] == "failed" and last["error"] == job["error"] and last["seq"] == job["last_seq"]
@@ -165,7 +172,16 @@ async def test_wire_shape_of_a_finished_job(stack: Stack) -> None:
     }  # fmt: skip
     for name, kind in expected.items():
         assert isinstance(job[name], kind), name
-    assert set(job["params"]) >= {"prompt", "steps", "width", "height", "seed", "num_images", "guidance_scale", "model"}
+    assert set(job["params"]) >= {
+        "prompt",
+        "steps",
+        "width",
+        "height",
+        "seed",
+        "num_images",
+        "guidance_scale",
+        "model",
+    }
     assert set(job["timings"]) == {"queue_s", "run_s"}
     assert set(job["result"]["images"][0]) == {"url", "width", "height", "seed", "content_type"}
     json.dumps(job)

@@ -21,7 +21,9 @@ async def client(settings: Settings, serve: Callable[[Settings], Awaitable[str]]
         yield client
 
 
-def assert_problem(response: httpx.Response, status: int, fields: dict[str, str] | None = None) -> dict[str, Any]:
+def assert_problem(
+    response: httpx.Response, status: int, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == PROBLEM
     body: dict[str, Any] = response.json()
@@ -123,10 +125,16 @@ async def test_history_query_errors_name_the_parameter(client: httpx.AsyncClient
         {"status": "status must be one of: pending, processing, completed, failed, canceled"},
     )
     assert_problem(
-        await client.get("/v1/jobs", params={"limit": "0"}), 422, {"limit": "limit must be an integer between 1 and 100"}
+        await client.get("/v1/jobs", params={"limit": "0"}),
+        422,
+        {"limit": "limit must be an integer between 1 and 100"},
     )
-    assert_problem(await client.get("/v1/jobs", params={"cursor": "!!"}), 422, {"cursor": "cursor is not valid"})
-    assert_problem(await client.get("/v1/jobs", params={"sort": "asc"}), 422, {"sort": "unknown query parameter 'sort'"})
+    assert_problem(
+        await client.get("/v1/jobs", params={"cursor": "!!"}), 422, {"cursor": "cursor is not valid"}
+    )
+    assert_problem(
+        await client.get("/v1/jobs", params={"sort": "asc"}), 422, {"sort": "unknown query parameter 'sort'"}
+    )
 
 
 async def test_cancel_pending_job_is_final(client: httpx.AsyncClient) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from gpu_worker.pipeline import DiffusersPipeline, directory_revision
 from gpu_worker.tiny_model import build, ensure
 from stepcast.params import JobParams
@@ -23,7 +22,9 @@ def test_build_writes_a_from_pretrained_directory(tmp_path: Path) -> None:
 
     loaded = DiffusersPipeline.load(target, name="tiny")
     tokens = loaded.pipe.tokenizer("the red fox").input_ids
-    assert tokens[0] == loaded.pipe.tokenizer.bos_token_id and tokens[-1] == loaded.pipe.tokenizer.eos_token_id
+    assert (
+        tokens[0] == loaded.pipe.tokenizer.bos_token_id and tokens[-1] == loaded.pipe.tokenizer.eos_token_id
+    )
     assert loaded.pipe.vae_scale_factor == 8  # latents are 1/8 of the image, as in Stable Diffusion
 
     seen: list[int] = []
