@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1)
     min_size_px: int = Field(64, ge=8)
     max_size_px: int = Field(1024, ge=8)
-    default_size_px: int = Field(512, ge=8)
+    default_size_px: int = Field(64, ge=8)  # the tiny model's native size; 512 for SD 1.5
     default_steps: int = Field(20, ge=1)
     default_guidance_scale: float = 7.5
     max_images: int = Field(4, ge=1)

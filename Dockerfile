@@ -1,0 +1,17 @@
+# One image for the server and the GPU worker.
+# CPU build by default; for NVIDIA GPUs build with
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+FROM python:3.11-slim
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md schema.sql ./
+COPY stepcast stepcast
+COPY server server
+COPY gpu_worker gpu_worker
+COPY web web
+RUN pip install --extra-index-url "$TORCH_INDEX" torch==2.13.0 && pip install .
+RUN useradd --create-home --uid 10001 stepcast
+USER stepcast
+EXPOSE 8000
+CMD ["stepcast", "serve"]
