@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner            text NOT NULL,
     params           jsonb NOT NULL,
     preview          jsonb,
+    webhook          jsonb,
     status           job_status NOT NULL DEFAULT 'pending',
     attempt          integer NOT NULL DEFAULT 0,
     queue            text NOT NULL,
@@ -48,6 +49,7 @@ COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and 
 COMMENT ON COLUMN jobs.owner IS 'Who may see, watch, cancel and fetch this job (API key owner or browser session).';
 COMMENT ON COLUMN jobs.params IS 'Validated generation parameters, defaults filled in; the seed is always stored.';
 COMMENT ON COLUMN jobs.preview IS 'Requested step previews {every, max_px}, or NULL for none.';
+COMMENT ON COLUMN jobs.webhook IS 'Requested webhook {url, events}, or NULL; deliveries are recorded separately.';
 COMMENT ON COLUMN jobs.status IS 'pending -> processing -> completed | failed | canceled; never moves backwards.';
 COMMENT ON COLUMN jobs.attempt IS 'Number of claims so far; every worker write is fenced by it.';
 COMMENT ON COLUMN jobs.queue IS 'arq queue the job was enqueued on (one per model family).';

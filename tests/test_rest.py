@@ -173,3 +173,24 @@ async def test_readiness_fails_when_redis_is_unreachable(
 async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
     page = await client.get("/")
     assert page.status_code == 200 and "<title>stepcast</title>" in page.text
+
+
+async def test_schema_applies_again_and_concurrently(settings: Settings) -> None:
+    """Every process applies schema.sql at start-up: it must be idempotent and race-free."""
+    import asyncio
+
+    from stepcast.db import Database
+
+    dbs = [await Database.connect(settings.database_url, max_size=1) for _ in range(3)]
+    try:
+        await asyncio.gather(*(db.migrate() for db in dbs))
+        rows = await dbs[0].pool.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'"
+        )
+        assert {"id", "owner", "status", "attempt", "webhook", "last_seq", "model_revision"} <= {
+            row["column_name"] for row in rows
+        }
+        assert await dbs[0].pool.fetchval("SELECT count(*) FROM pg_type WHERE typname = 'job_status'") == 1
+    finally:
+        for db in dbs:
+            await db.close()
