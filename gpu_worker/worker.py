@@ -31,6 +31,7 @@ from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
+from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def create_worker(
         stack.callback(runner.close)
         ctx["runner"] = runner
         listener = asyncio.create_task(_listen_for_cancels(runner, ctx))
-        stack.push_async_callback(_cancel_task, listener)
+        stack.push_async_callback(cancel_and_wait, listener)
         logger.info("worker ready", extra={"worker": worker_id, "queue": settings.queue_name})
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -107,12 +108,6 @@ def create_worker(
         handle_signals=handle_signals,
         log_results=False,
     )
-
-
-async def _cancel_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import rest
+from server import rest, sse, ws
 from server.problems import EXCEPTION_HANDLERS
 from server.services import Services
 from stepcast import logs
@@ -30,14 +30,25 @@ def create_app(settings: Settings) -> Starlette:
             logger.info("server ready", extra={"host": settings.host, "port": settings.port})
             yield {"services": services}
 
-    routes = [*rest.routes, Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")]
+    routes = [
+        *rest.routes,
+        Route("/v1/jobs/{job_id}/events", sse.job_events, methods=["GET"]),
+        WebSocketRoute("/v1/ws", ws.endpoint),
+        Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
+    ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
 
 
 def main() -> None:
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        ws_max_size=settings.ws_max_message_bytes * 4,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from stepcast.errors import (
     UnsupportedMediaType,
 )
 from stepcast.jobs import Status
-from stepcast.params import parse_submission
+from stepcast.params import parse_body
 from stepcast.storage.local import URL_PREFIX
 
 MAX_BODY_BYTES = 64 * 1024
@@ -61,7 +61,7 @@ async def _json_body(request: Request) -> Any:
 
 async def create_job(request: Request) -> Response:
     services = _services(request)
-    submission = parse_submission(await _json_body(request), services.settings)
+    submission = parse_body(await _json_body(request), services.settings)
     job = await services.submit(owner_of(request), submission)
     return JSONResponse(
         await services.render(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}

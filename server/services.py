@@ -3,6 +3,7 @@ interface shares: REST and WebSocket submit, read and cancel the same way."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -13,6 +14,8 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from server.hub import Hub
+from server.positions import QueueAnnouncer
 from stepcast import __version__, queue
 from stepcast.db import Database
 from stepcast.errors import Conflict, NotFound
@@ -21,6 +24,7 @@ from stepcast.jobs import Job, Status, to_wire
 from stepcast.params import Submission
 from stepcast.settings import Settings
 from stepcast.storage import Storage, open_storage
+from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class Services:
     redis: ArqRedis
     events: EventLog
     storage: Storage
+    hub: Hub
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -44,7 +49,15 @@ class Services:
             stack.push_async_callback(redis.aclose, close_connection_pool=True)
             storage = await stack.enter_async_context(open_storage(settings))
             events = EventLog(redis, stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
-            yield cls(settings, db, redis, events, storage)
+            hub = Hub(redis)
+            await hub.start()
+            stack.push_async_callback(hub.stop)
+            services = cls(settings, db, redis, events, storage, hub)
+            announcer = asyncio.create_task(
+                QueueAnnouncer(services, interval_s=settings.queue_update_s).run()
+            )
+            stack.push_async_callback(cancel_and_wait, announcer)
+            yield services
 
     async def submit(self, owner: str, submission: Submission) -> Job:
         """Insert the job (Postgres first, always), enqueue it, announce its place."""

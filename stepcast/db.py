@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from stepcast.errors import FieldError, InvalidParams
+from stepcast.errors import InvalidParams
 from stepcast.jobs import Job, Status
 from stepcast.settings import ROOT
 
@@ -55,7 +55,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created, _, job_id = raw.partition("|")
         return datetime.fromisoformat(created), uuid.UUID(job_id)
     except ValueError:
-        raise InvalidParams.from_errors([FieldError("cursor", "cursor is not valid")]) from None
+        raise InvalidParams.one("cursor", "cursor is not valid") from None
 
 
 class Database:
@@ -124,6 +124,43 @@ class Database:
         jobs = [Job.from_record(row) for row in rows[:limit]]
         next_cursor = _encode_cursor(jobs[-1]) if len(rows) > limit else None
         return Page(jobs, next_cursor)
+
+    async def jobs_to_show(self, owner: str, *, recent: int) -> list[Job]:
+        """An owner's unfinished jobs plus the ``recent`` latest finished ones, oldest first."""
+        rows = await self.pool.fetch(
+            """
+            (SELECT * FROM jobs WHERE owner = $1 AND status IN ('pending', 'processing'))
+            UNION ALL
+            (SELECT * FROM jobs WHERE owner = $1 AND status IN ('completed', 'failed', 'canceled')
+             ORDER BY created_at DESC, id DESC LIMIT $2)
+            ORDER BY created_at, id
+            """,
+            owner,
+            recent,
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def pending_positions(self) -> list[tuple[Job, int]]:
+        """Every pending job with its queue position (1 = next to start)."""
+        rows = await self.pool.fetch(
+            """
+            SELECT *, row_number() OVER (PARTITION BY queue ORDER BY created_at, id) AS position
+            FROM jobs WHERE status = 'pending'
+            """
+        )
+        return [(Job.from_record(row), int(row["position"])) for row in rows]
+
+    async def active_workers(self, queue: str) -> int:
+        """Workers that ran a job of this queue in the last minute (at least one)."""
+        count = await self.pool.fetchval(
+            """
+            SELECT count(DISTINCT worker) FROM jobs
+            WHERE queue = $1 AND worker IS NOT NULL
+              AND (status = 'processing' OR finished_at > now() - interval '1 minute')
+            """,
+            queue,
+        )
+        return max(1, int(count))
 
     async def queue_position(self, job: Job) -> int:
         ahead = await self.pool.fetchval(

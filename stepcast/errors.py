@@ -38,6 +38,10 @@ class InvalidParams(StepcastError):
     def from_errors(cls, errors: list[FieldError]) -> InvalidParams:
         return cls("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
 
+    @classmethod
+    def one(cls, field: str, message: str) -> InvalidParams:
+        return cls.from_errors([FieldError(field, message)])
+
 
 class InvalidRequest(StepcastError):
     code = "invalid_request"

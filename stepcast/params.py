@@ -139,10 +139,8 @@ class _Checker:
             self.fail(name, f"unknown field {self.label(name)!r}")
 
 
-def parse_params(data: Any, settings: Settings, *, prefix: str = "") -> JobParams:
+def parse_params(data: dict[str, Any], settings: Settings, *, prefix: str = "") -> JobParams:
     """Validate client-supplied params; raise InvalidParams naming every bad field."""
-    if not isinstance(data, dict):
-        raise InvalidParams.from_errors([FieldError(prefix.rstrip(".") or "body", "must be a JSON object")])
     check = _Checker(data, prefix)
     check.unknown(_PARAM_FIELDS)
     prompt = check.text("prompt", max_chars=settings.max_prompt_chars, required=True)
@@ -177,7 +175,7 @@ def parse_preview(data: Any, settings: Settings) -> Preview | None:
     if data is True:
         data = {}
     if not isinstance(data, dict):
-        raise InvalidParams.from_errors([FieldError("preview", "preview must be an object")])
+        raise InvalidParams.one("preview", "preview must be an object")
     check = _Checker(data, "preview.")
     check.unknown({"every", "max_px"})
     every = check.integer("every", 1, 1, settings.max_steps)
@@ -187,20 +185,31 @@ def parse_preview(data: Any, settings: Settings) -> Preview | None:
     return Preview(every=every, max_px=max_px)
 
 
-def parse_submission(body: Any, settings: Settings) -> Submission:
+def parse_submission(
+    params: Any, preview: Any, settings: Settings, *, params_field: str = "body"
+) -> Submission:
+    """Validate the params and the preview request together, reporting every problem at once."""
+    errors: list[FieldError] = []
+    parsed = None
+    if not isinstance(params, dict):
+        errors.append(FieldError(params_field, f"{params_field} must be a JSON object"))
+    else:
+        try:
+            parsed = parse_params(params, settings)
+        except InvalidParams as exc:
+            errors += exc.errors
+    try:
+        wanted = parse_preview(preview, settings)
+    except InvalidParams as exc:
+        errors += exc.errors
+    if errors or parsed is None:
+        raise InvalidParams.from_errors(errors)
+    return Submission(params=parsed, preview=wanted)
+
+
+def parse_body(body: Any, settings: Settings) -> Submission:
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
-        raise InvalidParams.from_errors([FieldError("body", "request body must be a JSON object")])
-    errors: list[FieldError] = []
-    params = preview = None
-    try:
-        params = parse_params({k: v for k, v in body.items() if k != "preview"}, settings)
-    except InvalidParams as exc:
-        errors += exc.errors
-    try:
-        preview = parse_preview(body.get("preview"), settings)
-    except InvalidParams as exc:
-        errors += exc.errors
-    if errors or params is None:
-        raise InvalidParams.from_errors(errors)
-    return Submission(params=params, preview=preview)
+        raise InvalidParams.one("body", "request body must be a JSON object")
+    params = {k: v for k, v in body.items() if k != "preview"}
+    return parse_submission(params, body.get("preview"), settings)

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
 
+    # Real-time delivery (WebSocket and SSE).
+    queue_update_s: float = Field(1.0, gt=0)
+    feed_buffer_max: int = Field(256, ge=8)
+    ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
+    ws_messages_per_s: float = Field(20.0, gt=0)
+    ws_burst: int = Field(60, ge=1)
+    sse_keepalive_s: float = Field(15.0, gt=0)
+
     # Owner of every request until API keys and browser sessions arrive.
     anonymous_owner: str = "anonymous"
 

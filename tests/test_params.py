@@ -8,19 +8,19 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.errors import InvalidParams
-from stepcast.params import parse_submission
+from stepcast.params import parse_body
 
 SETTINGS = settings_module.load(default_size_px=64)
 
 
 def fields_of(body: Any) -> dict[str, str]:
     with pytest.raises(InvalidParams) as info:
-        parse_submission(body, SETTINGS)
+        parse_body(body, SETTINGS)
     return {e.field: e.message for e in info.value.errors}
 
 
 def test_defaults_are_filled_and_seed_is_always_chosen() -> None:
-    params = parse_submission({"prompt": "a red fox"}, SETTINGS).params
+    params = parse_body({"prompt": "a red fox"}, SETTINGS).params
     assert (params.steps, params.width, params.height, params.num_images) == (20, 64, 64, 1)
     assert params.model == "tiny" and params.scheduler is None
     assert 0 <= params.seed < 2**32
@@ -82,7 +82,7 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_preview_defaults() -> None:
-    submission = parse_submission({"prompt": "p", "preview": {}}, SETTINGS)
+    submission = parse_body({"prompt": "p", "preview": {}}, SETTINGS)
     assert submission.preview is not None
     assert (submission.preview.every, submission.preview.max_px) == (1, 128)
-    assert parse_submission({"prompt": "p"}, SETTINGS).preview is None
+    assert parse_body({"prompt": "p"}, SETTINGS).preview is None

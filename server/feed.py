@@ -1,0 +1,244 @@
+"""One client's view of the event log: the jobs it watches, what it has seen,
+and what is still to be sent to it. WebSocket connections and SSE streams are
+both feeds.
+
+Resume without loss (DESIGN §3): watching a job subscribes its channel first
+(confirmed), then reads the job's stream. Live events that arrive meanwhile are
+buffered; once the replay (or the snapshot) is out, the buffer is flushed,
+skipping what was already sent, so there is no gap and no duplicate. Replay is
+all-or-nothing: if the stream no longer holds every event after the client's
+``after_seq``, the client gets a ``snapshot`` from Postgres and then only
+events after its ``last_seq``.
+
+Slow clients: the outbound buffer is bounded. When it is full, the oldest
+queued ``progress`` event is dropped (a later one says more); other events are
+never dropped, and a client that lets even those pile up is disconnected so
+that it reconnects and resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stepcast.events import TERMINAL_TYPES, job_channel, owner_channel
+
+if TYPE_CHECKING:
+    from server.services import Services
+
+logger = logging.getLogger(__name__)
+
+
+class SlowConsumer(Exception):
+    """The client reads too slowly even after every droppable event was dropped."""
+
+
+@dataclass
+class Outgoing:
+    text: str
+    type: str
+    job_id: str | None = None
+    seq: int | None = None
+    terminal: bool = False
+
+
+@dataclass
+class _Watch:
+    last_seq: int
+    syncing: bool = True
+    done: bool = False
+    explicit: bool = False
+    buffer: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+
+class Feed:
+    def __init__(self, services: Services, owner: str, *, max_buffer: int) -> None:
+        self.services = services
+        self.hub = services.hub
+        self.owner = owner
+        self.max_buffer = max_buffer
+        self.mine = False
+        self.sent = 0
+        self.dropped = 0
+        self._watches: dict[str, _Watch] = {}
+        self._queue: deque[Outgoing] = deque()
+        self._ready = asyncio.Event()
+        self._overflow = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- outbound -----------------------------------------------------------
+
+    def push(self, item: Outgoing) -> None:
+        if len(self._queue) >= self.max_buffer:
+            for index, queued in enumerate(self._queue):
+                if queued.type == "progress":
+                    del self._queue[index]
+                    self.dropped += 1
+                    break
+            else:
+                self._overflow = True
+        self._queue.append(item)
+        self._ready.set()
+
+    def push_message(self, message: dict[str, Any]) -> None:
+        self.push(Outgoing(json.dumps(message, separators=(",", ":")), message["type"]))
+
+    async def next(self, timeout_s: float | None = None) -> Outgoing | None:
+        """The next message to send; None after ``timeout_s`` of silence."""
+        while not self._queue:
+            if self._overflow:
+                raise SlowConsumer
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            except TimeoutError:
+                return None
+        if self._overflow:
+            raise SlowConsumer
+        self.sent += 1
+        return self._queue.popleft()
+
+    # -- watching -----------------------------------------------------------
+
+    async def watch(self, job_id: uuid.UUID, after_seq: int | None) -> None:
+        """Send what the client missed after ``after_seq`` (or a snapshot), then live events."""
+        key = str(job_id)
+        job = await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
+        watch = _Watch(last_seq=after_seq or 0, explicit=True)
+        previous = self._watches.get(key)
+        self._watches[key] = watch
+        if previous is None or previous.done:
+            await self.hub.add(job_channel(key), self)
+        await self._sync(key, watch, after_seq, known_last_seq=job.last_seq)
+
+    async def unwatch(self, job_id: uuid.UUID) -> None:
+        key = str(job_id)
+        if self._watches.pop(key, None) is not None:
+            await self.hub.remove(job_channel(key), self)
+
+    async def watch_mine(self, *, recent: int = 20) -> None:
+        """Every event of every job of this owner; current state of the live and recent ones first."""
+        if self.mine:
+            return
+        self.mine = True
+        await self.hub.add(owner_channel(self.owner), self)
+        for job in await self.services.db.jobs_to_show(self.owner, recent=recent):
+            key = str(job.id)
+            if key not in self._watches:
+                watch = _Watch(last_seq=0)
+                self._watches[key] = watch
+                await self._sync(key, watch, None, known_last_seq=job.last_seq)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for key, watch in list(self._watches.items()):
+            if watch.explicit and not watch.done:
+                await self.hub.remove(job_channel(key), self)
+        if self.mine:
+            await self.hub.remove(owner_channel(self.owner), self)
+        self._watches.clear()
+
+    async def _sync(self, key: str, watch: _Watch, after_seq: int | None, *, known_last_seq: int) -> None:
+        watch.syncing = True
+        events = await self.services.events.read(key, after_seq=after_seq or 0)
+        if after_seq is None:
+            complete = False
+        elif events:
+            complete = events[0]["seq"] == after_seq + 1
+        else:
+            complete = after_seq >= known_last_seq
+        if complete:
+            for event in events:
+                self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
+        else:
+            await self._snapshot(key, watch, events[-1] if events else None)
+        buffered, watch.buffer = watch.buffer, []
+        watch.syncing = False
+        for event, text in sorted(buffered, key=lambda pair: int(pair[0]["seq"])):
+            self._deliver(key, watch, event, text)
+
+    async def _snapshot(self, key: str, watch: _Watch, latest: dict[str, Any] | None) -> None:
+        job = await self.services.get(self.owner, uuid.UUID(key))
+        wire = await self.services.render(job)
+        # Postgres has every terminal state, but running progress only as of the
+        # last heartbeat: the stream's newest event may be further along.
+        if latest is not None and latest["seq"] > wire["last_seq"]:
+            wire["last_seq"] = latest["seq"]
+            if latest["type"] == "progress":
+                wire["progress"] = {"step": latest["step"], "total": latest["total"]}
+        watch.last_seq = wire["last_seq"]
+        terminal = job.status.terminal
+        text = json.dumps({"type": "snapshot", "job_id": key, "job": wire}, separators=(",", ":"))
+        self.push(Outgoing(text, "snapshot", key, watch.last_seq, terminal=terminal))
+        if terminal:
+            await self._finish(key, watch)
+
+    def _deliver(self, key: str, watch: _Watch, event: dict[str, Any], text: str) -> None:
+        seq = int(event["seq"])
+        if watch.done or seq <= watch.last_seq:
+            return
+        watch.last_seq = seq
+        terminal = event["type"] in TERMINAL_TYPES
+        self.push(Outgoing(text, event["type"], key, seq, terminal=terminal))
+        if terminal:
+            self._spawn(self._finish(key, watch))
+
+    async def _finish(self, key: str, watch: _Watch) -> None:
+        """A finished job sends nothing more: stop listening to its channel."""
+        if watch.done:
+            return
+        watch.done = True
+        if watch.explicit:
+            await self.hub.remove(job_channel(key), self)
+
+    # -- called by the hub ----------------------------------------------------
+
+    def on_event(self, event: dict[str, Any], text: str) -> None:
+        key = event["job_id"]
+        watch = self._watches.get(key)
+        if watch is None:
+            if not self.mine:
+                return
+            watch = self._watches[key] = _Watch(last_seq=0, syncing=False)
+        if watch.syncing:
+            watch.buffer.append((event, text))
+        elif int(event["seq"]) > watch.last_seq + 1 and not watch.done:
+            # A gap: pub/sub lost something (or we joined mid-job). Re-sync from the stream.
+            watch.buffer.append((event, text))
+            self._resync(key, watch)
+        else:
+            self._deliver(key, watch, event, text)
+
+    def on_reconnect(self) -> None:
+        for key, watch in self._watches.items():
+            if not watch.done and not watch.syncing:
+                self._resync(key, watch)
+
+    def _resync(self, key: str, watch: _Watch) -> None:
+        watch.syncing = True
+        after = watch.last_seq or None
+        self._spawn(self._sync(key, watch, after, known_last_seq=watch.last_seq))
+
+    def _spawn(self, coroutine: Any) -> None:
+        if self._closed:
+            coroutine.close()
+            return
+        task = asyncio.create_task(self._guard(coroutine))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, coroutine: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await coroutine
+            except Exception:
+                logger.exception("feed re-sync failed", extra={"owner": self.owner})

@@ -1,0 +1,134 @@
+"""One Redis pub/sub connection per server process, fanning events out to local feeds.
+
+A channel is subscribed while at least one local feed wants it. ``add``
+returns only once Redis has confirmed the subscription, so a feed that reads
+the job's stream after ``add`` cannot miss an event between the two. After a
+lost connection the hub reconnects, subscribes everything again and asks every
+feed to re-sync from its last seq (pub/sub keeps nothing for the absent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+logger = logging.getLogger(__name__)
+
+HUB_CHANNEL = "stepcast:hub"  # always subscribed, so the connection is never idle-empty
+RECONNECT_DELAY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class Listener(Protocol):
+    def on_event(self, event: dict[str, Any], text: str) -> None: ...
+
+    def on_reconnect(self) -> None: ...
+
+
+class Hub:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._channels: dict[str, set[Listener]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.connected = asyncio.Event()
+        self.delivered = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @property
+    def listeners(self) -> int:
+        return len({id(listener) for group in self._channels.values() for listener in group})
+
+    async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
+        async with self._lock:
+            group = self._channels.setdefault(channel, set())
+            group.add(listener)
+            if len(group) == 1:
+                self._confirmed[channel] = asyncio.Event()
+                if self._pubsub is not None and self.connected.is_set():
+                    with contextlib.suppress(Exception):  # a broken connection re-subscribes on reconnect
+                        await self._pubsub.subscribe(channel)
+            confirmed = self._confirmed[channel]
+        await asyncio.wait_for(confirmed.wait(), timeout_s)
+
+    async def remove(self, channel: str, listener: Listener) -> None:
+        async with self._lock:
+            group = self._channels.get(channel)
+            if group is None:
+                return
+            group.discard(listener)
+            if not group:
+                del self._channels[channel]
+                self._confirmed.pop(channel, None)
+                if self._pubsub is not None and self.connected.is_set():
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.unsubscribe(channel)
+
+    async def _connect(self) -> PubSub:
+        pubsub = self.redis.pubsub()
+        async with self._lock:
+            for event in self._confirmed.values():
+                event.clear()
+            await pubsub.subscribe(HUB_CHANNEL, *self._channels)
+        return pubsub
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                self._pubsub = await self._connect()
+                self.connected.set()
+                if attempt:
+                    logger.warning("event hub reconnected to Redis; re-syncing feeds")
+                    for listener in {member for group in self._channels.values() for member in group}:
+                        listener.on_reconnect()
+                attempt = 0
+                async for message in self._pubsub.listen():
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
+                attempt += 1
+                logger.warning("event hub lost Redis (%s); retrying in %.2f s", exc, delay)
+                if self._pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                    self._pubsub = None
+                await asyncio.sleep(delay)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message["channel"].decode()
+        if message["type"] == "subscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None:
+                confirmed.set()
+            return
+        if message["type"] != "message":
+            return
+        group = self._channels.get(channel)
+        if not group:
+            return
+        text = message["data"].decode()
+        event = json.loads(text)
+        for listener in list(group):
+            listener.on_event(event, text)
+            self.delivered += 1

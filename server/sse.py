@@ -1,0 +1,64 @@
+"""Server-Sent Events: ``GET /v1/jobs/{id}/events``, for clients that cannot hold a socket.
+
+The same events as the WebSocket, each as ``id: <seq>``, ``event: <type>``,
+``data: <json>``. ``Last-Event-ID`` (or ``?after_seq=``) resumes after that
+seq; without it the stream opens with a ``snapshot``. The stream ends after
+the job's terminal event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from server.auth import owner_of
+from server.feed import Feed, SlowConsumer
+from server.services import Services
+from stepcast.errors import InvalidParams, NotFound
+
+
+def _after_seq(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id") or request.query_params.get("after_seq")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidParams.one("Last-Event-ID", "Last-Event-ID must be a non-negative integer")
+    return int(raw)
+
+
+async def job_events(request: Request) -> Response:
+    services: Services = request.state.services
+    try:
+        job_id = uuid.UUID(request.path_params["job_id"])
+    except ValueError:
+        raise NotFound(f"no job {request.path_params['job_id']}") from None
+    after_seq = _after_seq(request)
+    feed = Feed(services, owner_of(request), max_buffer=services.settings.feed_buffer_max)
+    try:
+        await feed.watch(job_id, after_seq)
+    except BaseException:
+        await feed.close()
+        raise
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield "retry: 1000\n\n"
+            while True:
+                item = await feed.next(timeout_s=services.settings.sse_keepalive_s)
+                if item is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                seq = f"id: {item.seq}\n" if item.seq is not None else ""
+                yield f"{seq}event: {item.type}\ndata: {item.text}\n\n"
+                if item.terminal:
+                    return
+        except SlowConsumer:
+            return  # the client reconnects with Last-Event-ID and resumes
+        finally:
+            await feed.close()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,217 @@
+"""WebSocket ``/v1/ws``: submit, watch, cancel over one connection (DESIGN §4).
+
+Every client frame is one JSON object with a ``type``. A bad frame gets an
+``error`` frame and the connection stays usable; only abuse closes it: a
+client that keeps sending faster than its rate limit (1008), or one that
+stops reading while events pile up (1013, reconnect and resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from server.auth import owner_of
+from server.feed import Feed, SlowConsumer
+from server.services import Services
+from stepcast.errors import FieldError, InvalidParams, InvalidRequest, StepcastError, Unavailable
+from stepcast.params import parse_submission
+from stepcast.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
+
+CLOSE_POLICY = 1008  # flooding
+CLOSE_TRY_AGAIN = 1013  # too slow to keep up: reconnect and resume with after_seq
+MAX_STRIKES = 50  # rate-limited frames tolerated before the connection is closed
+MAX_REQUEST_ID_CHARS = 128
+
+_FIELDS = {
+    "submit": {"type", "request_id", "params", "idempotency_key", "preview", "webhook"},
+    "subscribe": {"type", "request_id", "job_id", "after_seq", "scope"},
+    "unsubscribe": {"type", "request_id", "job_id"},
+    "cancel": {"type", "request_id", "job_id"},
+    "ping": {"type", "request_id"},
+}
+
+
+class _RateLimit:
+    """Token bucket: ``rate`` frames a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+        self.strikes = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.strikes += 1
+        return False
+
+
+def _error(code: str, message: str, *, request_id: Any = None, field: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error"}
+    if isinstance(request_id, str):
+        frame["request_id"] = request_id
+    frame["code"] = code
+    if field is not None:
+        frame["field"] = field
+    frame["message"] = message
+    return frame
+
+
+def _job_id(message: dict[str, Any]) -> uuid.UUID:
+    value = message.get("job_id")
+    try:
+        return uuid.UUID(value) if isinstance(value, str) else uuid.UUID(int=-1)
+    except ValueError:
+        pass
+    raise InvalidParams.one("job_id", "job_id must be a job id (a UUID)")
+
+
+def _after_seq(message: dict[str, Any]) -> int | None:
+    value = message.get("after_seq")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidParams.one("after_seq", "after_seq must be a non-negative integer")
+    return value
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, services: Services) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.settings = services.settings
+        self.owner = owner_of(websocket)
+        self.feed = Feed(services, self.owner, max_buffer=self.settings.feed_buffer_max)
+        self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
+
+    async def serve(self) -> None:
+        await self.websocket.accept()
+        writer = asyncio.create_task(self._write())
+        try:
+            await self._read()
+        finally:
+            await self.feed.close()
+            await cancel_and_wait(writer)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self.feed.next()
+                if item is not None:
+                    await self.websocket.send_text(item.text)
+        except SlowConsumer:
+            logger.warning("closing a connection that does not keep up", extra={"owner": self.owner})
+            await self._close(CLOSE_TRY_AGAIN, "too slow: reconnect and resume with after_seq")
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the reader sees the disconnect too
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.websocket.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(RuntimeError, OSError):
+                await self.websocket.close(code, reason)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if not self.limit.allow():
+                if self.limit.strikes > MAX_STRIKES:
+                    await self._close(CLOSE_POLICY, "too many messages")
+                    return
+                self.feed.push_message(_error("rate_limited", "too many messages; slow down"))
+                continue
+            text = message.get("text")
+            if text is None:
+                self.feed.push_message(_error("invalid_frame", "frames must be JSON text, not binary"))
+                continue
+            if len(text.encode()) > self.settings.ws_max_message_bytes:
+                limit = self.settings.ws_max_message_bytes
+                self.feed.push_message(_error("message_too_large", f"messages must be at most {limit} bytes"))
+                continue
+            await self._handle(text)
+
+    async def _handle(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            self.feed.push_message(_error("invalid_json", f"not valid JSON: {exc}"))
+            return
+        if not isinstance(message, dict):
+            self.feed.push_message(_error("invalid_message", "a message must be a JSON object"))
+            return
+        request_id = message.get("request_id")
+        try:
+            await self._dispatch(message)
+        except InvalidParams as exc:
+            first = exc.errors[0] if exc.errors else None
+            frame = _error(exc.code, exc.detail, request_id=request_id, field=first.field if first else None)
+            if len(exc.errors) > 1:
+                frame["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
+            self.feed.push_message(frame)
+        except StepcastError as exc:
+            self.feed.push_message(_error(exc.code, exc.detail, request_id=request_id))
+        except TimeoutError:
+            error = Unavailable("the event service is not reachable; try again")
+            self.feed.push_message(_error(error.code, error.detail, request_id=request_id))
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind not in _FIELDS:
+            known = ", ".join(_FIELDS)
+            raise InvalidRequest(f"unknown message type {kind!r}; expected one of: {known}")
+        unknown = sorted(set(message) - _FIELDS[kind])
+        if unknown:
+            raise InvalidParams.from_errors([FieldError(name, f"unknown field {name!r}") for name in unknown])
+        request_id = message.get("request_id")
+        if request_id is not None and (
+            not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_CHARS
+        ):
+            limit = MAX_REQUEST_ID_CHARS
+            raise InvalidParams.one("request_id", f"request_id must be a string of at most {limit} chars")
+        if kind == "ping":
+            self.feed.push_message({"type": "pong", **({"request_id": request_id} if request_id else {})})
+        elif kind == "submit":
+            await self._submit(message, request_id)
+        elif kind == "subscribe":
+            if message.get("scope") is not None:
+                if message["scope"] != "mine":
+                    raise InvalidParams.one("scope", 'scope must be "mine"')
+                await self.feed.watch_mine()
+            else:
+                await self.feed.watch(_job_id(message), _after_seq(message))
+        elif kind == "unsubscribe":
+            await self.feed.unwatch(_job_id(message))
+        elif kind == "cancel":
+            await self.services.cancel(self.owner, _job_id(message))
+
+    async def _submit(self, message: dict[str, Any], request_id: str | None) -> None:
+        if message.get("webhook") is not None or message.get("idempotency_key") is not None:
+            field = "webhook" if message.get("webhook") is not None else "idempotency_key"
+            raise InvalidParams.one(field, f"{field} is not supported by this server yet")
+        submission = parse_submission(
+            message.get("params"), message.get("preview"), self.settings, params_field="params"
+        )
+        job = await self.services.submit(self.owner, submission)
+        self.feed.push_message({"type": "accepted", "request_id": request_id, "job_id": str(job.id)})
+        await self.feed.watch(job.id, 0)
+
+
+async def endpoint(websocket: WebSocket) -> None:
+    services: Services = websocket.state.services
+    await Connection(websocket, services).serve()
