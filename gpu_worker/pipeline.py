@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,27 @@ class DiffusersPipeline:
             )
         interrupted = bool(getattr(self.pipe, "_interrupt", False))
         return Generation(list(output.images), interrupted=interrupted)
+
+
+class SimulatedPipeline:
+    """Benchmark-only backend: sleeps per step, reports steps like the real one, returns grey images."""
+
+    def __init__(self, step_s: float, name: str) -> None:
+        self.step_s = step_s
+        self.name = name
+        self.revision = "simulated"
+
+    def generate(
+        self, params: JobParams, on_step: StepCallback, should_stop: Callable[[], bool]
+    ) -> Generation:
+        for step in range(1, params.steps + 1):
+            if self.step_s:
+                time.sleep(self.step_s)
+            on_step(step, params.steps, None)
+            if should_stop():
+                return Generation([], interrupted=True)
+        size = (params.width, params.height)
+        return Generation([Image.new("RGB", size, (128, 128, 128)) for _ in range(params.num_images)], False)
 
 
 def preview_image(latents: Any, max_px: int) -> Image.Image:

@@ -125,7 +125,7 @@ class JobRunner:
 
         def on_step(step: int, total: int, latents: Any) -> None:
             # Pipeline thread: copy what a preview needs, hand over, return at once.
-            wanted = every and (step % every == 0 or step == total)
+            wanted = latents is not None and every and (step % every == 0 or step == total)
             snapshot = latents.detach().to("cpu", copy=True) if wanted else None
             loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot))
 

@@ -22,7 +22,7 @@ from arq import func
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
-from gpu_worker.pipeline import DiffusersPipeline, Pipeline
+from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner
 from stepcast import logs
 from stepcast import settings as settings_module
@@ -59,6 +59,8 @@ async def _listen_for_cancels(runner: JobRunner, ctx: dict[str, Any]) -> None:
 
 
 def load_pipeline(settings: Settings) -> Pipeline:
+    if settings.backend == "simulated":
+        return SimulatedPipeline(settings.simulated_step_s, settings.model_name)
     if settings.model_name == "tiny":
         from gpu_worker.tiny_model import ensure
 

@@ -57,23 +57,16 @@ class _Watch:
     buffer: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
 
-class Feed:
-    def __init__(self, services: Services, owner: str, *, max_buffer: int) -> None:
-        self.services = services
-        self.hub = services.hub
-        self.owner = owner
+class Outbox:
+    """Messages waiting for one client, bounded; the oldest ``progress`` goes first when full."""
+
+    def __init__(self, max_buffer: int) -> None:
         self.max_buffer = max_buffer
-        self.mine = False
         self.sent = 0
         self.dropped = 0
-        self._watches: dict[str, _Watch] = {}
         self._queue: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._overflow = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
-
-    # -- outbound -----------------------------------------------------------
 
     def push(self, item: Outgoing) -> None:
         if len(self._queue) >= self.max_buffer:
@@ -86,9 +79,6 @@ class Feed:
                 self._overflow = True
         self._queue.append(item)
         self._ready.set()
-
-    def push_message(self, message: dict[str, Any]) -> None:
-        self.push(Outgoing(json.dumps(message, separators=(",", ":")), message["type"]))
 
     async def next(self, timeout_s: float | None = None) -> Outgoing | None:
         """The next message to send; None after ``timeout_s`` of silence."""
@@ -104,6 +94,27 @@ class Feed:
             raise SlowConsumer
         self.sent += 1
         return self._queue.popleft()
+
+
+class Feed:
+    def __init__(self, services: Services, owner: str, *, max_buffer: int) -> None:
+        self.services = services
+        self.hub = services.hub
+        self.owner = owner
+        self.outbox = Outbox(max_buffer)
+        self.mine = False
+        self._watches: dict[str, _Watch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def push(self, item: Outgoing) -> None:
+        self.outbox.push(item)
+
+    def push_message(self, message: dict[str, Any]) -> None:
+        self.push(Outgoing(json.dumps(message, separators=(",", ":")), message["type"]))
+
+    async def next(self, timeout_s: float | None = None) -> Outgoing | None:
+        return await self.outbox.next(timeout_s)
 
     # -- watching -----------------------------------------------------------
 

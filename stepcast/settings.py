@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # embedded default is the tiny random-weight pipeline built on demand.
     model_name: str = "tiny"
     model_dir: Path = DATA_DIR / "models" / "tiny"
+    # "simulated" is for benchmarks of the control plane only: it sleeps
+    # simulated_step_s per step and emits the same events; never the default.
+    backend: Literal["diffusers", "simulated"] = "diffusers"
+    simulated_step_s: float = Field(0.0, ge=0)
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 

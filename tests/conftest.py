@@ -132,8 +132,9 @@ def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable
 
 
 @pytest.fixture
-def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings()
+def settings(make_settings: Callable[..., Settings], request: pytest.FixtureRequest) -> Settings:
+    """Test settings; ``@pytest.mark.parametrize("settings", [{...}], indirect=True)`` overrides some."""
+    return make_settings(**getattr(request, "param", {}))
 
 
 @dataclass

@@ -1,0 +1,339 @@
+"""WebSocket and SSE against a real uvicorn server, with a real WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+
+from server.feed import Outbox, Outgoing, SlowConsumer
+from stepcast.processes import free_port, wait_for_port
+from stepcast.settings import DATA_DIR, ROOT, Settings
+from tests.conftest import Stack
+
+TERMINAL = {"completed", "failed", "canceled"}
+
+
+def ws_url(stack: Stack) -> str:
+    return str(stack.client.base_url).replace("http://", "ws://") + "/v1/ws"
+
+
+async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def recv(ws: ClientConnection, timeout_s: float = 10) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+    return message
+
+
+async def until(ws: ClientConnection, done: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Every message up to and including the first one ``done`` accepts."""
+    seen = []
+    while True:
+        message = await recv(ws)
+        seen.append(message)
+        if done(message):
+            return seen
+
+
+def is_terminal(message: dict[str, Any]) -> bool:
+    if message["type"] == "snapshot":
+        return bool(message["job"]["status"] in TERMINAL)
+    return message["type"] in TERMINAL
+
+
+async def test_submit_streams_every_step_in_order(stack: Stack) -> None:
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "submit", "request_id": "r1", "params": {"prompt": "a red fox", "steps": 8}})
+        accepted = await recv(ws)
+        assert accepted["type"] == "accepted" and accepted["request_id"] == "r1"
+        events = await until(ws, is_terminal)
+    assert [e["type"] for e in events] == ["queued", "started"] + ["progress"] * 8 + ["completed"]
+    assert [e["seq"] for e in events] == list(range(1, 12))
+    assert all(e["job_id"] == accepted["job_id"] for e in events)
+    assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, 9))
+    job = (await stack.client.get(f"/v1/jobs/{accepted['job_id']}")).json()
+    assert events[-1]["images"] == job["result"]["images"] and job["last_seq"] == 11
+
+
+async def test_resume_after_a_drop_misses_nothing_and_repeats_nothing(stack: Stack) -> None:
+    job_id = (await stack.submit(steps=60))["id"]
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+        first = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 5)
+    await asyncio.sleep(0.1)  # the job runs on while nobody watches
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": first[-1]["seq"]})
+        second = await until(ws, is_terminal)
+    seqs = [e["seq"] for e in first + second]
+    assert seqs == list(range(1, seqs[-1] + 1))
+    assert second[-1]["type"] == "completed"
+
+
+async def test_many_watchers_and_many_jobs_on_one_connection(stack: Stack) -> None:
+    ids = [(await stack.submit(steps=3))["id"] for _ in range(3)]
+    async with websockets.connect(ws_url(stack)) as a, websockets.connect(ws_url(stack)) as b:
+        for ws in (a, b):
+            for job_id in ids:
+                await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+        for ws in (a, b):
+            finished: set[str] = set()
+            per_job: dict[str, list[int]] = {job_id: [] for job_id in ids}
+            while finished != set(ids):
+                message = await recv(ws)
+                per_job[message["job_id"]].append(message["seq"])
+                if is_terminal(message):
+                    finished.add(message["job_id"])
+            assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in per_job.values())
+
+
+async def test_finished_job_answers_with_its_final_snapshot(stack: Stack) -> None:
+    job = await stack.wait((await stack.submit(steps=2))["id"])
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job["id"]})
+        snapshot = await recv(ws)
+        assert snapshot["type"] == "snapshot" and snapshot["job_id"] == job["id"]
+        assert snapshot["job"]["status"] == "completed" and snapshot["job"]["last_seq"] == job["last_seq"]
+        await send(ws, {"type": "subscribe", "job_id": job["id"], "after_seq": job["last_seq"] - 1})
+        assert (await recv(ws))["type"] == "completed"
+        await send(ws, {"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}  # nothing else followed
+
+
+async def test_lost_stream_falls_back_to_a_snapshot(stack: Stack) -> None:
+    job_id = (await stack.submit(steps=150))["id"]
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+        seen = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 3)
+    await asyncio.sleep(0.1)  # events the client has not seen pile up in the stream…
+    redis = Redis.from_url(stack.settings.redis_url)
+    await redis.delete(f"stepcast:{{{job_id}}}:events")  # …and are lost: expired, capped or wiped
+    await redis.aclose()
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": seen[-1]["seq"]})
+        snapshot = await recv(ws)
+        assert snapshot["type"] == "snapshot" and snapshot["job"]["status"] == "processing"
+        rest = await until(ws, is_terminal)
+    assert all(e["seq"] > snapshot["job"]["last_seq"] for e in rest)
+    seqs = [e["seq"] for e in rest]
+    assert seqs == sorted(set(seqs)) and rest[-1]["type"] == "completed"
+
+
+async def test_cancel_over_the_socket_stops_within_a_step(stack: Stack) -> None:
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "submit", "params": {"prompt": "p", "steps": 150}})
+        job_id = (await recv(ws))["job_id"]
+        before = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 2)
+        await send(ws, {"type": "cancel", "job_id": job_id})
+        after = await until(ws, is_terminal)
+    assert after[-1]["type"] == "canceled"
+    steps = [e["step"] for e in before + after if e["type"] == "progress"]
+    assert steps[-1] < 150
+    job = (await stack.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "canceled" and job["result"] is None and job["progress"]["step"] == steps[-1]
+
+
+async def test_owner_feed_sees_jobs_from_elsewhere_and_finished_ones(stack: Stack) -> None:
+    done = await stack.wait((await stack.submit(steps=2))["id"])
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "scope": "mine"})
+        snapshot = await recv(ws)
+        assert snapshot["type"] == "snapshot" and snapshot["job"]["id"] == done["id"]
+        new = await stack.submit(steps=3)  # submitted over REST, not on this socket
+        events = await until(ws, lambda m: m["type"] == "completed")
+    assert [e["type"] for e in events] == [
+        "queued",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "completed",
+    ]
+    assert {e["job_id"] for e in events} == {new["id"]}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "field"),
+    [
+        ("{not json", "invalid_json", None),
+        ("[1, 2]", "invalid_message", None),
+        ('{"type": "launch"}', "invalid_request", None),
+        ('{"type": "ping", "colour": 1}', "invalid_params", "colour"),
+        ('{"type": "subscribe", "job_id": "nope"}', "invalid_params", "job_id"),
+        ('{"type": "subscribe", "job_id": "00000000-0000-4000-8000-000000000000"}', "not_found", None),
+        ('{"type": "subscribe", "scope": "everyone"}', "invalid_params", "scope"),
+        ('{"type": "submit", "params": {"prompt": "p", "steps": 0}}', "invalid_params", "steps"),
+        ('{"type": "submit", "params": "a fox"}', "invalid_params", "params"),
+        ('{"type": "submit", "request_id": 5, "params": {"prompt": "p"}}', "invalid_params", "request_id"),
+        ('{"type": "cancel", "job_id": "00000000-0000-4000-8000-000000000000"}', "not_found", None),
+        ('{"type": "subscribe", "job_id": "00000000-0000-4000-8000-000000000000", "after_seq": -1}',
+         "invalid_params", "after_seq"),
+    ],
+)  # fmt: skip
+async def test_bad_frames_get_errors_and_the_connection_stays_usable(
+    stack: Stack, frame: str, code: str, field: str | None
+) -> None:
+    async with websockets.connect(ws_url(stack)) as ws:
+        await ws.send(frame)
+        error = await recv(ws)
+        assert error["type"] == "error" and error["code"] == code, error
+        assert error.get("field") == field and error["message"]
+        await send(ws, {"type": "ping", "request_id": "still-there"})
+        assert await recv(ws) == {"type": "pong", "request_id": "still-there"}
+
+
+async def test_binary_and_oversize_frames_are_refused_politely(stack: Stack) -> None:
+    async with websockets.connect(ws_url(stack)) as ws:
+        await ws.send(b"\x00\x01")
+        assert (await recv(ws))["code"] == "invalid_frame"
+        await send(ws, {"type": "ping", "request_id": "x" * 70_000})
+        assert (await recv(ws))["code"] == "message_too_large"
+        await send(ws, {"type": "ping"})
+        assert (await recv(ws))["type"] == "pong"
+
+
+async def test_flooding_closes_the_connection_with_a_policy_code(stack: Stack) -> None:
+    async with websockets.connect(ws_url(stack)) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            for _ in range(1000):
+                await send(ws, {"type": "ping"})
+            while True:
+                await recv(ws)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+
+
+async def test_a_stuck_client_does_not_hold_back_anyone(stack: Stack) -> None:
+    job_id = (await stack.submit(steps=40, preview={"every": 1, "max_px": 256}))["id"]
+    # This client never reads: its socket buffers fill and the server must cope.
+    stuck = await websockets.connect(ws_url(stack), max_queue=1)
+    await send(stuck, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+    started = time.monotonic()
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+        events = await until(ws, is_terminal)
+    assert time.monotonic() - started < 15
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    await stuck.close()
+
+
+def test_slow_feeds_coalesce_progress_but_keep_everything_else() -> None:
+    feed = Outbox(max_buffer=4)
+    for step in range(1, 10):
+        feed.push(Outgoing("{}", "progress", "j", step))
+    feed.push(Outgoing("{}", "completed", "j", 10, terminal=True))
+    drained = []
+
+    async def drain() -> None:
+        while (item := await feed.next(timeout_s=0)) is not None:
+            drained.append(item)
+
+    asyncio.run(drain())
+    assert [item.type for item in drained][-1] == "completed"
+    assert len(drained) <= 5 and feed.dropped >= 5
+    assert [item.seq for item in drained] == sorted(item.seq for item in drained)
+
+    for index in range(6):  # nothing droppable left: the client is hopeless
+        feed.push(Outgoing("{}", "started", f"j{index}", 1))
+    with pytest.raises(SlowConsumer):
+        asyncio.run(drain())
+
+
+async def sse_events(
+    response: httpx.Response, stop: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    events = []
+    fields: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                event = {"id": fields.get("id"), "event": fields["event"], **json.loads(fields["data"])}
+                events.append(event)
+                if stop(event):
+                    return events
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+    return events
+
+
+async def test_sse_streams_and_resumes_with_last_event_id(stack: Stack) -> None:
+    job_id = (await stack.submit(steps=40))["id"]
+    url = f"/v1/jobs/{job_id}/events"
+    async with stack.client.stream("GET", url) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        first = await sse_events(response, lambda e: e["event"] == "progress" and e["step"] >= 4)
+    assert first[0]["event"] == "snapshot"
+    last_id = first[-1]["id"]
+    async with stack.client.stream("GET", url, headers={"Last-Event-ID": last_id}) as response:
+        rest = await sse_events(response, lambda e: False)  # the server ends the stream
+    assert rest[-1]["event"] == "completed"
+    ids = [int(e["id"]) for e in first[1:] + rest]
+    assert ids == list(range(ids[0], ids[-1] + 1))
+    assert all(int(e["id"]) == e["seq"] for e in rest)
+    bad = await stack.client.get(url, headers={"Last-Event-ID": "seven"})
+    assert bad.status_code == 422
+
+
+def start_process(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+@pytest.fixture
+async def second_server(settings: Settings) -> AsyncIterator[str]:
+    """Another server *process* on the same Postgres and Redis."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "STEPCAST_DATABASE_URL": settings.database_url,
+        "STEPCAST_REDIS_URL": settings.redis_url,
+        "STEPCAST_PORT": str(port),
+        "STEPCAST_STORAGE_DIR": str(settings.storage_dir),
+    }
+    log = DATA_DIR / "test" / "second-server.log"
+    process = start_process([sys.executable, "-m", "server.app"], env, log)
+    try:
+        await asyncio.to_thread(wait_for_port, port, process, 30, log)
+        yield f"ws://127.0.0.1:{port}/v1/ws"
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 10)
+
+
+async def test_a_client_on_one_server_sees_a_job_submitted_through_another(
+    stack: Stack, second_server: str
+) -> None:
+    async with websockets.connect(second_server) as other, websockets.connect(ws_url(stack)) as here:
+        await send(other, {"type": "subscribe", "scope": "mine"})
+        await send(other, {"type": "ping"})
+        assert (await recv(other))["type"] == "pong"
+        await send(here, {"type": "submit", "params": {"prompt": "p", "steps": 4}})
+        job_id = (await recv(here))["job_id"]
+        events = await until(other, lambda m: m["type"] == "completed")
+    assert [e["seq"] for e in events] == list(range(1, 8)) and {e["job_id"] for e in events} == {job_id}
+
+
+@pytest.mark.parametrize("settings", [{"queue_update_s": 0.05}], indirect=True)
+async def test_queue_positions_are_pushed_as_the_queue_moves(stack: Stack) -> None:
+    ids = [(await stack.submit(steps=60))["id"] for _ in range(3)]
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": ids[2], "after_seq": 0})
+        events = await until(ws, lambda m: m["type"] == "started")
+    positions = [e["position"] for e in events if e["type"] == "queued"]
+    assert positions[-1] == 1 and len(set(positions)) >= 2
+    assert positions == sorted(positions, reverse=True)
+    await asyncio.gather(*(stack.client.post(f"/v1/jobs/{i}/cancel") for i in ids))
