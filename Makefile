@@ -21,6 +21,11 @@ check: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Benchmarks print their figures and write them to .data/bench/*.json.
+bench: deps venv
+	$(PY) -m bench.previews
+	$(PY) -m bench.ws_fanout --clients 100 1000
+
 tiny-model: venv
 	$(VENV)/bin/stepcast tiny-model
 

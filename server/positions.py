@@ -64,8 +64,9 @@ class QueueAnnouncer:
                 workers[job.queue] = await db.active_workers(job.queue)
             mean = per_job[shape]
             eta_s = None if mean is None else round(position * mean / workers[job.queue], 3)
+            fields = {"position": position, "eta_s": eta_s}
             await events.emit(
-                str(job.id), job.owner, "queued", {"position": position, "eta_s": eta_s}, floor=job.last_seq
+                str(job.id), job.owner, "queued", fields, floor=job.last_seq, only_while_queued=True
             )
             self._announced[job.id] = position
         live = {job.id for job, _ in pending}

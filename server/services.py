@@ -74,11 +74,12 @@ class Services:
         )
         log = {"job_id": str(job.id), "owner": owner}
         try:
-            await queue.enqueue(self.redis, job.id, job.queue)
+            # Announce before enqueueing: a worker may start the job at once, and
+            # `queued` must come before `started` in the job's log.
             position, eta_s = await self.place(job)
-            await self.events.emit(
-                str(job.id), owner, "queued", {"position": position, "eta_s": eta_s}, floor=job.last_seq
-            )
+            fields = {"position": position, "eta_s": eta_s}
+            await self.events.emit(str(job.id), owner, "queued", fields, floor=job.last_seq)
+            await queue.enqueue(self.redis, job.id, job.queue)
         except RedisError:
             # The row is the truth; the job stays pending and is enqueued again
             # once Redis is back.

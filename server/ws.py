@@ -160,7 +160,8 @@ class Connection:
             await self._dispatch(message)
         except InvalidParams as exc:
             first = exc.errors[0] if exc.errors else None
-            frame = _error(exc.code, exc.detail, request_id=request_id, field=first.field if first else None)
+            message = first.message if first is not None and len(exc.errors) == 1 else exc.detail
+            frame = _error(exc.code, message, request_id=request_id, field=first.field if first else None)
             if len(exc.errors) > 1:
                 frame["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
             self.feed.push_message(frame)

@@ -25,6 +25,12 @@ TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
 CANCEL_CHANNEL = "stepcast:cancel"
 
 _EMIT = """
+if ARGV[7] == '1' then
+    -- Only while the job's newest event is still 'queued': a position update
+    -- must never land after 'started' or a terminal event.
+    local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+    if last and string.sub(last[2][2], 1, 17) ~= '{"type":"queued",' then return 0 end
+end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local floor = tonumber(ARGV[2])
 if cur < floor then cur = floor end
@@ -88,13 +94,18 @@ class EventLog:
         *,
         floor: int = 0,
         seq: int = 0,
+        only_while_queued: bool = False,
     ) -> int:
-        """Append and publish one event; returns its seq (``seq`` given, or the next one)."""
+        """Append and publish one event; returns its seq (``seq`` given, or the next one).
+
+        With ``only_while_queued`` nothing happens (and 0 is returned) unless the
+        job's newest event is ``queued``.
+        """
         head, tail = encode(event_type, job_id, fields or {})
         counter, stream = _keys(job_id)
         result = await self._emit(
             keys=[counter, stream, job_channel(job_id), owner_channel(owner)],
-            args=[seq, floor, head, tail, self.stream_max, self.ttl_s],
+            args=[seq, floor, head, tail, self.stream_max, self.ttl_s, int(only_while_queued)],
         )
         return int(result)
 

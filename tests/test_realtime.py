@@ -218,7 +218,7 @@ async def test_flooding_closes_the_connection_with_a_policy_code(stack: Stack) -
 async def test_a_stuck_client_does_not_hold_back_anyone(stack: Stack) -> None:
     job_id = (await stack.submit(steps=40, preview={"every": 1, "max_px": 256}))["id"]
     # This client never reads: its socket buffers fill and the server must cope.
-    stuck = await websockets.connect(ws_url(stack), max_queue=1)
+    stuck = await websockets.connect(ws_url(stack), max_queue=1, close_timeout=0.2)
     await send(stuck, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
     started = time.monotonic()
     async with websockets.connect(ws_url(stack)) as ws:
@@ -337,3 +337,18 @@ async def test_queue_positions_are_pushed_as_the_queue_moves(stack: Stack) -> No
     assert positions[-1] == 1 and len(set(positions)) >= 2
     assert positions == sorted(positions, reverse=True)
     await asyncio.gather(*(stack.client.post(f"/v1/jobs/{i}/cancel") for i in ids))
+
+
+async def test_hub_resyncs_after_losing_its_redis_connection(stack: Stack) -> None:
+    job_id = (await stack.submit(steps=150))["id"]
+    async with websockets.connect(ws_url(stack)) as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
+        before = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 3)
+        redis = Redis.from_url(stack.settings.redis_url)
+        killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await redis.aclose()
+        assert killed >= 1  # the server's one pub/sub connection (and the worker's cancel listener)
+        after = await until(ws, is_terminal)
+    seqs = [e["seq"] for e in before + after]
+    assert seqs == list(range(1, seqs[-1] + 1))  # events published while it was gone were replayed
+    assert after[-1]["type"] == "completed"
