@@ -17,22 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import websockets
 from redis.asyncio import Redis
 
-from stepcast.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
-from stepcast.settings import DATA_DIR, ROOT
-
-OUT_DIR = DATA_DIR / "bench"
+from bench import stack
 
 
 def rss_kib(pid: int) -> int:
@@ -50,6 +43,7 @@ def percentile(values: list[float], q: float) -> float:
 async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, steps: int) -> dict[str, Any]:
     published: dict[tuple[str, int], float] = {}
     received: dict[tuple[str, int], float] = {}
+    kinds: dict[tuple[str, int], str] = {}
     redis = Redis.from_url(redis_url)
     reference = redis.pubsub()
     await reference.psubscribe("stepcast:job:*")
@@ -75,6 +69,7 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
             now = time.perf_counter()
             if "seq" in message:
                 received[(message["job_id"], message["seq"])] = now
+                kinds[(message["job_id"], message["seq"])] = message["type"]
             if message["type"] in {"completed", "failed", "canceled"}:
                 return
 
@@ -87,6 +82,10 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
     stamper.cancel()
     await reference.aclose()
     await redis.aclose()
+    by_type: dict[str, list[float]] = {}
+    for key, at in received.items():
+        if key in published:
+            by_type.setdefault(kinds[key], []).append((at - published[key]) * 1000)
     latencies_ms = [
         (received[key] - published[key]) * 1000
         for key in received
@@ -101,6 +100,9 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
         "latency_ms_p99": round(percentile(latencies_ms, 0.99), 3),
         "latency_ms_max": round(max(latencies_ms), 3),
         "latency_ms_mean": round(statistics.fmean(latencies_ms), 3),
+        "latency_ms_p99_by_type": {
+            kind: round(percentile(v, 0.99), 2) for kind, v in sorted(by_type.items())
+        },
         "server_rss_kib_before": rss_before,
         "server_rss_kib_idle_sockets": rss_idle,
         "server_kib_per_idle_connection": round((rss_idle - rss_before) / clients, 1),
@@ -117,56 +119,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    base = OUT_DIR / "ws_fanout"
-    postgres = LocalPostgres(base / "postgres", free_port(), durable=False)
-    redis = LocalRedis(base / "redis", free_port(), durable=False)
+    env = {"STEPCAST_BACKEND": "simulated", "STEPCAST_SIMULATED_STEP_S": str(args.step_ms / 1000)}
     results = []
-    with running(postgres, redis):
+    with stack.services("ws_fanout") as (postgres, redis):
         for clients in args.clients:
-            database = f"bench_{int(time.time() * 1000)}"
-            postgres.create_database(database)
-            subprocess.run(["redis-cli", "-p", str(redis.port), "flushall"], check=True, capture_output=True)
-            port = free_port()
-            env = {
-                **os.environ,
-                "STEPCAST_DATABASE_URL": postgres.dsn(database),
-                "STEPCAST_REDIS_URL": redis.url(),
-                "STEPCAST_PORT": str(port),
-                "STEPCAST_BACKEND": "simulated",
-                "STEPCAST_SIMULATED_STEP_S": str(args.step_ms / 1000),
-                "STEPCAST_LOG_LEVEL": "WARNING",
-                "STEPCAST_STORAGE_DIR": str(base / "images"),
-                "STEPCAST_QUEUE_UPDATE_S": "1.0",
-            }
-            log = open(base / "processes.log", "ab")  # noqa: SIM115 - closed below
-            server = subprocess.Popen(
-                [sys.executable, "-m", "server.app"], env=env, cwd=ROOT, stdout=log, stderr=log
-            )
-            workers = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "gpu_worker.worker"], env=env, cwd=ROOT, stdout=log, stderr=log
-                )
-                for _ in range(args.workers)
-            ]
-            try:
-                wait_for_port(port, server, 30, base / "processes.log")
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
-                time.sleep(2)  # workers up
+            with stack.stepcast("ws_fanout", postgres, redis, workers=args.workers, env=env) as running:
+                stack.warm_up(running.http_url, args.workers * 2, {"steps": args.steps})
                 result = asyncio.run(
-                    run_clients(f"ws://127.0.0.1:{port}/v1/ws", redis.url(), server.pid, clients, args.steps)
+                    run_clients(running.ws_url, running.redis_url, running.server_pid, clients, args.steps)
                 )
-                result.update(workers=args.workers, step_ms=args.step_ms)
-                results.append(result)
-                print(json.dumps(result), flush=True)
-            finally:
-                for process in [server, *workers]:
-                    process.terminate()
-                for process in [server, *workers]:
-                    process.wait(30)
-                log.close()
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "ws_fanout.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwritten to {OUT_DIR / 'ws_fanout.json'}")
+            result.update(workers=args.workers, step_ms=args.step_ms)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    stack.BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    (stack.BENCH_DIR / "ws_fanout.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {stack.BENCH_DIR / 'ws_fanout.json'}")
 
 
 if __name__ == "__main__":
