@@ -3,7 +3,10 @@
 -- (pending -> processing -> completed | failed | canceled).
 --
 -- Applied idempotently at start-up (`stepcast migrate`, the server and the
--- worker all run it); every statement here must be safe to run again.
+-- worker all run it); every statement here must be safe to run again. The
+-- schema only grows: a new column is an `ALTER TABLE … ADD COLUMN IF NOT
+-- EXISTS` below the table, never an edit of the CREATE TABLE, so databases
+-- made by an older version are brought up to date by the same file.
 
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
@@ -18,7 +21,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner            text NOT NULL,
     params           jsonb NOT NULL,
     preview          jsonb,
-    webhook          jsonb,
     status           job_status NOT NULL DEFAULT 'pending',
     attempt          integer NOT NULL DEFAULT 0,
     queue            text NOT NULL,
@@ -43,6 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     CONSTRAINT jobs_progress_in_range CHECK (progress_step BETWEEN 0 AND progress_total),
     CONSTRAINT jobs_error_when_failed CHECK ((status = 'failed') = (error_code IS NOT NULL))
 );
+
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS webhook jsonb;
 
 COMMENT ON TABLE jobs IS 'One row per generation request; the authoritative job state.';
 COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and the storage key prefix.';
