@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from stepcast.params import PARAM_FIELDS
+
 
 class Status(enum.StrEnum):
     PENDING = "pending"
@@ -23,12 +25,6 @@ class Status(enum.StrEnum):
 
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})
-
-# jsonb forgets key order; the wire shows params in this one.
-PARAM_ORDER = (
-    "prompt", "negative_prompt", "model", "steps", "width", "height",
-    "guidance_scale", "seed", "num_images", "scheduler",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,8 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "status": job.status.value,
         "attempt": job.attempt,
         "owner": job.owner,
-        "params": {name: job.params[name] for name in PARAM_ORDER if name in job.params},
+        # jsonb forgets key order; the wire shows params in their declared one.
+        "params": {name: job.params[name] for name in PARAM_FIELDS if name in job.params},
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "queue_position": queue_position if job.status is Status.PENDING else None,
         "created_at": timestamp(job.created_at),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from stepcast.errors import FieldError, InvalidParams
@@ -59,10 +59,7 @@ class Submission:
     preview: Preview | None = None
 
 
-_PARAM_FIELDS = {
-    "prompt", "negative_prompt", "model", "steps", "width", "height",
-    "guidance_scale", "seed", "num_images", "scheduler",
-}  # fmt: skip
+PARAM_FIELDS = tuple(f.name for f in fields(JobParams))
 
 
 class _Checker:
@@ -142,7 +139,7 @@ class _Checker:
 def parse_params(data: dict[str, Any], settings: Settings, *, prefix: str = "") -> JobParams:
     """Validate client-supplied params; raise InvalidParams naming every bad field."""
     check = _Checker(data, prefix)
-    check.unknown(_PARAM_FIELDS)
+    check.unknown(set(PARAM_FIELDS))
     prompt = check.text("prompt", max_chars=settings.max_prompt_chars, required=True)
     negative = check.text("negative_prompt", max_chars=settings.max_prompt_chars, required=False)
     model = check.choice("model", (settings.model_name,)) or settings.model_name
