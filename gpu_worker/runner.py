@@ -31,10 +31,12 @@ from stepcast.jobs import Job
 from stepcast.params import JobParams
 from stepcast.settings import Settings
 from stepcast.storage import Storage, image_key
+from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
 PNG = "image/png"
+TERMINAL_EMIT_ATTEMPTS = 6  # about 6 s of back-off for a Redis blip at the end of a job
 
 
 @dataclass
@@ -150,8 +152,10 @@ class JobRunner:
             logger.exception("pipeline failed", extra=log)
         finally:
             steps.put_nowait(None)
-            await publisher
-            heartbeat.cancel()
+            try:
+                await publisher
+            finally:
+                await cancel_and_wait(heartbeat)
 
         if active.stop_reason == "lost":
             logger.warning("job lost to another attempt; dropping this result", extra=log)
@@ -186,7 +190,7 @@ class JobRunner:
             if latents is not None:
                 try:
                     fields["preview"] = await asyncio.to_thread(encode_preview, latents, preview_px)
-                except ValueError as exc:
+                except Exception as exc:  # a preview is a nicety: never let it stop the events
                     logger.warning("no preview: %s", exc, extra={"job_id": str(active.job.id)})
             await self._emit(active, "progress", fields)
 
@@ -290,14 +294,29 @@ class JobRunner:
             logger.warning("terminal write fenced off: job moved on", extra={"job_id": str(job.id)})
             return
         logger.info("job %s", event_type, extra={"job_id": str(job.id), "attempt": job.attempt})
-        await self._emit(active, event_type, await fields(done), seq=seq)
+        # The outcome is recorded; retry its publication so live watchers hear of it.
+        await self._emit(active, event_type, await fields(done), seq=seq, attempts=TERMINAL_EMIT_ATTEMPTS)
 
-    async def _emit(self, active: _Active, event_type: str, fields: dict[str, Any], *, seq: int = 0) -> None:
+    async def _emit(
+        self, active: _Active, event_type: str, fields: dict[str, Any], *, seq: int = 0, attempts: int = 1
+    ) -> None:
         job = active.job
-        try:
-            active.last_seq = await self.events.emit(
-                str(job.id), job.owner, event_type, fields, floor=active.last_seq, seq=seq
-            )
-        except RedisError:
-            # Postgres holds the truth; a subscriber that missed this gets a snapshot.
-            logger.exception("could not publish %s", event_type, extra={"job_id": str(job.id)})
+        for attempt in range(attempts):
+            try:
+                published = await self.events.emit(
+                    str(job.id), job.owner, event_type, fields, floor=active.last_seq, seq=seq
+                )
+            except RedisError:
+                # Postgres holds the truth; a subscriber that missed this gets a snapshot.
+                logger.warning(
+                    "could not publish %s", event_type, extra={"job_id": str(job.id)}, exc_info=True
+                )
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            if published < 0:
+                logger.warning(
+                    "%s not appended: the log is past seq %s", event_type, seq, extra={"job_id": str(job.id)}
+                )
+            else:
+                active.last_seq = published
+            return

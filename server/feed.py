@@ -19,20 +19,25 @@ that it reconnects and resumes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, job_channel, owner_channel
+from stepcast.jobs import Job
 
 if TYPE_CHECKING:
     from server.services import Services
 
 logger = logging.getLogger(__name__)
+
+
+MAX_SYNC_BUFFER = 10_000  # live events held back per job while its log is read
 
 
 class SlowConsumer(Exception):
@@ -53,7 +58,7 @@ class _Watch:
     last_seq: int
     syncing: bool = True
     done: bool = False
-    explicit: bool = False
+    stale: bool = False  # a re-sync must run again after the current one
     buffer: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
 
@@ -121,13 +126,17 @@ class Feed:
     async def watch(self, job_id: uuid.UUID, after_seq: int | None) -> None:
         """Send what the client missed after ``after_seq`` (or a snapshot), then live events."""
         key = str(job_id)
-        job = await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
-        watch = _Watch(last_seq=after_seq or 0, explicit=True)
-        previous = self._watches.get(key)
+        await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
+        watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
-        if previous is None or previous.done:
+        try:
             await self.hub.add(job_channel(key), self)
-        await self._sync(key, watch, after_seq, known_last_seq=job.last_seq)
+            await self._sync(key, watch, after_seq)
+        except BaseException:
+            if self._watches.get(key) is watch:
+                del self._watches[key]
+            await self.hub.remove(job_channel(key), self)
+            raise
 
     async def unwatch(self, job_id: uuid.UUID) -> None:
         key = str(job_id)
@@ -138,47 +147,44 @@ class Feed:
         """Every event of every job of this owner; current state of the live and recent ones first."""
         if self.mine:
             return
-        self.mine = True
         await self.hub.add(owner_channel(self.owner), self)
+        self.mine = True
         for job in await self.services.db.jobs_to_show(self.owner, recent=recent):
             key = str(job.id)
             if key not in self._watches:
                 watch = _Watch(last_seq=0)
                 self._watches[key] = watch
-                await self._sync(key, watch, None, known_last_seq=job.last_seq)
+                await self._sync(key, watch, None)
 
     async def close(self) -> None:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for key, watch in list(self._watches.items()):
-            if watch.explicit and not watch.done:
-                await self.hub.remove(job_channel(key), self)
+        for key in list(self._watches):
+            await self.hub.remove(job_channel(key), self)
         if self.mine:
             await self.hub.remove(owner_channel(self.owner), self)
         self._watches.clear()
 
-    async def _sync(self, key: str, watch: _Watch, after_seq: int | None, *, known_last_seq: int) -> None:
+    async def _sync(self, key: str, watch: _Watch, after_seq: int | None) -> None:
         watch.syncing = True
+        watch.stale = False
+        watch.buffer.clear()  # whatever arrived before the read below is in the stream
+        job = await self.services.get(self.owner, uuid.UUID(key))
         events = await self.services.events.read(key, after_seq=after_seq or 0)
-        if after_seq is None:
-            complete = False
-        elif events:
-            complete = events[0]["seq"] == after_seq + 1
-        else:
-            complete = after_seq >= known_last_seq
-        if complete:
+        if after_seq is not None and _covers(events, after_seq, job.last_seq):
             for event in events:
                 self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
         else:
-            await self._snapshot(key, watch, events[-1] if events else None)
+            await self._snapshot(key, watch, job, events[-1] if events else None)
         buffered, watch.buffer = watch.buffer, []
         watch.syncing = False
         for event, text in sorted(buffered, key=lambda pair: int(pair[0]["seq"])):
             self._deliver(key, watch, event, text)
+        if watch.stale:
+            self._resync(key, watch)
 
-    async def _snapshot(self, key: str, watch: _Watch, latest: dict[str, Any] | None) -> None:
-        job = await self.services.get(self.owner, uuid.UUID(key))
+    async def _snapshot(self, key: str, watch: _Watch, job: Job, latest: dict[str, Any] | None) -> None:
         wire = await self.services.render(job)
         # Postgres has every terminal state, but running progress only as of the
         # last heartbeat: the stream's newest event may be further along.
@@ -208,8 +214,7 @@ class Feed:
         if watch.done:
             return
         watch.done = True
-        if watch.explicit:
-            await self.hub.remove(job_channel(key), self)
+        await self.hub.remove(job_channel(key), self)
 
     # -- called by the hub ----------------------------------------------------
 
@@ -220,36 +225,61 @@ class Feed:
             if not self.mine:
                 return
             watch = self._watches[key] = _Watch(last_seq=0, syncing=False)
+        if watch.done:
+            return
         if watch.syncing:
+            if len(watch.buffer) >= MAX_SYNC_BUFFER:
+                watch.buffer.clear()  # replay again from the stream once this sync ends
+                watch.stale = True
             watch.buffer.append((event, text))
-        elif int(event["seq"]) > watch.last_seq + 1 and not watch.done:
+        elif int(event["seq"]) > watch.last_seq + 1:
             # A gap: pub/sub lost something (or we joined mid-job). Re-sync from the stream.
-            watch.buffer.append((event, text))
             self._resync(key, watch)
         else:
             self._deliver(key, watch, event, text)
 
     def on_reconnect(self) -> None:
         for key, watch in self._watches.items():
-            if not watch.done and not watch.syncing:
+            if watch.done:
+                continue
+            if watch.syncing:
+                watch.stale = True  # it read before the reconnect: run again when done
+            else:
                 self._resync(key, watch)
 
     def _resync(self, key: str, watch: _Watch) -> None:
         watch.syncing = True
-        after = watch.last_seq or None
-        self._spawn(self._sync(key, watch, after, known_last_seq=watch.last_seq))
+        self._spawn(self._sync_until_done(key, watch))
 
-    def _spawn(self, coroutine: Any) -> None:
+    async def _sync_until_done(self, key: str, watch: _Watch) -> None:
+        """Re-sync, retrying with back-off while Redis or Postgres are unreachable."""
+        delay_s = 0.1
+        while not self._closed and self._watches.get(key) is watch:
+            try:
+                await self._sync(key, watch, watch.last_seq or None)
+                return
+            except NotFound:
+                self._watches.pop(key, None)
+                return
+            except Exception:
+                logger.warning("feed re-sync failed; retrying in %.1f s", delay_s, exc_info=True)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         if self._closed:
             coroutine.close()
             return
-        task = asyncio.create_task(self._guard(coroutine))
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guard(self, coroutine: Any) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await coroutine
-            except Exception:
-                logger.exception("feed re-sync failed", extra={"owner": self.owner})
+
+def _covers(events: list[dict[str, Any]], after_seq: int, last_seq: int) -> bool:
+    """Do the stream's events hold every seq after ``after_seq`` up to Postgres' ``last_seq``?"""
+    expected = after_seq + 1
+    for event in events:
+        if event["seq"] != expected:
+            return False
+        expected += 1
+    return expected - 1 >= last_seq

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from stepcast.tasks import cancel_and_wait
+
 logger = logging.getLogger(__name__)
 
 HUB_CHANNEL = "stepcast:hub"  # always subscribed, so the connection is never idle-empty
@@ -37,6 +39,7 @@ class Hub:
         self._confirmed: dict[str, asyncio.Event] = {}
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.connected = asyncio.Event()
         self.delivered = 0
@@ -45,10 +48,9 @@ class Hub:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._announcing):
+            if task is not None:
+                await cancel_and_wait(task)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -69,17 +71,20 @@ class Hub:
         await asyncio.wait_for(confirmed.wait(), timeout_s)
 
     async def remove(self, channel: str, listener: Listener) -> None:
+        # Forget the listener at once, before any await: a cancelled caller must
+        # not leave it behind. Only the UNSUBSCRIBE waits for the lock.
+        group = self._channels.get(channel)
+        if group is None or listener not in group:
+            return
+        group.discard(listener)
+        if group:
+            return
+        del self._channels[channel]
+        self._confirmed.pop(channel, None)
         async with self._lock:
-            group = self._channels.get(channel)
-            if group is None:
-                return
-            group.discard(listener)
-            if not group:
-                del self._channels[channel]
-                self._confirmed.pop(channel, None)
-                if self._pubsub is not None and self.connected.is_set():
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.unsubscribe(channel)
+            if channel not in self._channels and self._pubsub is not None and self.connected.is_set():
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
 
     async def _connect(self) -> PubSub:
         pubsub = self.redis.pubsub()
@@ -96,9 +101,7 @@ class Hub:
                 self._pubsub = await self._connect()
                 self.connected.set()
                 if attempt:
-                    logger.warning("event hub reconnected to Redis; re-syncing feeds")
-                    for listener in {member for group in self._channels.values() for member in group}:
-                        listener.on_reconnect()
+                    self._announcing = asyncio.create_task(self._announce_reconnect())
                 attempt = 0
                 async for message in self._pubsub.listen():
                     self._dispatch(message)
@@ -114,6 +117,16 @@ class Hub:
                         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
                     self._pubsub = None
                 await asyncio.sleep(delay)
+
+    async def _announce_reconnect(self) -> None:
+        """Once Redis confirmed every subscription again, tell each feed to re-sync."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(event.wait() for event in list(self._confirmed.values()))), 10
+            )
+        logger.warning("event hub reconnected to Redis; re-syncing feeds")
+        for listener in {member for group in self._channels.values() for member in group}:
+            listener.on_reconnect()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -23,6 +24,7 @@ from server.feed import Feed, SlowConsumer
 from server.services import Services
 from stepcast.errors import FieldError, InvalidParams, InvalidRequest, StepcastError, Unavailable
 from stepcast.params import parse_submission
+from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -167,8 +169,10 @@ class Connection:
             self.feed.push_message(frame)
         except StepcastError as exc:
             self.feed.push_message(_error(exc.code, exc.detail, request_id=request_id))
-        except TimeoutError:
-            error = Unavailable("the event service is not reachable; try again")
+        except Exception:
+            # Redis or Postgres unreachable (or a bug): this request fails, the connection lives on.
+            logger.exception("websocket request failed", extra={"owner": self.owner})
+            error = Unavailable("the service could not complete this request; try again")
             self.feed.push_message(_error(error.code, error.detail, request_id=request_id))
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
@@ -213,6 +217,18 @@ class Connection:
         await self.feed.watch(job.id, 0)
 
 
+def origin_allowed(websocket: WebSocket, settings: Settings) -> bool:
+    """Browsers always send Origin: it must be this server or an allowed one."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True  # not a browser
+    return origin in settings.allowed_origins or urlsplit(origin).netloc == websocket.headers.get("host")
+
+
 async def endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.state.services
+    if not origin_allowed(websocket, services.settings):
+        logger.warning("websocket refused: origin %s not allowed", websocket.headers.get("origin"))
+        await websocket.close(CLOSE_POLICY)  # before accept: the upgrade is answered 403
+        return
     await Connection(websocket, services).serve()

@@ -25,19 +25,22 @@ TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
 CANCEL_CHANNEL = "stepcast:cancel"
 
 _EMIT = """
-if ARGV[7] == '1' then
-    -- Only while the job's newest event is still 'queued': a position update
-    -- must never land after 'started' or a terminal event.
-    local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-    if last and string.sub(last[2][2], 1, 17) ~= '{"type":"queued",' then return 0 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+local top = 0
+if last then top = tonumber(string.match(last[1], '^(%d+)')) end
+local cur = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[2]), top)
+if ARGV[7] == '1' and last then
+    -- A position update only while the newest event is 'queued' and no seq is
+    -- reserved for an event on its way (a cancel): never after 'started'.
+    if string.sub(last[2][2], 1, 17) ~= '{"type":"queued",' or cur > top then return 0 end
 end
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local floor = tonumber(ARGV[2])
-if cur < floor then cur = floor end
 local seq = tonumber(ARGV[1])
-if seq == 0 then seq = cur + 1 end
-if seq > cur then cur = seq end
-redis.call('SET', KEYS[1], cur, 'EX', ARGV[6])
+if seq == 0 then
+    seq = cur + 1
+elseif seq <= top then
+    return -1
+end
+redis.call('SET', KEYS[1], math.max(cur, seq), 'EX', ARGV[6])
 local data = ARGV[3] .. seq .. ARGV[4]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'e', data)
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -99,7 +102,8 @@ class EventLog:
         """Append and publish one event; returns its seq (``seq`` given, or the next one).
 
         With ``only_while_queued`` nothing happens (and 0 is returned) unless the
-        job's newest event is ``queued``.
+        job's newest event is ``queued``. A given ``seq`` the stream is already
+        past is not appended (-1 is returned): streams only grow in seq order.
         """
         head, tail = encode(event_type, job_id, fields or {})
         counter, stream = _keys(job_id)

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     ws_messages_per_s: float = Field(20.0, gt=0)
     ws_burst: int = Field(60, ge=1)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # Browser origins besides the server's own that may open /v1/ws (a JSON
+    # list, e.g. '["https://app.example.com"]'); guards against cross-site
+    # WebSocket hijacking.
+    allowed_origins: tuple[str, ...] = ()
 
     # Owner of every request until API keys and browser sessions arrive.
     anonymous_owner: str = "anonymous"

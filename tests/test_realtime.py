@@ -352,3 +352,13 @@ async def test_hub_resyncs_after_losing_its_redis_connection(stack: Stack) -> No
     seqs = [e["seq"] for e in before + after]
     assert seqs == list(range(1, seqs[-1] + 1))  # events published while it was gone were replayed
     assert after[-1]["type"] == "completed"
+
+
+async def test_cross_site_pages_cannot_open_the_socket(stack: Stack) -> None:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await websockets.connect(ws_url(stack), origin="http://evil.example")  # type: ignore[arg-type]
+    assert info.value.response.status_code == 403
+    own = str(stack.client.base_url)
+    async with websockets.connect(ws_url(stack), origin=own) as ws:  # type: ignore[arg-type]
+        await send(ws, {"type": "ping"})
+        assert (await recv(ws))["type"] == "pong"
