@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-# Postgres and Redis servers, from apt when missing.
+# Postgres and Redis servers, and Chromium for the page tests, from apt when missing.
 deps:
 	@if ! command -v redis-server >/dev/null; then \
 		echo "installing redis-server (apt)"; \
@@ -47,6 +47,10 @@ deps:
 	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing postgresql (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null; then \
+		echo "installing chromium for the page tests (apt)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
 clean:

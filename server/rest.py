@@ -23,7 +23,7 @@ from stepcast.errors import (
     UnsupportedMediaType,
 )
 from stepcast.jobs import Status
-from stepcast.params import parse_body
+from stepcast.params import MAX_GUIDANCE, MAX_SEED, PREVIEW_MAX_PX, SCHEDULERS, parse_body
 from stepcast.storage.local import URL_PREFIX
 
 MAX_BODY_BYTES = 64 * 1024
@@ -131,6 +131,29 @@ async def get_image(request: Request) -> Response:
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
 
 
+async def limits(request: Request) -> Response:
+    """What a job may ask for here: lets clients (the page) check before submitting."""
+    settings = _services(request).settings
+    return JSONResponse(
+        {
+            "models": [settings.model_name],
+            "schedulers": list(SCHEDULERS),
+            "max_prompt_chars": settings.max_prompt_chars,
+            "steps": {"min": 1, "max": settings.max_steps, "default": settings.default_steps},
+            "size_px": {
+                "min": settings.min_size_px,
+                "max": settings.max_size_px,
+                "default": settings.default_size_px,
+                "multiple_of": 8,
+            },
+            "guidance_scale": {"min": 0, "max": MAX_GUIDANCE, "default": settings.default_guidance_scale},
+            "num_images": {"min": 1, "max": settings.max_images},
+            "seed": {"min": 0, "max": MAX_SEED},
+            "preview_max_px": PREVIEW_MAX_PX,
+        }
+    )
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -157,6 +180,7 @@ routes = [
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route(URL_PREFIX + "{key:path}", get_image, methods=["GET"]),
+    Route("/v1/limits", limits, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

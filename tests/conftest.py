@@ -33,7 +33,7 @@ from server.app import create_app
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
-from stepcast.settings import DATA_DIR, Settings
+from stepcast.settings import DATA_DIR, ROOT, Settings
 
 TEMPLATE_DB = "stepcast_template"
 
@@ -182,6 +182,62 @@ async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
     for server, task in servers:
         server.should_exit = True
         await task
+
+
+@dataclass
+class ServerProcess:
+    """The server as a separate process, to kill and start again like a real one."""
+
+    settings: Settings
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.settings.port}/v1/ws"
+
+    def start(self) -> None:
+        s = self.settings
+        env = {
+            **os.environ,
+            "STEPCAST_DATABASE_URL": s.database_url,
+            "STEPCAST_REDIS_URL": s.redis_url,
+            "STEPCAST_PORT": str(s.port),
+            "STEPCAST_STORAGE_DIR": str(s.storage_dir),
+            "STEPCAST_DEFAULT_SIZE_PX": str(s.default_size_px),
+        }
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server.app"], env=env, cwd=ROOT, stdout=out, stderr=out
+            )
+        wait_for_port(s.port, self.process, 30, self.log)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+async def server_process() -> AsyncIterator[Callable[[Settings], Awaitable[ServerProcess]]]:
+    started: list[ServerProcess] = []
+
+    async def start(settings: Settings) -> ServerProcess:
+        log = DATA_DIR / "test" / f"server-{settings.port}.log"
+        server = ServerProcess(settings, log)
+        await asyncio.to_thread(server.start)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.process.terminate()
+            await asyncio.to_thread(server.process.wait, 10)
 
 
 @pytest.fixture

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,8 +15,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 from server.feed import Outbox, Outgoing, SlowConsumer
-from stepcast.processes import free_port, wait_for_port
-from stepcast.settings import DATA_DIR, ROOT, Settings
+from stepcast.settings import Settings
 from tests.conftest import Stack
 
 TERMINAL = {"completed", "failed", "canceled"}
@@ -288,30 +283,13 @@ async def test_sse_streams_and_resumes_with_last_event_id(stack: Stack) -> None:
     assert bad.status_code == 422
 
 
-def start_process(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
-
-
 @pytest.fixture
-async def second_server(settings: Settings) -> AsyncIterator[str]:
+async def second_server(
+    settings: Settings, make_settings: Callable[..., Settings], server_process: Any
+) -> str:
     """Another server *process* on the same Postgres and Redis."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "STEPCAST_DATABASE_URL": settings.database_url,
-        "STEPCAST_REDIS_URL": settings.redis_url,
-        "STEPCAST_PORT": str(port),
-        "STEPCAST_STORAGE_DIR": str(settings.storage_dir),
-    }
-    log = DATA_DIR / "test" / "second-server.log"
-    process = start_process([sys.executable, "-m", "server.app"], env, log)
-    try:
-        await asyncio.to_thread(wait_for_port, port, process, 30, log)
-        yield f"ws://127.0.0.1:{port}/v1/ws"
-    finally:
-        process.terminate()
-        await asyncio.to_thread(process.wait, 10)
+    other = await server_process(make_settings(storage_dir=settings.storage_dir))
+    return str(other.ws_url)
 
 
 async def test_a_client_on_one_server_sees_a_job_submitted_through_another(
