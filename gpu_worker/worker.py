@@ -29,6 +29,7 @@ from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME
+from stepcast.recovery import Recovery
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
 from stepcast.tasks import cancel_and_wait
@@ -88,8 +89,11 @@ def create_worker(
         runner = JobRunner(settings, db, events, storage, loaded, worker_id)
         stack.callback(runner.close)
         ctx["runner"] = runner
-        listener = asyncio.create_task(_listen_for_cancels(runner, ctx))
-        stack.push_async_callback(cancel_and_wait, listener)
+        for background in (
+            _listen_for_cancels(runner, ctx),
+            Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
+        ):
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
         logger.info("worker ready", extra={"worker": worker_id, "queue": settings.queue_name})
 
     async def shutdown(ctx: dict[str, Any]) -> None:

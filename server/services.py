@@ -22,6 +22,7 @@ from stepcast.errors import Conflict, NotFound
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.jobs import Job, Status, to_wire
 from stepcast.params import Submission
+from stepcast.recovery import Recovery
 from stepcast.settings import Settings
 from stepcast.storage import Storage, open_storage
 from stepcast.tasks import cancel_and_wait
@@ -53,10 +54,11 @@ class Services:
             await hub.start()
             stack.push_async_callback(hub.stop)
             services = cls(settings, db, redis, events, storage, hub)
-            announcer = asyncio.create_task(
-                QueueAnnouncer(services, interval_s=settings.queue_update_s).run()
-            )
-            stack.push_async_callback(cancel_and_wait, announcer)
+            for background in (
+                QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
+                Recovery.from_settings(settings, db, events, redis).run(),
+            ):
+                stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
             yield services
 
     async def submit(self, owner: str, submission: Submission) -> Job:

@@ -8,9 +8,11 @@ learns so from the ``None`` it gets back.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_PATH = ROOT / "schema.sql"
 _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema application
+_RECOVERY_LOCK = 0x5EC0_2EC0  # held by the one process running a recovery pass
 
 _FINISH_TIMES = """
     finished_at = now(),
@@ -281,3 +284,70 @@ class Database:
             job_id, attempt, seq, step,
         )  # fmt: skip
         return Job.from_record(row) if row else None
+
+    # -- recovery (stepcast.recovery; one process at a time) ----------------
+
+    @contextlib.asynccontextmanager
+    async def recovery_lock(self) -> AsyncIterator[bool]:
+        """Hold the recovery lock for the block if no other process does; yields whether it is held."""
+        async with self.pool.acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RECOVERY_LOCK))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _RECOVERY_LOCK)
+
+    async def expired_leases(self) -> list[Job]:
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs WHERE status = 'processing' AND lease_expires_at < now()
+            ORDER BY lease_expires_at
+            """
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def requeue_expired(self, job_id: uuid.UUID, attempt: int) -> Job | None:
+        """Back to pending, unless the worker renewed its lease meanwhile (fenced)."""
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL
+            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
+            RETURNING *
+            """,
+            job_id,
+            attempt,
+        )
+        return Job.from_record(row) if row else None
+
+    async def finish_expired(
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        *,
+        status: Status,
+        seq: int,
+        code: str | None = None,
+        message: str | None = None,
+    ) -> Job | None:
+        """A terminal state for a job whose worker is gone (fenced like requeue_expired)."""
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE jobs SET status = $3, error_code = $4, error_message = $5, last_seq = $6, {_FINISH_TIMES}
+            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
+            RETURNING *
+            """,
+            job_id, attempt, status.value, code, message, seq,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def pending_older_than(self, seconds: float, *, limit: int = 1000) -> list[Job]:
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+            ORDER BY created_at LIMIT $2
+            """,
+            seconds,
+            limit,
+        )
+        return [Job.from_record(row) for row in rows]

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     job_timeout_s: float = Field(600.0, gt=0)
     poll_delay_s: float = Field(0.05, gt=0)
+    # Recovery: jobs of dead workers go back to the queue, at most max_attempts
+    # claims in all; pending jobs the queue lost are enqueued again.
+    max_attempts: int = Field(3, ge=1)
+    recovery_interval_s: float = Field(2.0, gt=0)
+    enqueue_grace_s: float = Field(5.0, ge=0)
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
 

@@ -10,6 +10,7 @@ arq worker driving the tiny diffusers model (loaded once per session).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -184,10 +185,21 @@ async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
         await task
 
 
-@dataclass
-class ServerProcess:
-    """The server as a separate process, to kill and start again like a real one."""
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as the STEPCAST_* variables a child process reads them from."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("STEPCAST_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            text = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+            env[f"STEPCAST_{name.upper()}"] = text
+    return env
 
+
+@dataclass
+class StepcastProcess:
+    """A server or worker as a separate process, to kill and start again like a real one."""
+
+    module: str
     settings: Settings
     log: Path
     process: subprocess.Popen[bytes] | None = None
@@ -201,20 +213,16 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.settings.port}/v1/ws"
 
     def start(self) -> None:
-        s = self.settings
-        env = {
-            **os.environ,
-            "STEPCAST_DATABASE_URL": s.database_url,
-            "STEPCAST_REDIS_URL": s.redis_url,
-            "STEPCAST_PORT": str(s.port),
-            "STEPCAST_STORAGE_DIR": str(s.storage_dir),
-            "STEPCAST_DEFAULT_SIZE_PX": str(s.default_size_px),
-        }
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.app"], env=env, cwd=ROOT, stdout=out, stderr=out
+                [sys.executable, "-m", self.module],
+                env=settings_env(self.settings),
+                cwd=ROOT,
+                stdout=out,
+                stderr=out,
             )
-        wait_for_port(s.port, self.process, 30, self.log)
+        if self.module == "server.app":
+            wait_for_port(self.settings.port, self.process, 30, self.log)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -223,21 +231,22 @@ class ServerProcess:
 
 
 @pytest.fixture
-async def server_process() -> AsyncIterator[Callable[[Settings], Awaitable[ServerProcess]]]:
-    started: list[ServerProcess] = []
+async def spawn() -> AsyncIterator[Callable[[str, Settings], Awaitable[StepcastProcess]]]:
+    """Start ``server.app`` or ``gpu_worker.worker`` as a child process; stopped after the test."""
+    started: list[StepcastProcess] = []
 
-    async def start(settings: Settings) -> ServerProcess:
-        log = DATA_DIR / "test" / f"server-{settings.port}.log"
-        server = ServerProcess(settings, log)
-        await asyncio.to_thread(server.start)
-        started.append(server)
-        return server
+    async def start(module: str, settings: Settings) -> StepcastProcess:
+        log = DATA_DIR / "test" / f"{module}-{settings.port}.log"
+        child = StepcastProcess(module, settings, log)
+        await asyncio.to_thread(child.start)
+        started.append(child)
+        return child
 
     yield start
-    for server in started:
-        if server.process is not None and server.process.poll() is None:
-            server.process.terminate()
-            await asyncio.to_thread(server.process.wait, 10)
+    for child in started:
+        if child.process is not None and child.process.poll() is None:
+            child.process.terminate()
+            await asyncio.to_thread(child.process.wait, 10)
 
 
 @pytest.fixture

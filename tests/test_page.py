@@ -16,7 +16,7 @@ from playwright.async_api import Browser, Page, WebSocket, async_playwright, exp
 
 from gpu_worker.pipeline import DiffusersPipeline
 from stepcast.settings import DATA_DIR, Settings
-from tests.conftest import ServerProcess, Stack
+from tests.conftest import Stack, StepcastProcess
 
 SHOTS = DATA_DIR / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -176,12 +176,12 @@ async def test_reload_mid_job_reattaches(stack: Stack, page: Page) -> None:
 
 async def test_server_restart_mid_job_resumes_without_losing_a_step(
     make_settings: Callable[..., Settings],
-    server_process: Callable[[Settings], Awaitable[ServerProcess]],
+    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
     run_worker: Callable[..., Awaitable[None]],
     page: Page,
 ) -> None:
     settings = make_settings()
-    server = await server_process(settings)
+    server = await spawn("server.app", settings)
     await run_worker(settings)
     frames = job_frames(page)
     await page.goto(server.base_url)

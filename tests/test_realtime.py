@@ -284,11 +284,9 @@ async def test_sse_streams_and_resumes_with_last_event_id(stack: Stack) -> None:
 
 
 @pytest.fixture
-async def second_server(
-    settings: Settings, make_settings: Callable[..., Settings], server_process: Any
-) -> str:
+async def second_server(settings: Settings, make_settings: Callable[..., Settings], spawn: Any) -> str:
     """Another server *process* on the same Postgres and Redis."""
-    other = await server_process(make_settings(storage_dir=settings.storage_dir))
+    other = await spawn("server.app", make_settings(storage_dir=settings.storage_dir))
     return str(other.ws_url)
 
 
