@@ -31,8 +31,11 @@ if last then top = tonumber(string.match(last[1], '^(%d+)')) end
 local cur = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[2]), top)
 if ARGV[7] == '1' and last then
     -- A position update only while the newest event is 'queued' and no seq is
-    -- reserved for an event on its way (a cancel): never after 'started'.
-    if string.sub(last[2][2], 1, 17) ~= '{"type":"queued",' or cur > top then return 0 end
+    -- reserved for an event on its way (a cancel): never after 'started'. And
+    -- only if it says something new.
+    local newest = last[2][2]
+    if string.sub(newest, 1, 17) ~= '{"type":"queued",' or cur > top then return 0 end
+    if string.match(newest, '"seq":%d+(.*)$') == ARGV[4] then return 0 end
 end
 local seq = tonumber(ARGV[1])
 if seq == 0 then

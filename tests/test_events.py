@@ -32,6 +32,7 @@ async def test_seqs_follow_the_floor_and_never_go_back(log: EventLog) -> None:
 
 async def test_position_updates_never_follow_start_or_a_reserved_seq(log: EventLog) -> None:
     await log.emit("j", "o", "queued", {"position": 2})
+    assert await log.emit("j", "o", "queued", {"position": 2}, only_while_queued=True) == 0  # nothing new
     assert await log.emit("j", "o", "queued", {"position": 1}, only_while_queued=True) == 2
     reserved = await log.reserve("j", floor=0)
     assert reserved == 3

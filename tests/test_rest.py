@@ -8,7 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from stepcast.events import EventLog
 from stepcast.settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -137,13 +139,17 @@ async def test_history_query_errors_name_the_parameter(client: httpx.AsyncClient
     )
 
 
-async def test_cancel_pending_job_is_final(client: httpx.AsyncClient) -> None:
+async def test_cancel_pending_job_is_final(client: httpx.AsyncClient, settings: Settings) -> None:
     job = (await client.post("/v1/jobs", json={"prompt": "p"})).json()
     response = await client.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200
     canceled = response.json()
     assert canceled["status"] == "canceled" and canceled["finished_at"] is not None
-    assert canceled["last_seq"] == 2  # queued, canceled
+    redis = Redis.from_url(settings.redis_url)
+    events = await EventLog(redis, stream_max=10, ttl_s=60).read(job["id"])
+    await redis.aclose()
+    assert events[0]["type"] == "queued" and events[-1]["type"] == "canceled"
+    assert canceled["last_seq"] == events[-1]["seq"]  # recorded in Postgres, then published
     # Cancel is idempotent on a canceled job.
     assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()["status"] == "canceled"
     assert "retry-after" not in (await client.get(f"/v1/jobs/{job['id']}")).headers
