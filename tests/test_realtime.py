@@ -122,9 +122,11 @@ async def test_lost_stream_falls_back_to_a_snapshot(stack: Stack) -> None:
         snapshot = await recv(ws)
         assert snapshot["type"] == "snapshot" and snapshot["job"]["status"] == "processing"
         rest = await until(ws, is_terminal)
-    assert all(e["seq"] > snapshot["job"]["last_seq"] for e in rest)
-    seqs = [e["seq"] for e in rest]
-    assert seqs == sorted(set(seqs)) and rest[-1]["type"] == "completed"
+    assert not [e for e in rest if e["type"] == "error"], rest
+    # A later gap may bring another snapshot; events never go back or repeat.
+    seqs = [e["seq"] for e in rest if e["type"] != "snapshot"]
+    assert seqs == sorted(set(seqs)) and seqs[0] > snapshot["job"]["last_seq"]
+    assert rest[-1]["type"] == "completed"
 
 
 async def test_cancel_over_the_socket_stops_within_a_step(stack: Stack) -> None:

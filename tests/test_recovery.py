@@ -31,7 +31,7 @@ async def events_of(settings: Settings, job_id: str) -> list[dict[str, Any]]:
 async def wait_for(
     client: httpx.AsyncClient, job_id: str, done: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 100  # a 7 s job, twice, on a loaded 2-core machine
     while time.monotonic() < deadline:
         job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
         if done(job):
