@@ -7,7 +7,7 @@ Runs its own Postgres, Redis, one server process and workers on the
   taken by a reference Redis subscriber in this process (same clock as the
   clients), so the figure is the server's fan-out plus the client's own delay;
 - server memory per idle connection (RSS growth over N open sockets / N);
-- events delivered and dropped, and the wall time.
+- events published and received (none may be lost), and the wall time.
 
     python -m bench.ws_fanout --clients 100 1000
 """

@@ -67,7 +67,6 @@ class Outbox:
 
     def __init__(self, max_buffer: int) -> None:
         self.max_buffer = max_buffer
-        self.sent = 0
         self.dropped = 0
         self._queue: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
@@ -97,7 +96,6 @@ class Outbox:
                 return None
         if self._overflow:
             raise SlowConsumer
-        self.sent += 1
         return self._queue.popleft()
 
 

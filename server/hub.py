@@ -42,7 +42,6 @@ class Hub:
         self._announcing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.connected = asyncio.Event()
-        self.delivered = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
@@ -53,10 +52,6 @@ class Hub:
                 await cancel_and_wait(task)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    @property
-    def listeners(self) -> int:
-        return len({id(listener) for group in self._channels.values() for listener in group})
 
     async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
         async with self._lock:
@@ -144,4 +139,3 @@ class Hub:
         event = json.loads(text)
         for listener in list(group):
             listener.on_event(event, text)
-            self.delivered += 1

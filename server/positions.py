@@ -3,7 +3,7 @@
 One server at a time does it (a Postgres advisory lock elects it; another
 takes over when it dies), once a second, and only for jobs whose position
 changed. ETAs scale measured seconds per step for the job's size by the
-number of workers recently busy on its queue.
+number of workers recently busy on its queue (EtaEstimator, shared with submit).
 """
 
 from __future__ import annotations
@@ -13,12 +13,37 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from stepcast.db import Database
+from stepcast.jobs import Job
+
 if TYPE_CHECKING:
     from server.services import Services
 
 logger = logging.getLogger(__name__)
 
 _LEADER_LOCK = 0x5EC0_9051
+
+
+class EtaEstimator:
+    """Seconds until a pending job should be done: its position times the measured
+    run time of jobs of its shape, shared among the workers busy on its queue.
+    Caches per instance, so make one per pass."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._per_job: dict[tuple[str, int, int, int], float | None] = {}
+        self._workers: dict[str, int] = {}
+
+    async def eta_s(self, job: Job, position: int) -> float | None:
+        shape = (job.queue, job.params["width"], job.params["height"], job.params["steps"])
+        if shape not in self._per_job:
+            self._per_job[shape] = await self.db.mean_run_s(*shape)
+        mean = self._per_job[shape]
+        if mean is None:
+            return None
+        if job.queue not in self._workers:
+            self._workers[job.queue] = await self.db.active_workers(job.queue)
+        return round(position * mean / self._workers[job.queue], 3)
 
 
 class QueueAnnouncer:
@@ -52,19 +77,11 @@ class QueueAnnouncer:
     async def tick(self) -> None:
         db, events = self.services.db, self.services.events
         pending = await db.pending_positions()
-        per_job: dict[tuple[str, int, int, int], float | None] = {}
-        workers: dict[str, int] = {}
+        estimator = EtaEstimator(db)
         for job, position in pending:
             if self._announced.get(job.id) == position:
                 continue
-            shape = (job.queue, job.params["width"], job.params["height"], job.params["steps"])
-            if shape not in per_job:
-                per_job[shape] = await db.mean_run_s(*shape)
-            if job.queue not in workers:
-                workers[job.queue] = await db.active_workers(job.queue)
-            mean = per_job[shape]
-            eta_s = None if mean is None else round(position * mean / workers[job.queue], 3)
-            fields = {"position": position, "eta_s": eta_s}
+            fields = {"position": position, "eta_s": await estimator.eta_s(job, position)}
             await events.emit(
                 str(job.id), job.owner, "queued", fields, floor=job.last_seq, only_while_queued=True
             )

@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from server.hub import Hub
-from server.positions import QueueAnnouncer
+from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
 from stepcast.db import Database
 from stepcast.errors import Conflict, NotFound
@@ -92,10 +92,7 @@ class Services:
     async def place(self, job: Job) -> tuple[int, float | None]:
         """Queue position (1 = next to start) and the seconds until it should be done."""
         position = await self.db.queue_position(job)
-        per_job = await self.db.mean_run_s(
-            job.queue, job.params["width"], job.params["height"], job.params["steps"]
-        )
-        return position, None if per_job is None else round(position * per_job, 3)
+        return position, await EtaEstimator(self.db).eta_s(job, position)
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
         job = await self.db.get_job(job_id, owner)
