@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS webhook jsonb;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS handoffs integer NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS queue_expires_at timestamptz;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS idempotency_key text;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS request_hash text;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS images_expired_at timestamptz;
 
 COMMENT ON TABLE jobs IS 'One row per generation request; the authoritative job state.';
 COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and the storage key prefix.';
@@ -56,6 +61,11 @@ COMMENT ON COLUMN jobs.preview IS 'Requested step previews {every, max_px}, or N
 COMMENT ON COLUMN jobs.webhook IS 'Requested webhook {url, events}, or NULL; deliveries are recorded separately.';
 COMMENT ON COLUMN jobs.status IS 'pending -> processing -> completed | failed | canceled; never moves backwards.';
 COMMENT ON COLUMN jobs.attempt IS 'Number of claims so far; every worker write is fenced by it.';
+COMMENT ON COLUMN jobs.handoffs IS 'Attempts a worker handed back on shutdown; they do not count against max attempts.';
+COMMENT ON COLUMN jobs.queue_expires_at IS 'A job still pending at this time fails with code expired (the queue TTL).';
+COMMENT ON COLUMN jobs.idempotency_key IS 'Client key: a repeat submit by the same owner returns this job.';
+COMMENT ON COLUMN jobs.request_hash IS 'Hash of the submitted request, to refuse a reused idempotency key with other params.';
+COMMENT ON COLUMN jobs.images_expired_at IS 'When retention deleted the images; the row and its result metadata stay.';
 COMMENT ON COLUMN jobs.queue IS 'arq queue the job was enqueued on (one per model family).';
 COMMENT ON COLUMN jobs.started_at IS 'When the current (latest) attempt was claimed.';
 COMMENT ON COLUMN jobs.finished_at IS 'When the job reached a terminal status.';
@@ -81,3 +91,11 @@ CREATE INDEX IF NOT EXISTS jobs_owner_status_created_idx ON jobs (owner, status,
 CREATE INDEX IF NOT EXISTS jobs_pending_idx ON jobs (queue, created_at, id) WHERE status = 'pending';
 -- ETA: recent run times of finished jobs.
 CREATE INDEX IF NOT EXISTS jobs_completed_finished_idx ON jobs (queue, finished_at DESC) WHERE status = 'completed';
+-- Idempotency: one job per owner and key.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_owner_idempotency_key_idx ON jobs (owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Queue TTL: pending jobs by expiry.
+CREATE INDEX IF NOT EXISTS jobs_pending_expiry_idx ON jobs (queue_expires_at) WHERE status = 'pending';
+-- Retention: finished jobs whose images are still stored.
+CREATE INDEX IF NOT EXISTS jobs_images_kept_idx ON jobs (finished_at)
+    WHERE result IS NOT NULL AND images_expired_at IS NULL;

@@ -3,8 +3,13 @@
 The pipeline thread does nothing but denoise: each step hands the step number
 (and, when a preview is due, a copy of the latents) to the event loop, which
 publishes events, renews the lease, encodes previews and images and writes
-Postgres. A cancel, a lost lease or a time-out sets one flag that the step
-callback reads, so the GPU stops at the next step.
+Postgres. A cancel, a lost lease, a time-out or a shutdown sets one flag that
+the step callback reads, so the GPU stops at the next step.
+
+Postgres writes are retried through a restart or failover (``db_retry_s``);
+past that, the lease and the recovery pass take over. A worker shutting down
+hands its job back to the queue: the next worker runs it again, and the
+attempt does not count against ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from PIL import Image
 from redis.exceptions import RedisError
 
 from gpu_worker.pipeline import Generation, Pipeline, preview_image
-from stepcast.db import Database
+from stepcast.db import Database, retrying
 from stepcast.events import EventLog
 from stepcast.jobs import Job
 from stepcast.params import JobParams
@@ -96,12 +101,18 @@ class JobRunner:
         if active is not None:
             active.halt("canceled")
 
+    async def _write(self, what: str, operation: Callable[[], Awaitable[Job | None]]) -> Job | None:
+        return await retrying(operation, what=what, deadline_s=self.settings.db_retry_s)
+
     async def run(self, job_id: uuid.UUID) -> None:
-        job = await self.db.claim(
-            job_id,
-            worker=self.worker_id,
-            lease_s=self.settings.lease_s,
-            model_revision=self.pipeline.revision,
+        job = await self._write(
+            "claim",
+            lambda: self.db.claim(
+                job_id,
+                worker=self.worker_id,
+                lease_s=self.settings.lease_s,
+                model_revision=self.pipeline.revision,
+            ),
         )
         if job is None:
             logger.info(
@@ -135,6 +146,7 @@ class JobRunner:
         heartbeat = asyncio.create_task(self._heartbeat(active))
         generation: Generation | None = None
         error: BaseException | None = None
+        shutting_down = False
         try:
             future = loop.run_in_executor(
                 self._executor, self.pipeline.generate, params, on_step, active.stop.is_set
@@ -145,8 +157,11 @@ class JobRunner:
                 active.halt("timeout")
                 generation = await future
             except asyncio.CancelledError:
+                # The worker is stopping (its grace period is over): stop at the
+                # next step, hand the job back below, then let arq put it back.
+                shutting_down = True
                 active.halt("shutdown")
-                raise
+                generation = await future
         except Exception as exc:
             error = exc
             logger.exception("pipeline failed", extra=log)
@@ -157,17 +172,22 @@ class JobRunner:
             finally:
                 await cancel_and_wait(heartbeat)
 
-        if active.stop_reason == "lost":
+        reason = active.stop_reason
+        if reason == "lost":
             logger.warning("job lost to another attempt; dropping this result", extra=log)
         elif error is not None:
             await self._fail(active, "pipeline_error", f"{type(error).__name__}: {error}")
-        elif active.stop_reason == "timeout":
+        elif reason == "timeout":
             limit = self.settings.job_timeout_s
             await self._fail(active, "timeout", f"the job ran longer than its {limit:g} s time-out")
-        elif active.stop_reason is not None or generation is None or generation.interrupted:
-            await self._cancel(active)
+        elif generation is not None and not generation.interrupted and reason in {None, "shutdown"}:
+            await self._complete(active, params, generation)  # finished before the stop took effect
+        elif reason == "shutdown":
+            await self._hand_back(active)
         else:
-            await self._complete(active, params, generation)
+            await self._cancel(active)
+        if shutting_down:
+            raise asyncio.CancelledError
 
     async def _publish_progress(
         self, active: _Active, steps: asyncio.Queue[tuple[int, Any] | None], params: JobParams
@@ -262,6 +282,18 @@ class JobRunner:
 
         await self._finish(active, "failed", write, fields)
 
+    async def _hand_back(self, active: _Active) -> None:
+        job = active.job
+        log = {"job_id": str(job.id), "attempt": job.attempt}
+        back = await self._write(
+            "hand back", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
+        )
+        if back is None:  # a cancel is pending (or the job moved on): finish it as canceled
+            await self._cancel(active)
+            return
+        logger.info("job handed back to the queue (shutdown)", extra=log)
+        await self._emit(active, "requeued", {"attempt": job.attempt + 1, "reason": "worker_shutdown"})
+
     async def _cancel(self, active: _Active) -> None:
         job = active.job
 
@@ -289,10 +321,15 @@ class JobRunner:
                 "could not reserve a seq; continuing from Postgres", extra={"job_id": str(job.id)}
             )
             seq = active.last_seq + 1
-        done = await write(seq)
+        done = await self._write(event_type, lambda: write(seq))
         if done is None:
-            logger.warning("terminal write fenced off: job moved on", extra={"job_id": str(job.id)})
-            return
+            # A retried write may have committed the first time (the reply was lost).
+            current = await self._write("read back", lambda: self.db.get_job(job.id))
+            ours = current is not None and (current.attempt, current.last_seq) == (job.attempt, seq)
+            if not ours or current is None or current.status.value != event_type:
+                logger.warning("terminal write fenced off: job moved on", extra={"job_id": str(job.id)})
+                return
+            done = current
         logger.info("job %s", event_type, extra={"job_id": str(job.id), "attempt": job.attempt})
         # The outcome is recorded; retry its publication so live watchers hear of it.
         await self._emit(active, event_type, await fields(done), seq=seq, attempts=TERMINAL_EMIT_ATTEMPTS)

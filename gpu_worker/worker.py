@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import uuid
@@ -21,6 +22,7 @@ from typing import Any
 from arq import func
 from arq.connections import RedisSettings
 from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner
@@ -30,11 +32,33 @@ from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME
 from stepcast.recovery import Recovery
+from stepcast.retention import Retention
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
 from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
+
+
+ARQ_TRIES = 1_000_000
+REDIS_DOWN_PAUSE_S = 1.0
+
+
+class ResilientWorker(Worker):
+    """arq's worker, made to outlive a Redis restart.
+
+    arq lets a Redis error in its poll loop end the process; here the loop
+    logs it and polls again once Redis answers. The running job goes on
+    meanwhile (its results go to Postgres), and the recovery pass enqueues
+    again whatever a wiped Redis forgot.
+    """
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            logger.warning("queue unreachable (%s); polling again in %.0f s", exc, REDIS_DOWN_PAUSE_S)
+            await asyncio.sleep(REDIS_DOWN_PAUSE_S)
 
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> None:
@@ -92,6 +116,7 @@ def create_worker(
         for background in (
             _listen_for_cancels(runner, ctx),
             Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
+            Retention.from_settings(settings, db, storage).run(),
         ):
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
         logger.info("worker ready", extra={"worker": worker_id, "queue": settings.queue_name})
@@ -100,9 +125,17 @@ def create_worker(
         if "stack" in ctx:
             await ctx["stack"].aclose()
 
-    return Worker(
+    return ResilientWorker(
         functions=[
-            func(run_job, name=TASK_NAME, keep_result=0, timeout=settings.job_timeout_s + 60, max_tries=1)
+            # Postgres counts attempts (and fences them); arq may offer a job as
+            # often as it likes: a claim that is not due matches no row.
+            func(
+                run_job,
+                name=TASK_NAME,
+                keep_result=0,
+                timeout=settings.job_timeout_s + 60,
+                max_tries=ARQ_TRIES,
+            )
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=settings.queue_name,
@@ -110,6 +143,10 @@ def create_worker(
         on_shutdown=shutdown,
         max_jobs=1,
         keep_result=0,
+        # SIGTERM: stop taking jobs, let the running one finish for the grace
+        # period, then cancel it: the runner stops it at the next step and
+        # hands it back, and arq leaves it queued for the next worker.
+        job_completion_wait=math.ceil(settings.shutdown_grace_s),
         poll_delay=settings.poll_delay_s,
         handle_signals=handle_signals,
         log_results=False,

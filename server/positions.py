@@ -35,15 +35,20 @@ class EtaEstimator:
         self._workers: dict[str, int] = {}
 
     async def eta_s(self, job: Job, position: int) -> float | None:
-        shape = (job.queue, job.params["width"], job.params["height"], job.params["steps"])
+        params = job.params
+        return await self.drain_s(job.queue, params["width"], params["height"], params["steps"], position)
+
+    async def drain_s(self, queue: str, width: int, height: int, steps: int, jobs: int) -> float | None:
+        """Seconds the queue's workers need for ``jobs`` jobs of this shape (None: never measured)."""
+        shape = (queue, width, height, steps)
         if shape not in self._per_job:
             self._per_job[shape] = await self.db.mean_run_s(*shape)
         mean = self._per_job[shape]
         if mean is None:
             return None
-        if job.queue not in self._workers:
-            self._workers[job.queue] = await self.db.active_workers(job.queue)
-        return round(position * mean / self._workers[job.queue], 3)
+        if queue not in self._workers:
+            self._workers[queue] = await self.db.active_workers(queue)
+        return round(jobs * mean / self._workers[queue], 3)
 
 
 class QueueAnnouncer:

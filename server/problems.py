@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepcast.errors import StepcastError
+from stepcast.errors import StepcastError, TooManyRequests
 
 PROBLEM_TYPE = "urn:stepcast:problem:"
 
@@ -31,7 +31,8 @@ def problem(
 async def stepcast_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StepcastError)
     errors = [{"field": e.field, "message": e.message} for e in exc.errors]
-    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
+    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors, headers=headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -16,14 +16,22 @@ from server.auth import owner_of
 from server.services import Services
 from stepcast.errors import (
     FieldError,
+    Gone,
     InvalidParams,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from stepcast.jobs import Status
-from stepcast.params import MAX_GUIDANCE, MAX_SEED, PREVIEW_MAX_PX, SCHEDULERS, parse_body
+from stepcast.jobs import Status, timestamp
+from stepcast.params import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    PREVIEW_MAX_PX,
+    SCHEDULERS,
+    parse_body,
+    parse_idempotency_key,
+)
 from stepcast.storage.local import URL_PREFIX
 
 MAX_BODY_BYTES = 64 * 1024
@@ -61,11 +69,13 @@ async def _json_body(request: Request) -> Any:
 
 async def create_job(request: Request) -> Response:
     services = _services(request)
+    key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     submission = parse_body(await _json_body(request), services.settings)
-    job = await services.submit(owner_of(request), submission)
-    return JSONResponse(
-        await services.render(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}
-    )
+    job, created = await services.submit(owner_of(request), submission, idempotency_key=key)
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(await services.render(job), status_code=202, headers=headers)
 
 
 async def get_job(request: Request) -> Response:
@@ -123,6 +133,8 @@ async def get_image(request: Request) -> Response:
         job = None
     if job is None or key not in job.image_keys:
         raise NotFound(f"no image {key}")
+    if job.images_expired_at is not None:
+        raise Gone(f"image {key} was deleted at {timestamp(job.images_expired_at)} (retention)")
     try:
         data = await services.storage.get(key)
     except KeyError:

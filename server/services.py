@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from server.hub import Hub
 from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
 from stepcast.db import Database
-from stepcast.errors import Conflict, NotFound
+from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.jobs import Job, Status, to_wire
-from stepcast.params import Submission
+from stepcast.params import JobParams, Submission
 from stepcast.recovery import Recovery
+from stepcast.retention import Retention
 from stepcast.settings import Settings
 from stepcast.storage import Storage, open_storage
 from stepcast.tasks import cancel_and_wait
@@ -57,23 +59,41 @@ class Services:
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
+                Retention.from_settings(settings, db, storage).run(),
             ):
                 stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
             yield services
 
-    async def submit(self, owner: str, submission: Submission) -> Job:
-        """Insert the job (Postgres first, always), enqueue it, announce its place."""
+    async def submit(
+        self, owner: str, submission: Submission, *, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Insert the job (Postgres first, always), enqueue it, announce its place.
+
+        Returns the job and whether it is new: a repeat of an idempotency key
+        returns the owner's first job with that key, and is never refused for
+        a full queue.
+        """
+        if idempotency_key is not None:
+            earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
+            if earlier is not None:
+                return self._replay(earlier, submission), False
+        await self._admit(owner, submission.params)
         preview = None
         if submission.preview is not None:
             preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
-        job = await self.db.insert_job(
+        job, created = await self.db.insert_job(
             owner=owner,
             params=submission.params.to_json(),
             preview=preview,
             queue=self.settings.queue_name,
             model_name=submission.params.model,
             version=__version__,
+            queue_ttl_s=self.settings.queue_ttl_s,
+            idempotency_key=idempotency_key,
+            request_hash=submission.fingerprint if idempotency_key else None,
         )
+        if not created:  # a concurrent submit with the same key got there first
+            return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
         try:
             # Announce before enqueueing: a worker may start the job at once, and
@@ -87,7 +107,34 @@ class Services:
             # once Redis is back.
             logger.exception("enqueue failed; job left pending", extra=log)
         logger.info("job accepted", extra=log)
+        return job, True
+
+    @staticmethod
+    def _replay(job: Job, submission: Submission) -> Job:
+        if job.request_hash != submission.fingerprint:
+            raise IdempotencyKeyReused(
+                f"this idempotency key was used for job {job.id} with different parameters; "
+                "use a new key for a different request"
+            )
         return job
+
+    async def _admit(self, owner: str, params: JobParams) -> None:
+        """Backpressure: refuse work the queue cannot take, saying when to come back."""
+        settings = self.settings
+        total, mine = await self.db.queue_depth(settings.queue_name, owner)
+        if total >= settings.max_queue_depth:
+            excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
+        elif mine >= settings.max_queue_depth_per_owner:
+            excess, what = mine - settings.max_queue_depth_per_owner + 1, f"you have {mine} jobs waiting"
+        else:
+            return
+        drain_s = await EtaEstimator(self.db).drain_s(
+            settings.queue_name, params.width, params.height, params.steps, excess
+        )
+        retry_after_s = min(3600, max(1, math.ceil(drain_s if drain_s is not None else 5 * excess)))
+        raise TooManyRequests(
+            f"{what}, the most accepted; try again in {retry_after_s} s", retry_after_s=retry_after_s
+        )
 
     async def place(self, job: Job) -> tuple[int, float | None]:
         """Queue position (1 = next to start) and the seconds until it should be done."""
@@ -108,7 +155,7 @@ class Services:
                 seq = await self.events.reserve(str(job.id), floor=job.last_seq)
             except RedisError:
                 seq = job.last_seq + 1  # Postgres decides, with or without Redis
-            canceled = await self.db.cancel_pending(job.id, seq)
+            canceled = await self.db.finish_pending(job.id, status=Status.CANCELED, seq=seq)
             if canceled is not None:
                 with contextlib.suppress(RedisError):
                     await self.events.emit(str(job.id), owner, "canceled", floor=seq, seq=seq)

@@ -22,8 +22,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
 from server.services import Services
-from stepcast.errors import FieldError, InvalidParams, InvalidRequest, StepcastError, Unavailable
-from stepcast.params import parse_submission
+from stepcast.errors import (
+    FieldError,
+    InvalidParams,
+    InvalidRequest,
+    StepcastError,
+    TooManyRequests,
+    Unavailable,
+)
+from stepcast.params import parse_idempotency_key, parse_submission
 from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
@@ -168,7 +175,10 @@ class Connection:
                 frame["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
             self.feed.push_message(frame)
         except StepcastError as exc:
-            self.feed.push_message(_error(exc.code, exc.detail, request_id=request_id))
+            frame = _error(exc.code, exc.detail, request_id=request_id)
+            if isinstance(exc, TooManyRequests):
+                frame["retry_after_s"] = exc.retry_after_s
+            self.feed.push_message(frame)
         except Exception:
             # Redis or Postgres unreachable (or a bug): this request fails, the connection lives on.
             logger.exception("websocket request failed", extra={"owner": self.owner})
@@ -206,15 +216,19 @@ class Connection:
             await self.services.cancel(self.owner, _job_id(message))
 
     async def _submit(self, message: dict[str, Any], request_id: str | None) -> None:
-        if message.get("webhook") is not None or message.get("idempotency_key") is not None:
-            field = "webhook" if message.get("webhook") is not None else "idempotency_key"
-            raise InvalidParams.one(field, f"{field} is not supported by this server yet")
+        if message.get("webhook") is not None:
+            raise InvalidParams.one("webhook", "webhook is not supported by this server yet")
+        key = parse_idempotency_key(message.get("idempotency_key"), "idempotency_key")
         submission = parse_submission(
             message.get("params"), message.get("preview"), self.settings, params_field="params"
         )
-        job = await self.services.submit(self.owner, submission)
-        self.feed.push_message({"type": "accepted", "request_id": request_id, "job_id": str(job.id)})
-        await self.feed.watch(job.id, 0)
+        job, created = await self.services.submit(self.owner, submission, idempotency_key=key)
+        accepted: dict[str, Any] = {"type": "accepted", "request_id": request_id, "job_id": str(job.id)}
+        if not created:
+            accepted["replayed"] = True
+        self.feed.push_message(accepted)
+        # A new job is watched from its first event; a replayed one from a snapshot.
+        await self.feed.watch(job.id, 0 if created else None)
 
 
 def origin_allowed(websocket: WebSocket, settings: Settings) -> bool:

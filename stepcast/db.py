@@ -7,15 +7,17 @@ learns so from the ``None`` it gets back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -27,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_PATH = ROOT / "schema.sql"
 _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema application
-_RECOVERY_LOCK = 0x5EC0_2EC0  # held by the one process running a recovery pass
+# pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
+_SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E}
 
 _FINISH_TIMES = """
     finished_at = now(),
@@ -35,6 +38,32 @@ _FINISH_TIMES = """
     queue_s = extract(epoch FROM started_at - created_at),
     run_s = extract(epoch FROM now() - started_at)
 """
+
+
+T = TypeVar("T")
+
+# Postgres is unreachable, restarting or failing over: worth trying again.
+TRANSIENT_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, deadline_s: float) -> T:
+    """Run ``operation``, trying again with back-off on transient errors for up to ``deadline_s``."""
+    give_up = time.monotonic() + deadline_s
+    delay = 0.1
+    while True:
+        try:
+            return await operation()
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            logger.warning("%s: Postgres unavailable (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -94,16 +123,48 @@ class Database:
         queue: str,
         model_name: str,
         version: str,
-    ) -> Job:
+        queue_ttl_s: float,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[Job, bool]:
+        """The new job and True; or, for an idempotency key the owner used before, that job and False."""
         row = await self.pool.fetchrow(
             """
-            INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version,
+                              queue_expires_at, idempotency_key, request_hash)
+            VALUES ($1, $2, $3, $4, $5, $6, $7,
+                    CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END, $9, $10)
+            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *
             """,
             owner, params, preview, queue, params["steps"], model_name, version,
+            queue_ttl_s, idempotency_key, request_hash,
         )  # fmt: skip
-        return Job.from_record(row)
+        if row is not None:
+            return Job.from_record(row), True
+        # A concurrent or earlier submit with the same key won; its row is committed.
+        earlier = await self.job_by_idempotency_key(owner, idempotency_key or "")
+        if earlier is None:
+            raise RuntimeError("idempotency conflict without a conflicting job")
+        return earlier, False
+
+    async def job_by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM jobs WHERE owner = $1 AND idempotency_key = $2", owner, key
+        )
+        return Job.from_record(row) if row else None
+
+    async def queue_depth(self, queue: str, owner: str) -> tuple[int, int]:
+        """Pending jobs on the queue: all of them, and the owner's."""
+        row = await self.pool.fetchrow(
+            """
+            SELECT count(*) AS total, count(*) FILTER (WHERE owner = $2) AS mine
+            FROM jobs WHERE queue = $1 AND status = 'pending'
+            """,
+            queue,
+            owner,
+        )
+        return int(row["total"]), int(row["mine"])
 
     async def get_job(self, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
         row = await self.pool.fetchrow(
@@ -190,14 +251,24 @@ class Database:
         )  # fmt: skip
         return None if per_step is None else float(per_step) * steps
 
-    async def cancel_pending(self, job_id: uuid.UUID, seq: int) -> Job | None:
+    async def finish_pending(
+        self,
+        job_id: uuid.UUID,
+        *,
+        status: Status,
+        seq: int,
+        code: str | None = None,
+        message: str | None = None,
+    ) -> Job | None:
+        """A terminal state for a job that never started: canceled, or failed (queue TTL)."""
         row = await self.pool.fetchrow(
             """
-            UPDATE jobs SET status = 'canceled', finished_at = now(), last_seq = $2
+            UPDATE jobs SET status = $2, finished_at = now(), last_seq = $3, error_code = $4,
+                error_message = $5, queue_s = extract(epoch FROM now() - created_at)
             WHERE id = $1 AND status = 'pending'
             RETURNING *
             """,
-            job_id, seq,
+            job_id, status.value, seq, code, message,
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
@@ -224,6 +295,7 @@ class Database:
                 lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
                 model_revision = $4
             WHERE id = $1 AND status = 'pending' AND NOT cancel_requested
+              AND (queue_expires_at IS NULL OR queue_expires_at > now())
             RETURNING *
             """,
             job_id, worker, lease_s, model_revision,
@@ -285,18 +357,33 @@ class Database:
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
-    # -- recovery (stepcast.recovery; one process at a time) ----------------
+    async def hand_back(self, job_id: uuid.UUID, attempt: int, *, last_seq: int) -> Job | None:
+        """A worker shutting down returns its job to the queue; the attempt does not count
+        against max_attempts. None if the job moved on or a cancel is pending."""
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL,
+                handoffs = handoffs + 1, progress_step = 0, last_seq = GREATEST(last_seq, $3)
+            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND NOT cancel_requested
+            RETURNING *
+            """,
+            job_id, attempt, last_seq,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    # -- recovery and retention (one process at a time) --------------------
 
     @contextlib.asynccontextmanager
-    async def recovery_lock(self) -> AsyncIterator[bool]:
-        """Hold the recovery lock for the block if no other process does; yields whether it is held."""
+    async def singleton(self, task: str) -> AsyncIterator[bool]:
+        """Hold ``task``'s lock for the block if no other process does; yields whether it is held."""
+        key = _SINGLETON_LOCKS[task]
         async with self.pool.acquire() as conn:
-            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RECOVERY_LOCK))
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield held
             finally:
                 if held:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _RECOVERY_LOCK)
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     async def expired_leases(self) -> list[Job]:
         rows = await self.pool.fetch(
@@ -311,7 +398,7 @@ class Database:
         """Back to pending, unless the worker renewed its lease meanwhile (fenced)."""
         row = await self.pool.fetchrow(
             """
-            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL
+            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL, progress_step = 0
             WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
             RETURNING *
             """,
@@ -351,3 +438,33 @@ class Database:
             limit,
         )
         return [Job.from_record(row) for row in rows]
+
+    async def expired_in_queue(self, *, limit: int = 1000) -> list[Job]:
+        """Pending jobs past their queue TTL."""
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs WHERE status = 'pending' AND queue_expires_at <= now()
+            ORDER BY queue_expires_at LIMIT $1
+            """,
+            limit,
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def images_to_expire(self, retention_s: float, *, limit: int = 500) -> list[Job]:
+        """Finished jobs whose stored images are older than the retention."""
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs
+            WHERE result IS NOT NULL AND images_expired_at IS NULL
+              AND finished_at < now() - make_interval(secs => $1)
+            ORDER BY finished_at LIMIT $2
+            """,
+            retention_s,
+            limit,
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def mark_images_expired(self, job_id: uuid.UUID) -> None:
+        await self.pool.execute(
+            "UPDATE jobs SET images_expired_at = now() WHERE id = $1 AND images_expired_at IS NULL", job_id
+        )

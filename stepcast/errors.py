@@ -67,10 +67,33 @@ class NotFound(StepcastError):
     title = "Not found"
 
 
+class Gone(StepcastError):
+    code = "gone"
+    status = 410
+    title = "Gone"
+
+
 class Conflict(StepcastError):
     code = "conflict"
     status = 409
     title = "Conflict"
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused"
+
+
+class TooManyRequests(StepcastError):
+    """Backpressure: the queue is full; ``retry_after_s`` says when to try again."""
+
+    code = "queue_full"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(StepcastError):

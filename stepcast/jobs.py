@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from stepcast.params import PARAM_FIELDS
+from stepcast.storage.local import URL_PREFIX
 
 
 class Status(enum.StrEnum):
@@ -52,6 +53,11 @@ class Job:
     model_name: str
     model_revision: str | None
     stepcast_version: str
+    handoffs: int
+    queue_expires_at: datetime | None
+    idempotency_key: str | None
+    request_hash: str | None
+    images_expired_at: datetime | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:
@@ -78,13 +84,16 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
     """The job as REST returns it, inside ``snapshot`` and in history.
 
     Image URLs are made per request (presigned URLs expire), from the stored keys.
+    Once retention deleted the images, their URLs point at the server, which
+    answers 410 Gone whatever the storage backend.
     """
     result = None
     if job.result is not None:
         images = []
         for image in job.result["images"]:
             rendered = {k: v for k, v in image.items() if k != "key"}
-            images.append({"url": await image_url(image["key"]), **rendered})
+            url = URL_PREFIX + image["key"] if job.images_expired_at else await image_url(image["key"])
+            images.append({"url": url, **rendered})
         result = {"images": images}
     error = None
     if job.error_code is not None:
@@ -108,6 +117,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "error": error,
         "timings": timings,
         "last_seq": job.last_seq,
+        "images_expired_at": timestamp(job.images_expired_at),
         "preview": job.preview,
         "cancel_requested": job.cancel_requested,
         "provenance": {

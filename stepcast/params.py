@@ -7,9 +7,11 @@ rather than a silently ignored default.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from stepcast.errors import FieldError, InvalidParams
@@ -20,6 +22,7 @@ SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "unipc")
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_GUIDANCE = 50.0
 PREVIEW_MAX_PX = 256
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Preview:
 class Submission:
     params: JobParams
     preview: Preview | None = None
+    # What the client asked for, defaults filled in but a random seed left out:
+    # a repeat with the same idempotency key must ask for the same thing.
+    fingerprint: str = field(default="", compare=False)
 
 
 PARAM_FIELDS = tuple(f.name for f in fields(JobParams))
@@ -201,7 +207,26 @@ def parse_submission(
         errors += exc.errors
     if errors or parsed is None:
         raise InvalidParams.from_errors(errors)
-    return Submission(params=parsed, preview=wanted)
+    asked = parsed if params.get("seed") is not None else replace(parsed, seed=-1)
+    canonical = json.dumps(
+        {"params": asked.to_json(), "preview": asdict(wanted) if wanted else None}, sort_keys=True
+    )
+    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    return Submission(params=parsed, preview=wanted, fingerprint=fingerprint)
+
+
+def parse_idempotency_key(value: Any, field: str) -> str | None:
+    """An optional client key: 1..255 visible characters."""
+    if value is None:
+        return None
+    limit = MAX_IDEMPOTENCY_KEY_CHARS
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= limit
+        or not all(c.isprintable() and not c.isspace() for c in value)
+    ):
+        raise InvalidParams.one(field, f"{field} must be 1 to {limit} visible characters without spaces")
+    return value
 
 
 def parse_body(body: Any, settings: Settings) -> Submission:

@@ -8,7 +8,11 @@ decides; it is safe to run in every server and worker):
   ``max_attempts`` claims it fails for good with code ``worker_lost``. A job
   whose cancel was asked for is canceled instead;
 - a pending job that the queue does not hold (the enqueue failed, Redis lost
-  its data) is enqueued again under the same id.
+  its data) is enqueued again under the same id;
+- a pending job past its queue TTL fails with code ``expired`` (workers refuse
+  to claim it already).
+
+Attempts a worker handed back on shutdown do not count against max attempts.
 
 Stale workers cannot overwrite the new attempt: every worker write is fenced
 by ``attempt``.
@@ -73,11 +77,13 @@ class Recovery:
 
     async def tick(self) -> bool:
         """One pass; False if another process holds the recovery lock."""
-        async with self.db.recovery_lock() as held:
+        async with self.db.singleton("recovery") as held:
             if not held:
                 return False
             for job in await self.db.expired_leases():
                 await self._expired(job)
+            for job in await self.db.expired_in_queue():
+                await self._expired_in_queue(job)
             for job in await self.db.pending_older_than(self.enqueue_grace_s):
                 if not await self.arq.exists(job_key_prefix + str(job.id)):
                     log = {"job_id": str(job.id)}
@@ -90,8 +96,8 @@ class Recovery:
         log = {"job_id": key, "attempt": job.attempt}
         if job.cancel_requested:
             await self._finish(job, Status.CANCELED, {})
-        elif job.attempt >= self.max_attempts:
-            message = f"the worker stopped responding on each of {job.attempt} attempts (the most allowed)"
+        elif (lost := job.attempt - job.handoffs) >= self.max_attempts:
+            message = f"the worker stopped responding on each of {lost} attempts (the most allowed)"
             await self._finish(job, Status.FAILED, {"error": {"code": "worker_lost", "message": message}})
         elif (requeued := await self.db.requeue_expired(job.id, job.attempt)) is not None:
             logger.warning("lease expired; job goes back to the queue", extra=log)
@@ -100,6 +106,17 @@ class Recovery:
             # The dead run's arq keys would make arq refuse (or delay) the same id.
             await self.arq.delete(job_key_prefix + key, in_progress_key_prefix + key, retry_key_prefix + key)
             await queue.enqueue(self.arq, job.id, job.queue)
+
+    async def _expired_in_queue(self, job: Job) -> None:
+        key = str(job.id)
+        waited = (job.queue_expires_at - job.created_at).total_seconds() if job.queue_expires_at else 0
+        message = f"the job waited in the queue longer than its {waited:g} s limit"
+        error = {"code": "expired", "message": message}
+        seq = await self.events.reserve(key, floor=job.last_seq)
+        done = await self.db.finish_pending(job.id, status=Status.FAILED, seq=seq, **error)
+        if done is not None:
+            logger.warning("job expired in the queue", extra={"job_id": key})
+            await self.events.emit(key, job.owner, "failed", {"error": error}, floor=seq, seq=seq)
 
     async def _finish(self, job: Job, status: Status, fields: dict[str, Any]) -> None:
         """Record the terminal state with a reserved seq, then publish it."""

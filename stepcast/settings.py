@@ -70,11 +70,29 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     job_timeout_s: float = Field(600.0, gt=0)
     poll_delay_s: float = Field(0.05, gt=0)
+    # SIGTERM: a worker stops taking jobs and lets the running one finish for
+    # this long; then it stops it at the next step and hands it back to the
+    # queue (not counted as a failed attempt).
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # How long a worker keeps retrying a Postgres write (a restart, a failover)
+    # before leaving the job to its lease and the recovery pass.
+    db_retry_s: float = Field(60.0, ge=0)
     # Recovery: jobs of dead workers go back to the queue, at most max_attempts
     # claims in all; pending jobs the queue lost are enqueued again.
     max_attempts: int = Field(3, ge=1)
     recovery_interval_s: float = Field(2.0, gt=0)
     enqueue_grace_s: float = Field(5.0, ge=0)
+    # A job still waiting in the queue after this long fails with code
+    # "expired" (0: wait forever).
+    queue_ttl_s: float = Field(3600.0, ge=0)
+    # Backpressure: submits beyond these many pending jobs (on the queue, and
+    # per owner) are answered 429 with Retry-After.
+    max_queue_depth: int = Field(1000, ge=1)
+    max_queue_depth_per_owner: int = Field(100, ge=1)
+    # Retention: images of finished jobs are deleted after this many days
+    # (0: kept forever); the job row stays and records when.
+    retention_days: float = Field(7.0, ge=0)
+    retention_interval_s: float = Field(300.0, gt=0)
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
 
@@ -85,6 +103,9 @@ class Settings(BaseSettings):
     ws_messages_per_s: float = Field(20.0, gt=0)
     ws_burst: int = Field(60, ge=1)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # SIGTERM: sockets are closed at once with 1012 (reconnect elsewhere), then
+    # requests still running get this long before the server stops.
+    server_shutdown_s: float = Field(10.0, ge=0)
     # Browser origins besides the server's own that may open /v1/ws (a JSON
     # list, e.g. '["https://app.example.com"]'); guards against cross-site
     # WebSocket hijacking.

@@ -9,6 +9,7 @@ import json
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 from redis.asyncio import Redis
@@ -85,12 +86,19 @@ async def test_same_seed_same_image_and_batch_mates_do_not_matter(stack: Stack) 
         return fetch_png(stack, job["result"]["images"][index]["url"])
 
     a, b, c = await pixels(first), await pixels(again), await pixels(other)
-    assert a.tobytes() == b.tobytes()
-    assert a.tobytes() != c.tobytes()
+    assert a.tobytes() == b.tobytes()  # same shape of work: bit for bit
+    assert levels_apart(a, c) > 20
     assert [image["seed"] for image in batch["result"]["images"]] == [1234, 1235]
-    # Image i of a batch uses seed + i, exactly as if it ran alone.
-    assert (await pixels(batch, 0)).tobytes() == a.tobytes()
-    assert (await pixels(batch, 1)).tobytes() == c.tobytes()
+    # Image i of a batch uses seed + i, as if it ran alone. Batched float
+    # kernels may round differently than single ones on some CPUs, so "the
+    # same picture" allows one 8-bit level here and there, never more.
+    assert levels_apart(await pixels(batch, 0), a) <= 1
+    assert levels_apart(await pixels(batch, 1), c) <= 1
+
+
+def levels_apart(x: Image.Image, y: Image.Image) -> int:
+    """The largest difference between two images' pixels, in 8-bit levels."""
+    return int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "unipc"])
