@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -36,19 +38,44 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/v1/ws", ws.endpoint),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    # Set when the server starts shutting down: long-lived streams end then.
+    app.state.draining = asyncio.Event()
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn that tells the app when shutdown begins.
+
+    On SIGTERM uvicorn stops accepting, closes WebSockets with 1012 (service
+    restart: reconnect, to another server if there is one), and waits for
+    requests in flight; SSE streams never finish on their own, so the app ends
+    them when ``draining`` is set, and clients resume with Last-Event-ID.
+    """
+
+    def __init__(self, app: Starlette, settings: Settings) -> None:
+        super().__init__(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_config=None,
+                lifespan="on",
+                ws_max_size=settings.ws_max_message_bytes * 4,
+                timeout_graceful_shutdown=int(settings.server_shutdown_s),
+            )
+        )
+        self.draining: asyncio.Event = app.state.draining
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.draining.set()
+        await super().shutdown(sockets)
 
 
 def main() -> None:
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        ws_max_size=settings.ws_max_message_bytes * 4,
-    )
+    Server(create_app(settings), settings).run()
 
 
 if __name__ == "__main__":

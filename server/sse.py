@@ -3,11 +3,13 @@
 The same events as the WebSocket, each as ``id: <seq>``, ``event: <type>``,
 ``data: <json>``. ``Last-Event-ID`` (or ``?after_seq=``) resumes after that
 seq; without it the stream opens with a ``snapshot``. The stream ends after
-the job's terminal event.
+the job's terminal event, or when the server shuts down (the client
+reconnects, to another server if there is one, and resumes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,9 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.auth import owner_of
-from server.feed import Feed, SlowConsumer
+from server.feed import Feed, Outgoing, SlowConsumer
 from server.services import Services
 from stepcast.errors import InvalidParams, NotFound
+from stepcast.tasks import cancel_and_wait
+
+
+class _Draining(Exception):
+    """The server is shutting down."""
 
 
 def _after_seq(request: Request) -> int | None:
@@ -43,11 +50,26 @@ async def job_events(request: Request) -> Response:
         await feed.close()
         raise
 
+    draining: asyncio.Event = request.app.state.draining
+
+    async def next_item() -> Outgoing | None:
+        """The next item, None for a keep-alive; raises SlowConsumer, or Draining at shutdown."""
+        waiting = asyncio.ensure_future(feed.next(timeout_s=services.settings.sse_keepalive_s))
+        stopping = asyncio.ensure_future(draining.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(stopping)
+        if not waiting.done():
+            await cancel_and_wait(waiting)
+            raise _Draining
+        return waiting.result()
+
     async def stream() -> AsyncIterator[str]:
         try:
             yield "retry: 1000\n\n"
             while True:
-                item = await feed.next(timeout_s=services.settings.sse_keepalive_s)
+                item = await next_item()
                 if item is None:
                     yield ": keep-alive\n\n"
                     continue
@@ -55,7 +77,7 @@ async def job_events(request: Request) -> Response:
                 yield f"{seq}event: {item.type}\ndata: {item.text}\n\n"
                 if item.terminal:
                     return
-        except SlowConsumer:
+        except (SlowConsumer, _Draining):
             return  # the client reconnects with Last-Event-ID and resumes
         finally:
             await feed.close()

@@ -133,7 +133,7 @@ class Database:
             INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version,
                               queue_expires_at, idempotency_key, request_hash)
             VALUES ($1, $2, $3, $4, $5, $6, $7,
-                    CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END, $9, $10)
+                    CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END, $9, $10)
             ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *
             """,

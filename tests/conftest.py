@@ -24,19 +24,19 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline
 from gpu_worker.tiny_model import ensure
 from gpu_worker.worker import create_worker
-from server.app import create_app
+from server.app import Server, create_app
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.settings import DATA_DIR, ROOT, Settings
 
 TEMPLATE_DB = "stepcast_template"
+PROBLEM = "application/problem+json"
 
 for name in [n for n in os.environ if n.startswith("STEPCAST_")]:
     del os.environ[name]  # tests configure themselves; a developer's environment must not leak in
@@ -164,13 +164,10 @@ class Stack:
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
     """Start the real app under uvicorn on the settings' port; returns its base URL."""
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    servers: list[tuple[Server, asyncio.Task[None]]] = []
 
     async def start(settings: Settings) -> str:
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
-        )
-        server = uvicorn.Server(config)
+        server = Server(create_app(settings), settings)
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
@@ -263,6 +260,29 @@ async def run_worker(pipeline: Pipeline) -> AsyncIterator[Callable[..., Awaitabl
     for worker, task in workers:
         await worker.close()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, serve: Callable[[Settings], Awaitable[str]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A REST client of a real server with no worker."""
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        yield client
+
+
+def assert_problem(
+    response: httpx.Response, status: int, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A problem+json answer with this status (and these field errors)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert {"type", "title", "status", "detail"} <= set(body)
+    assert body["status"] == status
+    if fields:
+        assert {e["field"]: e["message"] for e in body["errors"]} == fields
+    return body
 
 
 @pytest.fixture

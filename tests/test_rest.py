@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
@@ -12,28 +11,7 @@ from redis.asyncio import Redis
 
 from stepcast.events import EventLog
 from stepcast.settings import Settings
-
-PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-async def client(settings: Settings, serve: Callable[[Settings], Awaitable[str]]) -> Any:
-    base_url = await serve(settings)
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        yield client
-
-
-def assert_problem(
-    response: httpx.Response, status: int, fields: dict[str, str] | None = None
-) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = response.json()
-    assert {"type", "title", "status", "detail"} <= set(body)
-    assert body["status"] == status
-    if fields:
-        assert {e["field"]: e["message"] for e in body["errors"]} == fields
-    return body
+from tests.conftest import assert_problem
 
 
 async def test_submit_returns_202_location_and_the_pending_job(client: httpx.AsyncClient) -> None:

@@ -1,0 +1,135 @@
+"""Admission of new work: idempotency keys (REST header and WS field) and
+backpressure (a full queue answers 429 with Retry-After)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from redis.asyncio import Redis
+
+from stepcast.db import Database
+from stepcast.events import EventLog
+from stepcast.settings import Settings
+from tests.conftest import assert_problem
+
+FOX = {"prompt": "a red fox", "steps": 5}
+
+
+async def job_count(settings: Settings) -> int:
+    db = await Database.connect(settings.database_url, max_size=1)
+    try:
+        return int(await db.pool.fetchval("SELECT count(*) FROM jobs"))
+    finally:
+        await db.close()
+
+
+def ws_url(client: httpx.AsyncClient) -> str:
+    return str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+
+
+async def ws_submit(client: httpx.AsyncClient, message: dict[str, Any]) -> dict[str, Any]:
+    """Send one submit over a fresh socket; the first frame that answers it."""
+    async with websockets.connect(ws_url(client)) as ws:
+        await ws.send(json.dumps({"type": "submit", "request_id": "r", **message}))
+        while True:
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] in {"accepted", "error"}:
+                return frame
+
+
+async def test_a_repeated_key_returns_the_first_job(client: httpx.AsyncClient, settings: Settings) -> None:
+    headers = {"Idempotency-Key": "order-1234"}
+    first = await client.post("/v1/jobs", json=FOX, headers=headers)
+    again = await client.post("/v1/jobs", json=FOX, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == first.headers["location"]
+    assert "idempotent-replayed" not in first.headers and again.headers["idempotent-replayed"] == "true"
+    # The random seed was drawn once: the replay is the same job, seed included.
+    assert again.json()["params"]["seed"] == first.json()["params"]["seed"]
+    other = await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": "order-1235"})
+    assert other.json()["id"] != first.json()["id"]
+    assert await job_count(settings) == 2
+    redis = Redis.from_url(settings.redis_url)
+    events = await EventLog(redis, stream_max=100, ttl_s=60).read(first.json()["id"])
+    await redis.aclose()
+    assert [e["type"] for e in events] == ["queued"]  # announced and enqueued once
+
+
+async def test_concurrent_duplicates_make_one_job(client: httpx.AsyncClient, settings: Settings) -> None:
+    headers = {"Idempotency-Key": "burst"}
+    responses = await asyncio.gather(*(client.post("/v1/jobs", json=FOX, headers=headers) for _ in range(12)))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+    assert await job_count(settings) == 1
+
+
+async def test_a_key_reused_with_other_params_is_refused(client: httpx.AsyncClient) -> None:
+    headers = {"Idempotency-Key": "k1"}
+    assert (await client.post("/v1/jobs", json=FOX, headers=headers)).status_code == 202
+    changed = await client.post("/v1/jobs", json={**FOX, "steps": 6}, headers=headers)
+    body = assert_problem(changed, 409)
+    assert body["type"].endswith("idempotency_key_reused") and "different parameters" in body["detail"]
+    # Defaults filled in count as asked: steps 20 spelled out is the same request as no steps.
+    headers = {"Idempotency-Key": "k2"}
+    plain = await client.post("/v1/jobs", json={"prompt": "p"}, headers=headers)
+    spelled = await client.post("/v1/jobs", json={"prompt": "p", "steps": 20}, headers=headers)
+    assert spelled.json()["id"] == plain.json()["id"]
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "tab\there"])
+async def test_a_malformed_key_is_named(client: httpx.AsyncClient, key: str) -> None:
+    response = await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": key})
+    message = "Idempotency-Key must be 1 to 255 visible characters without spaces"
+    assert_problem(response, 422, {"Idempotency-Key": message})
+
+
+async def test_websocket_idempotency_shares_keys_with_rest(client: httpx.AsyncClient) -> None:
+    message = {"params": FOX, "idempotency_key": "ws-1"}
+    first = await ws_submit(client, message)
+    again = await ws_submit(client, message)
+    assert first["type"] == again["type"] == "accepted"
+    assert again["job_id"] == first["job_id"] and again["replayed"] is True and "replayed" not in first
+    rest = await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": "ws-1"})
+    assert rest.json()["id"] == first["job_id"]
+    refused = await ws_submit(client, {"params": {**FOX, "prompt": "a blue fox"}, "idempotency_key": "ws-1"})
+    assert refused["type"] == "error" and refused["code"] == "idempotency_key_reused"
+    bad = await ws_submit(client, {"params": FOX, "idempotency_key": 7})
+    assert bad["code"] == "invalid_params" and bad["field"] == "idempotency_key"
+
+
+@pytest.mark.parametrize("settings", [{"max_queue_depth_per_owner": 2}], indirect=True)
+async def test_a_full_queue_answers_429_with_retry_after(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    accepted = [
+        await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": f"k{i}"}) for i in range(2)
+    ]
+    assert [r.status_code for r in accepted] == [202, 202]
+    refused = await client.post("/v1/jobs", json=FOX)
+    body = assert_problem(refused, 429)
+    assert body["type"].endswith("queue_full") and "2 jobs waiting" in body["detail"]
+    assert int(refused.headers["retry-after"]) >= 1
+    # A repeat of accepted work is not new work: it is answered, not refused.
+    replay = await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": "k0"})
+    assert replay.status_code == 202 and replay.json()["id"] == accepted[0].json()["id"]
+    frame = await ws_submit(client, {"params": FOX})
+    assert frame["type"] == "error" and frame["code"] == "queue_full" and frame["retry_after_s"] >= 1
+    assert await job_count(settings) == 2
+    # Room again once a job leaves the queue.
+    await client.post(f"/v1/jobs/{accepted[0].json()['id']}/cancel")
+    assert (await client.post("/v1/jobs", json=FOX)).status_code == 202
+
+
+@pytest.mark.parametrize("settings", [{"max_queue_depth": 3}], indirect=True)
+async def test_the_global_queue_depth_is_enforced(client: httpx.AsyncClient) -> None:
+    statuses = [(await client.post("/v1/jobs", json=FOX)).status_code for _ in range(4)]
+    assert statuses == [202, 202, 202, 429]
+    refused = await client.post("/v1/jobs", json=FOX)
+    assert "the queue holds 3 jobs" in refused.json()["detail"]
