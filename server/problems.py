@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepcast.errors import StepcastError, TooManyRequests
+from stepcast.db import TRANSIENT_ERRORS
+from stepcast.errors import StepcastError, TooManyRequests, Unavailable
+
+logger = logging.getLogger(__name__)
 
 PROBLEM_TYPE = "urn:stepcast:problem:"
 
@@ -47,4 +53,15 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-EXCEPTION_HANDLERS = {StepcastError: stepcast_error, HTTPException: http_error}
+async def backend_unavailable(request: Request, exc: Exception) -> Response:
+    """Postgres or Redis unreachable (a restart, a failover): 503 and when to try again."""
+    logger.warning("%s %s: backend unavailable: %r", request.method, request.url.path, exc)
+    error = Unavailable("a backing service is unavailable for a moment; try again")
+    return problem(error.status, error.code, error.title, error.detail, headers={"Retry-After": "1"})
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    StepcastError: stepcast_error,
+    HTTPException: http_error,
+    **{kind: backend_unavailable for kind in (*TRANSIENT_ERRORS, RedisConnectionError, RedisTimeoutError)},
+}
