@@ -12,6 +12,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
@@ -26,6 +27,15 @@ async def events_of(settings: Settings, job_id: str) -> list[dict[str, Any]]:
         return await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)
     finally:
         await redis.aclose()
+
+
+async def job_row(settings: Settings, job_id: str) -> Any:
+    """The job's final row in Postgres, where the truth is."""
+    db = await Database.connect(settings.database_url, max_size=1)
+    try:
+        return await db.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+    finally:
+        await db.close()
 
 
 async def wait_for(
@@ -74,6 +84,9 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
     assert requeued["attempt"] == 2 and requeued["reason"] == "lease_expired"
     assert [e["attempt"] for e in events if e["type"] == "started"] == [1, 2]
     assert job["last_seq"] == seqs[-1]
+    row = await job_row(settings, job_id)
+    assert (row["status"], row["attempt"], row["handoffs"], row["last_seq"]) == ("completed", 2, 0, seqs[-1])
+    assert row["lease_expires_at"] is None and len(row["result"]["images"]) == 1
 
 
 @pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "max_attempts": 1}], indirect=True)
@@ -89,6 +102,8 @@ async def test_after_max_attempts_the_job_fails_saying_why(
     assert job["error"]["code"] == "worker_lost" and "1 attempts" in job["error"]["message"]
     last = (await events_of(settings, job_id))[-1]
     assert last["type"] == "failed" and last["seq"] == job["last_seq"] and last["error"] == job["error"]
+    row = await job_row(settings, job_id)
+    assert (row["status"], row["error_code"], row["attempt"]) == ("failed", "worker_lost", 1)
 
 
 @pytest.mark.parametrize("settings", [FAST_RECOVERY], indirect=True)
@@ -105,3 +120,5 @@ async def test_a_job_the_queue_lost_is_enqueued_again(
         await run_worker(settings)
         job = await wait_for(client, job_id, lambda job: job["status"] == "completed")
     assert job["attempt"] == 1 and job["result"]["images"]
+    row = await job_row(settings, job_id)
+    assert (row["status"], row["attempt"]) == ("completed", 1)

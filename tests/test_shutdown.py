@@ -16,10 +16,9 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from stepcast.db import Database
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
-from tests.test_recovery import events_of, wait_for
+from tests.test_recovery import events_of, job_row, wait_for
 
 LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}  # ~7 s here
 SHORT_JOB = {"prompt": "a short night", "steps": 40, "width": 256, "height": 256}  # ~2 s here
@@ -36,14 +35,6 @@ def terminate(child: StepcastProcess) -> None:
 async def exit_code(child: StepcastProcess, timeout_s: float) -> int:
     assert child.process is not None
     return await asyncio.to_thread(child.process.wait, timeout_s)
-
-
-async def job_row(settings: Settings, job_id: str) -> Any:
-    db = await Database.connect(settings.database_url, max_size=1)
-    try:
-        return await db.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
-    finally:
-        await db.close()
 
 
 @pytest.mark.parametrize("settings", [{"shutdown_grace_s": 60}], indirect=True)
