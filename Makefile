@@ -25,6 +25,7 @@ check: venv
 bench: deps venv
 	$(PY) -m bench.previews
 	$(PY) -m bench.ws_fanout --clients 100 1000
+	$(PY) -m bench.soak --jobs 1000 --kill-every 3
 
 tiny-model: venv
 	$(VENV)/bin/stepcast tiny-model

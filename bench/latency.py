@@ -20,11 +20,6 @@ import websockets
 from bench import stack
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def measure(ws_url: str, jobs: int, params: dict[str, Any]) -> dict[str, Any]:
     to_start, to_done, run = [], [], []
     async with websockets.connect(ws_url, max_size=2**22) as ws:
@@ -44,16 +39,13 @@ async def measure(ws_url: str, jobs: int, params: dict[str, Any]) -> dict[str, A
                     raise RuntimeError(message)
     overhead = [done - worker for done, worker in zip(to_done, run, strict=True)]
 
-    def summary(values: list[float]) -> dict[str, float]:
-        return {"p50": round(percentile(values, 0.5), 2), "p99": round(percentile(values, 0.99), 2)}
-
     return {
         "jobs": jobs,
         **params,
-        "submit_to_started_ms": summary(to_start),
-        "submit_to_completed_ms": summary(to_done),
-        "worker_run_ms": summary(run),
-        "end_to_end_minus_run_ms": summary(overhead),
+        "submit_to_started_ms": stack.summary(to_start),
+        "submit_to_completed_ms": stack.summary(to_done),
+        "worker_run_ms": stack.summary(run),
+        "end_to_end_minus_run_ms": stack.summary(overhead),
     }
 
 
@@ -68,9 +60,7 @@ def main() -> None:
     ):
         stack.warm_up(running.http_url, 3, params)
         result = asyncio.run(measure(running.ws_url, args.jobs, params))
-    print(json.dumps(result))
-    stack.BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    (stack.BENCH_DIR / "latency.json").write_text(json.dumps(result, indent=2))
+    stack.write_result("latency", result)
 
 
 if __name__ == "__main__":

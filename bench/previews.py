@@ -6,14 +6,13 @@ linear latent->RGB projection and WebP encoding off it.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import torch
 
+from bench import stack
 from gpu_worker.runner import encode_preview
-from stepcast.settings import DATA_DIR
 
 REPEATS = 200
 
@@ -42,9 +41,7 @@ def main() -> None:
             "data_url_bytes": size,
         }
         results.append(result)
-        print(json.dumps(result))
-    (DATA_DIR / "bench").mkdir(parents=True, exist_ok=True)
-    (DATA_DIR / "bench" / "previews.json").write_text(json.dumps(results, indent=2))
+    stack.write_result("previews", results)
 
 
 if __name__ == "__main__":

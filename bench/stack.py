@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from stepcast.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
@@ -24,7 +24,16 @@ class Running:
     http_url: str
     ws_url: str
     redis_url: str
+    database_url: str
     server_pid: int
+    workers: list[subprocess.Popen[bytes]]
+    start_worker: Callable[[], subprocess.Popen[bytes]]
+
+    def replace_worker(self, index: int) -> None:
+        """SIGKILL worker ``index`` (no goodbye: its lease just stops) and start a new one."""
+        self.workers[index].kill()
+        self.workers[index].wait(30)
+        self.workers[index] = self.start_worker()
 
 
 @contextlib.contextmanager
@@ -56,24 +65,52 @@ def stepcast(
     }
     log_path = BENCH_DIR / name / "processes.log"
     with open(log_path, "ab") as log:
+
+        def start_worker() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "gpu_worker.worker"], env=settings, cwd=ROOT, stdout=log, stderr=log
+            )
+
         server = subprocess.Popen(
             [sys.executable, "-m", "server.app"], env=settings, cwd=ROOT, stdout=log, stderr=log
         )
-        fleet = [
-            subprocess.Popen(
-                [sys.executable, "-m", "gpu_worker.worker"], env=settings, cwd=ROOT, stdout=log, stderr=log
-            )
-            for _ in range(workers)
-        ]
+        fleet = [start_worker() for _ in range(workers)]
         try:
             wait_for_port(port, server, 30, log_path)
             urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
-            yield Running(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws", redis.url(), server.pid)
+            yield Running(
+                http_url=f"http://127.0.0.1:{port}",
+                ws_url=f"ws://127.0.0.1:{port}/v1/ws",
+                redis_url=redis.url(),
+                database_url=postgres.dsn(database),
+                server_pid=server.pid,
+                workers=fleet,
+                start_worker=start_worker,
+            )
         finally:
             for process in [server, *fleet]:
                 process.terminate()
             for process in [server, *fleet]:
                 process.wait(30)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(values: list[float], digits: int = 2) -> dict[str, float] | None:
+    """p50 and p99 of the values (None for none)."""
+    if not values:
+        return None
+    return {"p50": round(percentile(values, 0.5), digits), "p99": round(percentile(values, 0.99), digits)}
+
+
+def write_result(name: str, result: object) -> None:
+    """Print the figures and keep them in .data/bench/<name>.json."""
+    print(json.dumps(result))
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    (BENCH_DIR / f"{name}.json").write_text(json.dumps(result, indent=2))
 
 
 def warm_up(http_url: str, jobs: int, params: Mapping[str, object], timeout_s: float = 120) -> None:

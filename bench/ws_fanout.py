@@ -35,11 +35,6 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, steps: int) -> dict[str, Any]:
     published: dict[tuple[str, int], float] = {}
     received: dict[tuple[str, int], float] = {}
@@ -96,12 +91,12 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
         "steps_per_job": steps,
         "events_received": len(received),
         "events_published": len(published),
-        "latency_ms_p50": round(percentile(latencies_ms, 0.50), 3),
-        "latency_ms_p99": round(percentile(latencies_ms, 0.99), 3),
+        "latency_ms_p50": round(stack.percentile(latencies_ms, 0.50), 3),
+        "latency_ms_p99": round(stack.percentile(latencies_ms, 0.99), 3),
         "latency_ms_max": round(max(latencies_ms), 3),
         "latency_ms_mean": round(statistics.fmean(latencies_ms), 3),
         "latency_ms_p99_by_type": {
-            kind: round(percentile(v, 0.99), 2) for kind, v in sorted(by_type.items())
+            kind: round(stack.percentile(v, 0.99), 2) for kind, v in sorted(by_type.items())
         },
         "server_rss_kib_before": rss_before,
         "server_rss_kib_idle_sockets": rss_idle,

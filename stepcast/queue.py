@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import socket
 import uuid
+from datetime import datetime, timedelta
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 
 TASK_NAME = "run_job"
+# How long arq keeps a job key; Postgres and the recovery pass outlive it.
+ARQ_EXPIRY = timedelta(days=1)
 KEEPALIVE = {socket.TCP_KEEPIDLE: 30, socket.TCP_KEEPINTVL: 10, socket.TCP_KEEPCNT: 3}
 
 
@@ -29,7 +32,21 @@ def connect(redis_url: str) -> ArqRedis:
     return ArqRedis(pool)
 
 
-async def enqueue(arq: ArqRedis, job_id: uuid.UUID, queue_name: str) -> bool:
-    """Queue the job; False if arq already holds it."""
-    job = await arq.enqueue_job(TASK_NAME, str(job_id), _job_id=str(job_id), _queue_name=queue_name)
+async def enqueue(
+    arq: ArqRedis, job_id: uuid.UUID, queue_name: str, *, place: datetime | None = None
+) -> bool:
+    """Queue the job; False if arq already holds it.
+
+    arq orders its queue by score, the enqueue time by default; ``place`` (a
+    job's creation time) puts a job enqueued again back where it was, ahead of
+    the jobs that came after it, rather than at the end.
+    """
+    job = await arq.enqueue_job(
+        TASK_NAME,
+        str(job_id),
+        _job_id=str(job_id),
+        _queue_name=queue_name,
+        _defer_until=place,
+        _expires=ARQ_EXPIRY if place is not None else None,
+    )
     return job is not None
