@@ -17,6 +17,7 @@ from playwright.async_api import Browser, Page, WebSocket, async_playwright, exp
 from gpu_worker.pipeline import DiffusersPipeline
 from stepcast.settings import DATA_DIR, Settings
 from tests.conftest import Stack, StepcastProcess
+from tests.test_recovery import job_row
 
 SHOTS = DATA_DIR / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -200,8 +201,11 @@ async def test_server_restart_mid_job_resumes_without_losing_a_step(
     await expect(page.locator("#connection")).to_have_text("Live", timeout=SLOW_MS)
     await expect(card.locator(".state")).to_have_text(re.compile("^Done"), timeout=SLOW_MS)
     await expect(bar).to_have_attribute("aria-valuenow", "150")
-    assert_no_gap_no_duplicate([f for f in frames if f.get("job_id")])
+    job_frames_seen = [f for f in frames if f.get("job_id")]
+    assert_no_gap_no_duplicate(job_frames_seen)
     await shot(page, "8-resumed")
+    row = await job_row(settings, job_frames_seen[0]["job_id"])
+    assert (row["status"], row["attempt"], row["progress_step"]) == ("completed", 1, 150)
 
 
 async def test_phone_width_and_labels(stack: Stack, browser: Browser) -> None:
