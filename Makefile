@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-# Postgres and Redis servers, and Chromium for the page tests, from apt when missing.
+# Postgres and Redis servers, Chromium for the page tests and docker-compose to
+# validate compose.yaml, from apt when missing.
 deps:
 	@if ! command -v redis-server >/dev/null; then \
 		echo "installing redis-server (apt)"; \
@@ -48,6 +49,10 @@ deps:
 	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing postgresql (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+	@if ! command -v docker-compose >/dev/null; then \
+		echo "installing docker-compose to validate compose.yaml (apt)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	fi
 	@if ! command -v chromium >/dev/null; then \
 		echo "installing chromium for the page tests (apt)"; \

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 from redis.exceptions import RedisError
 
+from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, preview_image
 from stepcast.db import Database, retrying
 from stepcast.events import EventLog
@@ -81,6 +82,7 @@ class JobRunner:
         storage: Storage,
         pipeline: Pipeline,
         worker_id: str,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -88,6 +90,7 @@ class JobRunner:
         self.storage = storage
         self.pipeline = pipeline
         self.worker_id = worker_id
+        self.metrics = metrics or WorkerMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._active: dict[uuid.UUID, _Active] = {}
 
@@ -121,9 +124,11 @@ class JobRunner:
             return
         active = _Active(job, last_seq=job.last_seq)
         self._active[job.id] = active
+        self.metrics.busy.set(1)
         try:
             await self._execute(active)
         finally:
+            self.metrics.busy.set(0)
             del self._active[job.id]
 
     async def _execute(self, active: _Active) -> None:
@@ -147,6 +152,7 @@ class JobRunner:
         generation: Generation | None = None
         error: BaseException | None = None
         shutting_down = False
+        pipeline_started = time.perf_counter()
         try:
             future = loop.run_in_executor(
                 self._executor, self.pipeline.generate, params, on_step, active.stop.is_set
@@ -166,6 +172,7 @@ class JobRunner:
             error = exc
             logger.exception("pipeline failed", extra=log)
         finally:
+            self.metrics.pipeline_seconds.inc(time.perf_counter() - pipeline_started)
             steps.put_nowait(None)
             try:
                 await publisher
@@ -201,6 +208,7 @@ class JobRunner:
         while (item := await steps.get()) is not None:
             step, latents = item
             active.step = step
+            self.metrics.steps.inc()
             elapsed = time.monotonic() - started
             fields: dict[str, Any] = {
                 "step": step,
@@ -292,6 +300,7 @@ class JobRunner:
             await self._cancel(active)
             return
         logger.info("job handed back to the queue (shutdown)", extra=log)
+        self.metrics.jobs.labels("handed_back").inc()
         await self._emit(active, "requeued", {"attempt": job.attempt + 1, "reason": "worker_shutdown"})
 
     async def _cancel(self, active: _Active) -> None:
@@ -331,6 +340,11 @@ class JobRunner:
                 return
             done = current
         logger.info("job %s", event_type, extra={"job_id": str(job.id), "attempt": job.attempt})
+        self.metrics.jobs.labels(event_type).inc()
+        if done.run_s is not None:
+            self.metrics.run_seconds.observe(done.run_s)
+        if done.queue_s is not None:
+            self.metrics.queue_seconds.observe(done.queue_s)
         # The outcome is recorded; retry its publication so live watchers hear of it.
         await self._emit(active, event_type, await fields(done), seq=seq, attempts=TERMINAL_EMIT_ATTEMPTS)
 

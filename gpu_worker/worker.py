@@ -24,9 +24,10 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner
-from stepcast import logs
+from stepcast import liveness, logs
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
@@ -110,14 +111,19 @@ def create_worker(
         storage = await stack.enter_async_context(open_storage(settings))
         loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
         events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
-        runner = JobRunner(settings, db, events, storage, loaded, worker_id)
+        metrics = WorkerMetrics()
+        runner = JobRunner(settings, db, events, storage, loaded, worker_id, metrics)
+        metrics.serve(settings)
         stack.callback(runner.close)
         ctx["runner"] = runner
-        for background in (
+        background_tasks = [
             _listen_for_cancels(runner, ctx),
             Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
             Retention.from_settings(settings, db, storage).run(),
-        ):
+        ]
+        if settings.worker_alive_file is not None:
+            background_tasks.append(liveness.keep_alive(settings.worker_alive_file, settings.heartbeat_s))
+        for background in background_tasks:
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
         logger.info("worker ready", extra={"worker": worker_id, "queue": settings.queue_name})
 

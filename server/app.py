@@ -10,10 +10,14 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import rest, sse, ws
+from server import openapi, rest, sse, ws
+from server.metrics import ServerMetrics
+from server.metrics import endpoint as metrics_endpoint
+from server.middleware import RequestContext
 from server.problems import EXCEPTION_HANDLERS
 from server.services import Services
 from stepcast import logs
@@ -26,19 +30,28 @@ WEB_DIR = ROOT / "web"
 
 
 def create_app(settings: Settings) -> Starlette:
+    metrics = ServerMetrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        async with Services.open(settings) as services:
+        async with Services.open(settings, metrics) as services:
             logger.info("server ready", extra={"host": settings.host, "port": settings.port})
             yield {"services": services}
 
     routes = [
         *rest.routes,
         Route("/v1/jobs/{job_id}/events", sse.job_events, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint, methods=["GET"]),
         WebSocketRoute("/v1/ws", ws.endpoint),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(RequestContext)],
+    )
     # Set when the server starts shutting down: long-lived streams end then.
     app.state.draining = asyncio.Event()
     return app

@@ -23,13 +23,14 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, job_channel, owner_channel
 from stepcast.jobs import Job
+from stepcast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -65,8 +66,9 @@ class _Watch:
 class Outbox:
     """Messages waiting for one client, bounded; the oldest ``progress`` goes first when full."""
 
-    def __init__(self, max_buffer: int) -> None:
+    def __init__(self, max_buffer: int, on_drop: Callable[[], object] | None = None) -> None:
         self.max_buffer = max_buffer
+        self.on_drop = on_drop
         self.dropped = 0
         self._queue: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
@@ -78,6 +80,8 @@ class Outbox:
                 if queued.type == "progress":
                     del self._queue[index]
                     self.dropped += 1
+                    if self.on_drop is not None:
+                        self.on_drop()
                     break
             else:
                 self._overflow = True
@@ -104,7 +108,7 @@ class Feed:
         self.services = services
         self.hub = services.hub
         self.owner = owner
-        self.outbox = Outbox(max_buffer)
+        self.outbox = Outbox(max_buffer, on_drop=services.metrics.events_dropped.inc)
         self.mine = False
         self._watches: dict[str, _Watch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -118,6 +122,19 @@ class Feed:
 
     async def next(self, timeout_s: float | None = None) -> Outgoing | None:
         return await self.outbox.next(timeout_s)
+
+    async def next_unless(self, stop: asyncio.Event, timeout_s: float | None = None) -> Outgoing | None:
+        """:meth:`next`, but None at once when ``stop`` is set (the server is shutting down)."""
+        waiting = asyncio.ensure_future(self.next(timeout_s))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(stopping)
+        if not waiting.done():
+            await cancel_and_wait(waiting)
+            return None
+        return waiting.result()
 
     # -- watching -----------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mimetypes
+import time
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.auth import owner_of
+from server.feed import Feed, SlowConsumer
 from server.services import Services
 from stepcast.errors import (
     FieldError,
@@ -23,7 +25,7 @@ from stepcast.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from stepcast.jobs import Status, timestamp
+from stepcast.jobs import Job, Status, timestamp
 from stepcast.params import (
     MAX_GUIDANCE,
     MAX_SEED,
@@ -36,6 +38,7 @@ from stepcast.storage.local import URL_PREFIX
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 100
+MAX_WAIT_S = 60  # Prefer: wait — below the patience of the usual gateway (60-100 s)
 # How long a poller should wait before asking again about an unfinished job.
 RETRY_AFTER_S = {Status.PENDING: "2", Status.PROCESSING: "1"}
 
@@ -67,15 +70,57 @@ async def _json_body(request: Request) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
+def _prefer_wait(request: Request) -> int | None:
+    """``Prefer: wait=N`` (RFC 7240): seconds to hold the answer; other preferences are ignored."""
+    for preference in request.headers.get("prefer", "").split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value.isdigit() or int(value) > MAX_WAIT_S:
+            message = f"wait must be a whole number of seconds from 0 to {MAX_WAIT_S}"
+            raise InvalidParams.one("Prefer", message)
+        return int(value)
+    return None
+
+
+async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
+    """The job once it is finished, or as it stands after ``wait_s`` (or at shutdown)."""
+    services = _services(request)
+    feed = Feed(services, job.owner, max_buffer=services.settings.feed_buffer_max)
+    draining: asyncio.Event = request.app.state.draining
+    deadline = time.monotonic() + wait_s
+    try:
+        await feed.watch(job.id, 0)
+        while (left := deadline - time.monotonic()) > 0:
+            item = await feed.next_unless(draining, left)
+            if item is None or item.terminal:
+                break
+    except SlowConsumer:
+        pass  # only progress piles up here; the row below says where the job is
+    finally:
+        await feed.close()
+    return await services.get(job.owner, job.id)
+
+
 async def create_job(request: Request) -> Response:
+    """202 with the pending job; with ``Prefer: wait=N``, 201 with the finished job if it
+    finishes within N seconds."""
     services = _services(request)
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
+    wait_s = _prefer_wait(request)
     submission = parse_body(await _json_body(request), services.settings)
     job, created = await services.submit(owner_of(request), submission, idempotency_key=key)
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(await services.render(job), status_code=202, headers=headers)
+    status = 202
+    if wait_s is not None:
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        if not job.status.terminal:
+            job = await _outcome(request, job, wait_s)
+        status = 201 if job.status.terminal else 202
+    return JSONResponse(await services.render(job), status_code=status, headers=headers)
 
 
 async def get_job(request: Request) -> Response:

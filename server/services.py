@@ -16,6 +16,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from server.hub import Hub
+from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
 from stepcast.db import Database
@@ -40,10 +41,11 @@ class Services:
     events: EventLog
     storage: Storage
     hub: Hub
+    metrics: ServerMetrics
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Services]:
+    async def open(cls, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[Services]:
         async with contextlib.AsyncExitStack() as stack:
             db = await Database.connect(settings.database_url, max_size=settings.database_pool_max)
             stack.push_async_callback(db.close)
@@ -55,7 +57,7 @@ class Services:
             hub = Hub(redis)
             await hub.start()
             stack.push_async_callback(hub.stop)
-            services = cls(settings, db, redis, events, storage, hub)
+            services = cls(settings, db, redis, events, storage, hub, metrics)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
@@ -107,6 +109,7 @@ class Services:
             # once Redis is back.
             logger.exception("enqueue failed; job left pending", extra=log)
         logger.info("job accepted", extra=log)
+        self.metrics.jobs_submitted.inc()
         return job, True
 
     @staticmethod

@@ -17,14 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.auth import owner_of
-from server.feed import Feed, Outgoing, SlowConsumer
+from server.feed import Feed, SlowConsumer
 from server.services import Services
 from stepcast.errors import InvalidParams, NotFound
-from stepcast.tasks import cancel_and_wait
-
-
-class _Draining(Exception):
-    """The server is shutting down."""
 
 
 def _after_seq(request: Request) -> int | None:
@@ -52,34 +47,31 @@ async def job_events(request: Request) -> Response:
 
     draining: asyncio.Event = request.app.state.draining
 
-    async def next_item() -> Outgoing | None:
-        """The next item, None for a keep-alive; raises SlowConsumer, or Draining at shutdown."""
-        waiting = asyncio.ensure_future(feed.next(timeout_s=services.settings.sse_keepalive_s))
-        stopping = asyncio.ensure_future(draining.wait())
-        try:
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_and_wait(stopping)
-        if not waiting.done():
-            await cancel_and_wait(waiting)
-            raise _Draining
-        return waiting.result()
+    metrics = services.metrics
+    sent = metrics.events_sent.labels("sse")
 
     async def stream() -> AsyncIterator[str]:
+        metrics.sse_streams.inc()
         try:
             yield "retry: 1000\n\n"
             while True:
-                item = await next_item()
+                item = await feed.next_unless(draining, services.settings.sse_keepalive_s)
+                if draining.is_set():
+                    return  # the client reconnects (elsewhere) with Last-Event-ID and resumes
                 if item is None:
                     yield ": keep-alive\n\n"
                     continue
                 seq = f"id: {item.seq}\n" if item.seq is not None else ""
                 yield f"{seq}event: {item.type}\ndata: {item.text}\n\n"
+                if item.seq is not None:
+                    sent.inc()
                 if item.terminal:
                     return
-        except (SlowConsumer, _Draining):
+        except SlowConsumer:
+            metrics.slow_clients.inc()
             return  # the client reconnects with Last-Event-ID and resumes
         finally:
+            metrics.sse_streams.dec()
             await feed.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

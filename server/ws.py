@@ -110,21 +110,28 @@ class Connection:
 
     async def serve(self) -> None:
         await self.websocket.accept()
+        metrics = self.services.metrics
+        metrics.sockets.inc()
         writer = asyncio.create_task(self._write())
         try:
             await self._read()
         finally:
+            metrics.sockets.dec()
             await self.feed.close()
             await cancel_and_wait(writer)
 
     async def _write(self) -> None:
+        sent = self.services.metrics.events_sent.labels("websocket")
         try:
             while True:
                 item = await self.feed.next()
                 if item is not None:
                     await self.websocket.send_text(item.text)
+                    if item.seq is not None:
+                        sent.inc()
         except SlowConsumer:
             logger.warning("closing a connection that does not keep up", extra={"owner": self.owner})
+            self.services.metrics.slow_clients.inc()
             await self._close(CLOSE_TRY_AGAIN, "too slow: reconnect and resume with after_seq")
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the reader sees the disconnect too

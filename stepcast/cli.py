@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from stepcast import logs
+from stepcast import console, liveness, logs
 from stepcast import settings as settings_module
 from stepcast.settings import Settings
 
@@ -30,11 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply schema.sql to the configured database")
     tiny = commands.add_parser("tiny-model", help="build the tiny random-weight model")
     tiny.add_argument("--force", action="store_true", help="rebuild even if present")
+    alive = commands.add_parser(
+        "worker-alive", help="exit 0 if the worker's heartbeat is fresh (a liveness probe)"
+    )
+    alive.add_argument("--max-age", type=float, default=30.0, help="seconds (default 30)")
+    console.add_commands(commands)
     args = parser.parse_args(argv)
 
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level)
 
+    if args.command in {"generate", "jobs", "cancel"}:
+        return console.run(args, settings.url)
     if args.command == "run":
         from stepcast.embedded import run
 
@@ -49,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         work()
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
+    elif args.command == "worker-alive":
+        if settings.worker_alive_file is None:
+            sys.exit("stepcast: set STEPCAST_WORKER_ALIVE_FILE (the worker touches it on every heartbeat)")
+        if not liveness.alive(settings.worker_alive_file, args.max_age):
+            sys.exit(f"stepcast: no heartbeat in {settings.worker_alive_file} for {args.max_age:g} s")
     elif args.command == "tiny-model":
         from gpu_worker.tiny_model import build, ensure
 

@@ -468,3 +468,15 @@ class Database:
         await self.pool.execute(
             "UPDATE jobs SET images_expired_at = now() WHERE id = $1 AND images_expired_at IS NULL", job_id
         )
+
+    # -- metrics -------------------------------------------------------------
+
+    async def jobs_by_status(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT status::text, count(*) AS n FROM jobs GROUP BY status")
+        return {row["status"]: int(row["n"]) for row in rows}
+
+    async def queue_depths(self) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT queue, count(*) AS n FROM jobs WHERE status = 'pending' GROUP BY queue"
+        )
+        return {row["queue"]: int(row["n"]) for row in rows}

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # Where the server listens (the embedded run prints http://host:port).
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Where the CLI's client commands (generate, jobs, cancel) find a server.
+    url: str = "http://127.0.0.1:8000"
 
     database_url: str = "postgresql://stepcast@127.0.0.1:54329/stepcast"
     database_pool_max: int = Field(10, ge=1)
@@ -77,6 +79,12 @@ class Settings(BaseSettings):
     # How long a worker keeps retrying a Postgres write (a restart, a failover)
     # before leaving the job to its lease and the recovery pass.
     db_retry_s: float = Field(60.0, ge=0)
+    # A file the worker touches on every heartbeat from its event loop;
+    # `stepcast worker-alive` (a container liveness probe) checks its age.
+    worker_alive_file: Path | None = None
+    # Prometheus metrics of a worker (0: not served).
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
     # Recovery: jobs of dead workers go back to the queue, at most max_attempts
     # claims in all; pending jobs the queue lost are enqueued again.
     max_attempts: int = Field(3, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +12,7 @@ from redis.asyncio import Redis
 
 from stepcast.events import EventLog
 from stepcast.settings import Settings
-from tests.conftest import assert_problem
+from tests.conftest import Stack, assert_problem
 
 
 async def test_submit_returns_202_location_and_the_pending_job(client: httpx.AsyncClient) -> None:
@@ -180,3 +181,27 @@ async def test_schema_applies_again_and_concurrently(settings: Settings) -> None
     finally:
         for db in dbs:
             await db.close()
+
+
+async def test_prefer_wait_answers_201_with_the_finished_job(stack: Stack) -> None:
+    response = await stack.client.post(
+        "/v1/jobs", json={"prompt": "a quick fox", "steps": 3}, headers={"Prefer": "respond-async, wait=20"}
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["preference-applied"] == "wait=20"
+    job = response.json()
+    assert job["status"] == "completed" and job["result"]["images"]
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+
+
+async def test_prefer_wait_gives_up_with_the_usual_202(client: httpx.AsyncClient) -> None:
+    started = time.monotonic()
+    response = await client.post("/v1/jobs", json={"prompt": "nobody runs me"}, headers={"Prefer": "wait=1"})
+    assert response.status_code == 202 and response.json()["status"] == "pending"
+    assert 1 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("value", ["wait=61", "wait=-1", "wait=soon", "wait=1.5"])
+async def test_prefer_wait_out_of_range_is_named(client: httpx.AsyncClient, value: str) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "p"}, headers={"Prefer": value})
+    assert_problem(response, 422, {"Prefer": "wait must be a whole number of seconds from 0 to 60"})

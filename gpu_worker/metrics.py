@@ -1,0 +1,39 @@
+"""Prometheus metrics of a worker, on ``STEPCAST_WORKER_METRICS_PORT`` (0: off).
+
+Each worker is its own scrape target (one per GPU): jobs by outcome, run and
+queue-wait histograms, denoising steps (``rate()`` gives steps/s) and seconds
+spent inside the pipeline (``rate()`` gives the GPU's busy fraction).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from stepcast.settings import Settings
+
+# Seconds: from sub-second tiny jobs to minutes-long SDXL batches.
+BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("stepcast_worker_jobs", "Jobs finished by this worker", ["outcome"], registry=r)
+        self.run_seconds = Histogram(
+            "stepcast_job_run_seconds", "Claim to terminal state", buckets=BUCKETS_S, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "stepcast_job_queue_seconds", "Submit to claim", buckets=BUCKETS_S, registry=r
+        )
+        self.steps = Counter("stepcast_worker_steps", "Denoising steps run", registry=r)
+        self.pipeline_seconds = Counter(
+            "stepcast_worker_pipeline_seconds", "Seconds spent inside the model pipeline", registry=r
+        )
+        self.busy = Gauge("stepcast_worker_busy", "1 while a job runs", registry=r)
+
+    def serve(self, settings: Settings) -> None:
+        if settings.worker_metrics_port:
+            start_http_server(
+                settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=self.registry
+            )

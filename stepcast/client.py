@@ -1,0 +1,278 @@
+"""A Python client for a stepcast server: async (:class:`AsyncClient`) and sync (:class:`Client`).
+
+    from stepcast.client import Client
+
+    with Client("http://127.0.0.1:8000") as sc:
+        job = sc.submit("a red fox", steps=20)
+        for event in sc.watch(job.id):          # every step, over the WebSocket
+            print(event.type, event.data.get("step"))
+        done = sc.get(job.id)
+        png = sc.download(done.images[0])
+
+``watch`` resumes by itself: when the socket drops (a server restart, a
+network blip) it reconnects with the last ``seq`` it saw and misses nothing.
+Errors come back as :class:`ApiError` with the server's problem details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+TERMINAL = frozenset({"completed", "failed", "canceled"})
+RECONNECT_MAX_S = 5.0
+
+
+class ApiError(Exception):
+    """The server said no: ``status`` and ``code`` from its problem+json (or error frame)."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, errors: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = errors or []
+
+
+@dataclass(frozen=True)
+class Image:
+    url: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    attempt: int
+    params: dict[str, Any]
+    progress_step: int
+    progress_total: int
+    queue_position: int | None
+    images: list[Image]
+    error: dict[str, str] | None
+    last_seq: int
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Job:
+        result = data.get("result") or {}
+        return cls(
+            id=data["id"],
+            status=data["status"],
+            attempt=data["attempt"],
+            params=data["params"],
+            progress_step=data["progress"]["step"],
+            progress_total=data["progress"]["total"],
+            queue_position=data.get("queue_position"),
+            images=[Image(**image) for image in result.get("images", [])],
+            error=data.get("error"),
+            last_seq=data["last_seq"],
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One job event (``queued``, ``started``, ``progress``…) or a ``snapshot``."""
+
+    type: str
+    job_id: str
+    seq: int | None
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        if self.type == "snapshot":
+            return bool(self.data["job"]["status"] in TERMINAL)
+        return self.type in TERMINAL
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    code = str(body.get("type", "")).rpartition(":")[2] or "http_error"
+    raise ApiError(response.status_code, code, body.get("detail", response.text), body.get("errors"))
+
+
+class AsyncClient:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout_s)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        idempotency_key: str | None = None,
+        preview: dict[str, int] | None = None,
+        wait_s: int | None = None,
+        **params: Any,
+    ) -> Job:
+        """Submit a job; ``wait_s`` (≤ 60) holds the answer until it finishes, if it does by then."""
+        headers = {}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if wait_s is not None:
+            headers["Prefer"] = f"wait={wait_s}"
+        body = {"prompt": prompt, **params, **({"preview": preview} if preview else {})}
+        response = await self.http.post("/v1/jobs", json=body, headers=headers)
+        _raise_for_problem(response)
+        return Job.from_wire(response.json())
+
+    async def get(self, job_id: str) -> Job:
+        response = await self.http.get(f"/v1/jobs/{job_id}")
+        _raise_for_problem(response)
+        return Job.from_wire(response.json())
+
+    async def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> Page:
+        query: dict[str, Any] = {"limit": limit}
+        if status:
+            query["status"] = status
+        if cursor:
+            query["cursor"] = cursor
+        response = await self.http.get("/v1/jobs", params=query)
+        _raise_for_problem(response)
+        body = response.json()
+        return Page([Job.from_wire(item) for item in body["items"]], body["next_cursor"])
+
+    async def cancel(self, job_id: str) -> Job:
+        response = await self.http.post(f"/v1/jobs/{job_id}/cancel")
+        _raise_for_problem(response)
+        return Job.from_wire(response.json())
+
+    async def download(self, image: Image) -> bytes:
+        response = await self.http.get(image.url)  # relative (local storage) or presigned (S3)
+        _raise_for_problem(response)
+        return response.content
+
+    async def watch(self, job_id: str, *, after_seq: int | None = None) -> AsyncGenerator[Event, None]:
+        """The job's events until its terminal one, resuming after every dropped connection."""
+        ws_url = self.base_url.replace("http", "ws", 1) + "/v1/ws"
+        last_seq = after_seq
+        delay_s = 0.2
+        while True:
+            try:
+                async with websockets.connect(ws_url, additional_headers=self.headers, max_size=2**24) as ws:
+                    subscribe: dict[str, Any] = {"type": "subscribe", "job_id": job_id}
+                    if last_seq is not None:
+                        subscribe["after_seq"] = last_seq
+                    await ws.send(json.dumps(subscribe))
+                    delay_s = 0.2
+                    async for raw in ws:
+                        message = json.loads(raw)
+                        if message["type"] == "error":
+                            raise ApiError(400, message["code"], message["message"])
+                        event = Event(
+                            message["type"], message.get("job_id", job_id), message.get("seq"), message
+                        )
+                        if event.type == "snapshot":
+                            last_seq = message["job"]["last_seq"]
+                        elif event.seq is not None:
+                            last_seq = event.seq
+                        yield event
+                        if event.terminal:
+                            return
+            except (ConnectionClosed, OSError, InvalidStatus):
+                # The server went away (restart, deploy, network): come back and resume.
+                await asyncio.sleep(delay_s * (0.5 + random.random()))
+                delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+
+    async def wait(self, job_id: str) -> Job:
+        """The job once it is finished."""
+        async for _ in self.watch(job_id):
+            pass
+        return await self.get(job_id)
+
+
+class Client:
+    """The same calls, blocking; ``watch`` is a plain iterator."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 30) -> None:
+        self._runner = asyncio.Runner()
+        self._async = self._runner.run(_make(base_url, api_key, timeout_s))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runner.run(self._async.close())
+        self._runner.close()
+
+    def submit(self, prompt: str, **kwargs: Any) -> Job:
+        return self._runner.run(self._async.submit(prompt, **kwargs))
+
+    def get(self, job_id: str) -> Job:
+        return self._runner.run(self._async.get(job_id))
+
+    def list(self, **kwargs: Any) -> Page:
+        return self._runner.run(self._async.list(**kwargs))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._runner.run(self._async.cancel(job_id))
+
+    def download(self, image: Image) -> bytes:
+        return self._runner.run(self._async.download(image))
+
+    def wait(self, job_id: str) -> Job:
+        return self._runner.run(self._async.wait(job_id))
+
+    def watch(self, job_id: str, *, after_seq: int | None = None) -> Iterator[Event]:
+        events = self._async.watch(job_id, after_seq=after_seq)
+        try:
+            while True:
+                try:
+                    yield self._runner.run(_next(events))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._runner.run(events.aclose())
+
+
+async def _make(base_url: str, api_key: str | None, timeout_s: float) -> AsyncClient:
+    # httpx binds its pool to the loop it is created on: create it on the runner's.
+    return AsyncClient(base_url, api_key=api_key, timeout_s=timeout_s)
+
+
+async def _next(events: AsyncGenerator[Event, None]) -> Event:
+    return await anext(events)

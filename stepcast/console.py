@@ -1,0 +1,121 @@
+"""The CLI's client commands: ``generate`` with a live progress bar, ``jobs``, ``cancel``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stepcast.client import ApiError, Client, Job
+from stepcast.jobs import Status
+
+PARAM_OPTIONS = {
+    "steps": int,
+    "width": int,
+    "height": int,
+    "seed": int,
+    "num_images": int,
+    "guidance_scale": float,
+    "scheduler": str,
+    "negative_prompt": str,
+    "model": str,
+}
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    generate = commands.add_parser("generate", help="generate an image, watching every step")
+    generate.add_argument("prompt")
+    for name, kind in PARAM_OPTIONS.items():
+        generate.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    generate.add_argument(
+        "-o", "--output", type=Path, default=Path("image.png"), help="where to save the PNG"
+    )
+    jobs = commands.add_parser("jobs", help="your recent jobs")
+    jobs.add_argument("--status", choices=[status.value for status in Status])
+    jobs.add_argument("--limit", type=int, default=20)
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+
+
+def run(args: argparse.Namespace, url: str) -> int:
+    err = Console(stderr=True)
+    try:
+        with Client(url) as client:
+            if args.command == "generate":
+                return _generate(client, args, err)
+            if args.command == "jobs":
+                _jobs(client, args)
+            elif args.command == "cancel":
+                job = client.cancel(args.job_id)
+                print(f"{job.id} {job.status}{' (stopping at the next step)' if not job.finished else ''}")
+            return 0
+    except ApiError as exc:
+        err.print(f"[red]error:[/red] {exc.detail}")
+        for problem in exc.errors:
+            err.print(f"  {problem['field']}: {problem['message']}")
+        return 1
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot reach the server at {url}: {exc}")
+        return 1
+
+
+def _outputs(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def _generate(client: Client, args: argparse.Namespace, err: Console) -> int:
+    params = {name: getattr(args, name) for name in PARAM_OPTIONS if getattr(args, name) is not None}
+    job = client.submit(args.prompt, **params)
+    err.print(f"job {job.id} (seed {job.params['seed']})")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("queued", total=job.progress_total)
+            for event in client.watch(job.id):
+                data = event.data
+                if event.type == "queued":
+                    progress.update(task, description=f"queued, number {data['position']}")
+                elif event.type in {"started", "requeued"}:
+                    progress.update(task, description="painting" if event.type == "started" else "requeued")
+                elif event.type == "progress":
+                    progress.update(task, completed=data["step"], description="painting")
+                elif event.type == "snapshot":
+                    progress.update(task, completed=data["job"]["progress"]["step"])
+    except KeyboardInterrupt:
+        client.cancel(job.id)
+        err.print(f"canceled {job.id}")
+        return 130
+    done = client.get(job.id)
+    return _save(client, done, args.output, err)
+
+
+def _save(client: Client, job: Job, output: Path, err: Console) -> int:
+    if job.status != "completed":
+        reason = job.error["message"] if job.error else job.status
+        err.print(f"[red]{job.status}:[/red] {reason}")
+        return 1
+    for image, path in zip(job.images, _outputs(output, len(job.images)), strict=True):
+        path.write_bytes(client.download(image))
+        print(f"{path} ({image.width}x{image.height}, seed {image.seed})")
+    return 0
+
+
+def _jobs(client: Client, args: argparse.Namespace) -> None:
+    table = Table("id", "status", "created", "steps", "size", "prompt")
+    for job in client.list(status=args.status, limit=args.limit).jobs:
+        params = job.params
+        table.add_row(
+            job.id,
+            job.status,
+            job.raw["created_at"][:19].replace("T", " "),
+            f"{job.progress_step}/{job.progress_total}",
+            f"{params['width']}x{params['height']}",
+            params["prompt"][:40],
+        )
+    Console(file=sys.stdout).print(table)

@@ -1,0 +1,59 @@
+"""Every setting is documented with its real default, and a bad one is named at start-up."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stepcast import settings as settings_module
+from stepcast.errors import ConfigError
+from stepcast.settings import DATA_DIR, ROOT, Settings
+
+ROW = re.compile(r"^\| `STEPCAST_(?P<name>[A-Z0-9_]+)` \| (?P<default>[^|]+) \|")
+
+
+def documented() -> dict[str, str]:
+    rows = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        if match := ROW.match(line):
+            rows[match["name"].lower()] = match["default"].strip()
+    return rows
+
+
+def shown(value: object) -> str:
+    """A default as the table shows it."""
+    if value is None:
+        return "–"
+    if isinstance(value, Path):
+        return f"`{value.relative_to(ROOT)}`" if value.is_relative_to(DATA_DIR) else f"`{value}`"
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"
+    return f"`{value}`"
+
+
+def test_every_setting_is_in_the_table_with_its_default() -> None:
+    table = documented()
+    assert set(table) == set(Settings.model_fields)
+    for name, field in Settings.model_fields.items():
+        assert table[name] == shown(field.default), name
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("STEPCAST_PORT", "70000"), ("STEPCAST_STORAGE", "ftp"), ("STEPCAST_DEFAULT_SIZE_PX", "65")],
+)
+def test_a_bad_setting_stops_the_process_naming_it(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        settings_module.load(**{variable.removeprefix("STEPCAST_").lower(): value})
+    run = subprocess.run(
+        [sys.executable, "-m", "stepcast.cli", "migrate"],
+        env={"PATH": "/usr/bin:/bin", variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0 and variable in run.stderr and "Traceback" not in run.stderr

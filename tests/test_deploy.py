@@ -1,0 +1,50 @@
+"""compose.yaml validates with docker-compose and holds what a GPU host needs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import yaml
+
+from stepcast.settings import ROOT, Settings
+
+
+def rendered() -> dict[str, Any]:
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose is missing: `make deps` installs it (Debian's docker-compose)"
+    run = subprocess.run(
+        [binary, "-f", str(ROOT / "compose.yaml"), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    config: dict[str, Any] = yaml.safe_load(run.stdout)
+    return config
+
+
+def seconds(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(value[:-1]) * units[value[-1]]
+
+
+def test_compose_validates_and_wires_a_gpu_host() -> None:
+    services = rendered()["services"]
+    assert {"postgres", "redis", "minio", "minio-bucket", "server", "gpu_worker"} <= set(services)
+    for name in ("postgres", "redis", "minio", "server", "gpu_worker"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "mc mb" in " ".join(services["minio-bucket"]["command"])  # the bucket is created
+
+    worker = services["gpu_worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert any(str(volume).endswith(":/models:ro") for volume in worker["volumes"])
+    assert worker["healthcheck"]["test"][:3] == ["CMD", "stepcast", "worker-alive"]
+    grace = float(worker["environment"]["STEPCAST_SHUTDOWN_GRACE_S"])
+    assert seconds(worker["stop_grace_period"]) > grace  # hand-back happens before the kill
+
+    server = services["server"]
+    assert server["ports"] == [{"published": "8000-8009", "target": 8000}]  # room for --scale server=N
+    env = server["environment"]
+    assert env["STEPCAST_STORAGE"] == "s3" and env["STEPCAST_S3_ENDPOINT_URL"] == "http://minio:9000"
+    for variable in env:  # every variable set is a real setting
+        assert variable.removeprefix("STEPCAST_").lower() in Settings.model_fields, variable
