@@ -99,3 +99,19 @@ CREATE INDEX IF NOT EXISTS jobs_pending_expiry_idx ON jobs (queue_expires_at) WH
 -- Retention: finished jobs whose images are still stored.
 CREATE INDEX IF NOT EXISTS jobs_images_kept_idx ON jobs (finished_at)
     WHERE result IS NOT NULL AND images_expired_at IS NULL;
+
+-- API keys of programmatic clients. Only a hash of each key is stored; the key
+-- itself is shown once, when `stepcast keys create` makes it.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    owner        text NOT NULL,
+    name         text NOT NULL DEFAULT '',
+    key_hash     text NOT NULL UNIQUE,
+    prefix       text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    revoked_at   timestamptz
+);
+COMMENT ON TABLE api_keys IS 'API keys (Authorization: Bearer); each maps to an owner.';
+COMMENT ON COLUMN api_keys.key_hash IS 'SHA-256 of the key (keys are 256-bit random: a slow hash adds nothing).';
+COMMENT ON COLUMN api_keys.prefix IS 'The first characters of the key, to recognise it in listings.';
+COMMENT ON COLUMN api_keys.revoked_at IS 'Set by `stepcast keys revoke`; a revoked key authenticates nobody.';

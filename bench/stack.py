@@ -60,6 +60,7 @@ def stepcast(
         "STEPCAST_REDIS_URL": redis.url(),
         "STEPCAST_PORT": str(port),
         "STEPCAST_LOG_LEVEL": "WARNING",
+        "STEPCAST_AUTH": "single_user",  # loopback only
         "STEPCAST_STORAGE_DIR": str(BENCH_DIR / name / "images"),
         **env,
     }

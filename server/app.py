@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from server import openapi, rest, sse, ws
+from server.auth import BrowserSession
 from server.metrics import ServerMetrics
 from server.metrics import endpoint as metrics_endpoint
 from server.middleware import RequestContext
@@ -50,7 +51,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestContext)],
+        middleware=[Middleware(RequestContext), Middleware(BrowserSession)],
     )
     # Set when the server starts shutting down: long-lived streams end then.
     app.state.draining = asyncio.Event()

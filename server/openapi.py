@@ -293,6 +293,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/me": {"get": {"summary": "Who the server takes you for: {owner, auth}", "responses": plain}},
         "/v1/limits": {"get": {"summary": "What a job may ask for here", "responses": plain}},
         "/healthz": {"get": {"summary": "Liveness", "responses": plain}},
         "/readyz": {
@@ -313,7 +314,19 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# Paths that need an owner (an API key or the page's session) unless STEPCAST_AUTH=single_user.
+OWNED = ("/v1/jobs", "/v1/images", "/v1/me")
+SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"session": []}]
+
+
 def document(settings: Settings) -> dict[str, Any]:
+    paths = _paths()
+    if settings.auth == "keys":
+        for path, item in paths.items():
+            if path.startswith(OWNED):
+                for operation in item.values():
+                    operation["security"] = SECURITY
+                    operation["responses"]["401"] = _problem("No valid API key or session")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -322,8 +335,14 @@ def document(settings: Settings) -> dict[str, Any]:
             "description": "Submit a prompt, get a job id at once, watch every denoising step. "
             "Real-time: WebSocket /v1/ws and SSE, see docs/protocol.md.",
         },
-        "paths": _paths(),
-        "components": {"schemas": _schemas(settings)},
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(settings),
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "`stepcast keys create`"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "stepcast_session"},
+            },
+        },
     }
 
 

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stepcast.db import TRANSIENT_ERRORS
-from stepcast.errors import StepcastError, TooManyRequests, Unavailable
+from stepcast.errors import StepcastError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ def problem(
 async def stepcast_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StepcastError)
     errors = [{"field": e.field, "message": e.message} for e in exc.errors]
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
-    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors, headers=headers)
+    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors, headers=exc.headers or None)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

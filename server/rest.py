@@ -110,7 +110,7 @@ async def create_job(request: Request) -> Response:
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     wait_s = _prefer_wait(request)
     submission = parse_body(await _json_body(request), services.settings)
-    job, created = await services.submit(owner_of(request), submission, idempotency_key=key)
+    job, created = await services.submit(await owner_of(request), submission, idempotency_key=key)
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -125,7 +125,7 @@ async def create_job(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     services = _services(request)
-    job = await services.get(owner_of(request), _job_id(request))
+    job = await services.get(await owner_of(request), _job_id(request))
     headers = {"Retry-After": RETRY_AFTER_S[job.status]} if not job.status.terminal else None
     return JSONResponse(await services.render(job), headers=headers)
 
@@ -155,7 +155,7 @@ async def list_jobs(request: Request) -> Response:
     if errors:
         raise InvalidParams.from_errors(errors)
     page = await services.db.list_jobs(
-        owner_of(request), status=status, limit=limit, cursor=query.get("cursor")
+        await owner_of(request), status=status, limit=limit, cursor=query.get("cursor")
     )
     items = [await services.render(job) for job in page.jobs]
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
@@ -163,7 +163,7 @@ async def list_jobs(request: Request) -> Response:
 
 async def cancel_job(request: Request) -> Response:
     services = _services(request)
-    job = await services.cancel(owner_of(request), _job_id(request))
+    job = await services.cancel(await owner_of(request), _job_id(request))
     return JSONResponse(await services.render(job), status_code=202 if not job.status.terminal else 200)
 
 
@@ -173,7 +173,7 @@ async def get_image(request: Request) -> Response:
     key: str = request.path_params["key"]
     job_id = key.split("/", 1)[0]
     try:
-        job = await services.db.get_job(uuid.UUID(job_id), owner_of(request))
+        job = await services.db.get_job(uuid.UUID(job_id), await owner_of(request))
     except ValueError:
         job = None
     if job is None or key not in job.image_keys:
@@ -186,6 +186,11 @@ async def get_image(request: Request) -> Response:
         raise NotFound(f"no image {key}") from None
     media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def me(request: Request) -> Response:
+    """Who the server takes the caller for."""
+    return JSONResponse({"owner": await owner_of(request), "auth": _services(request).settings.auth})
 
 
 async def limits(request: Request) -> Response:
@@ -237,6 +242,7 @@ routes = [
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route(URL_PREFIX + "{key:path}", get_image, methods=["GET"]),
+    Route("/v1/me", me, methods=["GET"]),
     Route("/v1/limits", limits, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

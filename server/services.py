@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Services:
     storage: Storage
     hub: Hub
     metrics: ServerMetrics
+    session_secret: bytes
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -57,7 +59,16 @@ class Services:
             hub = Hub(redis)
             await hub.start()
             stack.push_async_callback(hub.stop)
-            services = cls(settings, db, redis, events, storage, hub, metrics)
+            if settings.session_secret is not None:
+                session_secret = settings.session_secret.get_secret_value().encode()
+            else:
+                session_secret = secrets.token_bytes(32)
+                if settings.auth == "keys":
+                    logger.warning(
+                        "STEPCAST_SESSION_SECRET is not set: browser sessions end when this process does "
+                        "and do not carry over to other servers"
+                    )
+            services = cls(settings, db, redis, events, storage, hub, metrics, session_secret)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),

@@ -28,6 +28,7 @@ from stepcast.errors import (
     InvalidRequest,
     StepcastError,
     TooManyRequests,
+    Unauthorized,
     Unavailable,
 )
 from stepcast.params import parse_idempotency_key, parse_submission
@@ -100,11 +101,11 @@ def _after_seq(message: dict[str, Any]) -> int | None:
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, services: Services) -> None:
+    def __init__(self, websocket: WebSocket, services: Services, owner: str) -> None:
         self.websocket = websocket
         self.services = services
         self.settings = services.settings
-        self.owner = owner_of(websocket)
+        self.owner = owner
         self.feed = Feed(services, self.owner, max_buffer=self.settings.feed_buffer_max)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
 
@@ -252,4 +253,9 @@ async def endpoint(websocket: WebSocket) -> None:
         logger.warning("websocket refused: origin %s not allowed", websocket.headers.get("origin"))
         await websocket.close(CLOSE_POLICY)  # before accept: the upgrade is answered 403
         return
-    await Connection(websocket, services).serve()
+    try:
+        owner = await owner_of(websocket)
+    except Unauthorized:
+        await websocket.close(CLOSE_POLICY)  # refused before anything is sent: 403
+        return
+    await Connection(websocket, services, owner).serve()

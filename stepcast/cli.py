@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 
 from stepcast import console, liveness, logs
 from stepcast import settings as settings_module
@@ -21,6 +22,41 @@ async def _migrate(settings: Settings) -> None:
         await db.close()
 
 
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from stepcast import keys
+    from stepcast.db import Database
+
+    db = await Database.connect(settings.database_url, max_size=1)
+    try:
+        await db.migrate()
+        if args.keys == "create":
+            key = keys.new_key()
+            owner = args.owner or keys.new_owner("user")
+            key_id = await db.create_api_key(
+                owner=owner,
+                name=args.name,
+                key_hash=keys.hash_key(key),
+                prefix=key[: keys.SHOWN_PREFIX_CHARS],
+            )
+            print(f"key id  {key_id}\nowner   {owner}\nkey     {key}")
+            print("(the key is shown only now: keep it; stepcast stores a hash of it)", file=sys.stderr)
+        elif args.keys == "revoke":
+            try:
+                key_id = uuid.UUID(args.key_id)
+            except ValueError:
+                sys.exit(f"stepcast: {args.key_id!r} is not a key id (see `stepcast keys list`)")
+            if not await db.revoke_api_key(key_id):
+                sys.exit(f"stepcast: no active key {key_id}")
+            print(f"revoked {key_id}")
+        else:
+            for row in await db.api_keys():
+                state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
+                print(f"{row['id']}  {row['prefix']}…  {row['owner']}  {row['name'] or '-'}  {state}")
+    finally:
+        await db.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepcast", description="Serve slow generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         "worker-alive", help="exit 0 if the worker's heartbeat is fresh (a liveness probe)"
     )
     alive.add_argument("--max-age", type=float, default=30.0, help="seconds (default 30)")
+    key_commands = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = key_commands.add_parser("create", help="make a key (shown once)")
+    create.add_argument("--owner", help="the owner the key acts for (default: a new one)")
+    create.add_argument("--name", default="", help="a label to recognise it by")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    key_commands.add_parser("list", help="every key (never the key itself)")
     console.add_commands(commands)
     args = parser.parse_args(argv)
 
@@ -41,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
 
     if args.command in {"generate", "jobs", "cancel"}:
-        return console.run(args, settings.url)
+        api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        return console.run(args, settings.url, api_key)
+    if args.command == "keys":
+        return asyncio.run(_keys(settings, args))
     if args.command == "run":
         from stepcast.embedded import run
 

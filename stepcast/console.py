@@ -41,10 +41,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cancel.add_argument("job_id")
 
 
-def run(args: argparse.Namespace, url: str) -> int:
+def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
     err = Console(stderr=True)
     try:
-        with Client(url) as client:
+        with Client(url, api_key=api_key) as client:
             if args.command == "generate":
                 return _generate(client, args, err)
             if args.command == "jobs":

@@ -480,3 +480,30 @@ class Database:
             "SELECT queue, count(*) AS n FROM jobs WHERE status = 'pending' GROUP BY queue"
         )
         return {row["queue"]: int(row["n"]) for row in rows}
+
+    # -- API keys --------------------------------------------------------------
+
+    async def create_api_key(self, *, owner: str, name: str, key_hash: str, prefix: str) -> uuid.UUID:
+        key_id: uuid.UUID = await self.pool.fetchval(
+            "INSERT INTO api_keys (owner, name, key_hash, prefix) VALUES ($1, $2, $3, $4) RETURNING id",
+            owner, name, key_hash, prefix,
+        )  # fmt: skip
+        return key_id
+
+    async def owner_of_key(self, key_hash: str) -> str | None:
+        owner: str | None = await self.pool.fetchval(
+            "SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+        )
+        return owner
+
+    async def revoke_api_key(self, key_id: uuid.UUID) -> bool:
+        revoked = await self.pool.fetchval(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id", key_id
+        )
+        return revoked is not None
+
+    async def api_keys(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT id, owner, name, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        )
+        return [dict(row) for row in rows]

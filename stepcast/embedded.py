@@ -72,9 +72,14 @@ def run(settings: Settings) -> int:
             stack.callback(redis.stop)
             print(f"redis     {settings.redis_url}", flush=True)
 
+        env = os.environ.copy()
+        if "STEPCAST_AUTH" not in env and settings.host in LOOPBACK:
+            # Only this machine can reach it: one user, no keys to juggle.
+            env["STEPCAST_AUTH"] = "single_user"
+            print("auth      single user (loopback only; STEPCAST_AUTH=keys for API keys)", flush=True)
         children: list[subprocess.Popen[bytes]] = []
         for module in ("server.app", "gpu_worker.worker"):
-            child = subprocess.Popen([sys.executable, "-m", module], env=os.environ.copy())
+            child = subprocess.Popen([sys.executable, "-m", module], env=env)
             children.append(child)
             stack.callback(_terminate, child)
 

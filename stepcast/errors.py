@@ -28,6 +28,11 @@ class StepcastError(Exception):
         self.detail = detail
         self.errors = errors or []
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (Retry-After, WWW-Authenticate…)."""
+        return {}
+
 
 class InvalidParams(StepcastError):
     code = "invalid_params"
@@ -47,6 +52,16 @@ class InvalidRequest(StepcastError):
     code = "invalid_request"
     status = 400
     title = "Malformed request"
+
+
+class Unauthorized(StepcastError):
+    code = "unauthorized"
+    status = 401
+    title = "Unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="stepcast"'}
 
 
 class PayloadTooLarge(StepcastError):
@@ -94,6 +109,10 @@ class TooManyRequests(StepcastError):
     def __init__(self, detail: str, *, retry_after_s: int) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(StepcastError):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
@@ -119,8 +119,19 @@ class Settings(BaseSettings):
     # WebSocket hijacking.
     allowed_origins: tuple[str, ...] = ()
 
-    # Owner of every request until API keys and browser sessions arrive.
+    # Who may do what. "keys": programmatic clients send `Authorization: Bearer
+    # <key>` (`stepcast keys create`), the page gets an anonymous session of its
+    # own in a signed cookie, and nobody sees anyone else's jobs. "single_user":
+    # no credentials, every request is anonymous_owner — for a one-person
+    # install on a trusted machine (`make run` on loopback uses it).
+    auth: Literal["keys", "single_user"] = "keys"
     anonymous_owner: str = "anonymous"
+    # Signs browser session cookies; every server of a deployment needs the
+    # same one. Unset: a random one per process (sessions end on restart).
+    session_secret: SecretStr | None = None
+    session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
+    # The key the CLI's client commands send.
+    api_key: SecretStr | None = None
 
     log_level: str = "INFO"
 

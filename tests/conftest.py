@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline
@@ -125,6 +126,8 @@ def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable
             "poll_delay_s": 0.01,
             "heartbeat_s": 0.2,
             "port": free_port(),
+            # Tests about something else run as one user; tests/test_auth.py uses keys.
+            "auth": "single_user",
         }
         values.update(overrides)
         return settings_module.load(**values)
@@ -152,9 +155,13 @@ class Stack:
 
     async def wait(self, job_id: str, *, timeout_s: float = 30) -> dict[str, Any]:
         """Poll the REST API until the job is terminal."""
+        return await self.wait_as(job_id, {}, timeout_s=timeout_s)
+
+    async def wait_as(self, job_id: str, headers: dict[str, str], *, timeout_s: float = 30) -> dict[str, Any]:
+        """:meth:`wait`, sending these headers (credentials)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            job: dict[str, Any] = (await self.client.get(f"/v1/jobs/{job_id}")).json()
+            job: dict[str, Any] = (await self.client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
             if job["status"] in {"completed", "failed", "canceled"}:
                 return job
             await asyncio.sleep(0.02)
@@ -186,6 +193,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as the STEPCAST_* variables a child process reads them from."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("STEPCAST_")}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             text = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
             env[f"STEPCAST_{name.upper()}"] = text

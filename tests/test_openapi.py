@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
@@ -77,3 +78,12 @@ async def test_the_server_accepts_exactly_what_the_document_allows(client: httpx
         allowed = jsonschema.Draft202012Validator(request).is_valid(body)
         status = (await client.post("/v1/jobs", json=body)).status_code
         assert (status == 202) == allowed, (body, status)
+
+
+@pytest.mark.parametrize("settings", [{"auth": "keys"}], indirect=True)
+async def test_owned_paths_declare_their_credentials(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    validate(document)
+    create = document["paths"]["/v1/jobs"]["post"]
+    assert "401" in create["responses"] and {"apiKey": []} in create["security"]
+    assert "security" not in document["paths"]["/healthz"]["get"]

@@ -1,0 +1,166 @@
+"""Owners, API keys and browser sessions (STEPCAST_AUTH=keys, the default).
+
+Keys are made and revoked with the real CLI against the test database; every
+interface refuses a caller without credentials, and another owner's job is
+not found anywhere (404, like a job that does not exist)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from stepcast.settings import Settings
+from tests.conftest import Stack, assert_problem
+
+KEYS = [{"auth": "keys", "session_secret": "test-secret"}]
+
+
+def stepcast_keys(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STEPCAST_DATABASE_URL": settings.database_url}
+    command = [sys.executable, "-m", "stepcast.cli", "keys", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+async def make_key(settings: Settings, owner: str) -> tuple[str, str]:
+    """(key id, key) made by `stepcast keys create`."""
+    run = await asyncio.to_thread(stepcast_keys, settings, "create", "--owner", owner, "--name", "test")
+    assert run.returncode == 0, run.stderr
+    fields = dict(line.split(maxsplit=1) for line in run.stdout.splitlines() if line.strip())
+    fields["id"] = run.stdout.split("key id", 1)[1].split()[0]
+    return fields["id"], fields["key"]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def ws_url(stack: Stack) -> str:
+    return str(stack.client.base_url).replace("http://", "ws://") + "/v1/ws"
+
+
+async def ws_ask(stack: Stack, headers: dict[str, str], message: dict[str, Any]) -> dict[str, Any]:
+    async with websockets.connect(ws_url(stack), additional_headers=headers) as ws:
+        await ws.send(json.dumps(message))
+        answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        return answer
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_without_credentials_nothing_is_served(stack: Stack) -> None:
+    job_id = "6f1c0000-0000-4000-8000-000000000000"
+    for method, path in [
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+        ("GET", f"/v1/images/{job_id}/0.png"),
+        ("GET", "/v1/me"),
+    ]:
+        response = await stack.client.request(
+            method, path, json={"prompt": "p"} if method == "POST" else None
+        )
+        body = assert_problem(response, 401)
+        assert response.headers["www-authenticate"].startswith("Bearer"), path
+        assert "stepcast keys create" in body["detail"]
+    wrong = await stack.client.get("/v1/jobs", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert "Bearer <api key>" in assert_problem(wrong, 401)["detail"]
+    with pytest.raises(InvalidStatus) as refused:  # refused at the upgrade: no frame is ever sent
+        await ws_ask(stack, {}, {"type": "ping"})
+    assert refused.value.response.status_code == 403
+    for public in ("/healthz", "/v1/limits", "/openapi.json", "/metrics"):
+        assert (await stack.client.get(public)).status_code == 200, public
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_keys_are_hashed_and_owners_see_only_their_own(stack: Stack) -> None:
+    alice_id, alice = await make_key(stack.settings, "alice")
+    _, bob = await make_key(stack.settings, "bob")
+    assert alice.startswith("sk_") and len(alice) > 40
+    stored = await stack.db.pool.fetch("SELECT * FROM api_keys")
+    assert all(alice not in str(dict(row).values()) for row in stored)  # only its hash is kept
+
+    me = (await stack.client.get("/v1/me", headers=bearer(alice))).json()
+    assert me == {"owner": "alice", "auth": "keys"}
+    submitted = await stack.client.post(
+        "/v1/jobs", json={"prompt": "alice's fox", "steps": 2}, headers=bearer(alice)
+    )
+    job = await stack.wait_as(submitted.json()["id"], bearer(alice))
+    assert job["owner"] == "alice" and job["status"] == "completed"
+    image = job["result"]["images"][0]["url"]
+
+    for method, path in [
+        ("GET", f"/v1/jobs/{job['id']}"),
+        ("POST", f"/v1/jobs/{job['id']}/cancel"),
+        ("GET", f"/v1/jobs/{job['id']}/events"),
+        ("GET", image),
+    ]:
+        assert_problem(await stack.client.request(method, path, headers=bearer(bob)), 404)
+    assert (await stack.client.get("/v1/jobs", headers=bearer(bob))).json()["items"] == []
+    assert (await stack.client.get(image, headers=bearer(alice))).status_code == 200
+    for message in (
+        {"type": "subscribe", "job_id": job["id"]},
+        {"type": "cancel", "job_id": job["id"]},
+    ):
+        answer = await ws_ask(stack, bearer(bob), message)
+        assert answer["type"] == "error" and answer["code"] == "not_found"
+    snapshot = await ws_ask(stack, bearer(alice), {"type": "subscribe", "job_id": job["id"]})
+    assert snapshot["type"] == "snapshot" and snapshot["job"]["owner"] == "alice"
+
+    revoked = await asyncio.to_thread(stepcast_keys, stack.settings, "revoke", alice_id)
+    assert revoked.returncode == 0
+    listed = await asyncio.to_thread(stepcast_keys, stack.settings, "list")
+    assert f"{alice_id}  {alice[:10]}…  alice  test  revoked" in listed.stdout
+    assert (
+        "unknown or revoked"
+        in assert_problem(await stack.client.get("/v1/me", headers=bearer(alice)), 401)["detail"]
+    )
+    again = await asyncio.to_thread(stepcast_keys, stack.settings, "revoke", alice_id)
+    assert again.returncode != 0 and "no active key" in again.stderr
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_the_page_gets_a_signed_session_of_its_own(stack: Stack) -> None:
+    def browser(session: str | None = None) -> httpx.AsyncClient:
+        cookies = {"stepcast_session": session} if session else None
+        return httpx.AsyncClient(base_url=stack.client.base_url, cookies=cookies)
+
+    async def new_session() -> httpx.Response:
+        async with browser() as fresh:
+            return await fresh.get("/")
+
+    page = await new_session()
+    cookie = page.headers["set-cookie"]
+    assert cookie.startswith("stepcast_session=anon_") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    session = cookie.split(";")[0].split("=", 1)[1]
+    async with httpx.AsyncClient(
+        base_url=stack.client.base_url, cookies={"stepcast_session": session}
+    ) as tab:
+        owner = (await tab.get("/v1/me")).json()["owner"]
+        assert owner == session.split(".")[0]
+        job_id = (await tab.post("/v1/jobs", json={"prompt": "p", "steps": 2})).json()["id"]
+        assert "set-cookie" not in (await tab.get("/")).headers  # a valid session is kept
+    headers = {"Cookie": f"stepcast_session={session}", "Origin": str(stack.client.base_url)}
+    answer = await ws_ask(stack, headers, {"type": "subscribe", "job_id": job_id})
+    assert answer["type"] == "snapshot" and answer["job"]["owner"] == owner
+
+    other = (await stack.client.get("/")).headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    assert other != session
+    async with httpx.AsyncClient(
+        base_url=stack.client.base_url, cookies={"stepcast_session": other}
+    ) as stranger:
+        assert (await stranger.get(f"/v1/jobs/{job_id}")).status_code == 404
+    forged = "anon_0000000000000000." + session.split(".")[1]  # someone else's id, this signature
+    async with httpx.AsyncClient(
+        base_url=stack.client.base_url, cookies={"stepcast_session": forged}
+    ) as forger:
+        assert (await forger.get("/v1/me")).status_code == 401
