@@ -80,6 +80,8 @@ def assert_no_gap_no_duplicate(frames: list[dict[str, Any]]) -> None:
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), seqs
 
 
+# The default, safe mode: the page works on its own signed session cookie.
+@pytest.mark.parametrize("settings", [{"auth": "single_user"}, {"auth": "keys"}], indirect=True)
 async def test_submit_and_watch_it_paint(stack: Stack, page: Page) -> None:
     frames = job_frames(page)
     await page.goto(str(stack.client.base_url))
@@ -101,6 +103,8 @@ async def test_submit_and_watch_it_paint(stack: Stack, page: Page) -> None:
     progress = [f["step"] for f in frames if f.get("type") == "progress"]
     assert progress == list(range(1, 41))
     assert any("preview" in f for f in frames if f.get("type") == "progress")
+    owner = await stack.db.pool.fetchval("SELECT owner FROM jobs")
+    assert owner == "anonymous" if stack.settings.auth == "single_user" else owner.startswith("anon_")
 
 
 async def test_progress_and_preview_while_painting_then_cancel(stack: Stack, page: Page) -> None:
