@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = settings_module.load_or_exit()
-    logs.configure(settings.log_level)
+    client_side = args.command in {"generate", "jobs", "cancel", "keys"}
+    logs.configure("WARNING" if client_side else settings.log_level)  # a terminal, not a log pipeline
 
     if args.command in {"generate", "jobs", "cancel"}:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None

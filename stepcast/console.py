@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from stepcast.client import ApiError, Client, Job
 from stepcast.jobs import Status
@@ -107,15 +105,11 @@ def _save(client: Client, job: Job, output: Path, err: Console) -> int:
 
 
 def _jobs(client: Client, args: argparse.Namespace) -> None:
-    table = Table("id", "status", "created", "steps", "size", "prompt")
+    """One line a job, newest first: plain columns that read well and grep well."""
+    print(f"{'ID':36}  {'STATUS':10}  {'CREATED':16}  {'STEPS':>7}  {'SIZE':>9}  PROMPT")
     for job in client.list(status=args.status, limit=args.limit).jobs:
         params = job.params
-        table.add_row(
-            job.id,
-            job.status,
-            job.raw["created_at"][:19].replace("T", " "),
-            f"{job.progress_step}/{job.progress_total}",
-            f"{params['width']}x{params['height']}",
-            params["prompt"][:40],
-        )
-    Console(file=sys.stdout).print(table)
+        created = job.raw["created_at"][:16].replace("T", " ")
+        steps = f"{job.progress_step}/{job.progress_total}"
+        size = f"{params['width']}x{params['height']}"
+        print(f"{job.id:36}  {job.status:10}  {created:16}  {steps:>7}  {size:>9}  {params['prompt'][:60]}")
