@@ -3,15 +3,20 @@
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
 FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    STEPCAST_STORAGE_DIR=/data/images \
+    STEPCAST_MODEL_DIR=/opt/stepcast/models/tiny
 WORKDIR /app
 COPY pyproject.toml README.md schema.sql ./
 COPY stepcast stepcast
 COPY server server
 COPY gpu_worker gpu_worker
 COPY web web
-RUN pip install --extra-index-url "$TORCH_INDEX" torch==2.13.0 && pip install .
-RUN useradd --create-home --uid 10001 stepcast
+# Editable: schema.sql and web/ are read from /app, next to the packages.
+RUN pip install --extra-index-url "$TORCH_INDEX" torch==2.13.0 && pip install -e .
+# The embedded tiny model, so the stack runs before a real model is mounted.
+RUN stepcast tiny-model
+RUN useradd --create-home --uid 10001 stepcast && mkdir -p /data && chown stepcast /data
 USER stepcast
 EXPOSE 8000
 CMD ["stepcast", "serve"]

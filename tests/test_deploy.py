@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from typing import Any
@@ -14,9 +15,12 @@ from stepcast.settings import ROOT, Settings
 def rendered() -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is missing: `make deps` installs it (Debian's docker-compose)"
-    run = subprocess.run(
-        [binary, "-f", str(ROOT / "compose.yaml"), "config"], capture_output=True, text=True, timeout=60
-    )
+    command = [binary, "-f", str(ROOT / "compose.yaml"), "config"]
+    path = {"PATH": os.environ["PATH"]}
+    bare = subprocess.run(command, capture_output=True, text=True, timeout=60, env=path)
+    assert bare.returncode != 0 and "STEPCAST_SESSION_SECRET" in bare.stderr  # no insecure default
+    env = {**path, "STEPCAST_SESSION_SECRET": "s3cret"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     config: dict[str, Any] = yaml.safe_load(run.stdout)
     return config
