@@ -7,6 +7,8 @@ spent inside the pipeline (``rate()`` gives the GPU's busy fraction).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from stepcast.settings import Settings
@@ -32,8 +34,17 @@ class WorkerMetrics:
         )
         self.busy = Gauge("stepcast_worker_busy", "1 while a job runs", registry=r)
 
-    def serve(self, settings: Settings) -> None:
-        if settings.worker_metrics_port:
-            start_http_server(
-                settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=self.registry
-            )
+    def serve(self, settings: Settings) -> Callable[[], None]:
+        """Serve /metrics if a port is set; returns what stops it."""
+        if not settings.worker_metrics_port:
+            return lambda: None
+        server, thread = start_http_server(
+            settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=self.registry
+        )
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+        return stop

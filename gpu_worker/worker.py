@@ -113,7 +113,7 @@ def create_worker(
         events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
         metrics = WorkerMetrics()
         runner = JobRunner(settings, db, events, storage, loaded, worker_id, metrics)
-        metrics.serve(settings)
+        stack.callback(metrics.serve(settings))
         stack.callback(runner.close)
         ctx["runner"] = runner
         background_tasks = [

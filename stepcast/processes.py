@@ -11,6 +11,7 @@ import glob
 import hashlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,30 @@ class ProcessError(RuntimeError):
     pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the ephemeral range.
+
+    The kernel's own pick (bind to port 0) comes from the ephemeral range, where
+    any outgoing connection may take it before the server binds it; ports below
+    that range are only ever taken on purpose.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 16384), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ProcessError("no free port below the ephemeral range")
 
 
 def port_in_use(port: int) -> bool:
