@@ -115,3 +115,52 @@ COMMENT ON TABLE api_keys IS 'API keys (Authorization: Bearer); each maps to an 
 COMMENT ON COLUMN api_keys.key_hash IS 'SHA-256 of the key (keys are 256-bit random: a slow hash adds nothing).';
 COMMENT ON COLUMN api_keys.prefix IS 'The first characters of the key, to recognise it in listings.';
 COMMENT ON COLUMN api_keys.revoked_at IS 'Set by `stepcast keys revoke`; a revoked key authenticates nobody.';
+
+-- Webhooks (Standard Webhooks). Each owner signs with its own secret.
+CREATE TABLE IF NOT EXISTS owner_secrets (
+    owner          text PRIMARY KEY,
+    webhook_secret text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE owner_secrets IS 'Per-owner webhook signing secret (whsec_…), made on first use; GET /v1/me shows it.';
+
+-- One row per (job, event) to deliver; the id is the webhook-id header.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    job_id          uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    owner           text NOT NULL,
+    event           text NOT NULL,
+    url             text NOT NULL,
+    status          text NOT NULL DEFAULT 'pending',
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_status     integer,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    delivered_at    timestamptz,
+    CONSTRAINT webhook_deliveries_status CHECK (status IN ('pending', 'delivered', 'failed')),
+    CONSTRAINT webhook_deliveries_once UNIQUE (job_id, event)
+);
+COMMENT ON TABLE webhook_deliveries IS 'Webhook deliveries: attempts, outcome and next try (exponential back-off with jitter).';
+COMMENT ON COLUMN webhook_deliveries.status IS 'pending (to send or retry), delivered (2xx), failed (refused, or out of retries).';
+COMMENT ON COLUMN webhook_deliveries.next_attempt_at IS 'When to try next; a sender pushes it forward while it sends (a lease).';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+
+-- A job's status change queues its webhook delivery in the same transaction,
+-- whichever process made the change (worker, recovery, a cancel).
+CREATE OR REPLACE FUNCTION jobs_queue_webhook() RETURNS trigger AS $$
+DECLARE
+    happened text := CASE NEW.status WHEN 'processing' THEN 'started' ELSE NEW.status::text END;
+BEGIN
+    IF NEW.webhook IS NOT NULL AND NEW.webhook -> 'events' ? happened THEN
+        INSERT INTO webhook_deliveries (job_id, owner, event, url)
+        VALUES (NEW.id, NEW.owner, happened, NEW.webhook ->> 'url')
+        ON CONFLICT ON CONSTRAINT webhook_deliveries_once DO NOTHING;
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS jobs_queue_webhook ON jobs;
+CREATE TRIGGER jobs_queue_webhook AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status AND NEW.webhook IS NOT NULL)
+    EXECUTE FUNCTION jobs_queue_webhook();

@@ -43,8 +43,17 @@ class ServerMetrics:
         self.slow_clients = Counter(
             "stepcast_slow_clients_disconnected", "Connections closed for not keeping up", registry=r
         )
+        self.webhook_deliveries = Counter(
+            "stepcast_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retry, failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.jobs = Gauge("stepcast_jobs", "Jobs in Postgres by status", ["status"], registry=r)
         self.queue_depth = Gauge("stepcast_queue_depth", "Pending jobs by queue", ["queue"], registry=r)
+
+    def count_webhook(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
 
 
 async def endpoint(request: Request) -> Response:

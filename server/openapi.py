@@ -17,7 +17,16 @@ from starlette.responses import JSONResponse, Response
 
 from stepcast import __version__
 from stepcast.jobs import Status
-from stepcast.params import MAX_GUIDANCE, MAX_IDEMPOTENCY_KEY_CHARS, MAX_SEED, PREVIEW_MAX_PX, SCHEDULERS
+from stepcast.params import (
+    DEFAULT_WEBHOOK_EVENTS,
+    MAX_GUIDANCE,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_SEED,
+    MAX_URL_CHARS,
+    PREVIEW_MAX_PX,
+    SCHEDULERS,
+    WEBHOOK_EVENTS,
+)
 from stepcast.settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -96,6 +105,21 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "max_px": {"type": "integer", "minimum": 16, "maximum": PREVIEW_MAX_PX, "default": 128},
         },
     }
+    webhook = {
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "required": ["url"],
+        "properties": {
+            "url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                "default": list(DEFAULT_WEBHOOK_EVENTS),
+            },
+        },
+        "description": "Standard Webhooks deliveries, signed with GET /v1/me's webhook_secret",
+    }
     image = {
         "type": "object",
         "required": ["url", "width", "height", "seed", "content_type"],
@@ -139,6 +163,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "last_seq": {"type": "integer", "minimum": 0},
         "images_expired_at": NULLABLE_TIME,
         "preview": preview,
+        "webhook": webhook,
         "cancel_requested": {"type": "boolean"},
         "provenance": {
             "type": "object",
@@ -154,7 +179,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "type": "object",
             "required": ["prompt"],
             "additionalProperties": False,
-            "properties": {**params, "preview": preview},
+            "properties": {**params, "preview": preview, "webhook": webhook},
         },
         "Job": {"type": "object", "required": list(job_fields), "properties": job_fields},
         "JobPage": {
@@ -293,7 +318,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/me": {"get": {"summary": "Who the server takes you for: {owner, auth}", "responses": plain}},
+        "/v1/me": {"get": {"summary": "Who you are: {owner, auth, webhook_secret}", "responses": plain}},
         "/v1/limits": {"get": {"summary": "What a job may ask for here", "responses": plain}},
         "/healthz": {"get": {"summary": "Liveness", "responses": plain}},
         "/readyz": {

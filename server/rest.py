@@ -16,6 +16,7 @@ from starlette.routing import Route
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
 from server.services import Services
+from stepcast import webhooks
 from stepcast.errors import (
     FieldError,
     Gone,
@@ -190,7 +191,10 @@ async def get_image(request: Request) -> Response:
 
 async def me(request: Request) -> Response:
     """Who the server takes the caller for."""
-    return JSONResponse({"owner": await owner_of(request), "auth": _services(request).settings.auth})
+    services = _services(request)
+    owner = await owner_of(request)
+    secret = await services.db.webhook_secret(owner, webhooks.new_secret())
+    return JSONResponse({"owner": owner, "auth": services.settings.auth, "webhook_secret": secret})
 
 
 async def limits(request: Request) -> Response:

@@ -30,6 +30,7 @@ from stepcast.retention import Retention
 from stepcast.settings import Settings
 from stepcast.storage import Storage, open_storage
 from stepcast.tasks import cancel_and_wait
+from stepcast.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,12 @@ class Services:
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
                 Retention.from_settings(settings, db, storage).run(),
+                WebhookSender(
+                    db,
+                    storage,
+                    settings,
+                    on_outcome=lambda outcome: metrics.webhook_deliveries.labels(outcome).inc(),
+                ).run(),
             ):
                 stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
             yield services
@@ -98,6 +105,7 @@ class Services:
             owner=owner,
             params=submission.params.to_json(),
             preview=preview,
+            webhook=submission.webhook.to_json() if submission.webhook else None,
             queue=self.settings.queue_name,
             model_name=submission.params.model,
             version=__version__,

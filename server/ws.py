@@ -224,11 +224,13 @@ class Connection:
             await self.services.cancel(self.owner, _job_id(message))
 
     async def _submit(self, message: dict[str, Any], request_id: str | None) -> None:
-        if message.get("webhook") is not None:
-            raise InvalidParams.one("webhook", "webhook is not supported by this server yet")
         key = parse_idempotency_key(message.get("idempotency_key"), "idempotency_key")
         submission = parse_submission(
-            message.get("params"), message.get("preview"), self.settings, params_field="params"
+            message.get("params"),
+            message.get("preview"),
+            self.settings,
+            params_field="params",
+            webhook=message.get("webhook"),
         )
         job, created = await self.services.submit(self.owner, submission, idempotency_key=key)
         accepted: dict[str, Any] = {"type": "accepted", "request_id": request_id, "job_id": str(job.id)}

@@ -120,6 +120,7 @@ class Database:
         owner: str,
         params: dict[str, Any],
         preview: dict[str, Any] | None,
+        webhook: dict[str, Any] | None = None,
         queue: str,
         model_name: str,
         version: str,
@@ -131,14 +132,14 @@ class Database:
         row = await self.pool.fetchrow(
             """
             INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version,
-                              queue_expires_at, idempotency_key, request_hash)
+                              queue_expires_at, idempotency_key, request_hash, webhook)
             VALUES ($1, $2, $3, $4, $5, $6, $7,
-                    CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END, $9, $10)
+                    CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END, $9, $10, $11)
             ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING *
             """,
             owner, params, preview, queue, params["steps"], model_name, version,
-            queue_ttl_s, idempotency_key, request_hash,
+            queue_ttl_s, idempotency_key, request_hash, webhook,
         )  # fmt: skip
         if row is not None:
             return Job.from_record(row), True
@@ -507,3 +508,54 @@ class Database:
             "SELECT id, owner, name, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at"
         )
         return [dict(row) for row in rows]
+
+    # -- webhooks --------------------------------------------------------------
+
+    async def webhook_secret(self, owner: str, new_secret: str) -> str:
+        """The owner's signing secret, made (as ``new_secret``) on first use."""
+        await self.pool.execute(
+            "INSERT INTO owner_secrets (owner, webhook_secret) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            owner, new_secret,
+        )  # fmt: skip
+        secret: str = await self.pool.fetchval(
+            "SELECT webhook_secret FROM owner_secrets WHERE owner = $1", owner
+        )
+        return secret
+
+    async def due_deliveries(self, *, lease_s: float, limit: int = 20) -> list[asyncpg.Record]:
+        """Deliveries due now, leased to this sender for ``lease_s`` (others skip them)."""
+        rows = await self.pool.fetch(
+            """
+            UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => $1)
+            WHERE id IN (
+                SELECT id FROM webhook_deliveries
+                WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING *
+            """,
+            lease_s, limit,
+        )  # fmt: skip
+        return list(rows)
+
+    async def record_delivery(
+        self,
+        delivery_id: uuid.UUID,
+        *,
+        status: str,
+        retry_in_s: float | None,
+        http_status: int | None,
+        error: str | None,
+    ) -> None:
+        await self.pool.execute(
+            """
+            UPDATE webhook_deliveries SET
+                status = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
+                next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at
+                                       ELSE now() + make_interval(secs => $5::float8) END,
+                delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
+            WHERE id = $1
+            """,
+            delivery_id, status, http_status, error, retry_in_s,
+        )  # fmt: skip

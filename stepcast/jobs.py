@@ -53,6 +53,7 @@ class Job:
     model_name: str
     model_revision: str | None
     stepcast_version: str
+    webhook: dict[str, Any] | None
     handoffs: int
     queue_expires_at: datetime | None
     idempotency_key: str | None
@@ -119,6 +120,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "last_seq": job.last_seq,
         "images_expired_at": timestamp(job.images_expired_at),
         "preview": job.preview,
+        "webhook": job.webhook,
         "cancel_requested": job.cancel_requested,
         "provenance": {
             "model": job.model_name,

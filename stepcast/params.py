@@ -13,7 +13,9 @@ import math
 import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
+from stepcast import netguard
 from stepcast.errors import FieldError, InvalidParams
 from stepcast.settings import Settings
 
@@ -23,6 +25,9 @@ MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_GUIDANCE = 50.0
 PREVIEW_MAX_PX = 256
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+WEBHOOK_EVENTS = ("started", "completed", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "canceled")
+MAX_URL_CHARS = 2048
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,19 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    url: str
+    events: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "events": list(self.events)}
+
+
+@dataclass(frozen=True)
 class Submission:
     params: JobParams
     preview: Preview | None = None
+    webhook: Webhook | None = None
     # What the client asked for, defaults filled in but a random seed left out:
     # a repeat with the same idempotency key must ask for the same thing.
     fingerprint: str = field(default="", compare=False)
@@ -188,8 +203,54 @@ def parse_preview(data: Any, settings: Settings) -> Preview | None:
     return Preview(every=every, max_px=max_px)
 
 
+def parse_webhook(data: Any, settings: Settings) -> Webhook | None:
+    """``{url, events}``: an absolute http(s) URL, events among WEBHOOK_EVENTS."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise InvalidParams.one("webhook", "webhook must be an object {url, events}")
+    check = _Checker(data, "webhook.")
+    check.unknown({"url", "events"})
+    url = data.get("url")
+    if not isinstance(url, str) or not url:
+        check.fail("url", "url is required: the http(s) URL to POST events to")
+    else:
+        problem = _webhook_url_problem(url, settings)
+        if problem:
+            check.fail("url", problem)
+    events = data.get("events", list(DEFAULT_WEBHOOK_EVENTS))
+    if (
+        not isinstance(events, list)
+        or not events
+        or not all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in events)
+    ):
+        check.fail("events", f"events must be a non-empty list of: {', '.join(WEBHOOK_EVENTS)}")
+    if check.errors:
+        raise InvalidParams.from_errors(check.errors)
+    return Webhook(url=str(url), events=tuple(dict.fromkeys(events)))
+
+
+def _webhook_url_problem(url: str, settings: Settings) -> str | None:
+    if len(url) > MAX_URL_CHARS:
+        return f"url must be at most {MAX_URL_CHARS} characters"
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return "url must be an absolute http:// or https:// URL"
+    if parts.username or parts.password:
+        return "url must not carry credentials; verify the webhook-signature header instead"
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "url has an invalid port"
+    if netguard.is_ip_literal(parts.hostname):
+        reason = netguard.refused(parts.hostname, allow_private=settings.webhook_allow_private)
+        if reason:
+            return f"url may not point at {reason.split(' is ', 1)[1]}: {parts.hostname}"
+    return None
+
+
 def parse_submission(
-    params: Any, preview: Any, settings: Settings, *, params_field: str = "body"
+    params: Any, preview: Any, settings: Settings, *, params_field: str = "body", webhook: Any = None
 ) -> Submission:
     """Validate the params and the preview request together, reporting every problem at once."""
     errors: list[FieldError] = []
@@ -205,14 +266,24 @@ def parse_submission(
         wanted = parse_preview(preview, settings)
     except InvalidParams as exc:
         errors += exc.errors
+    hook = None
+    try:
+        hook = parse_webhook(webhook, settings)
+    except InvalidParams as exc:
+        errors += exc.errors
     if errors or parsed is None:
         raise InvalidParams.from_errors(errors)
     asked = parsed if params.get("seed") is not None else replace(parsed, seed=-1)
     canonical = json.dumps(
-        {"params": asked.to_json(), "preview": asdict(wanted) if wanted else None}, sort_keys=True
+        {
+            "params": asked.to_json(),
+            "preview": asdict(wanted) if wanted else None,
+            "webhook": hook.to_json() if hook else None,
+        },
+        sort_keys=True,
     )
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
-    return Submission(params=parsed, preview=wanted, fingerprint=fingerprint)
+    return Submission(params=parsed, preview=wanted, webhook=hook, fingerprint=fingerprint)
 
 
 def parse_idempotency_key(value: Any, field: str) -> str | None:
@@ -233,5 +304,5 @@ def parse_body(body: Any, settings: Settings) -> Submission:
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
         raise InvalidParams.one("body", "request body must be a JSON object")
-    params = {k: v for k, v in body.items() if k != "preview"}
-    return parse_submission(params, body.get("preview"), settings)
+    params = {k: v for k, v in body.items() if k not in {"preview", "webhook"}}
+    return parse_submission(params, body.get("preview"), settings, webhook=body.get("webhook"))

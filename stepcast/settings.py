@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     # same one. Unset: a random one per process (sessions end on restart).
     session_secret: SecretStr | None = None
     session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
+    # Webhooks (Standard Webhooks): never to private, loopback or link-local
+    # addresses unless allowed; retried on network errors, time-outs, 5xx and
+    # 429 after each of these delays (+-20% jitter; about a day in all).
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_backoff_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhook_poll_s: float = Field(1.0, gt=0)
     # The key the CLI's client commands send.
     api_key: SecretStr | None = None
 

@@ -90,7 +90,9 @@ async def test_keys_are_hashed_and_owners_see_only_their_own(stack: Stack) -> No
     assert all(alice not in str(dict(row).values()) for row in stored)  # only its hash is kept
 
     me = (await stack.client.get("/v1/me", headers=bearer(alice))).json()
-    assert me == {"owner": "alice", "auth": "keys"}
+    assert (me["owner"], me["auth"]) == ("alice", "keys") and me["webhook_secret"].startswith("whsec_")
+    bobs = (await stack.client.get("/v1/me", headers=bearer(bob))).json()["webhook_secret"]
+    assert bobs != me["webhook_secret"]  # one signing secret per owner
     submitted = await stack.client.post(
         "/v1/jobs", json={"prompt": "alice's fox", "steps": 2}, headers=bearer(alice)
     )

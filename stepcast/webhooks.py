@@ -1,0 +1,177 @@
+"""Webhook delivery, per the Standard Webhooks spec (standardwebhooks.com).
+
+A job's status change queues a delivery row in Postgres (a trigger, in the
+same transaction; ``schema.sql``). Senders — every server runs one — lease due
+rows with ``FOR UPDATE SKIP LOCKED``, POST ``{"type": "job.<event>",
+"timestamp", "data": <job>}`` with ``webhook-id``, ``webhook-timestamp`` and
+``webhook-signature`` (``v1,`` + HMAC-SHA256 under the owner's ``whsec_``
+secret), and record the outcome: 2xx delivered; network errors, time-outs,
+408, 429 and 5xx retried after ``STEPCAST_WEBHOOK_BACKOFF_S`` (±20% jitter,
+about a day in all); anything else failed at once. Redirects are not followed.
+
+SSRF: the host is resolved here, every address it resolves to must be public
+(``netguard``) unless the configuration allows private ones, and the request
+goes to the checked address (the name travels in Host and SNI), so a second
+lookup cannot rebind it. ``resolver`` and ``transport`` are seams for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import random
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from stepcast import __version__, netguard
+from stepcast.db import Database
+from stepcast.jobs import timestamp, to_wire
+from stepcast.settings import Settings
+from stepcast.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class Refused(Exception):
+    """The URL may not be called (it resolves to a private address, say)."""
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def sign(secret: str, msg_id: str, sent_at: int, body: str) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{sent_at}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        settings: Settings,
+        *,
+        resolver: Resolver = system_resolver,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_outcome: Callable[[str], object] | None = None,
+    ) -> None:
+        self.db = db
+        self.storage = storage
+        self.settings = settings
+        self.resolver = resolver
+        self.transport = transport
+        self.on_outcome = on_outcome or (lambda outcome: None)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                while await self.tick():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("webhook pass failed; trying again")
+            await asyncio.sleep(self.settings.webhook_poll_s)
+
+    async def tick(self) -> int:
+        """Send what is due; the number of deliveries attempted."""
+        lease_s = self.settings.webhook_timeout_s * 3 + 30
+        due = await self.db.due_deliveries(lease_s=lease_s)
+        await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+        return len(due)
+
+    async def _deliver(self, delivery: Any) -> None:
+        log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}
+        job = await self.db.get_job(delivery["job_id"])
+        if job is None:
+            await self._record(delivery, "failed", None, "the job no longer exists")
+            return
+        payload = {
+            "type": f"job.{delivery['event']}",
+            "timestamp": timestamp(datetime.now(UTC)),
+            "data": await to_wire(job, self.storage.url),
+        }
+        body = json.dumps(payload, separators=(",", ":"))
+        msg_id, sent_at = str(delivery["id"]), int(time.time())
+        secret = await self.db.webhook_secret(delivery["owner"], new_secret())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": f"stepcast/{__version__}",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(sent_at),
+            "webhook-signature": sign(secret, msg_id, sent_at, body),
+        }
+        try:
+            status = await self._post(delivery["url"], body, headers)
+        except Refused as exc:
+            logger.warning("webhook refused: %s", exc, extra=log)
+            await self._record(delivery, "failed", None, str(exc))
+            return
+        except (httpx.HTTPError, OSError) as exc:
+            await self._record(delivery, "retry", None, f"{type(exc).__name__}: {exc}".strip(": "))
+            return
+        if 200 <= status < 300:
+            await self._record(delivery, "delivered", status, None)
+        elif status in {408, 429} or status >= 500:
+            await self._record(delivery, "retry", status, f"the receiver answered {status}")
+        else:
+            why = "redirects are not followed" if 300 <= status < 400 else "the receiver refused it"
+            await self._record(delivery, "failed", status, f"the receiver answered {status}: {why}")
+
+    async def _post(self, url: str, body: str, headers: dict[str, str]) -> int:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = [host] if netguard.is_ip_literal(host) else await self.resolver(host, port)
+        if not addresses:
+            raise Refused(f"{host} does not resolve")
+        for address in addresses:
+            reason = netguard.refused(address, allow_private=self.settings.webhook_allow_private)
+            if reason:
+                raise Refused(f"{host} resolves to {reason}" if address != host else reason)
+        address = addresses[0]
+        netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        target = parts._replace(netloc=netloc).geturl()
+        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        async with httpx.AsyncClient(
+            transport=self.transport, timeout=self.settings.webhook_timeout_s, follow_redirects=False
+        ) as client:
+            response = await client.post(
+                target, content=body, headers={**headers, "host": parts.netloc}, extensions=extensions
+            )
+        return response.status_code
+
+    async def _record(self, delivery: Any, outcome: str, http_status: int | None, error: str | None) -> None:
+        retry_in_s = None
+        status = outcome
+        if outcome == "retry":
+            backoff = self.settings.webhook_backoff_s
+            attempt = delivery["attempts"]  # before this one
+            if attempt < len(backoff):
+                status, retry_in_s = "pending", backoff[attempt] * random.uniform(0.8, 1.2)
+            else:
+                status, error = "failed", f"{error}; gave up after {attempt + 1} attempts"
+        await self.db.record_delivery(
+            delivery["id"], status=status, retry_in_s=retry_in_s, http_status=http_status, error=error
+        )
+        self.on_outcome("retry" if status == "pending" else status)
