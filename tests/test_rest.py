@@ -169,12 +169,12 @@ async def test_schema_applies_again_and_concurrently(settings: Settings) -> None
     dbs = [await Database.connect(settings.database_url, max_size=1) for _ in range(3)]
     try:
         # A database made before a column was added is brought up to date.
-        await dbs[0].pool.execute("ALTER TABLE jobs DROP COLUMN webhook")
+        await dbs[0].pool.execute("ALTER TABLE jobs DROP COLUMN images_expired_at, DROP COLUMN handoffs")
         await asyncio.gather(*(db.migrate() for db in dbs))
         rows = await dbs[0].pool.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'"
         )
-        assert {"id", "owner", "status", "attempt", "webhook", "last_seq", "model_revision"} <= {
+        assert {"id", "owner", "status", "attempt", "handoffs", "images_expired_at", "model_revision"} <= {
             row["column_name"] for row in rows
         }
         assert await dbs[0].pool.fetchval("SELECT count(*) FROM pg_type WHERE typname = 'job_status'") == 1
