@@ -157,7 +157,7 @@ def main() -> None:
         "STEPCAST_ENQUEUE_GRACE_S": "2",
         "STEPCAST_MAX_ATTEMPTS": "10",
         "STEPCAST_MAX_QUEUE_DEPTH": str(args.jobs),
-        "STEPCAST_MAX_QUEUE_DEPTH_PER_OWNER": str(args.jobs),
+        "STEPCAST_MAX_JOBS_PER_OWNER": str(args.jobs),
     }
     with (
         stack.services("soak") as (postgres, redis),

@@ -10,12 +10,16 @@ SameSite cookie the page gets when it is loaded), or it is refused with 401.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepcast import keys
-from stepcast.errors import Unauthorized
+from stepcast.errors import RateLimited, Unauthorized
 
 SESSION_COOKIE = "stepcast_session"
 PAGE_PATHS = {"/", "/index.html"}
@@ -45,7 +49,25 @@ async def owner_of(connection: HTTPConnection) -> str:
         if owner is None:
             raise Unauthorized(f"no credentials: {HOW_TO}")
     state.owner = owner
+    if connection.scope["type"] == "http" and settings.auth == "keys":
+        await _count_request(services, owner)
     return owner
+
+
+async def _count_request(services: Any, owner: str) -> None:
+    """Per-owner request rate, one-second windows counted in Redis (all servers together)."""
+    window = int(time.time())
+    key = f"stepcast:rate:{owner}:{window}"
+    try:
+        async with services.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            count, _ = await pipe.execute()
+    except RedisError:
+        return  # Redis is down: do not refuse work over a counter
+    limit = services.settings.requests_per_s_per_owner
+    if count > limit:
+        raise RateLimited(f"more than {limit} requests in a second; slow down", retry_after_s=1)
 
 
 class BrowserSession:

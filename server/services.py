@@ -146,8 +146,8 @@ class Services:
         total, mine = await self.db.queue_depth(settings.queue_name, owner)
         if total >= settings.max_queue_depth:
             excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
-        elif mine >= settings.max_queue_depth_per_owner:
-            excess, what = mine - settings.max_queue_depth_per_owner + 1, f"you have {mine} jobs waiting"
+        elif mine >= settings.max_jobs_per_owner:
+            excess, what = mine - settings.max_jobs_per_owner + 1, f"you have {mine} unfinished jobs"
         else:
             return
         drain_s = await EtaEstimator(self.db).drain_s(

@@ -169,6 +169,9 @@ class Connection:
         except ValueError as exc:
             self.feed.push_message(_error("invalid_json", f"not valid JSON: {exc}"))
             return
+        except RecursionError:
+            self.feed.push_message(_error("invalid_json", "not valid JSON: nested too deeply"))
+            return
         if not isinstance(message, dict):
             self.feed.push_message(_error("invalid_message", "a message must be a JSON object"))
             return

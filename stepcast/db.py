@@ -156,11 +156,12 @@ class Database:
         return Job.from_record(row) if row else None
 
     async def queue_depth(self, queue: str, owner: str) -> tuple[int, int]:
-        """Pending jobs on the queue: all of them, and the owner's."""
+        """Pending jobs on the queue, and the owner's unfinished (pending or processing) jobs."""
         row = await self.pool.fetchrow(
             """
-            SELECT count(*) AS total, count(*) FILTER (WHERE owner = $2) AS mine
-            FROM jobs WHERE queue = $1 AND status = 'pending'
+            SELECT
+                (SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'pending') AS total,
+                (SELECT count(*) FROM jobs WHERE owner = $2 AND status IN ('pending', 'processing')) AS mine
             """,
             queue,
             owner,

@@ -115,6 +115,10 @@ class TooManyRequests(StepcastError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class RateLimited(TooManyRequests):
+    code = "rate_limited"
+
+
 class Unavailable(StepcastError):
     code = "unavailable"
     status = 503

@@ -93,10 +93,14 @@ class Settings(BaseSettings):
     # A job still waiting in the queue after this long fails with code
     # "expired" (0: wait forever).
     queue_ttl_s: float = Field(3600.0, ge=0)
-    # Backpressure: submits beyond these many pending jobs (on the queue, and
-    # per owner) are answered 429 with Retry-After.
+    # Backpressure: submits beyond this many pending jobs on the queue, or this
+    # many unfinished (pending or processing) jobs of one owner, are answered
+    # 429 with Retry-After.
     max_queue_depth: int = Field(1000, ge=1)
-    max_queue_depth_per_owner: int = Field(100, ge=1)
+    max_jobs_per_owner: int = Field(100, ge=1)
+    # REST requests per second per owner (all servers together, counted in
+    # Redis); beyond it: 429 rate_limited.
+    requests_per_s_per_owner: int = Field(50, ge=1)
     # Retention: images of finished jobs are deleted after this many days
     # (0: kept forever); the job row stays and records when.
     retention_days: float = Field(7.0, ge=0)

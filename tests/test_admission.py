@@ -104,7 +104,7 @@ async def test_websocket_idempotency_shares_keys_with_rest(client: httpx.AsyncCl
     assert bad["code"] == "invalid_params" and bad["field"] == "idempotency_key"
 
 
-@pytest.mark.parametrize("settings", [{"max_queue_depth_per_owner": 2}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_jobs_per_owner": 2}], indirect=True)
 async def test_a_full_queue_answers_429_with_retry_after(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
@@ -114,7 +114,7 @@ async def test_a_full_queue_answers_429_with_retry_after(
     assert [r.status_code for r in accepted] == [202, 202]
     refused = await client.post("/v1/jobs", json=FOX)
     body = assert_problem(refused, 429)
-    assert body["type"].endswith("queue_full") and "2 jobs waiting" in body["detail"]
+    assert body["type"].endswith("queue_full") and "2 unfinished jobs" in body["detail"]
     assert int(refused.headers["retry-after"]) >= 1
     # A repeat of accepted work is not new work: it is answered, not refused.
     replay = await client.post("/v1/jobs", json=FOX, headers={"Idempotency-Key": "k0"})

@@ -205,3 +205,9 @@ async def test_prefer_wait_gives_up_with_the_usual_202(client: httpx.AsyncClient
 async def test_prefer_wait_out_of_range_is_named(client: httpx.AsyncClient, value: str) -> None:
     response = await client.post("/v1/jobs", json={"prompt": "p"}, headers={"Prefer": value})
     assert_problem(response, 422, {"Prefer": "wait must be a whole number of seconds from 0 to 60"})
+
+
+async def test_absurdly_nested_json_is_a_400_not_a_crash(client: httpx.AsyncClient) -> None:
+    deep = "[" * 60_000
+    response = await client.post("/v1/jobs", content=deep, headers={"content-type": "application/json"})
+    assert "nested too deeply" in assert_problem(response, 400)["detail"]
