@@ -108,6 +108,13 @@ async def test_keys_are_hashed_and_owners_see_only_their_own(stack: Stack) -> No
     ]:
         assert_problem(await stack.client.request(method, path, headers=bearer(bob)), 404)
     assert (await stack.client.get("/v1/jobs", headers=bearer(bob))).json()["items"] == []
+    # Idempotency keys are per owner: bob reusing alice's key makes bob's own job.
+    keyed = {"Idempotency-Key": "shared-key"}
+    fox = {"prompt": "a shared fox", "steps": 2}
+    first = await stack.client.post("/v1/jobs", json=fox, headers={**bearer(alice), **keyed})
+    other = await stack.client.post("/v1/jobs", json=fox, headers={**bearer(bob), **keyed})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+    assert other.json()["owner"] == "bob" and "idempotent-replayed" not in other.headers
     assert (await stack.client.get(image, headers=bearer(alice))).status_code == 200
     for message in (
         {"type": "subscribe", "job_id": job["id"]},
