@@ -88,6 +88,11 @@ class Outbox:
         self._queue.append(item)
         self._ready.set()
 
+    @property
+    def ready(self) -> bool:
+        """Is a message waiting (or an overflow to report)?"""
+        return bool(self._queue) or self._overflow
+
     async def next(self, timeout_s: float | None = None) -> Outgoing | None:
         """The next message to send; None after ``timeout_s`` of silence."""
         while not self._queue:
@@ -125,6 +130,10 @@ class Feed:
 
     async def next_unless(self, stop: asyncio.Event, timeout_s: float | None = None) -> Outgoing | None:
         """:meth:`next`, but None at once when ``stop`` is set (the server is shutting down)."""
+        if stop.is_set():
+            return None
+        if self.outbox.ready:  # the common case under load: no need to race anything
+            return await self.next()
         waiting = asyncio.ensure_future(self.next(timeout_s))
         stopping = asyncio.ensure_future(stop.wait())
         try:

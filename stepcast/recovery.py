@@ -20,7 +20,6 @@ by ``attempt``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.jobs import Job, Status
 from stepcast.settings import Settings
+from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,7 @@ class Recovery:
         )
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("recovery pass failed; trying again")
-            await asyncio.sleep(self.interval_s)
+        await every(self.interval_s, self.tick, "recovery")
 
     async def tick(self) -> bool:
         """One pass; False if another process holds the recovery lock."""

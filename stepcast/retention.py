@@ -9,12 +9,12 @@ history still shows the job, and its image URLs answer 410 Gone.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from stepcast.db import Database
 from stepcast.settings import Settings
 from stepcast.storage import Storage
+from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,7 @@ class Retention:
     async def run(self) -> None:
         if not self.retention_s:
             return  # images are kept forever
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("retention pass failed; trying again")
-            await asyncio.sleep(self.interval_s)
+        await every(self.interval_s, self.tick, "retention")
 
     async def tick(self) -> int | None:
         """One pass: the number of jobs whose images were deleted (None if another process runs it)."""

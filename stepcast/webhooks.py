@@ -39,6 +39,7 @@ from stepcast.db import Database
 from stepcast.jobs import timestamp, to_wire
 from stepcast.settings import Settings
 from stepcast.storage import Storage
+from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +84,16 @@ class WebhookSender:
         self.on_outcome = on_outcome or (lambda outcome: None)
 
     async def run(self) -> None:
-        while True:
-            try:
-                while await self.tick():
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("webhook pass failed; trying again")
-            await asyncio.sleep(self.settings.webhook_poll_s)
+        await every(self.settings.webhook_poll_s, self.tick, "webhook")
 
     async def tick(self) -> int:
-        """Send what is due; the number of deliveries attempted."""
+        """Send everything due, batch after batch; the number of deliveries attempted."""
         lease_s = self.settings.webhook_timeout_s * 3 + 30
-        due = await self.db.due_deliveries(lease_s=lease_s)
-        await asyncio.gather(*(self._deliver(delivery) for delivery in due))
-        return len(due)
+        attempted = 0
+        while due := await self.db.due_deliveries(lease_s=lease_s):
+            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+            attempted += len(due)
+        return attempted
 
     async def _deliver(self, delivery: Any) -> None:
         log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}

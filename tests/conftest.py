@@ -141,6 +141,16 @@ def settings(make_settings: Callable[..., Settings], request: pytest.FixtureRequ
     return make_settings(**getattr(request, "param", {}))
 
 
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
+    """Poll ``probe`` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := await probe():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true after {timeout_s} s")
+
+
 @dataclass
 class Stack:
     settings: Settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -121,7 +122,10 @@ async def test_random_websocket_frames_never_break_the_server_or_other_clients(s
 
 
 @pytest.mark.parametrize("settings", [{"auth": "keys", "requests_per_s_per_owner": 5}], indirect=True)
-async def test_each_owner_has_a_request_rate_limit(client: httpx.AsyncClient, settings: Settings) -> None:
+async def test_each_owner_has_a_request_rate_limit(
+    client: httpx.AsyncClient, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     _, busy = await make_key(settings, "busy")
     _, calm = await make_key(settings, "calm")
     answers = await asyncio.gather(*(client.get("/v1/jobs", headers=bearer(busy)) for _ in range(15)))
@@ -133,3 +137,6 @@ async def test_each_owner_has_a_request_rate_limit(client: httpx.AsyncClient, se
     assert (await client.get("/v1/jobs", headers=bearer(calm))).status_code == 200  # others unaffected
     await asyncio.sleep(1.1)
     assert (await client.get("/v1/jobs", headers=bearer(busy))).status_code == 200  # and it passes
+    revoked = await client.get("/v1/jobs", headers=bearer(busy + "x"))
+    assert revoked.status_code == 401
+    assert not any(busy in record.getMessage() for record in caplog.records)  # no key in any log line

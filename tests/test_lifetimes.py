@@ -6,38 +6,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from stepcast import queue
 from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.recovery import Recovery
 from stepcast.settings import Settings
-from tests.conftest import Stack, assert_problem
-
-LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}  # ~7 s here
-
-
-async def events_of(settings: Settings, job_id: str) -> list[dict[str, Any]]:
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        return await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)
-    finally:
-        await redis.aclose()
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := await probe():
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true after {timeout_s} s")
+from tests.conftest import Stack, assert_problem, eventually
+from tests.test_recovery import LONG_JOB, events_of
 
 
 # Recovery runs once at start-up, then not again during the test (interval 1 h).

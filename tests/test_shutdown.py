@@ -18,9 +18,8 @@ from websockets.exceptions import ConnectionClosed
 
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
-from tests.test_recovery import events_of, job_row, wait_for
+from tests.test_recovery import LONG_JOB, events_of, job_row, wait_for
 
-LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}  # ~7 s here
 SHORT_JOB = {"prompt": "a short night", "steps": 40, "width": 256, "height": 256}  # ~2 s here
 MEDIUM_JOB = {**SHORT_JOB, "steps": 80}  # ~4 s here
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from stepcast.processes import free_port
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
 from stepcast.webhooks import WebhookSender
-from tests.conftest import Stack, assert_problem
+from tests.conftest import Stack, assert_problem, eventually
 
 FAST = {"webhook_allow_private": True, "webhook_backoff_s": (0.2, 0.2), "webhook_poll_s": 0.1}
 
@@ -74,15 +73,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     yield state
     server.should_exit = True
     await task
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := await probe():
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true after {timeout_s} s")
 
 
 async def deliveries(stack: Stack, job_id: str) -> list[Any]:
