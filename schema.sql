@@ -52,6 +52,8 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS queue_expires_at timestamptz;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS idempotency_key text;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS request_hash text;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS images_expired_at timestamptz;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS pipeline_s double precision;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch_size integer;
 
 COMMENT ON TABLE jobs IS 'One row per generation request; the authoritative job state.';
 COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and the storage key prefix.';
@@ -76,6 +78,8 @@ COMMENT ON COLUMN jobs.error_code IS 'Machine-readable failure reason (pipeline_
 COMMENT ON COLUMN jobs.error_message IS 'Human-readable failure detail.';
 COMMENT ON COLUMN jobs.queue_s IS 'Seconds from creation to the claim of the attempt that finished.';
 COMMENT ON COLUMN jobs.run_s IS 'Seconds the finishing attempt ran, claim to terminal state.';
+COMMENT ON COLUMN jobs.pipeline_s IS 'Seconds of the model call that made the images (shared by every job in its batch).';
+COMMENT ON COLUMN jobs.batch_size IS 'How many jobs shared that model call (dynamic batching).';
 COMMENT ON COLUMN jobs.worker IS 'Worker id holding (or last holding) the job.';
 COMMENT ON COLUMN jobs.lease_expires_at IS 'Processing jobs only: the worker must heartbeat before this time.';
 COMMENT ON COLUMN jobs.cancel_requested IS 'Set by a cancel of a processing job; the worker stops at the next step.';

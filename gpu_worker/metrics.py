@@ -32,7 +32,13 @@ class WorkerMetrics:
         self.pipeline_seconds = Counter(
             "stepcast_worker_pipeline_seconds", "Seconds spent inside the model pipeline", registry=r
         )
-        self.busy = Gauge("stepcast_worker_busy", "1 while a job runs", registry=r)
+        self.busy = Gauge("stepcast_worker_busy", "1 while the pipeline runs a batch", registry=r)
+        self.batch_images = Histogram(
+            "stepcast_worker_batch_images",
+            "Images per pipeline call (dynamic batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
 
     def serve(self, settings: Settings) -> Callable[[], None]:
         """Serve /metrics if a port is set; returns what stops it."""

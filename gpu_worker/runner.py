@@ -1,15 +1,24 @@
-"""Runs one job: claim, generate on the pipeline thread, stream events, store, finish.
+"""Runs jobs: claim, generate on the pipeline thread, stream events, store, finish.
+
+arq hands the runner every job it takes; each waits in line until the
+dispatcher gives it the pipeline, alone or batched with compatible jobs
+(:mod:`gpu_worker.batching`). The dispatcher claims a batch in Postgres and
+starts it on the pipeline thread, and starts the next one the moment the
+thread is free: everything else a job needs (events, the lease, previews, PNG
+encoding, upload, the terminal write) happens on the event loop while the
+next batch runs, so the GPU does not wait for the control plane.
 
 The pipeline thread does nothing but denoise: each step hands the step number
-(and, when a preview is due, a copy of the latents) to the event loop, which
-publishes events, renews the lease, encodes previews and images and writes
-Postgres. A cancel, a lost lease, a time-out or a shutdown sets one flag that
-the step callback reads, so the GPU stops at the next step.
+(and, when a preview is due, a copy of the latents) to the event loop. A
+cancel, a lost lease, a time-out or a shutdown stops a job at once: it is
+recorded and published without waiting for its batch-mates, and the pipeline
+stops at the next step when no job in the batch still wants it.
 
 Postgres writes are retried through a restart or failover (``db_retry_s``);
 past that, the lease and the recovery pass take over. A worker shutting down
 hands its job back to the queue: the next worker runs it again, and the
-attempt does not count against ``max_attempts``.
+attempt does not count against ``max_attempts``. Jobs still waiting for the
+pipeline are released unclaimed (:class:`Released`).
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ from typing import Any
 from PIL import Image
 from redis.exceptions import RedisError
 
+from gpu_worker import batching
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.pipeline import Generation, Pipeline, preview_image
+from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image
 from stepcast.db import Database, retrying
 from stepcast.events import EventLog
-from stepcast.jobs import Job
+from stepcast.jobs import Job, Status
 from stepcast.params import JobParams
 from stepcast.settings import Settings
 from stepcast.storage import Storage, image_key
@@ -44,21 +54,53 @@ logger = logging.getLogger(__name__)
 PNG = "image/png"
 TERMINAL_EMIT_ATTEMPTS = 6  # about 6 s of back-off for a Redis blip at the end of a job
 
+Outcome = Generation | Exception
+
+
+class Released(Exception):
+    """The worker is shutting down before the job got the pipeline: it was never claimed."""
+
+
+@dataclass
+class _Waiting:
+    """A job arq handed over, not yet claimed: it waits for a place in a batch."""
+
+    job: Job
+    params: JobParams
+    claimed: asyncio.Future[_Active | None]
+
 
 @dataclass
 class _Active:
-    """A job this worker is running; shared with the heartbeat and cancel listener."""
+    """A claimed job; shared with the dispatcher, the heartbeat and the cancel listener."""
 
     job: Job
+    params: JobParams
     last_seq: int
+    batch: list[_Active] = field(default_factory=list)
+    outcome: asyncio.Future[Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    steps: asyncio.Queue[tuple[int, Any] | None] = field(default_factory=asyncio.Queue)
+    pipeline_s: float | None = None
     step: int = 0
     stop_reason: str | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def halt(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop.set()
+        self.stopped.set()
+
+    def batch_stops(self) -> bool:
+        """Whether the pipeline stops at the next step: nobody in the batch still wants it."""
+        return all(mate.stop.is_set() for mate in self.batch)
+
+
+def _params(waiting: _Waiting) -> JobParams:
+    return waiting.params
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -83,6 +125,8 @@ class JobRunner:
         pipeline: Pipeline,
         worker_id: str,
         metrics: WorkerMetrics | None = None,
+        *,
+        on_room: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -91,89 +135,225 @@ class JobRunner:
         self.pipeline = pipeline
         self.worker_id = worker_id
         self.metrics = metrics or WorkerMetrics()
+        self.on_room = on_room
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._waiting: list[_Waiting] = []
+        self._arrived = asyncio.Event()
         self._active: dict[uuid.UUID, _Active] = {}
+        self._entered = 0  # jobs inside run()
+        self._holding = 0  # of those, jobs not yet past the pipeline
+        self._busy = False
+        self._releasing = False
+        self._dispatcher: asyncio.Task[None] | None = None
 
-    def close(self) -> None:
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    async def aclose(self) -> None:
+        self.release_waiting()
         for active in self._active.values():
             active.halt("shutdown")
-        self._executor.shutdown(wait=True)
+        if self._dispatcher is not None:
+            await cancel_and_wait(self._dispatcher)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def request_cancel(self, job_id: uuid.UUID) -> None:
         active = self._active.get(job_id)
         if active is not None:
             active.halt("canceled")
 
+    def release_waiting(self) -> None:
+        """Shutting down: jobs that have not got the pipeline go back to the queue unclaimed."""
+        self._releasing = True
+        for waiting in self._waiting:
+            if not waiting.claimed.done():
+                waiting.claimed.set_exception(Released())
+        self._waiting.clear()
+
+    def held(self) -> int:
+        """Jobs this runner has and has not finished with the pipeline; arq counts the rest."""
+        return self._holding
+
+    def entered(self) -> int:
+        return self._entered
+
+    def wants(self) -> int:
+        """How many jobs it should hold: one batch for the pipeline, and the next while it runs."""
+        return self.settings.batch_size * (2 if self._busy else 1)
+
     async def _write(self, what: str, operation: Callable[[], Awaitable[Job | None]]) -> Job | None:
         return await retrying(operation, what=what, deadline_s=self.settings.db_retry_s)
 
     async def run(self, job_id: uuid.UUID) -> None:
-        job = await self._write(
-            "claim",
-            lambda: self.db.claim(
-                job_id,
-                worker=self.worker_id,
-                lease_s=self.settings.lease_s,
-                model_revision=self.pipeline.revision,
-            ),
-        )
+        """One arq job: wait for the pipeline, run, finish. Raises :class:`Released` on shutdown."""
+        self._entered += 1
+        self._holding += 1
+        holding = True
+
+        def let_go() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self._holding -= 1
+                self.on_room()
+
+        try:
+            if self._releasing:
+                raise Released()
+            job = await self._write("read", lambda: self.db.get_job(job_id))
+            if job is None or job.status is not Status.PENDING:
+                logger.info(
+                    "job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)}
+                )
+                return
+            waiting = _Waiting(
+                job, JobParams.from_json(job.params), asyncio.get_running_loop().create_future()
+            )
+            self._waiting.append(waiting)
+            self._arrived.set()
+            active = await waiting.claimed
+            if active is None:
+                return
+            self._active[active.job.id] = active
+            try:
+                await self._execute(active, let_go)
+            finally:
+                del self._active[active.job.id]
+        finally:
+            let_go()
+            self._entered -= 1
+
+    # The dispatcher: one batch on the pipeline thread at a time.
+
+    async def _dispatch(self) -> None:
+        while True:
+            try:
+                await self._dispatch_one()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("dispatcher failed; going on")
+                await asyncio.sleep(0.1)
+
+    async def _dispatch_one(self) -> None:
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        size, window = self.settings.batch_size, self.settings.batch_wait_s
+        if window > 0:
+            deadline = time.monotonic() + window
+            while (
+                batching.compatible_images(self._waiting, _params) < size
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+        batch = batching.take_batch(self._waiting, _params, size)
+        claimed = await asyncio.gather(*(self._claim(waiting) for waiting in batch))
+        actives = [active for active in claimed if active is not None]
+        if actives:
+            await self._run_batch(actives)
+
+    async def _claim(self, waiting: _Waiting) -> _Active | None:
+        job_id = waiting.job.id
+        try:
+            job = await self._write(
+                "claim",
+                lambda: self.db.claim(
+                    job_id,
+                    worker=self.worker_id,
+                    lease_s=self.settings.lease_s,
+                    model_revision=self.pipeline.revision,
+                ),
+            )
+        except Exception as exc:
+            if not waiting.claimed.done():
+                waiting.claimed.set_exception(exc)
+            return None
         if job is None:
             logger.info(
                 "job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)}
             )
-            return
-        active = _Active(job, last_seq=job.last_seq)
-        self._active[job.id] = active
-        self.metrics.busy.set(1)
-        try:
-            await self._execute(active)
-        finally:
-            self.metrics.busy.set(0)
-            del self._active[job.id]
+        if waiting.claimed.done():  # its arq task was cancelled (shutdown) meanwhile
+            if job is not None:
+                await self._write(
+                    "hand back", lambda: self.db.hand_back(job.id, job.attempt, last_seq=job.last_seq)
+                )
+            return None
+        active = _Active(job, waiting.params, last_seq=job.last_seq) if job is not None else None
+        waiting.claimed.set_result(active)
+        return active
 
-    async def _execute(self, active: _Active) -> None:
-        job = active.job
-        log = {"job_id": str(job.id), "attempt": job.attempt}
-        logger.info("job started", extra=log)
-        await self._emit(active, "started", {"attempt": job.attempt, "worker": self.worker_id})
-        params = JobParams.from_json(job.params)
+    async def _run_batch(self, actives: list[_Active]) -> None:
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
-        every = int(job.preview["every"]) if job.preview else 0
+        for active in actives:
+            active.batch = actives
+        requests = [
+            Request(active.params, self._step_reporter(active, loop), active.stop.is_set)
+            for active in actives
+        ]
+        self._busy = True
+        self.metrics.busy.set(1)
+        started = time.perf_counter()
+        try:
+            future = loop.run_in_executor(self._executor, batching.generate, self.pipeline, requests)
+            self.on_room()  # the next batch may gather while this one runs
+            try:
+                outcomes: list[Outcome] = await asyncio.shield(future)
+            except Exception as exc:  # batching.generate returns errors; this is the executor failing
+                outcomes = [exc] * len(actives)
+        finally:
+            elapsed = time.perf_counter() - started
+            self._busy = False
+            self.metrics.busy.set(0)
+            self.metrics.pipeline_seconds.inc(elapsed)
+            self.metrics.batch_images.observe(sum(a.params.num_images for a in actives))
+        for active, outcome in zip(actives, outcomes, strict=True):
+            active.pipeline_s = round(elapsed, 4)
+            active.outcome.set_result(outcome)
+
+    def _step_reporter(
+        self, active: _Active, loop: asyncio.AbstractEventLoop
+    ) -> Callable[[int, int, Any], None]:
+        every = int(active.job.preview["every"]) if active.job.preview else 0
 
         def on_step(step: int, total: int, latents: Any) -> None:
             # Pipeline thread: copy what a preview needs, hand over, return at once.
             wanted = latents is not None and every and (step % every == 0 or step == total)
             snapshot = latents.detach().to("cpu", copy=True) if wanted else None
-            loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot))
+            loop.call_soon_threadsafe(active.steps.put_nowait, (step, snapshot))
 
-        publisher = asyncio.create_task(self._publish_progress(active, steps, params))
+        return on_step
+
+    # One job, from its claim to its terminal state.
+
+    async def _execute(self, active: _Active, let_go: Callable[[], None]) -> None:
+        job = active.job
+        log = {"job_id": str(job.id), "attempt": job.attempt}
+        logger.info("job started", extra=log)
+        await self._emit(active, "started", {"attempt": job.attempt, "worker": self.worker_id})
+        publisher = asyncio.create_task(self._publish_progress(active))
         heartbeat = asyncio.create_task(self._heartbeat(active))
-        generation: Generation | None = None
-        error: BaseException | None = None
+        outcome: Outcome | None = None
         shutting_down = False
-        pipeline_started = time.perf_counter()
         try:
-            future = loop.run_in_executor(
-                self._executor, self.pipeline.generate, params, on_step, active.stop.is_set
-            )
             try:
-                generation = await asyncio.wait_for(asyncio.shield(future), self.settings.job_timeout_s)
+                outcome = await asyncio.wait_for(self._outcome(active), self.settings.job_timeout_s)
             except TimeoutError:
                 active.halt("timeout")
-                generation = await future
+                outcome = await self._outcome(active)
             except asyncio.CancelledError:
                 # The worker is stopping (its grace period is over): stop at the
                 # next step, hand the job back below, then let arq put it back.
                 shutting_down = True
                 active.halt("shutdown")
-                generation = await future
-        except Exception as exc:
-            error = exc
-            logger.exception("pipeline failed", extra=log)
+                outcome = await self._outcome(active)
         finally:
-            self.metrics.pipeline_seconds.inc(time.perf_counter() - pipeline_started)
-            steps.put_nowait(None)
+            let_go()
+            active.steps.put_nowait(None)
             try:
                 await publisher
             finally:
@@ -182,13 +362,14 @@ class JobRunner:
         reason = active.stop_reason
         if reason == "lost":
             logger.warning("job lost to another attempt; dropping this result", extra=log)
-        elif error is not None:
-            await self._fail(active, "pipeline_error", f"{type(error).__name__}: {error}")
+        elif isinstance(outcome, Exception):
+            logger.error("pipeline failed", exc_info=outcome, extra=log)
+            await self._fail(active, "pipeline_error", f"{type(outcome).__name__}: {outcome}")
         elif reason == "timeout":
             limit = self.settings.job_timeout_s
             await self._fail(active, "timeout", f"the job ran longer than its {limit:g} s time-out")
-        elif generation is not None and not generation.interrupted and reason in {None, "shutdown"}:
-            await self._complete(active, params, generation)  # finished before the stop took effect
+        elif outcome is not None and not outcome.interrupted and reason in {None, "shutdown"}:
+            await self._complete(active, outcome)  # finished before the stop took effect
         elif reason == "shutdown":
             await self._hand_back(active)
         else:
@@ -196,17 +377,32 @@ class JobRunner:
         if shutting_down:
             raise asyncio.CancelledError
 
-    async def _publish_progress(
-        self, active: _Active, steps: asyncio.Queue[tuple[int, Any] | None], params: JobParams
-    ) -> None:
+    async def _outcome(self, active: _Active) -> Outcome | None:
+        """The job's images once its batch is done; None if it stopped while its batch-mates go on."""
+        stopped = asyncio.ensure_future(active.stopped.wait())
+        waiters: set[asyncio.Future[Any]] = {active.outcome, stopped}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if active.outcome.done():
+            return active.outcome.result()
+        if not active.batch_stops():
+            return None
+        return await asyncio.shield(active.outcome)  # the pipeline stops at the next step
+
+    async def _publish_progress(self, active: _Active) -> None:
+        params = active.params
         started = time.monotonic()
         preview_px = (
             min(int(active.job.preview["max_px"]), max(params.width, params.height))
             if active.job.preview
             else 0
         )
-        while (item := await steps.get()) is not None:
+        while (item := await active.steps.get()) is not None:
             step, latents = item
+            if step <= active.step:  # a failed batch re-runs its jobs alone: report only new steps
+                continue
             active.step = step
             self.metrics.steps.inc()
             elapsed = time.monotonic() - started
@@ -242,8 +438,8 @@ class JobRunner:
             elif cancel:
                 active.halt("canceled")
 
-    async def _complete(self, active: _Active, params: JobParams, generation: Generation) -> None:
-        job = active.job
+    async def _complete(self, active: _Active, generation: Generation) -> None:
+        job, params = active.job, active.params
         records: list[dict[str, Any]] = []
         try:
             pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in generation.images])
@@ -268,14 +464,21 @@ class JobRunner:
         result = {"images": records}
 
         async def write(seq: int) -> Job | None:
-            return await self.db.complete(job.id, job.attempt, result=result, seq=seq)
+            return await self.db.complete(
+                job.id,
+                job.attempt,
+                result=result,
+                seq=seq,
+                pipeline_s=active.pipeline_s,
+                batch=len(active.batch),
+            )
 
         async def fields(done: Job) -> dict[str, Any]:
             images = [
                 {"url": await self.storage.url(r["key"]), **{k: v for k, v in r.items() if k != "key"}}
                 for r in records
             ]
-            return {"images": images, "timings": {"queue_s": done.queue_s, "run_s": done.run_s}}
+            return {"images": images, "timings": done.timings()}
 
         await self._finish(active, "completed", write, fields)
 

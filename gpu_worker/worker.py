@@ -1,9 +1,16 @@
 """The arq worker: one process per GPU, the model loaded once in ``on_startup``.
 
 arq is only the dispatcher here: results live in Postgres (arq keeps none, so a
-re-enqueue with the same ``_job_id`` is never refused), one job runs at a time
-(``max_jobs=1``: one pipeline, one GPU), and cancels travel through Postgres
-and a Redis channel rather than arq's abort.
+re-enqueue with the same ``_job_id`` is never refused), one pipeline call runs
+at a time (the runner batches and pipelines the jobs arq hands it), and
+cancels travel through Postgres and a Redis channel rather than arq's abort.
+
+Changes to arq's loop (:class:`GpuWorker`): a submit wakes the worker at once
+instead of at its next poll; it takes only the jobs the runner can use (the
+running batch and the next one), so an idle worker beside it gets the rest;
+its hold on each job (arq's in-progress key) lasts one lease and is renewed
+while it lives, so jobs a dead worker had taken are free again within a lease;
+and a Redis restart does not end it.
 
     python -m gpu_worker.worker          # or: arq gpu_worker.worker.WorkerSettings
 """
@@ -17,21 +24,23 @@ import math
 import os
 import socket
 import uuid
+from signal import Signals
 from typing import Any
 
 from arq import func
 from arq.connections import RedisSettings
-from arq.worker import Worker
+from arq.constants import in_progress_key_prefix
+from arq.worker import Retry, Worker
 from redis.exceptions import RedisError
 
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
-from gpu_worker.runner import JobRunner
+from gpu_worker.runner import JobRunner, Released
 from stepcast import liveness, logs
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
-from stepcast.queue import TASK_NAME
+from stepcast.queue import TASK_NAME, wake_channel
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
@@ -45,42 +54,100 @@ ARQ_TRIES = 1_000_000
 REDIS_DOWN_PAUSE_S = 1.0
 
 
-class ResilientWorker(Worker):
-    """arq's worker, made to outlive a Redis restart.
+class GpuWorker(Worker):
+    """arq's worker, made to keep a GPU fed and to outlive a Redis restart."""
 
-    arq lets a Redis error in its poll loop end the process; here the loop
-    logs it and polls again once Redis answers. The running job goes on
-    meanwhile (its results go to Postgres), and the recovery pass enqueues
-    again whatever a wiped Redis forgot.
-    """
+    def __init__(self, *args: Any, idle_poll_s: float, lease_s: float, renew_s: float, **kwargs: Any) -> None:
+        # arq's own poll loop does not pause; _poll_iteration waits for a wake-up instead.
+        super().__init__(*args, poll_delay=0, **kwargs)
+        self.idle_poll_s = idle_poll_s
+        self.in_progress_timeout_s = lease_s
+        self.renew_s = renew_s
+        self.runner: JobRunner | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     async def _poll_iteration(self) -> None:
+        self._wake.clear()
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
+            # arq would let this end the process. The running jobs go on (their
+            # results go to Postgres); recovery enqueues what a wiped Redis forgot.
             logger.warning("queue unreachable (%s); polling again in %.0f s", exc, REDIS_DOWN_PAUSE_S)
             await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+
+    def _held(self, runner: JobRunner) -> int:
+        """Jobs taken and not yet through the pipeline (arq's tasks not yet in the runner included)."""
+        return self.job_counter - runner.entered() + runner.held()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        runner = self.runner
+        for job_id in job_ids:
+            if runner is not None and self._held(runner) >= runner.wants():
+                return
+            await super().start_jobs([job_id])
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.wake()
+
+    async def renew_holds(self) -> None:
+        """Keep arq's in-progress keys of the jobs this worker holds alive for one more lease."""
+        while True:
+            await asyncio.sleep(self.renew_s)
+            if not self.tasks:
+                continue
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in list(self.tasks):
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(self.in_progress_timeout_s * 1000))
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                logger.warning("could not renew the hold on queued jobs: %s", exc)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        if self.runner is not None:
+            self.runner.release_waiting()
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: Signals) -> None:
+        if self.runner is not None:
+            self.runner.release_waiting()
+        super().handle_sig(signum)
 
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     runner: JobRunner = ctx["runner"]
-    await runner.run(uuid.UUID(job_id))
+    try:
+        await runner.run(uuid.UUID(job_id))
+    except Released:
+        raise Retry(defer=0) from None  # back on the queue, in its place, for the next worker
 
 
-async def _listen_for_cancels(runner: JobRunner, ctx: dict[str, Any]) -> None:
-    """Cancel requests arrive here at once; the heartbeat re-reads Postgres as a fallback."""
+async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], queue_name: str) -> None:
+    """Cancel requests and wake-ups arrive here at once; polls and heartbeats are the fallback."""
+    wake = wake_channel(queue_name)
     pubsub = ctx["redis"].pubsub(ignore_subscribe_messages=True)
     while True:
         try:
-            await pubsub.subscribe(CANCEL_CHANNEL)
+            await pubsub.subscribe(CANCEL_CHANNEL, wake)
             async for message in pubsub.listen():
+                if message["channel"].decode() == wake:
+                    worker.wake()
+                    continue
                 with contextlib.suppress(ValueError):
                     runner.request_cancel(uuid.UUID(message["data"].decode()))
         except asyncio.CancelledError:
             await pubsub.aclose()
             raise
         except Exception:
-            logger.exception("cancel listener lost Redis; retrying")
+            logger.exception("listener lost Redis; retrying")
             await asyncio.sleep(1)
 
 
@@ -92,32 +159,40 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
         ensure(settings.model_dir)
     return DiffusersPipeline.load(
-        settings.model_dir, name=settings.model_name, device=settings.device, dtype=settings.dtype
+        settings.model_dir,
+        name=settings.model_name,
+        device=settings.device,
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+        compile_unet=settings.torch_compile,
     )
 
 
 def create_worker(
     settings: Settings, *, pipeline: Pipeline | None = None, handle_signals: bool = True
-) -> Worker:
+) -> GpuWorker:
     """An arq Worker wired to stepcast; pass ``pipeline`` to reuse one already loaded."""
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     async def startup(ctx: dict[str, Any]) -> None:
         stack = contextlib.AsyncExitStack()
         ctx["stack"] = stack
-        db = await Database.connect(settings.database_url, max_size=4)
+        # Claims of a batch, each job's heartbeat and the finishing writes run at once.
+        db = await Database.connect(settings.database_url, max_size=4 + 2 * settings.batch_size)
         stack.push_async_callback(db.close)
         await db.migrate()
         storage = await stack.enter_async_context(open_storage(settings))
         loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
         events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
         metrics = WorkerMetrics()
-        runner = JobRunner(settings, db, events, storage, loaded, worker_id, metrics)
+        runner = JobRunner(settings, db, events, storage, loaded, worker_id, metrics, on_room=worker.wake)
         stack.callback(metrics.serve(settings))
-        stack.callback(runner.close)
-        ctx["runner"] = runner
+        stack.push_async_callback(runner.aclose)
+        runner.start()
+        ctx["runner"] = worker.runner = runner
         background_tasks = [
-            _listen_for_cancels(runner, ctx),
+            _listen(worker, runner, ctx, settings.queue_name),
+            worker.renew_holds(),
             Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
             Retention.from_settings(settings, db, storage).run(),
         ]
@@ -131,15 +206,16 @@ def create_worker(
         if "stack" in ctx:
             await ctx["stack"].aclose()
 
-    return ResilientWorker(
+    worker = GpuWorker(
         functions=[
             # Postgres counts attempts (and fences them); arq may offer a job as
-            # often as it likes: a claim that is not due matches no row.
+            # often as it likes: a claim that is not due matches no row. A job
+            # may wait for the batch before it, then run: twice the time-out.
             func(
                 run_job,
                 name=TASK_NAME,
                 keep_result=0,
-                timeout=settings.job_timeout_s + 60,
+                timeout=2 * settings.job_timeout_s + 60,
                 max_tries=ARQ_TRIES,
             )
         ],
@@ -147,16 +223,22 @@ def create_worker(
         queue_name=settings.queue_name,
         on_startup=startup,
         on_shutdown=shutdown,
-        max_jobs=1,
+        # The runner decides how many it takes (start_jobs); this bounds the
+        # jobs still finishing (upload, terminal write) behind the pipeline.
+        max_jobs=4 * settings.batch_size,
         keep_result=0,
-        # SIGTERM: stop taking jobs, let the running one finish for the grace
-        # period, then cancel it: the runner stops it at the next step and
-        # hands it back, and arq leaves it queued for the next worker.
+        # SIGTERM: stop taking jobs, release the ones waiting for the pipeline,
+        # let the running ones finish for the grace period, then cancel them:
+        # the runner stops them at the next step and hands them back, and arq
+        # leaves them queued for the next worker.
         job_completion_wait=math.ceil(settings.shutdown_grace_s),
-        poll_delay=settings.poll_delay_s,
+        idle_poll_s=settings.poll_delay_s,
+        lease_s=settings.lease_s,
+        renew_s=settings.heartbeat_s,
         handle_signals=handle_signals,
         log_results=False,
     )
+    return worker
 
 
 def main() -> None:

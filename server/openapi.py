@@ -158,7 +158,12 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         },
         "timings": {
             "type": ["object", "null"],
-            "properties": {"queue_s": {"type": ["number", "null"]}, "run_s": {"type": ["number", "null"]}},
+            "properties": {
+                "queue_s": {"type": ["number", "null"]},
+                "run_s": {"type": ["number", "null"]},
+                "pipeline_s": {"type": ["number", "null"]},
+                "batch_size": {"type": ["integer", "null"], "minimum": 1},
+            },
         },
         "last_seq": {"type": "integer", "minimum": 0},
         "images_expired_at": NULLABLE_TIME,

@@ -322,16 +322,23 @@ class Database:
         return None if value is None else bool(value)
 
     async def complete(
-        self, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], seq: int
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        *,
+        result: dict[str, Any],
+        seq: int,
+        pipeline_s: float | None = None,
+        batch: int | None = None,
     ) -> Job | None:
         row = await self.pool.fetchrow(
             f"""
             UPDATE jobs SET status = 'completed', result = $3, last_seq = $4,
-                progress_step = progress_total, {_FINISH_TIMES}
+                progress_step = progress_total, pipeline_s = $5, batch_size = $6, {_FINISH_TIMES}
             WHERE id = $1 AND attempt = $2 AND status = 'processing'
             RETURNING *
             """,
-            job_id, attempt, result, seq,
+            job_id, attempt, result, seq, pipeline_s, batch,
         )  # fmt: skip
         return Job.from_record(row) if row else None
 

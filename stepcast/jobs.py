@@ -59,12 +59,25 @@ class Job:
     idempotency_key: str | None
     request_hash: str | None
     images_expired_at: datetime | None
+    pipeline_s: float | None
+    batch_size: int | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:
         fields = {name: record[name] for name in cls.__dataclass_fields__}
         fields["status"] = Status(fields["status"])
         return cls(**fields)
+
+    def timings(self) -> dict[str, Any] | None:
+        """Where the time went: waiting, the whole run, and the model call (shared by its batch)."""
+        if self.queue_s is None and self.run_s is None:
+            return None
+        return {
+            "queue_s": self.queue_s,
+            "run_s": self.run_s,
+            "pipeline_s": self.pipeline_s,
+            "batch_size": self.batch_size,
+        }
 
     @property
     def image_keys(self) -> list[str]:
@@ -99,9 +112,6 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
     error = None
     if job.error_code is not None:
         error = {"code": job.error_code, "message": job.error_message or ""}
-    timings = None
-    if job.queue_s is not None or job.run_s is not None:
-        timings = {"queue_s": job.queue_s, "run_s": job.run_s}
     return {
         "id": str(job.id),
         "status": job.status.value,
@@ -116,7 +126,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "finished_at": timestamp(job.finished_at),
         "result": result,
         "error": error,
-        "timings": timings,
+        "timings": job.timings(),
         "last_seq": job.last_seq,
         "images_expired_at": timestamp(job.images_expired_at),
         "preview": job.preview,

@@ -2,6 +2,11 @@
 
 The arq job id is the stepcast job id, so enqueueing twice is harmless: arq
 refuses a ``_job_id`` that is already queued.
+
+arq workers poll their queue (every ``poll_delay_s``); an enqueue also
+publishes on the queue's wake channel, so an idle worker starts the job within
+milliseconds rather than at its next poll. A wake-up lost in a reconnect costs
+one poll interval, nothing more.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ TASK_NAME = "run_job"
 # How long arq keeps a job key; Postgres and the recovery pass outlive it.
 ARQ_EXPIRY = timedelta(days=1)
 KEEPALIVE = {socket.TCP_KEEPIDLE: 30, socket.TCP_KEEPINTVL: 10, socket.TCP_KEEPCNT: 3}
+
+
+def wake_channel(queue_name: str) -> str:
+    return f"stepcast:wake:{queue_name}"
 
 
 def connect(redis_url: str) -> ArqRedis:
@@ -49,4 +58,7 @@ async def enqueue(
         _defer_until=place,
         _expires=ARQ_EXPIRY if place is not None else None,
     )
-    return job is not None
+    if job is None:
+        return False
+    await arq.publish(wake_channel(queue_name), b"")
+    return True

@@ -123,7 +123,7 @@ def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable
             "redis_url": redis_url,
             "storage_dir": tmp_path / "images",
             "default_size_px": 64,
-            "poll_delay_s": 0.01,
+            "poll_delay_s": 0.5,  # wake-ups start jobs; a missed one would show as slow tests
             "heartbeat_s": 0.2,
             "port": free_port(),
             # Tests about something else run as one user; tests/test_auth.py uses keys.

@@ -190,7 +190,8 @@ async def test_wire_shape_of_a_finished_job(stack: Stack) -> None:
         "guidance_scale",
         "model",
     }
-    assert set(job["timings"]) == {"queue_s", "run_s"}
+    assert set(job["timings"]) == {"queue_s", "run_s", "pipeline_s", "batch_size"}
+    assert 0 < job["timings"]["pipeline_s"] <= job["timings"]["run_s"] and job["timings"]["batch_size"] == 1
     assert set(job["result"]["images"][0]) == {"url", "width", "height", "seed", "content_type"}
     json.dumps(job)
     uuid.UUID(job["id"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpu_worker.pipeline import DiffusersPipeline, directory_revision
+from gpu_worker.pipeline import DiffusersPipeline, Request, directory_revision
 from gpu_worker.tiny_model import build, ensure
 from stepcast.params import JobParams
 
@@ -32,7 +32,9 @@ def test_build_writes_a_from_pretrained_directory(tmp_path: Path) -> None:
         prompt="a red fox", negative_prompt=None, model="tiny", steps=4, width=64, height=64,
         guidance_scale=7.5, seed=3, num_images=1, scheduler=None,
     )  # fmt: skip
-    result = loaded.generate(params, lambda step, total, latents: seen.append(step), lambda: False)
+    [result] = loaded.generate(
+        [Request(params, lambda step, total, latents: seen.append(step), lambda: False)]
+    )
     assert seen == [1, 2, 3, 4] and not result.interrupted
     assert result.images[0].size == (64, 64)
 
@@ -52,5 +54,7 @@ def test_stop_flag_interrupts_within_a_step(pipeline: DiffusersPipeline) -> None
         prompt="p", negative_prompt=None, model="tiny", steps=50, width=64, height=64,
         guidance_scale=7.5, seed=1, num_images=1, scheduler=None,
     )  # fmt: skip
-    result = pipeline.generate(params, lambda step, total, latents: seen.append(step), lambda: len(seen) >= 3)
+    [result] = pipeline.generate(
+        [Request(params, lambda step, total, latents: seen.append(step), lambda: len(seen) >= 3)]
+    )
     assert result.interrupted and seen == [1, 2, 3]

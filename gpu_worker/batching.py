@@ -1,0 +1,77 @@
+"""Dynamic batching: compatible waiting jobs share one pipeline call.
+
+Jobs are compatible when one denoising loop can run them together: the same
+size, steps, scheduler and guidance (a worker serves one model). The oldest
+waiting job always goes first and takes compatible jobs from behind it, up to
+``batch_size`` images; an incompatible job keeps its place for the next batch.
+
+A batch is an implementation detail a client never sees: every job keeps its
+own seeds (one generator per image, so its pictures do not depend on its
+batch-mates), its own progress events and result, and fails alone. When a
+batch call raises (an out-of-memory error at a large batch, one bad request),
+each job is run again by itself, so one job's failure is its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from gpu_worker.pipeline import Generation, Pipeline, Request
+from stepcast.params import JobParams
+
+logger = logging.getLogger(__name__)
+
+BatchKey = tuple[int, int, int, str | None, float]
+T = TypeVar("T")
+
+
+def batch_key(params: JobParams) -> BatchKey:
+    return (params.width, params.height, params.steps, params.scheduler, params.guidance_scale)
+
+
+def take_batch(waiting: list[T], params_of: Callable[[T], JobParams], batch_size: int) -> list[T]:
+    """Remove and return the next batch: the oldest job and the compatible ones behind it.
+
+    ``batch_size`` counts images; the oldest job always goes, even when it
+    alone asks for more images than that.
+    """
+    if not waiting:
+        return []
+    head = waiting[0]
+    key = batch_key(params_of(head))
+    batch, images = [head], params_of(head).num_images
+    for item in waiting[1:]:
+        params = params_of(item)
+        if batch_key(params) == key and images + params.num_images <= batch_size:
+            batch.append(item)
+            images += params.num_images
+    for item in batch:
+        waiting.remove(item)
+    return batch
+
+
+def compatible_images(waiting: Sequence[T], params_of: Callable[[T], JobParams]) -> int:
+    """How many images the oldest waiting job could be batched with, itself included."""
+    if not waiting:
+        return 0
+    key = batch_key(params_of(waiting[0]))
+    return sum(params_of(item).num_images for item in waiting if batch_key(params_of(item)) == key)
+
+
+def generate(pipeline: Pipeline, requests: Sequence[Request]) -> list[Generation | Exception]:
+    """Run a batch on the pipeline thread; each job's images, or the error that was its own."""
+    try:
+        return list(pipeline.generate(requests))
+    except Exception as exc:
+        if len(requests) == 1:
+            return [exc]
+        logger.warning("batch of %d failed (%s); running each job alone", len(requests), exc)
+    outcomes: list[Generation | Exception] = []
+    for request in requests:
+        try:
+            outcomes.extend(pipeline.generate([request]))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes

@@ -1,0 +1,185 @@
+"""Dynamic batching and the worker's hold on its queue: compatible jobs share a
+pipeline call yet keep their own seeds, events, results, failures and cancels;
+an idle worker starts a job on a wake-up rather than at its next poll; jobs a
+dead worker had taken but not started are free again within a lease."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from redis.asyncio import Redis
+
+from gpu_worker.batching import take_batch
+from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
+from stepcast.params import JobParams
+from stepcast.settings import Settings
+from tests.conftest import Stack, StepcastProcess, eventually
+from tests.test_recovery import FAST_RECOVERY, events_of, job_row, wait_for
+
+BATCHED = {"batch_size": 4, "batch_wait_s": 1.0}  # jobs submitted together meet in one batch
+
+
+def params(prompt: str = "a red fox", *, seed: int = 1, **overrides: Any) -> JobParams:
+    values: dict[str, Any] = {
+        "prompt": prompt, "negative_prompt": None, "model": "tiny", "steps": 4, "width": 64, "height": 64,
+        "guidance_scale": 7.5, "seed": seed, "num_images": 1, "scheduler": None,
+    }  # fmt: skip
+    return JobParams(**{**values, **overrides})
+
+
+def request(p: JobParams) -> Request:
+    return Request(p, lambda step, total, latents: None, lambda: False)
+
+
+def pixels(image: Image.Image) -> np.ndarray[Any, Any]:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_a_batch_is_the_oldest_job_and_the_compatible_ones_behind_it() -> None:
+    waiting = [
+        params("a", steps=4),
+        params("b", steps=8),  # other steps: not compatible
+        params("c", steps=4, num_images=2),
+        params("d", steps=4, guidance_scale=3.0),  # other guidance: not compatible
+        params("e", steps=4, num_images=2),  # would make 5 images: over the batch size
+        params("f", steps=4),
+    ]
+    batch = take_batch(waiting, lambda p: p, batch_size=4)
+    assert [p.prompt for p in batch] == ["a", "c", "f"]
+    assert [p.prompt for p in waiting] == ["b", "d", "e"]  # in their order, for the next batches
+    assert [p.prompt for p in take_batch(waiting, lambda p: p, batch_size=4)] == ["b"]
+    big = [params("g", num_images=4), params("h")]
+    assert [p.prompt for p in take_batch(big, lambda p: p, batch_size=2)] == ["g"]  # the oldest always goes
+
+
+def test_an_image_does_not_depend_on_what_it_was_batched_with(pipeline: DiffusersPipeline) -> None:
+    fox = params("a red fox", seed=5)
+    [alone] = pipeline.generate([request(fox)])
+    mates = [params("a blue sea", seed=9, num_images=2), fox, params("night", seed=7, negative_prompt="day")]
+    batched = pipeline.generate([request(p) for p in mates])
+    assert [len(g.images) for g in batched] == [2, 1, 1]
+    # The same picture; a batched matmul may round differently by one level.
+    assert np.abs(pixels(alone.images[0]) - pixels(batched[1].images[0])).max() <= 1
+    # ...and the comparison can tell pictures apart.
+    assert np.abs(pixels(alone.images[0]) - pixels(batched[0].images[0])).mean() > 5
+
+
+@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_results(
+    stack: Stack, pipeline: DiffusersPipeline
+) -> None:
+    seeds = [11, 12, 13]
+    jobs = await asyncio.gather(*(stack.submit(prompt=f"fox {s}", seed=s, steps=8) for s in seeds))
+    other = await stack.submit(prompt="other steps", steps=6)
+    done = [await stack.wait(job["id"]) for job in [*jobs, other]]
+    assert [job["status"] for job in done] == ["completed"] * 4
+    batched, alone = done[:3], done[3]
+    assert {job["timings"]["batch_size"] for job in batched} == {3}
+    assert len({job["timings"]["pipeline_s"] for job in batched}) == 1  # one call
+    assert alone["timings"]["batch_size"] == 1
+    for job, seed in zip(batched, seeds, strict=True):
+        events = await events_of(stack.settings, job["id"])
+        assert [e["type"] for e in events] == ["queued", "started", *["progress"] * 8, "completed"]
+        assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, 9))
+        assert job["result"]["images"][0]["seed"] == seed
+        [solo] = pipeline.generate([request(params(f"fox {seed}", seed=seed, steps=8))])
+        stored = Image.open(stack.settings.storage_dir / job["id"] / "0.png")
+        assert np.abs(pixels(stored) - pixels(solo.images[0])).max() <= 1
+
+
+@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+async def test_canceling_one_job_of_a_batch_leaves_the_others_running(stack: Stack) -> None:
+    jobs = await asyncio.gather(*(stack.submit(prompt=f"long {i}", seed=i, steps=150) for i in range(3)))
+    victim = jobs[1]["id"]
+
+    async def under_way() -> bool:
+        job = (await stack.client.get(f"/v1/jobs/{victim}")).json()
+        return bool(job["progress"]["step"] >= 3)
+
+    await eventually(under_way)
+    assert (await stack.client.post(f"/v1/jobs/{victim}/cancel")).status_code == 202
+    canceled = await stack.wait(victim)
+    others = [await stack.wait(job["id"], timeout_s=60) for job in (jobs[0], jobs[2])]
+    assert canceled["status"] == "canceled" and canceled["progress"]["step"] < 150
+    assert [job["status"] for job in others] == ["completed", "completed"]
+    assert {job["timings"]["batch_size"] for job in others} == {3}
+    assert all(canceled["finished_at"] < job["finished_at"] for job in others)  # it did not wait for them
+    events = await events_of(stack.settings, victim)
+    assert events[-1]["type"] == "canceled" and all(e["type"] != "completed" for e in events)
+
+
+class ExplodingPipeline:
+    """The real pipeline, except that a batch holding an "explode" prompt raises."""
+
+    def __init__(self, inner: DiffusersPipeline) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.revision = inner.revision
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        if any("explode" in r.params.prompt for r in requests):
+            raise RuntimeError("out of memory (injected)")
+        return self.inner.generate(requests)
+
+
+@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+async def test_a_failing_job_fails_alone(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+) -> None:
+    await run_worker(settings, with_pipeline=ExplodingPipeline(pipeline))
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        prompts = ["calm", "explode", "quiet"]
+        jobs = await asyncio.gather(
+            *(client.post("/v1/jobs", json={"prompt": p, "steps": 4}) for p in prompts)
+        )
+        ids = [job.json()["id"] for job in jobs]
+        done = [await wait_for(client, i, lambda j: j["status"] in {"completed", "failed"}) for i in ids]
+    assert [job["status"] for job in done] == ["completed", "failed", "completed"]
+    assert done[1]["error"] == {"code": "pipeline_error", "message": "RuntimeError: out of memory (injected)"}
+    for job in (done[0], done[2]):
+        events = await events_of(settings, job["id"])
+        steps = [e["step"] for e in events if e["type"] == "progress"]
+        assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # re-run alone, reported once
+
+
+@pytest.mark.parametrize("settings", [{"poll_delay_s": 5.0}], indirect=True)
+async def test_an_idle_worker_starts_a_job_on_a_wake_up_not_at_its_next_poll(stack: Stack) -> None:
+    await asyncio.sleep(1)  # the worker has polled and is idle, 5 s from its next poll
+    for _ in range(3):
+        job = await stack.wait((await stack.submit(steps=1))["id"])
+        assert job["timings"]["queue_s"] < 0.5, job["timings"]
+
+
+@pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "batch_size": 1}], indirect=True)
+async def test_jobs_a_dead_worker_held_but_never_started_are_free_within_a_lease(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> None:
+    long_job = {"prompt": "a long night", "steps": 150}
+    worker = await spawn("gpu_worker.worker", settings)
+    redis = Redis.from_url(settings.redis_url)
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        first, second = [(await client.post("/v1/jobs", json=long_job)).json()["id"] for _ in range(2)]
+        await wait_for(client, first, lambda job: job["progress"]["step"] >= 3)
+        # The worker holds the second job (arq's in-progress key) while the first runs.
+        assert await eventually(lambda: redis.exists(f"arq:in-progress:{second}"), timeout_s=5)
+        assert (await client.get(f"/v1/jobs/{second}")).json()["status"] == "pending"
+        worker.kill()
+        await run_worker(settings)
+        for job_id in (first, second):
+            await wait_for(client, job_id, lambda job: job["status"] == "completed")
+    await redis.aclose()
+    assert (await job_row(settings, uuid.UUID(second)))["attempt"] == 1  # never claimed by the dead one
+    assert (await job_row(settings, uuid.UUID(first)))["attempt"] == 2
