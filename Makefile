@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check bench deps venv tiny-model clean
+.PHONY: run test check bench bench-gpu deps venv tiny-model clean
 
 run: deps venv
 	$(VENV)/bin/stepcast run
@@ -22,10 +22,17 @@ check: venv
 	$(VENV)/bin/mypy
 
 # Benchmarks print their figures and write them to .data/bench/*.json.
+# bench.gpu needs a CUDA GPU: `make bench-gpu` on a GPU machine.
 bench: deps venv
+	$(PY) -m bench.overhead --jobs 60
+	$(PY) -m bench.batching --jobs 64 --sizes 1 2 4 8
+	$(PY) -m bench.controlplane --jobs 2000 --workers 2
 	$(PY) -m bench.previews
 	$(PY) -m bench.ws_fanout --clients 100 1000
 	$(PY) -m bench.soak --jobs 1000 --kill-every 3
+
+bench-gpu: venv
+	$(PY) -m bench.gpu
 
 tiny-model: venv
 	$(VENV)/bin/stepcast tiny-model

@@ -93,6 +93,9 @@ CREATE INDEX IF NOT EXISTS jobs_owner_created_idx ON jobs (owner, created_at DES
 CREATE INDEX IF NOT EXISTS jobs_owner_status_created_idx ON jobs (owner, status, created_at DESC, id DESC);
 -- Queue position: pending jobs of a queue in arrival order.
 CREATE INDEX IF NOT EXISTS jobs_pending_idx ON jobs (queue, created_at, id) WHERE status = 'pending';
+-- Unfinished jobs per queue: what KEDA's postgresql trigger counts every
+-- polling interval (deploy/k8s), without reading the finished history.
+CREATE INDEX IF NOT EXISTS jobs_unfinished_idx ON jobs (queue) WHERE status IN ('pending', 'processing');
 -- ETA: recent run times of finished jobs.
 CREATE INDEX IF NOT EXISTS jobs_completed_finished_idx ON jobs (queue, finished_at DESC) WHERE status = 'completed';
 -- Idempotency: one job per owner and key.

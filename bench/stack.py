@@ -21,19 +21,43 @@ BENCH_DIR = DATA_DIR / "bench"
 
 @dataclass
 class Running:
-    http_url: str
-    ws_url: str
+    servers: list[subprocess.Popen[bytes]]
+    ports: list[int]
     redis_url: str
     database_url: str
-    server_pid: int
     workers: list[subprocess.Popen[bytes]]
     start_worker: Callable[[], subprocess.Popen[bytes]]
+
+    @property
+    def http_url(self) -> str:
+        return self.http_urls[0]
+
+    @property
+    def ws_url(self) -> str:
+        return self.ws_urls[0]
+
+    @property
+    def http_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    @property
+    def ws_urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{port}/v1/ws" for port in self.ports]
+
+    @property
+    def server_pid(self) -> int:
+        return self.servers[0].pid
 
     def replace_worker(self, index: int) -> None:
         """SIGKILL worker ``index`` (no goodbye: its lease just stops) and start a new one."""
         self.workers[index].kill()
         self.workers[index].wait(30)
         self.workers[index] = self.start_worker()
+
+    def kill_server(self, index: int) -> None:
+        """SIGKILL server ``index``: its sockets drop, its clients go to another server."""
+        self.servers[index].kill()
+        self.servers[index].wait(30)
 
 
 @contextlib.contextmanager
@@ -47,51 +71,58 @@ def services(name: str) -> Iterator[tuple[LocalPostgres, LocalRedis]]:
 
 @contextlib.contextmanager
 def stepcast(
-    name: str, postgres: LocalPostgres, redis: LocalRedis, *, workers: int, env: dict[str, str]
+    name: str,
+    postgres: LocalPostgres,
+    redis: LocalRedis,
+    *,
+    workers: int,
+    env: dict[str, str],
+    servers: int = 1,
 ) -> Iterator[Running]:
-    """Server and workers on a fresh database and an empty Redis."""
+    """Server processes and workers on a fresh database and an empty Redis."""
     database = f"bench_{int(time.time() * 1000)}"
     postgres.create_database(database)
     subprocess.run(["redis-cli", "-p", str(redis.port), "flushall"], check=True, capture_output=True)
-    port = free_port()
     settings = {
         **os.environ,
         "STEPCAST_DATABASE_URL": postgres.dsn(database),
         "STEPCAST_REDIS_URL": redis.url(),
-        "STEPCAST_PORT": str(port),
         "STEPCAST_LOG_LEVEL": "WARNING",
         "STEPCAST_AUTH": "single_user",  # loopback only
         "STEPCAST_STORAGE_DIR": str(BENCH_DIR / name / "images"),
         **env,
     }
+    ports = [free_port() for _ in range(servers)]
     log_path = BENCH_DIR / name / "processes.log"
     with open(log_path, "ab") as log:
 
-        def start_worker() -> subprocess.Popen[bytes]:
+        def start(module: str, extra: Mapping[str, str]) -> subprocess.Popen[bytes]:
             return subprocess.Popen(
-                [sys.executable, "-m", "gpu_worker.worker"], env=settings, cwd=ROOT, stdout=log, stderr=log
+                [sys.executable, "-m", module], env={**settings, **extra}, cwd=ROOT, stdout=log, stderr=log
             )
 
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server.app"], env=settings, cwd=ROOT, stdout=log, stderr=log
-        )
+        def start_worker() -> subprocess.Popen[bytes]:
+            return start("gpu_worker.worker", {})
+
+        front = [start("server.app", {"STEPCAST_PORT": str(port)}) for port in ports]
         fleet = [start_worker() for _ in range(workers)]
         try:
-            wait_for_port(port, server, 30, log_path)
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
+            for port, server in zip(ports, front, strict=True):
+                wait_for_port(port, server, 30, log_path)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
             yield Running(
-                http_url=f"http://127.0.0.1:{port}",
-                ws_url=f"ws://127.0.0.1:{port}/v1/ws",
+                servers=front,
+                ports=ports,
                 redis_url=redis.url(),
                 database_url=postgres.dsn(database),
-                server_pid=server.pid,
                 workers=fleet,
                 start_worker=start_worker,
             )
         finally:
-            for process in [server, *fleet]:
-                process.terminate()
-            for process in [server, *fleet]:
+            for process in [*front, *fleet]:
+                if process.poll() is None:
+                    process.terminate()
+            for process in [*front, *fleet]:
                 process.wait(30)
 
 

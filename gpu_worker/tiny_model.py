@@ -6,6 +6,10 @@ factor, a byte-level BPE tokenizer) at a size that runs 64x64 in well under a
 second on a CPU. It is saved with ``save_pretrained`` and served through exactly
 the ``from_pretrained`` path a real model directory takes.
 
+``--shape sd15`` builds the same thing at Stable Diffusion 1.5's full size
+(its UNet, VAE and CLIP ViT-L text encoder configurations: the same FLOPs and
+memory as the real model, random weights) for GPU benchmarks (``bench.gpu``).
+
     python -m gpu_worker.tiny_model .data/models/tiny
 """
 
@@ -16,6 +20,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +88,61 @@ def _vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, [(left, right) for left, right in (pair.split() for pair in _MERGES)]
 
 
-def build(target: Path, *, seed: int = 0) -> Path:
-    """Write the tiny pipeline to ``target`` (atomically) and return it."""
+# Component sizes: the tiny default, and Stable Diffusion 1.5's own configuration.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "block_out_channels": (8, 8, 16, 16),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 64,
+        },
+    },
+    "sd15": {
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "vocab_size": 49408,  # CLIP's embedding table, though this tokenizer uses few of its rows
+        },
+        "unet": {
+            "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "sample_size": 512,
+        },
+    },
+}
+
+
+def build(target: Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write the pipeline (``tiny`` or ``sd15`` sized) to ``target`` (atomically) and return it."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -94,47 +152,32 @@ def build(target: Path, *, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    sizes = SHAPES[shape]
     torch.manual_seed(seed)
     vocab, merges = _vocabulary()
     # tokenizers' BPE wants (left, right) pairs; transformers' annotation says list[str].
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **{"vocab_size": len(vocab), **sizes["text"]},
             max_position_embeddings=77,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
-            projection_dim=32,
+            projection_dim=sizes["text"]["hidden_size"],
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
+        in_channels=4, out_channels=4, cross_attention_dim=sizes["text"]["hidden_size"], **sizes["unet"]
     )
     # Four blocks give Stable Diffusion's 8x latent factor: 64x64 pixels are 8x8 latents.
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
+        **sizes["vae"],
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -164,7 +207,7 @@ def build(target: Path, *, seed: int = 0) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("tiny model written", extra={"path": str(target)})
+    logger.info("model written", extra={"path": str(target), "shape": shape})
     return target
 
 
@@ -179,8 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("target", type=Path, help="directory to write the model to")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     args = parser.parse_args(argv)
-    path = build(args.target) if args.force else ensure(args.target)
+    present = (args.target / "model_index.json").is_file()
+    path = args.target if present and not args.force else build(args.target, shape=args.shape)
     print(path)
 
 

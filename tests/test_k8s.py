@@ -426,10 +426,18 @@ def test_every_container_is_unprivileged_and_read_only(target: str) -> None:
             assert seccomp == "RuntimeDefault", f"{name} has seccomp profile {seccomp}"
             for path, volume in writable_mounts(pod, container).items():
                 assert "emptyDir" in volume, f"{name} may write to {path}, which is not an emptyDir"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_container_sets_requests_and_limits(target: str) -> None:
+    for owner, pod in pod_templates(render(target)):
+        for container in containers(pod):
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
-                    assert resource in resources.get(kind, {}), f"{name} sets no {resource} {kind}"
+                    assert resource in resources.get(kind, {}), (
+                        f"{target}: {owner} container {container['name']} sets no {resource} {kind}"
+                    )
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -305,7 +305,8 @@ async def test_a_client_on_one_server_sees_a_job_submitted_through_another(
     assert [e["seq"] for e in events] == list(range(1, 8)) and {e["job_id"] for e in events} == {job_id}
 
 
-@pytest.mark.parametrize("settings", [{"queue_update_s": 0.05}], indirect=True)
+# One job per pipeline call: batched, the last two jobs would start together.
+@pytest.mark.parametrize("settings", [{"queue_update_s": 0.05, "batch_size": 1}], indirect=True)
 async def test_queue_positions_are_pushed_as_the_queue_moves(stack: Stack) -> None:
     ids = [(await stack.submit(steps=60))["id"] for _ in range(3)]
     async with websockets.connect(ws_url(stack)) as ws:

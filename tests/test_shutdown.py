@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from stepcast.settings import Settings
@@ -36,7 +37,8 @@ async def exit_code(child: StepcastProcess, timeout_s: float) -> int:
     return await asyncio.to_thread(child.process.wait, timeout_s)
 
 
-@pytest.mark.parametrize("settings", [{"shutdown_grace_s": 60}], indirect=True)
+# Batch size 1: the second job waits, held by the worker but not started.
+@pytest.mark.parametrize("settings", [{"shutdown_grace_s": 60, "batch_size": 1}], indirect=True)
 async def test_sigterm_lets_the_running_job_finish(
     settings: Settings, serve: Callable[[Settings], Awaitable[str]], spawn: Spawn
 ) -> None:
@@ -52,6 +54,13 @@ async def test_sigterm_lets_the_running_job_finish(
     assert job["status"] == "completed" and job["attempt"] == 1, job
     assert "requeued" not in [e["type"] for e in await events_of(settings, job_id)]
     assert waiting["status"] == "pending" and waiting["attempt"] == 0  # not taken after the signal
+    # Released, not dropped: still on the queue, and free for the next worker at once.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        assert await redis.zscore(settings.queue_name, queued_after) is not None
+        assert not await redis.exists(f"arq:in-progress:{queued_after}")
+    finally:
+        await redis.aclose()
     row = await job_row(settings, job_id)
     assert row["status"] == "completed" and row["handoffs"] == 0 and row["lease_expires_at"] is None
 

@@ -1,0 +1,140 @@
+"""What one Postgres and one Redis carry: the inputs of the capacity model (docs/scaling.md).
+
+Runs its own Postgres and Redis (loopback) and drives them with stepcast's own
+queries and scripts, as many at once as ``--concurrency``:
+
+- Postgres: submits/s (the job INSERT a submit makes), and whole job
+  lifecycles/s (INSERT, claim, one heartbeat, complete: every write a job costs
+  the database);
+- Redis: step events/s through the event log (one script call: stream append
+  with its cap and expiry, plus the pub/sub publish), Redis CPU per event, the
+  server-side cost per call from ``INFO commandstats``, and the memory a job's
+  stream of 22 events holds.
+
+    python -m bench.capacity --seconds 10 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+from redis.asyncio import Redis
+
+from bench import stack
+from stepcast.db import Database
+from stepcast.events import EventLog
+
+PARAMS = {
+    "prompt": "a red fox", "negative_prompt": None, "model": "tiny", "steps": 20, "width": 64, "height": 64,
+    "guidance_scale": 7.5, "seed": 1, "num_images": 1, "scheduler": None,
+}  # fmt: skip
+PROGRESS = {"step": 7, "total": 20, "eta_s": 0.123}
+
+
+async def flat_out(operation: Callable[[], Awaitable[Any]], concurrency: int, seconds: float) -> float:
+    """Operations per second with ``concurrency`` loops running it back to back."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await operation()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def postgres_figures(database_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    db = await Database.connect(database_url, max_size=concurrency)
+    await db.migrate()
+
+    async def submit() -> Any:
+        job, _ = await db.insert_job(
+            owner="bench", params=PARAMS, preview=None, queue="q", model_name="tiny", version="bench",
+            queue_ttl_s=3600,
+        )  # fmt: skip
+        return job
+
+    async def lifecycle() -> None:
+        job = await submit()
+        claimed = await db.claim(job.id, worker="bench", lease_s=30, model_revision="r")
+        assert claimed is not None
+        await db.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
+        await db.complete(job.id, claimed.attempt, result={"images": []}, seq=22, pipeline_s=0.1, batch=1)
+
+    try:
+        submits = await flat_out(submit, concurrency, seconds)
+        lifecycles = await flat_out(lifecycle, concurrency, seconds)
+    finally:
+        await db.close()
+    return {"submits_per_s": round(submits), "job_lifecycles_per_s": round(lifecycles)}
+
+
+async def redis_figures(redis_url: str, redis_pid: int, concurrency: int, seconds: float) -> dict[str, Any]:
+    redis = Redis.from_url(redis_url)
+    events = EventLog(redis, stream_max=1000, ttl_s=3600)
+    jobs = [str(uuid.uuid4()) for _ in range(concurrency * 4)]
+    turn = 0
+
+    async def emit() -> None:
+        nonlocal turn
+        turn += 1
+        job_id = jobs[turn % len(jobs)]
+        await events.emit(job_id, "bench", "progress", PROGRESS, floor=0)
+
+    await emit()
+    await redis.config_resetstat()
+    server = psutil.Process(redis_pid)
+    cpu_before = sum(server.cpu_times()[:2])
+    rate = await flat_out(emit, concurrency, seconds)
+    cpu_s = sum(server.cpu_times()[:2]) - cpu_before
+    stats = await redis.info("commandstats")
+    emitted = sum(v["calls"] for k, v in stats.items() if k in {"cmdstat_evalsha", "cmdstat_eval"})
+    per_call = {
+        k.removeprefix("cmdstat_"): v["usec_per_call"] for k, v in stats.items() if v["calls"] >= emitted
+    }
+    # Memory of one job's log: 22 events (queued, started, 20 progress) in its stream.
+    job_id = str(uuid.uuid4())
+    for _ in range(22):
+        await events.emit(job_id, "bench", "progress", PROGRESS, floor=0)
+    memory = sum([await redis.memory_usage(key) or 0 for key in await redis.keys(f"*{job_id}*")])
+    await redis.aclose()
+    return {
+        "step_events_per_s": round(rate),
+        "redis_cpu_us_per_event": round(cpu_s / max(emitted, 1) * 1e6, 1),
+        "redis_usec_per_call": per_call,
+        "bytes_per_job_log_of_22_events": memory,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    with stack.services("capacity") as (postgres, redis):
+        postgres.create_database("capacity")
+        assert redis.process is not None
+        result = {
+            "concurrency": args.concurrency,
+            "postgres": asyncio.run(
+                postgres_figures(postgres.dsn("capacity"), args.concurrency, args.seconds)
+            ),
+            "redis": asyncio.run(
+                redis_figures(redis.url(), redis.process.pid, args.concurrency, args.seconds)
+            ),
+        }
+    stack.write_result("capacity", result)
+
+
+if __name__ == "__main__":
+    main()

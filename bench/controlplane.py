@@ -1,0 +1,217 @@
+"""The control plane alone: stepcast on no-op work next to bare arq, in one run.
+
+Everything on loopback: one Postgres, one Redis, one server process and N
+worker processes on the ``simulated`` backend with no delay (one step, so a
+job is all control plane: submit, row, queue, claim, events, image, terminal
+write, fan-out). Reported:
+
+1. jobs/s end to end: every job submitted over REST at once, done when its
+   `completed` event reaches a WebSocket watching ``scope: mine``;
+2. the same number of no-op jobs through bare arq, N worker processes
+   (``max_jobs`` 10, ``poll_delay`` 10 ms: arq at its quickest), enqueued
+   from here, done when the function has run (it counts in Redis);
+3. the ratio of the two (goal: stepcast >= 50 % of bare arq);
+4. CPU of every component (share of one core) while stepcast runs 1,000
+   jobs a minute for ``--steady-s`` seconds (goal: none saturates a core).
+
+    python -m bench.controlplane --jobs 2000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, ClassVar
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import websockets
+from arq import create_pool
+from arq.connections import RedisSettings
+
+from bench import stack
+from stepcast.processes import LocalPostgres, LocalRedis
+from stepcast.settings import ROOT
+
+PARAMS = {"steps": 1, "width": 64, "height": 64}
+DONE_KEY = "bench:noop:done"
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    await ctx["redis"].incr(DONE_KEY)
+
+
+class BareArq:
+    """``arq bench.controlplane.BareArq``: no-op jobs, arq's defaults but a 10 ms poll."""
+
+    functions: ClassVar = [noop]
+    redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379"))
+    poll_delay = 0.01
+    max_jobs = 10
+
+
+async def bare_arq(redis: LocalRedis, workers: int, jobs: int) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_REDIS_URL": redis.url()}
+    command = [sys.executable, "-m", "arq", "bench.controlplane.BareArq"]
+    fleet = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+        for _ in range(workers)
+    ]
+    pool = await create_pool(RedisSettings.from_dsn(redis.url()))
+    try:
+        await pool.flushall()
+        await asyncio.sleep(2)  # the workers are up and polling
+        started = time.perf_counter()
+        for _ in range(jobs):
+            await pool.enqueue_job("noop")
+        while int(await pool.get(DONE_KEY) or 0) < jobs:  # noqa: ASYNC110 (another process counts)
+            await asyncio.sleep(0.005)
+        wall_s = time.perf_counter() - started
+    finally:
+        await pool.aclose()
+        for process in fleet:
+            process.terminate()
+        for process in fleet:
+            process.wait(30)
+    return {"jobs_per_s": round(jobs / wall_s, 1), "wall_s": round(wall_s, 2)}
+
+
+class Watcher:
+    """Counts `completed` events of every job of the (single) owner over one WebSocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        self.ws_url = ws_url
+        self.completed = 0
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        async with websockets.connect(self.ws_url, max_size=2**22) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "scope": "mine"}))
+            self.ready.set()
+            async for raw in ws:
+                message = json.loads(raw)
+                if message["type"] == "completed":
+                    self.completed += 1
+                elif message["type"] in {"failed", "canceled"}:
+                    raise RuntimeError(message)
+
+
+async def submit(client: httpx.AsyncClient, count: int, offset: int = 0) -> None:
+    for start in range(0, count, 50):
+        posts = [
+            client.post("/v1/jobs", json={"prompt": f"noop {offset + i}", **PARAMS})
+            for i in range(start, min(count, start + 50))
+        ]
+        for response in await asyncio.gather(*posts):
+            response.raise_for_status()
+
+
+async def burst(running: stack.Running, jobs: int) -> dict[str, Any]:
+    watcher = Watcher(running.ws_url)
+    watching = asyncio.create_task(watcher.run())
+    await watcher.ready.wait()
+    async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
+        started = time.perf_counter()
+        await submit(client, jobs)
+        while watcher.completed < jobs:
+            if watching.done():
+                watching.result()
+            await asyncio.sleep(0.005)
+        wall_s = time.perf_counter() - started
+    watching.cancel()
+    return {"jobs_per_s": round(jobs / wall_s, 1), "wall_s": round(wall_s, 2)}
+
+
+def components(
+    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis
+) -> dict[str, list[psutil.Process]]:
+    assert postgres.process is not None and redis.process is not None
+    pg = psutil.Process(postgres.process.pid)
+    return {
+        "server": [psutil.Process(running.server_pid)],
+        **{f"worker {i + 1}": [psutil.Process(w.pid)] for i, w in enumerate(running.workers)},
+        "redis": [psutil.Process(redis.process.pid)],
+        "postgres (all backends)": [pg, *pg.children(recursive=True)],
+    }
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+async def steady(
+    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis, per_min: int, seconds: float
+) -> dict[str, Any]:
+    """Submit at a fixed rate; each component's CPU share of one core meanwhile."""
+    watched = components(running, postgres, redis)
+    interval = 60 / per_min
+    count = int(seconds / interval)
+    watcher = Watcher(running.ws_url)
+    watching = asyncio.create_task(watcher.run())
+    await watcher.ready.wait()
+    before = {name: cpu_seconds(procs) for name, procs in watched.items()}
+    # New Postgres backends (connections) started meanwhile count too.
+    async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
+        started = time.perf_counter()
+        for index in range(count):
+            await asyncio.sleep(max(0.0, started + index * interval - time.perf_counter()))
+            response = await client.post("/v1/jobs", json={"prompt": f"steady {index}", **PARAMS})
+            response.raise_for_status()
+        while watcher.completed < count and time.perf_counter() - started < seconds + 30:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        wall_s = time.perf_counter() - started
+    watching.cancel()
+    pg = watched["postgres (all backends)"][0]
+    watched["postgres (all backends)"] = [pg, *pg.children(recursive=True)]
+    cpu = {
+        name: round((cpu_seconds(procs) - before.get(name, 0.0)) / wall_s, 3)
+        for name, procs in watched.items()
+    }
+    return {"jobs_per_min": per_min, "jobs": count, "completed": watcher.completed, "core_share": cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steady-s", type=float, default=30)
+    args = parser.parse_args()
+    env = {
+        "STEPCAST_BACKEND": "simulated",
+        "STEPCAST_SIMULATED_STEP_S": "0",
+        "STEPCAST_BATCH_SIZE": "1",
+        "STEPCAST_MAX_QUEUE_DEPTH": str(args.jobs),
+        "STEPCAST_MAX_JOBS_PER_OWNER": str(args.jobs),
+        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
+    }
+    with stack.services("controlplane") as (postgres, redis):
+        with stack.stepcast("controlplane", postgres, redis, workers=args.workers, env=env) as running:
+            stack.warm_up(running.http_url, 4, PARAMS)
+            system = asyncio.run(burst(running, args.jobs))
+            load = asyncio.run(steady(running, postgres, redis, 1000, args.steady_s))
+        arq = asyncio.run(bare_arq(redis, args.workers, args.jobs))
+    result = {
+        "jobs": args.jobs,
+        "workers": args.workers,
+        "stepcast": system,
+        "bare_arq": arq,
+        "ratio": round(system["jobs_per_s"] / arq["jobs_per_s"], 3),
+        "steady": load,
+    }
+    stack.write_result("controlplane", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""What the serving layer costs next to the model, in one run.
+
+The same stream of jobs (the tiny diffusers model, 64×64, 20 steps, one
+prompt and seed per job) runs
+
+(a) in a bare loop calling the diffusers pipeline directly, in this process;
+(b) through the whole system: Postgres, Redis, one server process and one
+    worker process, submitted over a WebSocket, until the `completed` event
+    arrives.
+
+Reported:
+
+- throughput at saturation, (a) and (b), and the ratio (b)/(a): every job is
+  submitted at once and the rate is taken between the first and the last
+  completion (steady state);
+- per-job overhead at low load (one job at a time): submit -> `completed` as
+  the client sees it, minus the job's own pipeline time (``timings.pipeline_s``),
+  p50/p99; and the pick-up latency, submit -> `started`, p50/p99;
+- the worker's busy fraction under saturation: seconds inside the pipeline
+  (the worker's own counter) over wall time, between two scrapes taken while
+  jobs were still queued.
+
+The worker runs with ``STEPCAST_BATCH_SIZE=1`` so that both sides call the
+pipeline once per job (``bench.batching`` measures batching).
+
+    python -m bench.overhead --jobs 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import urllib.request
+from typing import Any
+
+import websockets
+
+from bench import stack
+from gpu_worker.pipeline import DiffusersPipeline, Request
+from gpu_worker.tiny_model import ensure
+from stepcast.params import JobParams
+from stepcast.processes import free_port
+from stepcast.settings import DATA_DIR
+
+PARAMS = {"steps": 20, "width": 64, "height": 64}
+
+
+def job_params(index: int) -> JobParams:
+    return JobParams(
+        prompt=f"fox {index}", negative_prompt=None, model="tiny", guidance_scale=7.5,
+        seed=index, num_images=1, scheduler=None, **PARAMS,
+    )  # fmt: skip
+
+
+def bare_loop(jobs: int) -> dict[str, Any]:
+    """(a): the pipeline alone, one call per job, as fast as it goes."""
+    pipeline = DiffusersPipeline.load(ensure(DATA_DIR / "models" / "tiny"), name="tiny")
+    for index in range(3):  # warm up, as the system's worker is
+        pipeline.generate([Request(job_params(index), lambda *_: None, lambda: False)])
+    durations, done_at = [], []
+    for index in range(jobs):
+        started = time.perf_counter()
+        pipeline.generate([Request(job_params(index), lambda *_: None, lambda: False)])
+        done_at.append(time.perf_counter())
+        durations.append((done_at[-1] - started) * 1000)
+    return {
+        "jobs_per_s": round((jobs - 1) / (done_at[-1] - done_at[0]), 3),
+        "pipeline_ms": stack.summary(durations, 1),
+    }
+
+
+def pipeline_seconds(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    match = re.search(r"^stepcast_worker_pipeline_seconds_total ([0-9.e+-]+)$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("the worker's metrics have no pipeline seconds")
+    return float(match.group(1))
+
+
+async def submit(ws: Any, index: int) -> None:
+    await ws.send(
+        json.dumps({"type": "submit", "params": {"prompt": f"fox {index}", "seed": index, **PARAMS}})
+    )
+
+
+async def saturation(ws_url: str, metrics_url: str, jobs: int) -> dict[str, Any]:
+    """(b) at saturation: every job submitted at once; completions over time."""
+    async with websockets.connect(ws_url, max_size=2**22) as ws:
+        for index in range(jobs):
+            await submit(ws, index)
+        done_at: list[float] = []
+        busy_marks: list[tuple[float, float]] = []
+        while len(done_at) < jobs:
+            message = json.loads(await ws.recv())
+            if message["type"] in {"failed", "canceled", "error"}:
+                raise RuntimeError(message)
+            if message["type"] != "completed":
+                continue
+            done_at.append(time.perf_counter())
+            # Scrape while jobs are still queued: the pipeline is never short of work.
+            if len(done_at) in {2, jobs - 2}:
+                busy_marks.append((time.perf_counter(), pipeline_seconds(metrics_url)))
+    (wall_a, busy_a), (wall_b, busy_b) = busy_marks
+    return {
+        "jobs_per_s": round((jobs - 1) / (done_at[-1] - done_at[0]), 3),
+        "busy_fraction": round((busy_b - busy_a) / (wall_b - wall_a), 4),
+    }
+
+
+async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
+    """(b) one job at a time: what the system adds to each."""
+    to_start, overhead, e2e = [], [], []
+    async with websockets.connect(ws_url, max_size=2**22) as ws:
+        for index in range(jobs):
+            await asyncio.sleep(0.2)  # the worker is idle, as at low load
+            sent = time.perf_counter()
+            await submit(ws, index)
+            while True:
+                message = json.loads(await ws.recv())
+                now = time.perf_counter()
+                if message["type"] == "started":
+                    to_start.append((now - sent) * 1000)
+                elif message["type"] == "completed":
+                    e2e.append((now - sent) * 1000)
+                    overhead.append(e2e[-1] - message["timings"]["pipeline_s"] * 1000)
+                    break
+                elif message["type"] in {"failed", "canceled", "error"}:
+                    raise RuntimeError(message)
+    return {
+        "submit_to_started_ms": stack.summary(to_start, 1),
+        "submit_to_completed_ms": stack.summary(e2e, 1),
+        "overhead_ms": stack.summary(overhead, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=60)
+    args = parser.parse_args()
+    bare = bare_loop(args.jobs)
+    metrics_port = free_port()
+    env = {"STEPCAST_BATCH_SIZE": "1", "STEPCAST_WORKER_METRICS_PORT": str(metrics_port)}
+    with (
+        stack.services("overhead") as (postgres, redis),
+        stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running,
+    ):
+        stack.warm_up(running.http_url, 3, PARAMS)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        system = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
+        light = asyncio.run(low_load(running.ws_url, args.jobs))
+    result = {
+        "jobs": args.jobs,
+        **PARAMS,
+        "bare": bare,
+        "system": {**system, **light},
+        "throughput_ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4),
+    }
+    stack.write_result("overhead", result)
+
+
+if __name__ == "__main__":
+    main()
