@@ -20,6 +20,14 @@ Reported:
   (the worker's own counter) over wall time, between two scrapes taken while
   jobs were still queued.
 
+On this machine the model is a CPU model: the pipeline and the whole control
+plane (server, Redis, Postgres, the worker's event loop, the client) share the
+same cores, so every millisecond of control-plane CPU is taken from the model.
+On a GPU the model does not compete for them. So the run repeats (b) with the
+``simulated`` backend sleeping the bare pipeline's own time per job (a model
+that uses no CPU, like one on a GPU): its jobs/s over the ideal 1/pipeline
+time is the serving layer's own scheduling overhead, apart from CPU sharing.
+
 The worker runs with ``STEPCAST_BATCH_SIZE=1`` so that both sides call the
 pipeline once per job (``bench.batching`` measures batching).
 
@@ -112,7 +120,7 @@ async def saturation(ws_url: str, metrics_url: str, jobs: int) -> dict[str, Any]
 
 async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
     """(b) one job at a time: what the system adds to each."""
-    to_start, overhead, e2e = [], [], []
+    to_start, overhead, e2e, claimed, after = [], [], [], [], []
     async with websockets.connect(ws_url, max_size=2**22) as ws:
         for index in range(jobs):
             await asyncio.sleep(0.2)  # the worker is idle, as at low load
@@ -125,7 +133,10 @@ async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
                     to_start.append((now - sent) * 1000)
                 elif message["type"] == "completed":
                     e2e.append((now - sent) * 1000)
-                    overhead.append(e2e[-1] - message["timings"]["pipeline_s"] * 1000)
+                    timings = message["timings"]
+                    overhead.append(e2e[-1] - timings["pipeline_s"] * 1000)
+                    claimed.append(timings["queue_s"] * 1000)
+                    after.append((timings["run_s"] - timings["pipeline_s"]) * 1000)
                     break
                 elif message["type"] in {"failed", "canceled", "error"}:
                     raise RuntimeError(message)
@@ -133,6 +144,10 @@ async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
         "submit_to_started_ms": stack.summary(to_start, 1),
         "submit_to_completed_ms": stack.summary(e2e, 1),
         "overhead_ms": stack.summary(overhead, 1),
+        # Where it goes: row created -> claimed (Postgres clock), and the part of
+        # the run outside the pipeline (claim -> terminal write, minus the pipeline).
+        "insert_to_claim_ms": stack.summary(claimed, 1),
+        "run_outside_pipeline_ms": stack.summary(after, 1),
     }
 
 
@@ -143,20 +158,32 @@ def main() -> None:
     bare = bare_loop(args.jobs)
     metrics_port = free_port()
     env = {"STEPCAST_BATCH_SIZE": "1", "STEPCAST_WORKER_METRICS_PORT": str(metrics_port)}
-    with (
-        stack.services("overhead") as (postgres, redis),
-        stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running,
-    ):
-        stack.warm_up(running.http_url, 3, PARAMS)
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        system = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
-        light = asyncio.run(low_load(running.ws_url, args.jobs))
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    pipeline_s = bare["pipeline_ms"]["p50"] / 1000
+    no_cpu = {
+        **env,
+        "STEPCAST_BACKEND": "simulated",
+        "STEPCAST_SIMULATED_STEP_S": str(pipeline_s / PARAMS["steps"]),
+    }
+    with stack.services("overhead") as (postgres, redis):
+        with stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running:
+            stack.warm_up(running.http_url, 3, PARAMS)
+            system = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
+            light = asyncio.run(low_load(running.ws_url, args.jobs))
+        with stack.stepcast("overhead", postgres, redis, workers=1, env=no_cpu) as running:
+            stack.warm_up(running.http_url, 3, PARAMS)
+            model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
     result = {
         "jobs": args.jobs,
         **PARAMS,
         "bare": bare,
         "system": {**system, **light},
         "throughput_ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4),
+        "model_without_cpu": {
+            "pipeline_s": pipeline_s,
+            **model_without_cpu,
+            "throughput_ratio": round(model_without_cpu["jobs_per_s"] * pipeline_s, 4),
+        },
     }
     stack.write_result("overhead", result)
 

@@ -76,6 +76,9 @@ class Server(uvicorn.Server):
                 log_config=None,
                 lifespan="on",
                 ws_max_size=settings.ws_max_message_bytes * 4,
+                # Events are small JSON and previews already-compressed WebP:
+                # deflating every frame costs CPU on both ends for a few bytes.
+                ws_per_message_deflate=False,
                 timeout_graceful_shutdown=int(settings.server_shutdown_s),
             )
         )
