@@ -192,9 +192,9 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=3)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--clients", type=int, default=30)
-    parser.add_argument("--jobs-per-client", type=int, default=20)
-    parser.add_argument("--kill-server-at", type=float, default=5.0)
-    parser.add_argument("--kill-worker-at", type=float, default=10.0)
+    parser.add_argument("--jobs-per-client", type=int, default=40)
+    parser.add_argument("--kill-server-at", type=float, default=4.0)
+    parser.add_argument("--kill-worker-at", type=float, default=8.0)
     parser.add_argument("--deadline", type=float, default=240.0)
     args = parser.parse_args()
     env = {

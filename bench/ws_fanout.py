@@ -67,6 +67,8 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
                 kinds[(message["job_id"], message["seq"])] = message["type"]
             if message["type"] in {"completed", "failed", "canceled"}:
                 return
+            if message["type"] == "error":
+                raise RuntimeError(message)
 
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client(ws, i) for i, ws in enumerate(sockets))), 600)
@@ -114,7 +116,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    env = {"STEPCAST_BACKEND": "simulated", "STEPCAST_SIMULATED_STEP_S": str(args.step_ms / 1000)}
+    env = {
+        "STEPCAST_BACKEND": "simulated",
+        "STEPCAST_SIMULATED_STEP_S": str(args.step_ms / 1000),
+        # Every client is the same owner here (single-user mode): lift the per-owner limits.
+        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
+        "STEPCAST_MAX_JOBS_PER_OWNER": str(max(args.clients)),
+        "STEPCAST_MAX_QUEUE_DEPTH": str(max(args.clients)),
+    }
     results = []
     with stack.services("ws_fanout") as (postgres, redis):
         for clients in args.clients:

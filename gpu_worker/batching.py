@@ -31,20 +31,24 @@ def batch_key(params: JobParams) -> BatchKey:
     return (params.width, params.height, params.steps, params.scheduler, params.guidance_scale)
 
 
-def take_batch(waiting: list[T], params_of: Callable[[T], JobParams], batch_size: int) -> list[T]:
+def take_batch(waiting: list[T], params_of: Callable[[T], JobParams | None], batch_size: int) -> list[T]:
     """Remove and return the next batch: the oldest job and the compatible ones behind it.
 
     ``batch_size`` counts images; the oldest job always goes, even when it
-    alone asks for more images than that.
+    alone asks for more images than that. Jobs whose params are not known yet
+    (None) wait for a later batch.
     """
     if not waiting:
         return []
     head = waiting[0]
-    key = batch_key(params_of(head))
-    batch, images = [head], params_of(head).num_images
+    first = params_of(head)
+    if first is None:
+        raise ValueError("the oldest job's params must be known to form a batch")
+    key = batch_key(first)
+    batch, images = [head], first.num_images
     for item in waiting[1:]:
         params = params_of(item)
-        if batch_key(params) == key and images + params.num_images <= batch_size:
+        if params is not None and batch_key(params) == key and images + params.num_images <= batch_size:
             batch.append(item)
             images += params.num_images
     for item in batch:
@@ -52,12 +56,14 @@ def take_batch(waiting: list[T], params_of: Callable[[T], JobParams], batch_size
     return batch
 
 
-def compatible_images(waiting: Sequence[T], params_of: Callable[[T], JobParams]) -> int:
+def compatible_images(waiting: Sequence[T], params_of: Callable[[T], JobParams | None]) -> int:
     """How many images the oldest waiting job could be batched with, itself included."""
-    if not waiting:
+    first = params_of(waiting[0]) if waiting else None
+    if first is None:
         return 0
-    key = batch_key(params_of(waiting[0]))
-    return sum(params_of(item).num_images for item in waiting if batch_key(params_of(item)) == key)
+    key = batch_key(first)
+    known = [p for p in map(params_of, waiting) if p is not None]
+    return sum(p.num_images for p in known if batch_key(p) == key)
 
 
 def generate(pipeline: Pipeline, requests: Sequence[Request]) -> list[Generation | Exception]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import threading
@@ -33,7 +34,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from redis.exceptions import RedisError
@@ -43,7 +44,7 @@ from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image
 from stepcast.db import Database, retrying
 from stepcast.events import EventLog
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.params import JobParams
 from stepcast.settings import Settings
 from stepcast.storage import Storage, image_key
@@ -55,6 +56,7 @@ PNG = "image/png"
 TERMINAL_EMIT_ATTEMPTS = 6  # about 6 s of back-off for a Redis blip at the end of a job
 
 Outcome = Generation | Exception
+T = TypeVar("T")
 
 
 class Released(Exception):
@@ -63,11 +65,15 @@ class Released(Exception):
 
 @dataclass
 class _Waiting:
-    """A job arq handed over, not yet claimed: it waits for a place in a batch."""
+    """A job arq handed over, not yet claimed: it waits for a place in a batch.
 
-    job: Job
-    params: JobParams
+    Its params are read only when it may share a batch (others wait beside it):
+    a job alone goes straight to its claim, which returns its row.
+    """
+
+    job_id: uuid.UUID
     claimed: asyncio.Future[_Active | None]
+    params: JobParams | None = None
 
 
 @dataclass
@@ -99,7 +105,7 @@ class _Active:
         return all(mate.stop.is_set() for mate in self.batch)
 
 
-def _params(waiting: _Waiting) -> JobParams:
+def _params(waiting: _Waiting) -> JobParams | None:
     return waiting.params
 
 
@@ -181,7 +187,7 @@ class JobRunner:
         """How many jobs it should hold: one batch for the pipeline, and the next while it runs."""
         return self.settings.batch_size * (2 if self._busy else 1)
 
-    async def _write(self, what: str, operation: Callable[[], Awaitable[Job | None]]) -> Job | None:
+    async def _write(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await retrying(operation, what=what, deadline_s=self.settings.db_retry_s)
 
     async def run(self, job_id: uuid.UUID) -> None:
@@ -200,15 +206,7 @@ class JobRunner:
         try:
             if self._releasing:
                 raise Released()
-            job = await self._write("read", lambda: self.db.get_job(job_id))
-            if job is None or job.status is not Status.PENDING:
-                logger.info(
-                    "job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)}
-                )
-                return
-            waiting = _Waiting(
-                job, JobParams.from_json(job.params), asyncio.get_running_loop().create_future()
-            )
+            waiting = _Waiting(job_id, asyncio.get_running_loop().create_future())
             self._waiting.append(waiting)
             self._arrived.set()
             active = await waiting.claimed
@@ -236,29 +234,53 @@ class JobRunner:
                 await asyncio.sleep(0.1)
 
     async def _dispatch_one(self) -> None:
-        while not self._waiting:
+        while not self._waiting or self._releasing:
             self._arrived.clear()
             await self._arrived.wait()
         size, window = self.settings.batch_size, self.settings.batch_wait_s
-        if window > 0:
+        if size > 1 and window > 0:
             deadline = time.monotonic() + window
-            while (
-                batching.compatible_images(self._waiting, _params) < size
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), left)
-                except TimeoutError:
+            while True:
+                await self._read_params()
+                left = deadline - time.monotonic()
+                if (
+                    not self._waiting
+                    or batching.compatible_images(self._waiting, _params) >= size
+                    or left <= 0
+                ):
                     break
-        batch = batching.take_batch(self._waiting, _params, size)
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+        elif size > 1 and len(self._waiting) > 1:
+            await self._read_params()
+        if not self._waiting:
+            return
+        if self._waiting[0].params is None:  # alone, or no batching: its claim reads its row
+            batch = [self._waiting.pop(0)]
+        else:
+            batch = batching.take_batch(self._waiting, _params, size)
         claimed = await asyncio.gather(*(self._claim(waiting) for waiting in batch))
         actives = [active for active in claimed if active is not None]
         if actives:
             await self._run_batch(actives)
 
+    async def _read_params(self) -> None:
+        """Learn the params of the waiting jobs that may share a batch; drop those not pending any more."""
+        unknown = [waiting for waiting in self._waiting if waiting.params is None]
+        if not unknown:
+            return
+        found = await self._write("read params", lambda: self.db.pending_params([w.job_id for w in unknown]))
+        for waiting in unknown:
+            if waiting.job_id in found:
+                waiting.params = JobParams.from_json(found[waiting.job_id])
+            elif waiting in self._waiting:  # finished, canceled or held elsewhere
+                self._waiting.remove(waiting)
+                if not waiting.claimed.done():
+                    waiting.claimed.set_result(None)
+
     async def _claim(self, waiting: _Waiting) -> _Active | None:
-        job_id = waiting.job.id
+        job_id = waiting.job_id
         try:
             job = await self._write(
                 "claim",
@@ -283,7 +305,9 @@ class JobRunner:
                     "hand back", lambda: self.db.hand_back(job.id, job.attempt, last_seq=job.last_seq)
                 )
             return None
-        active = _Active(job, waiting.params, last_seq=job.last_seq) if job is not None else None
+        active = (
+            _Active(job, JobParams.from_json(job.params), last_seq=job.last_seq) if job is not None else None
+        )
         waiting.claimed.set_result(active)
         return active
 
@@ -303,6 +327,12 @@ class JobRunner:
             self.on_room()  # the next batch may gather while this one runs
             try:
                 outcomes: list[Outcome] = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # The runner is closing: its jobs were told to stop; hand them back.
+                for active in actives:
+                    if not active.outcome.done():
+                        active.outcome.set_result(Generation([], interrupted=True))
+                raise
             except Exception as exc:  # batching.generate returns errors; this is the executor failing
                 outcomes = [exc] * len(actives)
         finally:

@@ -2,14 +2,19 @@
 
 One server at a time does it (a Postgres advisory lock elects it; another
 takes over when it dies), once a second, and only for jobs whose position
-changed. ETAs scale measured seconds per step for the job's size by the
-number of workers recently busy on its queue (EtaEstimator, shared with submit).
+changed. Near the head (position 10 or less) every change goes out; further
+back a job hears at most every ``position / 10`` intervals (position 500:
+every 50 s), so a deep queue moving fast costs tens of events a second, not
+one per waiting job. ETAs scale measured seconds per step for the job's size
+by the number of workers recently busy on its queue (EtaEstimator, shared with
+submit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LEADER_LOCK = 0x5EC0_9051
+EVERY_CHANGE_UP_TO = 10  # positions that hear of every move
 
 
 class EtaEstimator:
@@ -55,7 +61,7 @@ class QueueAnnouncer:
     def __init__(self, services: Services, *, interval_s: float) -> None:
         self.services = services
         self.interval_s = interval_s
-        self._announced: dict[uuid.UUID, int] = {}
+        self._announced: dict[uuid.UUID, tuple[int, float]] = {}  # position, when
 
     async def run(self) -> None:
         while True:
@@ -79,18 +85,29 @@ class QueueAnnouncer:
                 self._announced.clear()
                 await asyncio.sleep(self.interval_s)
 
+    def _due(self, job_id: uuid.UUID, position: int, now: float) -> bool:
+        if job_id not in self._announced:
+            return True
+        last_position, last_at = self._announced[job_id]
+        if position == last_position:
+            return False
+        if position <= EVERY_CHANGE_UP_TO:
+            return True
+        return now - last_at >= self.interval_s * position / EVERY_CHANGE_UP_TO
+
     async def tick(self) -> None:
         db, events = self.services.db, self.services.events
         pending = await db.pending_positions()
         estimator = EtaEstimator(db)
+        now = time.monotonic()
         for job, position in pending:
-            if self._announced.get(job.id) == position:
+            if not self._due(job.id, position, now):
                 continue
             fields = {"position": position, "eta_s": await estimator.eta_s(job, position)}
             await events.emit(
                 str(job.id), job.owner, "queued", fields, floor=job.last_seq, only_while_queued=True
             )
-            self._announced[job.id] = position
+            self._announced[job.id] = (position, now)
         live = {job.id for job, _ in pending}
         for job_id in [j for j in self._announced if j not in live]:
             del self._announced[job_id]

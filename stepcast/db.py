@@ -168,6 +168,13 @@ class Database:
         )
         return int(row["total"]), int(row["mine"])
 
+    async def pending_params(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+        """The params of those of these jobs still pending."""
+        rows = await self.pool.fetch(
+            "SELECT id, params FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'pending'", job_ids
+        )
+        return {row["id"]: row["params"] for row in rows}
+
     async def get_job(self, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
         row = await self.pool.fetchrow(
             "SELECT * FROM jobs WHERE id = $1 AND ($2::text IS NULL OR owner = $2)", job_id, owner

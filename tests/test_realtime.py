@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 from server.feed import Outbox, Outgoing, SlowConsumer
+from server.positions import QueueAnnouncer
 from stepcast.settings import Settings
 from tests.conftest import Stack
 
@@ -341,3 +343,14 @@ async def test_cross_site_pages_cannot_open_the_socket(stack: Stack) -> None:
     async with websockets.connect(ws_url(stack), origin=own) as ws:  # type: ignore[arg-type]
         await send(ws, {"type": "ping"})
         assert (await recv(ws))["type"] == "pong"
+
+
+def test_far_back_in_a_deep_queue_a_job_hears_of_its_position_less_often() -> None:
+    announcer = QueueAnnouncer(cast(Any, None), interval_s=1.0)
+    near, far = uuid.uuid4(), uuid.uuid4()
+    assert announcer._due(near, 5, now=100.0) and announcer._due(far, 500, now=100.0)  # first: always
+    announcer._announced = {near: (5, 100.0), far: (500, 100.0)}
+    assert not announcer._due(near, 5, now=101.0)  # no change, nothing to say
+    assert announcer._due(near, 4, now=101.0)  # near the head: every move
+    assert not announcer._due(far, 480, now=101.0)  # position 500: every 50 intervals
+    assert announcer._due(far, 300, now=150.0)
