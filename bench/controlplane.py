@@ -111,10 +111,15 @@ async def submit(client: httpx.AsyncClient, count: int, offset: int = 0) -> None
             response.raise_for_status()
 
 
-async def burst(running: stack.Running, jobs: int) -> dict[str, Any]:
+async def burst(
+    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis, jobs: int
+) -> dict[str, Any]:
+    """Every job at once: jobs/s, and where the CPU went (share of one core per component)."""
+    watched = components(running, postgres, redis)
     watcher = Watcher(running.ws_url)
     watching = asyncio.create_task(watcher.run())
     await watcher.ready.wait()
+    before = {name: cpu_seconds(procs) for name, procs in watched.items()}
     async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
         started = time.perf_counter()
         await submit(client, jobs)
@@ -124,7 +129,25 @@ async def burst(running: stack.Running, jobs: int) -> dict[str, Any]:
             await asyncio.sleep(0.005)
         wall_s = time.perf_counter() - started
     watching.cancel()
-    return {"jobs_per_s": round(jobs / wall_s, 1), "wall_s": round(wall_s, 2)}
+    shares = core_share(watched, before, wall_s)
+    return {
+        "jobs_per_s": round(jobs / wall_s, 1),
+        "wall_s": round(wall_s, 2),
+        "core_share": shares,
+        "cpu_ms_per_job": {name: round(share * wall_s / jobs * 1000, 2) for name, share in shares.items()},
+    }
+
+
+def core_share(
+    watched: dict[str, list[psutil.Process]], before: dict[str, float], wall_s: float
+) -> dict[str, float]:
+    """CPU seconds each component used since ``before``, per second of wall time."""
+    pg = watched["postgres (all backends)"][0]
+    watched["postgres (all backends)"] = [pg, *pg.children(recursive=True)]  # backends started meanwhile
+    return {
+        name: round((cpu_seconds(procs) - before.get(name, 0.0)) / wall_s, 3)
+        for name, procs in watched.items()
+    }
 
 
 def components(
@@ -162,7 +185,6 @@ async def steady(
     watching = asyncio.create_task(watcher.run())
     await watcher.ready.wait()
     before = {name: cpu_seconds(procs) for name, procs in watched.items()}
-    # New Postgres backends (connections) started meanwhile count too.
     async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
         started = time.perf_counter()
         for index in range(count):
@@ -173,12 +195,7 @@ async def steady(
             await asyncio.sleep(0.01)
         wall_s = time.perf_counter() - started
     watching.cancel()
-    pg = watched["postgres (all backends)"][0]
-    watched["postgres (all backends)"] = [pg, *pg.children(recursive=True)]
-    cpu = {
-        name: round((cpu_seconds(procs) - before.get(name, 0.0)) / wall_s, 3)
-        for name, procs in watched.items()
-    }
+    cpu = core_share(watched, before, wall_s)
     return {"jobs_per_min": per_min, "jobs": count, "completed": watcher.completed, "core_share": cpu}
 
 
@@ -199,7 +216,7 @@ def main() -> None:
     with stack.services("controlplane") as (postgres, redis):
         with stack.stepcast("controlplane", postgres, redis, workers=args.workers, env=env) as running:
             stack.warm_up(running.http_url, 4, PARAMS)
-            system = asyncio.run(burst(running, args.jobs))
+            system = asyncio.run(burst(running, postgres, redis, args.jobs))
             load = asyncio.run(steady(running, postgres, redis, 1000, args.steady_s))
         arq = asyncio.run(bare_arq(redis, args.workers, args.jobs))
     result = {

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
@@ -157,6 +157,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
 
     log_level: str = "INFO"
+
+    @field_validator(
+        "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key", "worker_id", "worker_alive_file",
+        "session_secret", "api_key", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``STEPCAST_S3_ENDPOINT_URL=`` (a template's blank line) means not set, as in compose files."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:

@@ -57,3 +57,11 @@ def test_a_bad_setting_stops_the_process_naming_it(variable: str, value: str) ->
         timeout=60,
     )
     assert run.returncode != 0 and variable in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_blank_optional_setting_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template's ``STEPCAST_S3_ENDPOINT_URL=`` (AWS S3) reads as not set, not as an empty URL."""
+    monkeypatch.setenv("STEPCAST_S3_ENDPOINT_URL", "")
+    monkeypatch.setenv("STEPCAST_WORKER_ALIVE_FILE", "")
+    loaded = settings_module.load()
+    assert loaded.s3_endpoint_url is None and loaded.worker_alive_file is None

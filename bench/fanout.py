@@ -1,0 +1,145 @@
+"""What one server process fans out: events/s to many sockets, at what latency and CPU.
+
+Loopback only: Postgres, Redis and one server process, no worker. ``--sockets``
+WebSocket clients each watch one (pending) job; this process then publishes
+`progress` events through the event log itself, exactly as a worker does, at
+each ``--rates`` events/s for ``--seconds``, spread over the jobs. Reported per
+rate: events delivered per second, publish -> receive latency p50/p99 (one
+clock: the publisher and the clients live here), and the server's share of a
+core. Also the server's memory per idle socket.
+
+The clients share the machine with the server (2 cores here): past a few
+thousand events/s they, not the server, are the limit, which the server's
+core share shows.
+
+    python -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import uvloop
+import websockets
+from redis.asyncio import Redis
+
+from bench import stack
+from bench.ws_fanout import rss_kib
+from stepcast.events import EventLog
+
+PROGRESS = {"step": 1, "total": 20, "eta_s": 1.0}
+
+
+async def create_jobs(http_url: str, count: int) -> list[tuple[str, str]]:
+    """Pending jobs (no worker runs them): their ids and owner."""
+    jobs: list[tuple[str, str]] = []
+    async with httpx.AsyncClient(base_url=http_url, timeout=60) as client:
+        for start in range(0, count, 50):
+            posts = [
+                client.post("/v1/jobs", json={"prompt": f"fan {i}"})
+                for i in range(start, min(count, start + 50))
+            ]
+            for response in await asyncio.gather(*posts):
+                response.raise_for_status()
+                jobs.append((response.json()["id"], response.json()["owner"]))
+    return jobs
+
+
+async def watch(
+    url: str, job_id: str, on_event: Callable[[dict[str, Any]], None], ready: asyncio.Event
+) -> None:
+    async with websockets.connect(url, max_size=2**22, open_timeout=60) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "job_id": job_id, "after_seq": 0}))
+        ready.set()
+        async for raw in ws:
+            on_event(json.loads(raw))
+
+
+async def measure(running: stack.Running, sockets: int, rates: list[int], seconds: float) -> dict[str, Any]:
+    jobs = await create_jobs(running.http_url, sockets)
+    server = psutil.Process(running.server_pid)
+    rss_before = rss_kib(running.server_pid)
+    sent: dict[tuple[str, int], float] = {}
+    latencies: list[float] = []
+
+    def on_event(message: dict[str, Any]) -> None:
+        if message.get("type") == "progress":
+            at = sent.get((message["job_id"], message["seq"]))
+            if at is not None:
+                latencies.append((time.perf_counter() - at) * 1000)
+
+    readies = [asyncio.Event() for _ in jobs]
+    clients = [
+        asyncio.create_task(watch(running.ws_url, job_id, on_event, ready))
+        for (job_id, _), ready in zip(jobs, readies, strict=True)
+    ]
+    await asyncio.gather(*(ready.wait() for ready in readies))
+    await asyncio.sleep(2)  # snapshots delivered, sockets idle
+    rss_idle = rss_kib(running.server_pid)
+    redis = Redis.from_url(running.redis_url)
+    events = EventLog(redis, stream_max=1000, ttl_s=3600)
+    rows = []
+    for rate in rates:
+        latencies.clear()
+        cpu_before = sum(server.cpu_times()[:2])
+        began = time.perf_counter()
+        count = int(rate * seconds)
+        for index in range(count):
+            job_id, owner = jobs[index % len(jobs)]
+            await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
+            emitting = time.perf_counter()
+            seq = await events.emit(job_id, owner, "progress", PROGRESS, floor=0)
+            sent[(job_id, seq)] = emitting
+        await asyncio.sleep(1.0)  # the last events arrive
+        wall_s = time.perf_counter() - began
+        delivered = len(latencies)
+        rows.append(
+            {
+                "rate": rate,
+                "sent": count,
+                "delivered": delivered,
+                "events_per_s": round(delivered / (wall_s - 1.0)),
+                "latency_ms": stack.summary(latencies, 1),
+                "server_core_share": round((sum(server.cpu_times()[:2]) - cpu_before) / wall_s, 3),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    for client in clients:
+        client.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    await redis.aclose()
+    return {
+        "sockets": sockets,
+        "server_kib_per_idle_socket": round((rss_idle - rss_before) / sockets, 1),
+        "rates": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sockets", type=int, default=1000)
+    parser.add_argument("--rates", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    parser.add_argument("--seconds", type=float, default=5)
+    args = parser.parse_args()
+    env = {
+        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
+        "STEPCAST_MAX_JOBS_PER_OWNER": str(args.sockets),
+        "STEPCAST_MAX_QUEUE_DEPTH": str(args.sockets),
+    }
+    with (
+        stack.services("fanout") as (postgres, redis),
+        stack.stepcast("fanout", postgres, redis, workers=0, env=env) as running,
+    ):
+        result = uvloop.run(measure(running, args.sockets, args.rates, args.seconds))
+    stack.write_result("fanout", result)
+
+
+if __name__ == "__main__":
+    main()
