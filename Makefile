@@ -30,6 +30,9 @@ bench: deps venv
 	$(PY) -m bench.previews
 	$(PY) -m bench.ws_fanout --clients 100 1000
 	$(PY) -m bench.soak --jobs 1000 --kill-every 3
+	$(PY) -m bench.capacity --seconds 10 --concurrency 16
+	$(PY) -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
+	$(PY) -m bench.cluster --servers 3 --workers 3 --clients 30 --jobs-per-client 40
 
 bench-gpu: venv
 	$(PY) -m bench.gpu
