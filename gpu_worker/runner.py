@@ -209,7 +209,12 @@ class JobRunner:
             waiting = _Waiting(job_id, asyncio.get_running_loop().create_future())
             self._waiting.append(waiting)
             self._arrived.set()
-            active = await waiting.claimed
+            try:
+                active = await waiting.claimed
+            except asyncio.CancelledError:  # arq gave up on it (shutdown): it never started
+                if waiting in self._waiting:
+                    self._waiting.remove(waiting)
+                raise
             if active is None:
                 return
             self._active[active.job.id] = active

@@ -31,7 +31,9 @@ import uvloop
 from arq import func
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gpu_worker.metrics import WorkerMetrics
@@ -52,6 +54,16 @@ logger = logging.getLogger(__name__)
 
 
 ARQ_TRIES = 1_000_000
+# Take a queued job for this worker: refuse one in progress elsewhere, gone, or
+# deferred; else set its in-progress key. KEYS: in-progress key, queue.
+# ARGV: job id, now (ms), in-progress lifetime (ms). Returns its score or nil.
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+return score
+"""
 REDIS_DOWN_PAUSE_S = 1.0
 
 
@@ -66,6 +78,7 @@ class GpuWorker(Worker):
         self.renew_s = renew_s
         self.runner: JobRunner | None = None
         self._wake = asyncio.Event()
+        self._take: AsyncScript | None = None  # on the pool arq opens in main()
 
     def wake(self) -> None:
         self._wake.set()
@@ -88,11 +101,37 @@ class GpuWorker(Worker):
         return self.job_counter - runner.entered() + runner.held()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs``, taking only what the runner can use, each job in one round trip.
+
+        arq checks and sets a job's in-progress key in four round trips (watch,
+        exists, zscore, a transaction); :data:`_TAKE` does the same atomically.
+        """
         runner = self.runner
-        for job_id in job_ids:
+        if self._take is None:
+            self._take = self.pool.register_script(_TAKE)
+        for raw_id in job_ids:
             if runner is not None and self._held(runner) >= runner.wants():
                 return
-            await super().start_jobs([job_id])
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            job_id = raw_id.decode()
+            try:
+                score = await self._take(
+                    keys=[in_progress_key_prefix + job_id, self.queue_name],
+                    args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+                )
+            except BaseException:
+                self.sem.release()
+                raise
+            if score is None:  # running elsewhere, done, or deferred
+                self.sem.release()
+                continue
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

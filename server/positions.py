@@ -54,7 +54,12 @@ class EtaEstimator:
             return None
         if queue not in self._workers:
             self._workers[queue] = await self.db.active_workers(queue)
-        return round(jobs * mean / self._workers[queue], 3)
+        return drain_s(jobs, mean, self._workers[queue])
+
+
+def drain_s(jobs: int, mean_run_s: float | None, workers: int) -> float | None:
+    """Seconds ``workers`` need for ``jobs`` jobs of ``mean_run_s`` each (None: never measured)."""
+    return None if mean_run_s is None else round(jobs * mean_run_s / workers, 3)
 
 
 class QueueAnnouncer:

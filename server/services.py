@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from server.hub import Hub
 from server.metrics import ServerMetrics
-from server.positions import EtaEstimator, QueueAnnouncer
+from server.positions import EtaEstimator, QueueAnnouncer, drain_s
 from stepcast import __version__, queue
 from stepcast.db import Database
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
@@ -160,8 +160,8 @@ class Services:
 
     async def place(self, job: Job) -> tuple[int, float | None]:
         """Queue position (1 = next to start) and the seconds until it should be done."""
-        position = await self.db.queue_position(job)
-        return position, await EtaEstimator(self.db).eta_s(job, position)
+        position, mean_run_s, workers = await self.db.placement(job)  # one round trip
+        return position, drain_s(position, mean_run_s, workers)
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
         job = await self.db.get_job(job_id, owner)

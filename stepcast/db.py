@@ -32,6 +32,32 @@ _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema applica
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
 _SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E}
 
+# Queue placement: pending jobs ahead of one, seconds per step of recent jobs
+# of a size (the last 50), and workers busy on the queue in the last minute.
+# Each reads a partial index (jobs_pending_idx, jobs_completed_finished_idx,
+# jobs_unfinished_idx), never the whole history.
+_AHEAD = """
+    SELECT count(*) FROM jobs
+    WHERE queue = {queue} AND status = 'pending' AND (created_at, id) < ({created_at}, {id})
+"""
+_SECONDS_PER_STEP = """
+    SELECT avg(run_s / progress_total) FROM (
+        SELECT run_s, progress_total FROM jobs
+        WHERE queue = {queue} AND status = 'completed'
+          AND (params->>'width')::int = {width} AND (params->>'height')::int = {height}
+        ORDER BY finished_at DESC LIMIT 50
+    ) recent
+"""
+_ACTIVE_WORKERS = """
+    SELECT count(DISTINCT worker) FROM (
+        SELECT worker FROM jobs WHERE queue = {queue} AND status = 'processing'
+        UNION ALL
+        SELECT worker FROM jobs
+        WHERE queue = {queue} AND status = 'completed' AND finished_at > now() - interval '1 minute'
+    ) recent
+    WHERE worker IS NOT NULL
+"""
+
 _FINISH_TIMES = """
     finished_at = now(),
     lease_expires_at = NULL,
@@ -225,40 +251,34 @@ class Database:
 
     async def active_workers(self, queue: str) -> int:
         """Workers that ran a job of this queue in the last minute (at least one)."""
-        count = await self.pool.fetchval(
-            """
-            SELECT count(DISTINCT worker) FROM jobs
-            WHERE queue = $1 AND worker IS NOT NULL
-              AND (status = 'processing' OR finished_at > now() - interval '1 minute')
-            """,
-            queue,
-        )
-        return max(1, int(count))
+        return max(1, int(await self.pool.fetchval(_ACTIVE_WORKERS.format(queue="$1"), queue)))
 
     async def queue_position(self, job: Job) -> int:
         ahead = await self.pool.fetchval(
-            """
-            SELECT count(*) FROM jobs
-            WHERE queue = $1 AND status = 'pending' AND (created_at, id) < ($2, $3)
-            """,
-            job.queue, job.created_at, job.id,
-        )  # fmt: skip
+            _AHEAD.format(queue="$1", created_at="$2", id="$3"), job.queue, job.created_at, job.id
+        )
         return int(ahead) + 1
 
     async def mean_run_s(self, queue: str, width: int, height: int, steps: int) -> float | None:
         """Recent seconds per job of this shape, scaled from measured seconds per step."""
         per_step = await self.pool.fetchval(
-            """
-            SELECT avg(run_s / progress_total) FROM (
-                SELECT run_s, progress_total FROM jobs
-                WHERE queue = $1 AND status = 'completed'
-                  AND (params->>'width')::int = $2 AND (params->>'height')::int = $3
-                ORDER BY finished_at DESC LIMIT 50
-            ) recent
-            """,
-            queue, width, height,
-        )  # fmt: skip
+            _SECONDS_PER_STEP.format(queue="$1", width="$2", height="$3"), queue, width, height
+        )
         return None if per_step is None else float(per_step) * steps
+
+    async def placement(self, job: Job) -> tuple[int, float | None, int]:
+        """A new job's queue position, the mean run time of its shape and the busy workers, at once."""
+        row = await self.pool.fetchrow(
+            f"""
+            SELECT ({_AHEAD.format(queue="$1", created_at="$2", id="$3")}) AS ahead,
+                   ({_SECONDS_PER_STEP.format(queue="$1", width="$4", height="$5")}) AS per_step,
+                   ({_ACTIVE_WORKERS.format(queue="$1")}) AS workers
+            """,
+            job.queue, job.created_at, job.id, job.params["width"], job.params["height"],
+        )  # fmt: skip
+        per_step = row["per_step"]
+        mean = None if per_step is None else float(per_step) * job.params["steps"]
+        return int(row["ahead"]) + 1, mean, max(1, int(row["workers"]))
 
     async def finish_pending(
         self,
