@@ -476,6 +476,8 @@ class JobRunner:
     async def _complete(self, active: _Active, generation: Generation) -> None:
         job, params = active.job, active.params
         records: list[dict[str, Any]] = []
+        # The terminal event's seq, reserved while the images are encoded and stored.
+        seq = asyncio.ensure_future(self._reserve_seq(active))
         try:
             pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in generation.images])
             for index, (png, image, seed) in enumerate(
@@ -494,7 +496,7 @@ class JobRunner:
                 )
         except Exception as exc:
             logger.exception("storing images failed", extra={"job_id": str(job.id)})
-            await self._fail(active, "storage_error", f"could not store the images: {exc}")
+            await self._fail(active, "storage_error", f"could not store the images: {exc}", seq=await seq)
             return
         result = {"images": records}
 
@@ -515,9 +517,9 @@ class JobRunner:
             ]
             return {"images": images, "timings": done.timings()}
 
-        await self._finish(active, "completed", write, fields)
+        await self._finish(active, "completed", write, fields, seq=await seq)
 
-    async def _fail(self, active: _Active, code: str, message: str) -> None:
+    async def _fail(self, active: _Active, code: str, message: str, *, seq: int | None = None) -> None:
         job = active.job
 
         async def write(seq: int) -> Job | None:
@@ -526,7 +528,7 @@ class JobRunner:
         async def fields(done: Job) -> dict[str, Any]:
             return {"error": {"code": code, "message": message}}
 
-        await self._finish(active, "failed", write, fields)
+        await self._finish(active, "failed", write, fields, seq=seq)
 
     async def _hand_back(self, active: _Active) -> None:
         job = active.job
@@ -552,22 +554,29 @@ class JobRunner:
 
         await self._finish(active, "canceled", write, fields)
 
+    async def _reserve_seq(self, active: _Active) -> int:
+        """The next seq of the job's log, for an event recorded in Postgres before it is published."""
+        try:
+            return await self.events.reserve(str(active.job.id), floor=active.last_seq)
+        except RedisError:
+            logger.exception(
+                "could not reserve a seq; continuing from Postgres", extra={"job_id": str(active.job.id)}
+            )
+            return active.last_seq + 1
+
     async def _finish(
         self,
         active: _Active,
         event_type: str,
         write: Callable[[int], Awaitable[Job | None]],
         fields: Callable[[Job], Awaitable[dict[str, Any]]],
+        *,
+        seq: int | None = None,
     ) -> None:
         """Record the terminal state in Postgres (fenced), then publish it with the same seq."""
         job = active.job
-        try:
-            seq = await self.events.reserve(str(job.id), floor=active.last_seq)
-        except RedisError:
-            logger.exception(
-                "could not reserve a seq; continuing from Postgres", extra={"job_id": str(job.id)}
-            )
-            seq = active.last_seq + 1
+        if seq is None:
+            seq = await self._reserve_seq(active)
         done = await self._write(event_type, lambda: write(seq))
         if done is None:
             # A retried write may have committed the first time (the reply was lost).
