@@ -10,9 +10,10 @@ prompt and seed per job) runs
 
 Reported:
 
-- throughput at saturation, (a) and (b), and the ratio (b)/(a): every job is
-  submitted at once and the rate is taken between the first and the last
-  completion (steady state);
+- throughput at saturation, (a) and (b), and the ratio (b)/(a), in
+  ``--rounds`` alternating rounds (the median ratio is the figure): every job
+  of a round is submitted at once and the rate is taken between the first and
+  the last completion (steady state);
 - per-job overhead at low load (one job at a time): submit -> `completed` as
   the client sees it, minus the job's own pipeline time (``timings.pipeline_s``),
   p50/p99; and the pick-up latency, submit -> `started`, p50/p99;
@@ -40,6 +41,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import time
 import urllib.request
 from typing import Any
@@ -63,11 +65,8 @@ def job_params(index: int) -> JobParams:
     )  # fmt: skip
 
 
-def bare_loop(jobs: int) -> dict[str, Any]:
+def bare_loop(pipeline: DiffusersPipeline, jobs: int) -> dict[str, Any]:
     """(a): the pipeline alone, one call per job, as fast as it goes."""
-    pipeline = DiffusersPipeline.load(ensure(DATA_DIR / "models" / "tiny"), name="tiny")
-    for index in range(3):  # warm up, as the system's worker is
-        pipeline.generate([Request(job_params(index), lambda *_: None, lambda: False)])
     durations, done_at = [], []
     for index in range(jobs):
         started = time.perf_counter()
@@ -154,31 +153,50 @@ async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    bare = bare_loop(args.jobs)
     metrics_port = free_port()
     env = {"STEPCAST_BATCH_SIZE": "1", "STEPCAST_WORKER_METRICS_PORT": str(metrics_port)}
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    pipeline_s = bare["pipeline_ms"]["p50"] / 1000
-    no_cpu = {
-        **env,
-        "STEPCAST_BACKEND": "simulated",
-        "STEPCAST_SIMULATED_STEP_S": str(pipeline_s / PARAMS["steps"]),
-    }
+    pipeline = DiffusersPipeline.load(ensure(DATA_DIR / "models" / "tiny"), name="tiny")
+    bare_loop(pipeline, 3)  # warm up, as the system's worker is
+    rounds: list[dict[str, Any]] = []
     with stack.services("overhead") as (postgres, redis):
         with stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running:
             stack.warm_up(running.http_url, 3, PARAMS)
-            system = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
+            # (a) and (b) take turns, so that a machine whose speed drifts (a
+            # shared VM) slows both alike; the stack idles during (a).
+            per_round = max(8, args.jobs // args.rounds)
+            for _ in range(args.rounds):
+                bare = bare_loop(pipeline, per_round)
+                system = asyncio.run(saturation(running.ws_url, metrics_url, per_round))
+                rounds.append(
+                    {
+                        "bare": bare,
+                        "system": system,
+                        "ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4),
+                    }
+                )
+                print(json.dumps(rounds[-1]), flush=True)
             light = asyncio.run(low_load(running.ws_url, args.jobs))
+        pipeline_s = statistics.median(r["bare"]["pipeline_ms"]["p50"] for r in rounds) / 1000
+        no_cpu = {
+            **env,
+            "STEPCAST_BACKEND": "simulated",
+            "STEPCAST_SIMULATED_STEP_S": str(pipeline_s / PARAMS["steps"]),
+        }
         with stack.stepcast("overhead", postgres, redis, workers=1, env=no_cpu) as running:
             stack.warm_up(running.http_url, 3, PARAMS)
             model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
     result = {
         "jobs": args.jobs,
         **PARAMS,
-        "bare": bare,
-        "system": {**system, **light},
-        "throughput_ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4),
+        "rounds": rounds,
+        "system": {
+            "busy_fraction": statistics.median(r["system"]["busy_fraction"] for r in rounds),
+            **light,
+        },
+        "throughput_ratio": statistics.median(r["ratio"] for r in rounds),
         "model_without_cpu": {
             "pipeline_s": pipeline_s,
             **model_without_cpu,

@@ -79,13 +79,20 @@ class GpuWorker(Worker):
         self.runner: JobRunner | None = None
         self._wake = asyncio.Event()
         self._take: AsyncScript | None = None  # on the pool arq opens in main()
+        self._offered: list[bytes] = []
 
-    def wake(self) -> None:
+    def wake(self, job_id: bytes | None = None) -> None:
+        """Poll now; ``job_id`` (from a submit's wake-up) is tried first, before reading the queue."""
+        if job_id:
+            self._offered.append(job_id)
         self._wake.set()
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
+        offered, self._offered = self._offered, []
         try:
+            if offered and self.allow_pick_jobs:
+                await self.start_jobs(offered)
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
             # arq would let this end the process. The running jobs go on (their
@@ -179,7 +186,7 @@ async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], que
             await pubsub.subscribe(CANCEL_CHANNEL, wake)
             async for message in pubsub.listen():
                 if message["channel"].decode() == wake:
-                    worker.wake()
+                    worker.wake(message["data"])
                     continue
                 with contextlib.suppress(ValueError):
                     runner.request_cancel(uuid.UUID(message["data"].decode()))

@@ -4,8 +4,8 @@ The arq job id is the stepcast job id, so enqueueing twice is harmless: a
 ``_job_id`` that is already queued is refused, as arq's own enqueue does.
 
 arq workers poll their queue (every ``poll_delay_s``); an enqueue also
-publishes on the queue's wake channel, so an idle worker starts the job within
-milliseconds rather than at its next poll. A wake-up lost in a reconnect costs
+publishes the job id on the queue's wake channel, so an idle worker takes that
+job at once rather than at its next poll. A wake-up lost in a reconnect costs
 one poll interval, nothing more.
 
 The enqueue is arq's (the same job key, serialized job, queue entry and
@@ -35,7 +35,7 @@ _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-redis.call('PUBLISH', ARGV[5], '')
+redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
 """
 
