@@ -21,7 +21,7 @@ from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
 from stepcast.params import JobParams
 from stepcast.settings import Settings
 from tests.conftest import Stack, StepcastProcess, eventually
-from tests.test_recovery import FAST_RECOVERY, events_of, job_row, wait_for
+from tests.test_recovery import FAST_RECOVERY, LONG_JOB, events_of, job_row, wait_for
 
 BATCHED = {"batch_size": 4, "batch_wait_s": 1.0}  # jobs submitted together meet in one batch
 
@@ -183,3 +183,25 @@ async def test_jobs_a_dead_worker_held_but_never_started_are_free_within_a_lease
     await redis.aclose()
     assert (await job_row(settings, uuid.UUID(second)))["attempt"] == 1  # never claimed by the dead one
     assert (await job_row(settings, uuid.UUID(first)))["attempt"] == 2
+
+
+@pytest.mark.parametrize("settings", [{"batch_size": 1}], indirect=True)
+async def test_a_busy_worker_leaves_the_jobs_it_cannot_start_soon_to_an_idle_one(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
+) -> None:
+    short = {"prompt": "a short nap", "steps": 4}
+    await spawn("gpu_worker.worker", settings.model_copy(update={"worker_id": "busy"}))
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        long_id = (await client.post("/v1/jobs", json=LONG_JOB)).json()["id"]
+        held, left = [(await client.post("/v1/jobs", json=short)).json()["id"] for _ in range(2)]
+        await wait_for(client, long_id, lambda job: job["progress"]["step"] >= 3)
+        # It runs the long job and holds one job for its next batch; the other is left alone.
+        await spawn("gpu_worker.worker", settings.model_copy(update={"worker_id": "idle"}))
+        await wait_for(client, left, lambda job: job["status"] == "completed")
+        assert (await client.get(f"/v1/jobs/{long_id}")).json()["status"] == "processing"
+        await client.post(f"/v1/jobs/{long_id}/cancel")
+        await wait_for(client, held, lambda job: job["status"] == "completed")
+    rows = [await job_row(settings, uuid.UUID(job_id)) for job_id in (long_id, held, left)]
+    assert [row["worker"] for row in rows] == ["busy", "busy", "idle"]
