@@ -12,7 +12,7 @@ its hold on each job (arq's in-progress key) lasts one lease and is renewed
 while it lives, so jobs a dead worker had taken are free again within a lease;
 and a Redis restart does not end it.
 
-    python -m gpu_worker.worker          # or: arq gpu_worker.worker.WorkerSettings
+    python -m gpu_worker.worker          # or: stepcast worker
 """
 
 from __future__ import annotations
