@@ -15,10 +15,7 @@ import argparse
 import asyncio
 import json
 import time
-from collections import Counter
 from typing import Any
-
-import websockets
 
 from bench import stack
 from bench.overhead import PARAMS, job_params
@@ -37,31 +34,6 @@ def bare(pipeline: DiffusersPipeline, size: int, jobs: int) -> float:
     return calls * size / (time.perf_counter() - started)
 
 
-async def through_the_system(ws_url: str, jobs: int, params: dict[str, Any]) -> dict[str, Any]:
-    """Every job submitted at once over one WebSocket; images/s between the first and last completion."""
-    async with websockets.connect(ws_url, max_size=2**22) as ws:
-        for index in range(jobs):
-            message = {"type": "submit", "params": {"prompt": f"fox {index}", "seed": index, **params}}
-            await ws.send(json.dumps(message))
-        done_at: list[float] = []
-        batch_sizes: Counter[int] = Counter()
-        first_batch_sizes: list[int] = []
-        while len(done_at) < jobs:
-            message = json.loads(await ws.recv())
-            if message["type"] in {"failed", "canceled", "error"}:
-                raise RuntimeError(message)
-            if message["type"] == "completed":
-                done_at.append(time.perf_counter())
-                batch_sizes[message["timings"]["batch_size"]] += 1
-                first_batch_sizes = first_batch_sizes or [message["timings"]["batch_size"]]
-    # The first batch's completions open the window; the images after them fill it.
-    first_batch = first_batch_sizes[0]
-    return {
-        "images_per_s": round((jobs - first_batch) / (done_at[-1] - done_at[0]), 2),
-        "jobs_by_batch_size": dict(sorted(batch_sizes.items())),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=64)
@@ -75,7 +47,7 @@ def main() -> None:
             env = {"STEPCAST_BATCH_SIZE": str(size)}
             with stack.stepcast("batching", postgres, redis, workers=1, env=env) as running:
                 stack.warm_up(running.http_url, 2, PARAMS)
-                system = asyncio.run(through_the_system(running.ws_url, args.jobs, PARAMS))
+                system = asyncio.run(stack.saturate(running.ws_url, args.jobs, PARAMS))
             rows.append({"batch_size": size, "bare_images_per_s": round(bare_rate, 2), "system": system})
             print(json.dumps(rows[-1]), flush=True)
     stack.write_result("batching", {"jobs": args.jobs, **PARAMS, "runs": rows})

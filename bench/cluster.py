@@ -200,11 +200,7 @@ def main() -> None:
     env = {
         "STEPCAST_BACKEND": "simulated",
         "STEPCAST_SIMULATED_STEP_S": str(STEP_S),
-        "STEPCAST_LEASE_S": "2",
-        "STEPCAST_HEARTBEAT_S": "0.5",
-        "STEPCAST_RECOVERY_INTERVAL_S": "0.5",
-        "STEPCAST_ENQUEUE_GRACE_S": "2",
-        "STEPCAST_MAX_ATTEMPTS": "10",
+        **stack.FAST_RECOVERY,
     }
     with (
         stack.services("cluster") as (postgres, redis),

@@ -29,13 +29,13 @@ import time
 from typing import Any, ClassVar
 
 import httpx
-import psutil  # type: ignore[import-untyped]
 import websockets
 from arq import create_pool
 from arq.connections import RedisSettings
 
 from bench import stack
-from stepcast.processes import LocalPostgres, LocalRedis
+from bench.cpu import CpuMeter
+from stepcast.processes import LocalRedis
 from stepcast.settings import ROOT
 
 PARAMS = {"steps": 1, "width": 64, "height": 64}
@@ -101,90 +101,36 @@ class Watcher:
                     raise RuntimeError(message)
 
 
-async def submit(client: httpx.AsyncClient, count: int, offset: int = 0) -> None:
-    for start in range(0, count, 50):
-        posts = [
-            client.post("/v1/jobs", json={"prompt": f"noop {offset + i}", **PARAMS})
-            for i in range(start, min(count, start + 50))
-        ]
-        for response in await asyncio.gather(*posts):
-            response.raise_for_status()
-
-
-async def burst(
-    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis, jobs: int
-) -> dict[str, Any]:
-    """Every job at once: jobs/s, and where the CPU went (share of one core per component)."""
-    watched = components(running, postgres, redis)
+async def burst(running: stack.Running, cpu: CpuMeter, jobs: int) -> dict[str, Any]:
+    """Every job at once: jobs/s, and where the CPU went."""
     watcher = Watcher(running.ws_url)
     watching = asyncio.create_task(watcher.run())
     await watcher.ready.wait()
-    before = {name: cpu_seconds(procs) for name, procs in watched.items()}
-    async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
-        started = time.perf_counter()
-        await submit(client, jobs)
-        while watcher.completed < jobs:
-            if watching.done():
-                watching.result()
-            await asyncio.sleep(0.005)
-        wall_s = time.perf_counter() - started
+    cpu.start()
+    started = time.perf_counter()
+    await stack.submit_jobs(running.http_url, jobs, PARAMS, "noop")
+    while watcher.completed < jobs:
+        if watching.done():
+            watching.result()
+        await asyncio.sleep(0.005)
+    wall_s = time.perf_counter() - started
     watching.cancel()
-    shares = core_share(watched, before, wall_s)
     return {
         "jobs_per_s": round(jobs / wall_s, 1),
         "wall_s": round(wall_s, 2),
-        "core_share": shares,
-        "cpu_ms_per_job": {name: round(share * wall_s / jobs * 1000, 2) for name, share in shares.items()},
+        "core_share": cpu.shares(),
+        "cpu_ms_per_job": cpu.ms_per_job(jobs),
     }
 
 
-def core_share(
-    watched: dict[str, list[psutil.Process]], before: dict[str, float], wall_s: float
-) -> dict[str, float]:
-    """CPU seconds each component used since ``before``, per second of wall time."""
-    pg = watched["postgres (all backends)"][0]
-    watched["postgres (all backends)"] = [pg, *pg.children(recursive=True)]  # backends started meanwhile
-    return {
-        name: round((cpu_seconds(procs) - before.get(name, 0.0)) / wall_s, 3)
-        for name, procs in watched.items()
-    }
-
-
-def components(
-    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis
-) -> dict[str, list[psutil.Process]]:
-    assert postgres.process is not None and redis.process is not None
-    pg = psutil.Process(postgres.process.pid)
-    return {
-        "server": [psutil.Process(running.server_pid)],
-        **{f"worker {i + 1}": [psutil.Process(w.pid)] for i, w in enumerate(running.workers)},
-        "redis": [psutil.Process(redis.process.pid)],
-        "postgres (all backends)": [pg, *pg.children(recursive=True)],
-    }
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
-async def steady(
-    running: stack.Running, postgres: LocalPostgres, redis: LocalRedis, per_min: int, seconds: float
-) -> dict[str, Any]:
+async def steady(running: stack.Running, cpu: CpuMeter, per_min: int, seconds: float) -> dict[str, Any]:
     """Submit at a fixed rate; each component's CPU share of one core meanwhile."""
-    watched = components(running, postgres, redis)
     interval = 60 / per_min
     count = int(seconds / interval)
     watcher = Watcher(running.ws_url)
     watching = asyncio.create_task(watcher.run())
     await watcher.ready.wait()
-    before = {name: cpu_seconds(procs) for name, procs in watched.items()}
+    cpu.start()
     async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as client:
         started = time.perf_counter()
         for index in range(count):
@@ -193,10 +139,13 @@ async def steady(
             response.raise_for_status()
         while watcher.completed < count and time.perf_counter() - started < seconds + 30:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        wall_s = time.perf_counter() - started
     watching.cancel()
-    cpu = core_share(watched, before, wall_s)
-    return {"jobs_per_min": per_min, "jobs": count, "completed": watcher.completed, "core_share": cpu}
+    return {
+        "jobs_per_min": per_min,
+        "jobs": count,
+        "completed": watcher.completed,
+        "core_share": cpu.shares(),
+    }
 
 
 def main() -> None:
@@ -216,8 +165,9 @@ def main() -> None:
     with stack.services("controlplane") as (postgres, redis):
         with stack.stepcast("controlplane", postgres, redis, workers=args.workers, env=env) as running:
             stack.warm_up(running.http_url, 4, PARAMS)
-            system = asyncio.run(burst(running, postgres, redis, args.jobs))
-            load = asyncio.run(steady(running, postgres, redis, 1000, args.steady_s))
+            cpu = CpuMeter(running, postgres, redis)
+            system = asyncio.run(burst(running, cpu, args.jobs))
+            load = asyncio.run(steady(running, cpu, 1000, args.steady_s))
         arq = asyncio.run(bare_arq(redis, args.workers, args.jobs))
     result = {
         "jobs": args.jobs,

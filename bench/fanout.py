@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import psutil  # type: ignore[import-untyped]
 import uvloop
 import websockets
@@ -35,21 +34,6 @@ from bench.ws_fanout import rss_kib
 from stepcast.events import EventLog
 
 PROGRESS = {"step": 1, "total": 20, "eta_s": 1.0}
-
-
-async def create_jobs(http_url: str, count: int) -> list[tuple[str, str]]:
-    """Pending jobs (no worker runs them): their ids and owner."""
-    jobs: list[tuple[str, str]] = []
-    async with httpx.AsyncClient(base_url=http_url, timeout=60) as client:
-        for start in range(0, count, 50):
-            posts = [
-                client.post("/v1/jobs", json={"prompt": f"fan {i}"})
-                for i in range(start, min(count, start + 50))
-            ]
-            for response in await asyncio.gather(*posts):
-                response.raise_for_status()
-                jobs.append((response.json()["id"], response.json()["owner"]))
-    return jobs
 
 
 async def watch(
@@ -63,7 +47,10 @@ async def watch(
 
 
 async def measure(running: stack.Running, sockets: int, rates: list[int], seconds: float) -> dict[str, Any]:
-    jobs = await create_jobs(running.http_url, sockets)
+    # Pending jobs (no worker runs them): their ids and owner.
+    jobs = [
+        (job["id"], job["owner"]) for job in await stack.submit_jobs(running.http_url, sockets, {}, "fan")
+    ]
     server = psutil.Process(running.server_pid)
     rss_before = rss_kib(running.server_pid)
     sent: dict[tuple[str, int], float] = {}

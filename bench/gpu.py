@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 from bench import stack
-from bench.batching import through_the_system
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import build
 from stepcast.params import JobParams
@@ -98,7 +97,7 @@ def main() -> None:
             batch_env = {**env, "STEPCAST_BATCH_SIZE": str(size)}
             with stack.stepcast("gpu", postgres, redis, workers=1, env=batch_env) as running:
                 stack.warm_up(running.http_url, 1, params, timeout_s=1800)
-                worker_rates[size] = asyncio.run(through_the_system(running.ws_url, args.jobs, params))
+                worker_rates[size] = asyncio.run(stack.saturate(running.ws_url, args.jobs, params))
             print({"batch_size": size, "worker": worker_rates[size]}, flush=True)
     result = {
         **vars(args),

@@ -27,7 +27,9 @@ same cores, so every millisecond of control-plane CPU is taken from the model.
 On a GPU the model does not compete for them. So the run repeats (b) with the
 ``simulated`` backend sleeping the bare pipeline's own time per job (a model
 that uses no CPU, like one on a GPU): its jobs/s over the ideal 1/pipeline
-time is the serving layer's own scheduling overhead, apart from CPU sharing.
+time is the serving layer's own scheduling overhead, apart from CPU sharing,
+and the CPU each process spends per job there is what the control plane
+takes from a CPU model.
 
 The worker runs with ``STEPCAST_BATCH_SIZE=1`` so that both sides call the
 pipeline once per job (``bench.batching`` measures batching).
@@ -49,6 +51,7 @@ from typing import Any
 import websockets
 
 from bench import stack
+from bench.cpu import CpuMeter
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import ensure
 from stepcast.params import JobParams
@@ -93,28 +96,26 @@ async def submit(ws: Any, index: int) -> None:
     )
 
 
-async def saturation(ws_url: str, metrics_url: str, jobs: int) -> dict[str, Any]:
-    """(b) at saturation: every job submitted at once; completions over time."""
-    async with websockets.connect(ws_url, max_size=2**22) as ws:
-        for index in range(jobs):
-            await submit(ws, index)
-        done_at: list[float] = []
-        busy_marks: list[tuple[float, float]] = []
-        while len(done_at) < jobs:
-            message = json.loads(await ws.recv())
-            if message["type"] in {"failed", "canceled", "error"}:
-                raise RuntimeError(message)
-            if message["type"] != "completed":
-                continue
-            done_at.append(time.perf_counter())
-            # Scrape while jobs are still queued: the pipeline is never short of work.
-            if len(done_at) in {2, jobs - 2}:
-                busy_marks.append((time.perf_counter(), pipeline_seconds(metrics_url)))
-    (wall_a, busy_a), (wall_b, busy_b) = busy_marks
-    return {
-        "jobs_per_s": round((jobs - 1) / (done_at[-1] - done_at[0]), 3),
+async def saturation(ws_url: str, metrics_url: str, jobs: int, cpu: CpuMeter | None = None) -> dict[str, Any]:
+    """(b) at saturation: every job submitted at once; the rate, the busy fraction, CPU per job."""
+    marks: list[tuple[float, float]] = []
+
+    def scrape(completed: int) -> None:
+        # While jobs are still queued: the pipeline is never short of work.
+        if completed in {2, jobs - 2}:
+            marks.append((time.perf_counter(), pipeline_seconds(metrics_url)))
+
+    if cpu is not None:
+        cpu.start()
+    run = await stack.saturate(ws_url, jobs, PARAMS, on_completed=scrape)
+    (wall_a, busy_a), (wall_b, busy_b) = marks
+    result = {
+        "jobs_per_s": run["images_per_s"],
         "busy_fraction": round((busy_b - busy_a) / (wall_b - wall_a), 4),
     }
+    if cpu is not None:
+        result["cpu_ms_per_job"] = cpu.ms_per_job(jobs)
+    return result
 
 
 async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
@@ -187,7 +188,9 @@ def main() -> None:
         }
         with stack.stepcast("overhead", postgres, redis, workers=1, env=no_cpu) as running:
             stack.warm_up(running.http_url, 3, PARAMS)
-            model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs))
+            # The worker's CPU here is the control plane's alone: the model only sleeps.
+            cpu = CpuMeter(running, postgres, redis)
+            model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs, cpu))
     result = {
         "jobs": args.jobs,
         **PARAMS,

@@ -26,7 +26,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import asyncpg
-import httpx
 from redis.asyncio import Redis
 
 from bench import stack
@@ -57,20 +56,6 @@ class Stamps:
                 self.terminal[event["job_id"]] += 1
 
 
-async def submit_all(http_url: str, jobs: int) -> list[str]:
-    ids: list[str] = []
-    async with httpx.AsyncClient(base_url=http_url, timeout=30) as client:
-        for start in range(0, jobs, 50):
-            batch = [
-                client.post("/v1/jobs", json={"prompt": f"soak {i}", "steps": STEPS})
-                for i in range(start, min(jobs, start + 50))
-            ]
-            for response in await asyncio.gather(*batch):
-                response.raise_for_status()
-                ids.append(response.json()["id"])
-    return ids
-
-
 async def kill_workers(running: stack.Running, every_s: float, stop: asyncio.Event) -> int:
     kills = 0
     while not stop.is_set():
@@ -87,7 +72,7 @@ async def soak(running: stack.Running, jobs: int, kill_every_s: float, deadline_
     listener = asyncio.create_task(stamps.run())
     await asyncio.sleep(0.2)
     began = time.monotonic()
-    ids = await submit_all(running.http_url, jobs)
+    ids = [job["id"] for job in await stack.submit_jobs(running.http_url, jobs, {"steps": STEPS}, "soak")]
     stop = asyncio.Event()
     killer = asyncio.create_task(kill_workers(running, kill_every_s, stop))
     db = await asyncpg.connect(running.database_url)
@@ -150,12 +135,7 @@ def main() -> None:
     env = {
         "STEPCAST_BACKEND": "simulated",
         "STEPCAST_SIMULATED_STEP_S": str(STEP_S),
-        # Fast detection of a dead worker: lease 2 s renewed every 0.5 s.
-        "STEPCAST_LEASE_S": "2",
-        "STEPCAST_HEARTBEAT_S": "0.5",
-        "STEPCAST_RECOVERY_INTERVAL_S": "0.5",
-        "STEPCAST_ENQUEUE_GRACE_S": "2",
-        "STEPCAST_MAX_ATTEMPTS": "10",
+        **stack.FAST_RECOVERY,
         "STEPCAST_MAX_QUEUE_DEPTH": str(args.jobs),
         "STEPCAST_MAX_JOBS_PER_OWNER": str(args.jobs),
     }

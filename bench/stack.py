@@ -1,8 +1,10 @@
-"""A whole stepcast on loopback for benchmarks: Postgres, Redis, one server
-process and N worker processes, all torn down afterwards."""
+"""A whole stepcast on loopback for benchmarks: Postgres, Redis, server
+processes and worker processes, all torn down afterwards; and what the
+benchmarks share (submitting jobs, percentiles, writing results)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,8 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import websockets
 
 from stepcast.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
 from stepcast.settings import DATA_DIR, ROOT
@@ -124,6 +131,67 @@ def stepcast(
                     process.terminate()
             for process in [*front, *fleet]:
                 process.wait(30)
+
+
+# Fast detection of a dead worker for the benchmarks that kill them: a 2 s
+# lease renewed every 0.5 s, recovery every 0.5 s, many attempts allowed.
+FAST_RECOVERY = {
+    "STEPCAST_LEASE_S": "2",
+    "STEPCAST_HEARTBEAT_S": "0.5",
+    "STEPCAST_RECOVERY_INTERVAL_S": "0.5",
+    "STEPCAST_ENQUEUE_GRACE_S": "2",
+    "STEPCAST_MAX_ATTEMPTS": "10",
+}
+
+
+async def submit_jobs(
+    http_url: str, count: int, params: Mapping[str, object], prefix: str
+) -> list[dict[str, Any]]:
+    """Submit ``count`` jobs over REST, 50 at a time; the jobs as the server answered them."""
+    jobs: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=http_url, timeout=60) as client:
+        for start in range(0, count, 50):
+            posts = [
+                client.post("/v1/jobs", json={"prompt": f"{prefix} {i}", **params})
+                for i in range(start, min(count, start + 50))
+            ]
+            for response in await asyncio.gather(*posts):
+                response.raise_for_status()
+                jobs.append(response.json())
+    return jobs
+
+
+async def saturate(
+    ws_url: str, jobs: int, params: Mapping[str, object], on_completed: Callable[[int], None] = lambda n: None
+) -> dict[str, Any]:
+    """Every job submitted at once over one WebSocket (one image each, a prompt and seed apiece).
+
+    The rate is taken between the first and the last completion (steady
+    state): the first batch's completions open the window, the images after
+    them fill it. ``on_completed(n)`` is called as the n-th job completes.
+    """
+    async with websockets.connect(ws_url, max_size=2**22) as ws:
+        for index in range(jobs):
+            message = {"type": "submit", "params": {"prompt": f"fox {index}", "seed": index, **params}}
+            await ws.send(json.dumps(message))
+        done_at: list[float] = []
+        batch_sizes: Counter[int] = Counter()
+        first_batch: int | None = None
+        while len(done_at) < jobs:
+            message = json.loads(await ws.recv())
+            if message["type"] in {"failed", "canceled", "error"}:
+                raise RuntimeError(message)
+            if message["type"] == "completed":
+                done_at.append(time.perf_counter())
+                batch = message["timings"]["batch_size"]
+                batch_sizes[batch] += 1
+                first_batch = first_batch or batch
+                on_completed(len(done_at))
+    assert first_batch is not None
+    return {
+        "images_per_s": round((jobs - first_batch) / (done_at[-1] - done_at[0]), 3),
+        "jobs_by_batch_size": dict(sorted(batch_sizes.items())),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
