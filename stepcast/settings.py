@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
@@ -158,14 +158,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator(
-        "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key", "worker_id", "worker_alive_file",
-        "session_secret", "api_key", mode="before",
-    )  # fmt: skip
+    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """``STEPCAST_S3_ENDPOINT_URL=`` (a template's blank line) means not set, as in compose files."""
-        return None if value == "" else value
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """A blank optional setting (``STEPCAST_S3_ENDPOINT_URL=``, a template's empty line) means not set."""
+        if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
+            return None
+        return value
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
