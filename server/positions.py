@@ -110,7 +110,7 @@ class QueueAnnouncer:
                 continue
             fields = {"position": position, "eta_s": await estimator.eta_s(job, position)}
             await events.emit(
-                str(job.id), job.owner, "queued", fields, floor=job.last_seq, only_while_queued=True
+                str(job.id), job.owner, "queued", fields, floor=job.last_seq, position_update=True
             )
             self._announced[job.id] = (position, now)
         live = {job.id for job, _ in pending}

@@ -29,12 +29,15 @@ local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 local top = 0
 if last then top = tonumber(string.match(last[1], '^(%d+)')) end
 local cur = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[2]), top)
-if ARGV[7] == '1' and last then
-    -- A position update only while the newest event is 'queued' and no seq is
-    -- reserved for an event on its way (a cancel): never after 'started'. And
+if ARGV[7] == '1' then
+    -- A position update only while the job waits: after its first 'queued'
+    -- (the submit's own, never before it) or a 'requeued', and with no seq
+    -- reserved for an event on its way (a cancel); never after 'started'. And
     -- only if it says something new.
+    if not last or cur > top then return 0 end
     local newest = last[2][2]
-    if string.sub(newest, 1, 17) ~= '{"type":"queued",' or cur > top then return 0 end
+    local waiting = string.match(newest, '^{"type":"(%a+)",')
+    if waiting ~= 'queued' and waiting ~= 'requeued' then return 0 end
     if string.match(newest, '"seq":%d+(.*)$') == ARGV[4] then return 0 end
 end
 local seq = tonumber(ARGV[1])
@@ -100,19 +103,21 @@ class EventLog:
         *,
         floor: int = 0,
         seq: int = 0,
-        only_while_queued: bool = False,
+        position_update: bool = False,
     ) -> int:
         """Append and publish one event; returns its seq (``seq`` given, or the next one).
 
-        With ``only_while_queued`` nothing happens (and 0 is returned) unless the
-        job's newest event is ``queued``. A given ``seq`` the stream is already
+        A ``position_update`` is appended (else 0 is returned) only while the job
+        waits: its newest event is ``queued`` or ``requeued`` (so never before the
+        submit's own ``queued``, never after ``started``), no seq is reserved, and
+        the event differs from the newest. A given ``seq`` the stream is already
         past is not appended (-1 is returned): streams only grow in seq order.
         """
         head, tail = encode(event_type, job_id, fields or {})
         counter, stream = _keys(job_id)
         result = await self._emit(
             keys=[counter, stream, job_channel(job_id), owner_channel(owner)],
-            args=[seq, floor, head, tail, self.stream_max, self.ttl_s, int(only_while_queued)],
+            args=[seq, floor, head, tail, self.stream_max, self.ttl_s, int(position_update)],
         )
         return int(result)
 

@@ -30,17 +30,30 @@ async def test_seqs_follow_the_floor_and_never_go_back(log: EventLog) -> None:
     assert [e["seq"] for e in await log.read("j", after_seq=6)] == [7, 8]
 
 
-async def test_position_updates_never_follow_start_or_a_reserved_seq(log: EventLog) -> None:
+async def test_position_updates_never_precede_the_submit_or_follow_start_or_a_reserved_seq(
+    log: EventLog,
+) -> None:
+    # The announcer saw the job's row before the submit announced it: the submit's comes first.
+    assert await log.emit("j", "o", "queued", {"position": 2}, position_update=True) == 0
     await log.emit("j", "o", "queued", {"position": 2})
-    assert await log.emit("j", "o", "queued", {"position": 2}, only_while_queued=True) == 0  # nothing new
-    assert await log.emit("j", "o", "queued", {"position": 1}, only_while_queued=True) == 2
+    assert await log.emit("j", "o", "queued", {"position": 2}, position_update=True) == 0  # nothing new
+    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 2
     reserved = await log.reserve("j", floor=0)
     assert reserved == 3
-    assert await log.emit("j", "o", "queued", {"position": 1}, only_while_queued=True) == 0
+    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
     assert await log.emit("j", "o", "canceled", seq=reserved) == 3
     assert await log.emit("j", "o", "canceled", seq=2) == -1  # the stream is past it: refused
-    assert await log.emit("j", "o", "queued", {"position": 1}, only_while_queued=True) == 0
+    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
     assert await kinds(log) == [(1, "queued"), (2, "queued"), (3, "canceled")]
+
+
+async def test_a_requeued_job_hears_its_position_until_it_starts(log: EventLog) -> None:
+    for kind in ["queued", "started", "requeued"]:
+        await log.emit("j", "o", kind)
+    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 4
+    await log.emit("j", "o", "started")
+    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
+    assert await kinds(log) == [(1, "queued"), (2, "started"), (3, "requeued"), (4, "queued"), (5, "started")]
 
 
 def test_encoding_is_flat_with_seq_third() -> None:
