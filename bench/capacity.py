@@ -58,11 +58,11 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
     await db.migrate()
 
     async def submit() -> Any:
-        job, _ = await db.insert_job(
+        insertion = await db.insert_job(
             owner="bench", params=PARAMS, preview=None, queue="q", model_name="tiny", version="bench",
             queue_ttl_s=3600,
         )  # fmt: skip
-        return job
+        return insertion.job
 
     async def lifecycle() -> None:
         job = await submit()

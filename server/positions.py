@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_LEADER_LOCK = 0x5EC0_9051
 EVERY_CHANGE_UP_TO = 10  # positions that hear of every move
 
 
@@ -71,18 +70,12 @@ class QueueAnnouncer:
     async def run(self) -> None:
         while True:
             try:
-                async with self.services.db.pool.acquire() as conn:
-                    # Another server holds the lock; poll for it (it frees on that server's exit).
-                    while not await conn.fetchval(  # noqa: ASYNC110
-                        "SELECT pg_try_advisory_lock($1)", _LEADER_LOCK
-                    ):
-                        await asyncio.sleep(self.interval_s * 2)
-                    try:
-                        while True:
-                            await self.tick()
-                            await asyncio.sleep(self.interval_s)
-                    finally:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", _LEADER_LOCK)
+                async with self.services.db.singleton("queue_announcer") as leader:
+                    # Another server announces; poll for the lock (it frees on that server's exit).
+                    while leader:
+                        await self.tick()
+                        await asyncio.sleep(self.interval_s)
+                await asyncio.sleep(self.interval_s * 2)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -11,20 +11,20 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from server.hub import Hub
 from server.metrics import ServerMetrics
-from server.positions import EtaEstimator, QueueAnnouncer, drain_s
+from server.positions import QueueAnnouncer, drain_s
 from stepcast import __version__, queue
-from stepcast.db import Database
+from stepcast.db import Database, Insertion
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.jobs import Job, Status, to_wire
-from stepcast.params import JobParams, Submission
+from stepcast.params import Submission
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
@@ -97,30 +97,35 @@ class Services:
             earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return self._replay(earlier, submission), False
-        await self._admit(owner, submission.params)
         preview = None
         if submission.preview is not None:
             preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
-        job, created = await self.db.insert_job(
+        settings = self.settings
+        insertion = await self.db.insert_job(
             owner=owner,
             params=submission.params.to_json(),
             preview=preview,
             webhook=submission.webhook.to_json() if submission.webhook else None,
-            queue=self.settings.queue_name,
+            queue=settings.queue_name,
             model_name=submission.params.model,
             version=__version__,
-            queue_ttl_s=self.settings.queue_ttl_s,
+            queue_ttl_s=settings.queue_ttl_s,
             idempotency_key=idempotency_key,
             request_hash=submission.fingerprint if idempotency_key else None,
+            max_pending=settings.max_queue_depth,
+            max_unfinished=settings.max_jobs_per_owner,
         )
-        if not created:  # a concurrent submit with the same key got there first
+        job = insertion.job
+        if job is None:
+            self._refuse(insertion)
+        if not insertion.created:  # a concurrent submit with the same key got there first
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
+        position = insertion.pending + 1  # behind every job pending when it was inserted
+        fields = {"position": position, "eta_s": drain_s(position, insertion.mean_run_s, insertion.workers)}
         try:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
-            position, eta_s = await self.place(job)
-            fields = {"position": position, "eta_s": eta_s}
             await self.events.emit(str(job.id), owner, "queued", fields, floor=job.last_seq)
             await queue.enqueue(self.redis, job.id, job.queue)
         except RedisError:
@@ -140,28 +145,19 @@ class Services:
             )
         return job
 
-    async def _admit(self, owner: str, params: JobParams) -> None:
+    def _refuse(self, insertion: Insertion) -> NoReturn:
         """Backpressure: refuse work the queue cannot take, saying when to come back."""
         settings = self.settings
-        total, mine = await self.db.queue_depth(settings.queue_name, owner)
+        total, mine = insertion.pending, insertion.unfinished
         if total >= settings.max_queue_depth:
             excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
-        elif mine >= settings.max_jobs_per_owner:
-            excess, what = mine - settings.max_jobs_per_owner + 1, f"you have {mine} unfinished jobs"
         else:
-            return
-        drain_s = await EtaEstimator(self.db).drain_s(
-            settings.queue_name, params.width, params.height, params.steps, excess
-        )
-        retry_after_s = min(3600, max(1, math.ceil(drain_s if drain_s is not None else 5 * excess)))
+            excess, what = mine - settings.max_jobs_per_owner + 1, f"you have {mine} unfinished jobs"
+        drain = drain_s(excess, insertion.mean_run_s, insertion.workers)
+        retry_after_s = min(3600, max(1, math.ceil(drain if drain is not None else 5 * excess)))
         raise TooManyRequests(
             f"{what}, the most accepted; try again in {retry_after_s} s", retry_after_s=retry_after_s
         )
-
-    async def place(self, job: Job) -> tuple[int, float | None]:
-        """Queue position (1 = next to start) and the seconds until it should be done."""
-        position, mean_run_s, workers = await self.db.placement(job)  # one round trip
-        return position, drain_s(position, mean_run_s, workers)
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
         job = await self.db.get_job(job_id, owner)

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_PATH = ROOT / "schema.sql"
 _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema application
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
-_SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E}
+_SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
 
 # Queue placement: pending jobs ahead of one, seconds per step of recent jobs
 # of a size (the last 50), and workers busy on the queue in the last minute.
@@ -92,8 +92,36 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, deadline
             delay = min(delay * 2, 2.0)
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """Handed back to the pool as it is, without asyncpg's reset query.
+
+    The default reset (unlock every advisory lock, close cursors, UNLISTEN,
+    RESET ALL) is a round trip on every release, that is, on every query
+    through the pool: it doubled the latency and the Postgres work of each.
+    Nothing here leaves session state behind: no LISTEN, no session SET, no
+    cursor outside a transaction; an open transaction is still rolled back;
+    the one session-level advisory lock (:meth:`Database.singleton`) is
+    unlocked by its holder, or its connection closed.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """What a submit's one statement found and did."""
+
+    job: Job | None  # None: refused, the queue or the owner was at its limit
+    created: bool  # False with a job: the owner's earlier job with this idempotency key
+    pending: int  # pending jobs on the queue before it: a new job's place is pending + 1
+    unfinished: int  # the owner's pending and processing jobs before it
+    mean_run_s: float | None  # recent seconds per job of its shape (None: none measured)
+    workers: int  # workers busy on the queue lately (at least 1)
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,9 @@ class Database:
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 10) -> Database:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max_size, init=_init_connection, connection_class=_Connection
+        )
         return cls(pool)
 
     async def close(self) -> None:
@@ -153,46 +183,69 @@ class Database:
         queue_ttl_s: float,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
-    ) -> tuple[Job, bool]:
-        """The new job and True; or, for an idempotency key the owner used before, that job and False."""
+        max_pending: int | None = None,
+        max_unfinished: int | None = None,
+    ) -> Insertion:
+        """Admit and insert a job, and place it, in one statement (one round trip).
+
+        The job is inserted unless the queue already holds ``max_pending``
+        pending jobs or the owner ``max_unfinished`` unfinished ones; a key the
+        owner used before gives that earlier job. The counts, and what the
+        queue's position and ETA need, come back either way.
+        """
         row = await self.pool.fetchrow(
-            """
-            INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name, stepcast_version,
-                              queue_expires_at, idempotency_key, request_hash, webhook)
-            VALUES ($1, $2, $3, $4, $5, $6, $7,
-                    CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END, $9, $10, $11)
-            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING *
+            f"""
+            WITH counts AS (
+                SELECT (SELECT count(*) FROM jobs WHERE queue = $4 AND status = 'pending') AS pending,
+                       (SELECT count(*) FROM jobs
+                        WHERE owner = $1 AND status IN ('pending', 'processing')) AS unfinished
+            ), inserted AS (
+                INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name,
+                                  stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook)
+                SELECT $1, $2::jsonb, $3::jsonb, $4, $5::int, $6, $7,
+                       CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END,
+                       $9, $10, $11::jsonb
+                FROM counts
+                WHERE ($12::bigint IS NULL OR counts.pending < $12::bigint)
+                  AND ($13::bigint IS NULL OR counts.unfinished < $13::bigint)
+                ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING *
+            )
+            SELECT inserted.*, counts.pending AS admission_pending, counts.unfinished AS admission_unfinished,
+                   ({_SECONDS_PER_STEP.format(queue="$4", width="$14::int", height="$15::int")}) AS per_step,
+                   ({_ACTIVE_WORKERS.format(queue="$4")}) AS busy_workers
+            FROM counts LEFT JOIN inserted ON true
             """,
             owner, params, preview, queue, params["steps"], model_name, version,
-            queue_ttl_s, idempotency_key, request_hash, webhook,
+            queue_ttl_s, idempotency_key, request_hash, webhook, max_pending, max_unfinished,
+            params["width"], params["height"],
         )  # fmt: skip
-        if row is not None:
-            return Job.from_record(row), True
+        pending, unfinished = int(row["admission_pending"]), int(row["admission_unfinished"])
+        per_step = row["per_step"]
+        insertion = Insertion(
+            job=Job.from_record(row) if row["id"] is not None else None,
+            created=row["id"] is not None,
+            pending=pending,
+            unfinished=unfinished,
+            mean_run_s=None if per_step is None else float(per_step) * params["steps"],
+            workers=max(1, int(row["busy_workers"])),
+        )
+        admitted = (max_pending is None or pending < max_pending) and (
+            max_unfinished is None or unfinished < max_unfinished
+        )
+        if insertion.created or not admitted:
+            return insertion
         # A concurrent or earlier submit with the same key won; its row is committed.
         earlier = await self.job_by_idempotency_key(owner, idempotency_key or "")
         if earlier is None:
             raise RuntimeError("idempotency conflict without a conflicting job")
-        return earlier, False
+        return replace(insertion, job=earlier)
 
     async def job_by_idempotency_key(self, owner: str, key: str) -> Job | None:
         row = await self.pool.fetchrow(
             "SELECT * FROM jobs WHERE owner = $1 AND idempotency_key = $2", owner, key
         )
         return Job.from_record(row) if row else None
-
-    async def queue_depth(self, queue: str, owner: str) -> tuple[int, int]:
-        """Pending jobs on the queue, and the owner's unfinished (pending or processing) jobs."""
-        row = await self.pool.fetchrow(
-            """
-            SELECT
-                (SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'pending') AS total,
-                (SELECT count(*) FROM jobs WHERE owner = $2 AND status IN ('pending', 'processing')) AS mine
-            """,
-            queue,
-            owner,
-        )
-        return int(row["total"]), int(row["mine"])
 
     async def pending_params(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
         """The params of those of these jobs still pending."""
@@ -265,20 +318,6 @@ class Database:
             _SECONDS_PER_STEP.format(queue="$1", width="$2", height="$3"), queue, width, height
         )
         return None if per_step is None else float(per_step) * steps
-
-    async def placement(self, job: Job) -> tuple[int, float | None, int]:
-        """A new job's queue position, the mean run time of its shape and the busy workers, at once."""
-        row = await self.pool.fetchrow(
-            f"""
-            SELECT ({_AHEAD.format(queue="$1", created_at="$2", id="$3")}) AS ahead,
-                   ({_SECONDS_PER_STEP.format(queue="$1", width="$4", height="$5")}) AS per_step,
-                   ({_ACTIVE_WORKERS.format(queue="$1")}) AS workers
-            """,
-            job.queue, job.created_at, job.id, job.params["width"], job.params["height"],
-        )  # fmt: skip
-        per_step = row["per_step"]
-        mean = None if per_step is None else float(per_step) * job.params["steps"]
-        return int(row["ahead"]) + 1, mean, max(1, int(row["workers"]))
 
     async def finish_pending(
         self,
@@ -413,13 +452,24 @@ class Database:
     async def singleton(self, task: str) -> AsyncIterator[bool]:
         """Hold ``task``'s lock for the block if no other process does; yields whether it is held."""
         key = _SINGLETON_LOCKS[task]
+        # The pool does not reset connections (see _Connection): if taking or
+        # releasing the lock fails half-way, the connection is closed, and a
+        # closed session holds no lock.
         async with self.pool.acquire() as conn:
-            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            except BaseException:
+                conn.terminate()
+                raise
             try:
                 yield held
             finally:
                 if held:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    except BaseException:
+                        conn.terminate()
+                        raise
 
     async def expired_leases(self) -> list[Job]:
         rows = await self.pool.fetch(
