@@ -147,15 +147,20 @@ class Feed:
 
     # -- watching -----------------------------------------------------------
 
-    async def watch(self, job_id: uuid.UUID, after_seq: int | None) -> None:
-        """Send what the client missed after ``after_seq`` (or a snapshot), then live events."""
+    async def watch(self, job_id: uuid.UUID, after_seq: int | None, *, new: Job | None = None) -> None:
+        """Send what the client missed after ``after_seq`` (or a snapshot), then live events.
+
+        ``new``: the row of a job this owner has just submitted, which spares
+        reading it twice (its log can only have grown since).
+        """
         key = str(job_id)
-        await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
+        if new is None:
+            await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
         watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
         try:
             await self.hub.add(job_channel(key), self)
-            await self._sync(key, watch, after_seq)
+            await self._sync(key, watch, after_seq, new)
         except BaseException:
             if self._watches.get(key) is watch:
                 del self._watches[key]
@@ -190,16 +195,20 @@ class Feed:
             await self.hub.remove(owner_channel(self.owner), self)
         self._watches.clear()
 
-    async def _sync(self, key: str, watch: _Watch, after_seq: int | None) -> None:
+    async def _sync(self, key: str, watch: _Watch, after_seq: int | None, job: Job | None = None) -> None:
         watch.syncing = True
         watch.stale = False
         watch.buffer.clear()  # whatever arrived before the read below is in the stream
-        job = await self.services.get(self.owner, uuid.UUID(key))
+        read_now = job is None
+        if job is None:
+            job = await self.services.get(self.owner, uuid.UUID(key))
         events = await self.services.events.read(key, after_seq=after_seq or 0)
         if after_seq is not None and _covers(events, after_seq, job.last_seq):
             for event in events:
                 self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
         else:
+            if not read_now:  # a snapshot shows the job as it is now
+                job = await self.services.get(self.owner, uuid.UUID(key))
             await self._snapshot(key, watch, job, events[-1] if events else None)
         buffered, watch.buffer = watch.buffer, []
         watch.syncing = False

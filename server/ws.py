@@ -241,7 +241,10 @@ class Connection:
             accepted["replayed"] = True
         self.feed.push_message(accepted)
         # A new job is watched from its first event; a replayed one from a snapshot.
-        await self.feed.watch(job.id, 0 if created else None)
+        if created:
+            await self.feed.watch(job.id, 0, new=job)
+        else:
+            await self.feed.watch(job.id, None)
 
 
 def origin_allowed(websocket: WebSocket, settings: Settings) -> bool:
