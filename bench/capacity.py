@@ -3,9 +3,10 @@
 Runs its own Postgres and Redis (loopback) and drives them with stepcast's own
 queries and scripts, as many at once as ``--concurrency``:
 
-- Postgres: submits/s (the job INSERT a submit makes), and whole job
-  lifecycles/s (INSERT, claim, one heartbeat, complete: every write a job costs
-  the database);
+- Postgres: submits/s (the one statement a submit makes: admission counts,
+  the INSERT, what its queue position and ETA need) while the queue fills to
+  its default limit, and whole job lifecycles/s (submit, claim, one heartbeat,
+  complete: every write a job costs the database);
 - Redis: step events/s through the event log (one script call: stream append
   with its cap and expiry, plus the pub/sub publish), Redis CPU per event, the
   server-side cost per call from ``INFO commandstats``, and the memory a job's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,28 +31,37 @@ from redis.asyncio import Redis
 from bench import stack
 from stepcast.db import Database
 from stepcast.events import EventLog
+from stepcast.settings import Settings
 
 PARAMS = {
     "prompt": "a red fox", "negative_prompt": None, "model": "tiny", "steps": 20, "width": 64, "height": 64,
     "guidance_scale": 7.5, "seed": 1, "num_images": 1, "scheduler": None,
 }  # fmt: skip
 PROGRESS = {"step": 7, "total": 20, "eta_s": 0.123}
+QUEUE_DEPTH = Settings.model_fields["max_queue_depth"].default
 
 
-async def flat_out(operation: Callable[[], Awaitable[Any]], concurrency: int, seconds: float) -> float:
-    """Operations per second with ``concurrency`` loops running it back to back."""
-    done = 0
+async def flat_out(
+    operation: Callable[[], Awaitable[Any]],
+    concurrency: int,
+    *,
+    seconds: float = math.inf,
+    count: float = math.inf,
+) -> float:
+    """Operations per second with ``concurrency`` loops running it back to back, for
+    ``seconds`` or ``count`` operations, whichever ends first."""
+    begun = 0
     stop = time.perf_counter() + seconds
 
     async def loop() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
+        nonlocal begun
+        while time.perf_counter() < stop and begun < count:
+            begun += 1
             await operation()
-            done += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    return begun / (time.perf_counter() - started)
 
 
 async def postgres_figures(database_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -72,11 +83,23 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
         await db.complete(job.id, claimed.attempt, result={"images": []}, seq=22, pipeline_s=0.1, batch=1)
 
     try:
-        submits = await flat_out(submit, concurrency, seconds)
-        lifecycles = await flat_out(lifecycle, concurrency, seconds)
+        # A submit counts the pending jobs (admission, queue position): its cost
+        # grows with the queue. Measured while it fills from empty to the default
+        # limit (STEPCAST_MAX_QUEUE_DEPTH), every connection open first; then the
+        # lifecycles, on an empty queue.
+        await asyncio.gather(
+            *(db.pool.fetchval("SELECT pg_sleep(0.1)") for _ in range(concurrency))
+        )  # open them
+        submits = await flat_out(submit, concurrency, seconds=seconds, count=QUEUE_DEPTH)
+        await db.pool.execute("DELETE FROM jobs")
+        lifecycles = await flat_out(lifecycle, concurrency, seconds=seconds)
     finally:
         await db.close()
-    return {"submits_per_s": round(submits), "job_lifecycles_per_s": round(lifecycles)}
+    return {
+        "submits_per_s": round(submits),
+        "submits_queue_depth": f"0 -> {QUEUE_DEPTH}",
+        "job_lifecycles_per_s": round(lifecycles),
+    }
 
 
 async def redis_figures(redis_url: str, redis_pid: int, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -95,7 +118,7 @@ async def redis_figures(redis_url: str, redis_pid: int, concurrency: int, second
     await redis.config_resetstat()
     server = psutil.Process(redis_pid)
     cpu_before = sum(server.cpu_times()[:2])
-    rate = await flat_out(emit, concurrency, seconds)
+    rate = await flat_out(emit, concurrency, seconds=seconds)
     cpu_s = sum(server.cpu_times()[:2]) - cpu_before
     stats = await redis.info("commandstats")
     emitted = sum(v["calls"] for k, v in stats.items() if k in {"cmdstat_evalsha", "cmdstat_eval"})
