@@ -6,8 +6,9 @@ changed. Near the head (position 10 or less) every change goes out; further
 back a job hears at most every ``position / 10`` intervals (position 500:
 every 50 s), so a deep queue moving fast costs tens of events a second, not
 one per waiting job. ETAs scale measured seconds per step for the job's size
-by the number of workers recently busy on its queue (EtaEstimator, shared with
-submit).
+by the number of workers recently busy on its queue (:class:`EtaEstimator`
+here; a submit reads the same figures in its one statement and shares
+:func:`drain_s`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class QueueAnnouncer:
     async def run(self) -> None:
         while True:
             try:
+                # While another server announces, poll for the lock (it frees on that server's exit).
                 async with self.services.db.singleton("queue_announcer") as leader:
-                    # Another server announces; poll for the lock (it frees on that server's exit).
                     while leader:
                         await self.tick()
                         await asyncio.sleep(self.interval_s)
