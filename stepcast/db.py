@@ -108,6 +108,17 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
         return ""
 
 
+async def _lock_or_close(conn: asyncpg.Connection, query: str, key: int) -> Any:
+    """Take or release a session-level advisory lock. The pool does not reset
+    connections (:class:`_Connection`), so if this fails half-way the connection
+    is closed: a closed session holds no lock."""
+    try:
+        return await conn.fetchval(query, key)
+    except BaseException:
+        conn.terminate()
+        raise
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -452,24 +463,13 @@ class Database:
     async def singleton(self, task: str) -> AsyncIterator[bool]:
         """Hold ``task``'s lock for the block if no other process does; yields whether it is held."""
         key = _SINGLETON_LOCKS[task]
-        # The pool does not reset connections (see _Connection): if taking or
-        # releasing the lock fails half-way, the connection is closed, and a
-        # closed session holds no lock.
         async with self.pool.acquire() as conn:
-            try:
-                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
-            except BaseException:
-                conn.terminate()
-                raise
+            held = bool(await _lock_or_close(conn, "SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield held
             finally:
                 if held:
-                    try:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
-                    except BaseException:
-                        conn.terminate()
-                        raise
+                    await _lock_or_close(conn, "SELECT pg_advisory_unlock($1)", key)
 
     async def expired_leases(self) -> list[Job]:
         rows = await self.pool.fetch(
