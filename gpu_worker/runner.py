@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import logging
 import threading
@@ -479,12 +480,9 @@ class JobRunner:
         # The terminal event's seq, reserved while the images are encoded and stored.
         seq = asyncio.ensure_future(self._reserve_seq(active))
         try:
-            pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in generation.images])
-            for index, (png, image, seed) in enumerate(
-                zip(pngs, generation.images, params.image_seeds(), strict=True)
-            ):
+            for index, (image, seed) in enumerate(zip(generation.images, params.image_seeds(), strict=True)):
                 key = image_key(str(job.id), index)
-                await self.storage.put(key, png, PNG)
+                await self.storage.put(key, functools.partial(encode_png, image), PNG)
                 records.append(
                     {
                         "key": key,

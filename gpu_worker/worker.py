@@ -31,15 +31,13 @@ import uvloop
 from arq import func
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
-from stepcast import liveness, logs
+from stepcast import liveness, logs, queue
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
@@ -54,16 +52,6 @@ logger = logging.getLogger(__name__)
 
 
 ARQ_TRIES = 1_000_000
-# Take a queued job for this worker: refuse one in progress elsewhere, gone, or
-# deferred; else set its in-progress key. KEYS: in-progress key, queue.
-# ARGV: job id, now (ms), in-progress lifetime (ms). Returns its score or nil.
-_TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
-"""
 REDIS_DOWN_PAUSE_S = 1.0
 
 
@@ -78,22 +66,22 @@ class GpuWorker(Worker):
         self.renew_s = renew_s
         self.runner: JobRunner | None = None
         self._wake = asyncio.Event()
-        self._take: AsyncScript | None = None  # on the pool arq opens in main()
-        self._offered: list[bytes] = []
 
-    def wake(self, job_id: bytes | None = None) -> None:
-        """Poll now; ``job_id`` (from a submit's wake-up) is tried first, before reading the queue."""
-        if job_id:
-            self._offered.append(job_id)
+    def wake(self) -> None:
+        """Poll now (a submit's wake-up, a finished job, room in the runner)."""
         self._wake.set()
 
     async def _poll_iteration(self) -> None:
+        """arq's poll, but one round trip takes what the runner can use (:func:`queue.take`)."""
         self._wake.clear()
-        offered, self._offered = self._offered, []
         try:
-            if offered and self.allow_pick_jobs:
-                await self.start_jobs(offered)
-            await super()._poll_iteration()
+            if self.allow_pick_jobs:
+                await self._take_jobs()
+            for job_id, task in list(self.tasks.items()):
+                if task.done():
+                    del self.tasks[job_id]
+                    task.result()  # as arq: an error in run_job ends the worker
+            await self.heart_beat()
         except (RedisError, OSError) as exc:
             # arq would let this end the process. The running jobs go on (their
             # results go to Postgres); recovery enqueues what a wiped Redis forgot.
@@ -103,40 +91,24 @@ class GpuWorker(Worker):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
 
-    def _held(self, runner: JobRunner) -> int:
-        """Jobs taken and not yet through the pipeline (arq's tasks not yet in the runner included)."""
-        return self.job_counter - runner.entered() + runner.held()
+    def _room(self) -> int:
+        """How many more jobs to take: the runner's wants, less the jobs taken and not yet through
+        the pipeline (arq's tasks not yet in the runner included), within arq's ``max_jobs``."""
+        room = self.max_jobs - self.job_counter
+        if self.runner is not None:
+            runner = self.runner
+            room = min(room, runner.wants() - (self.job_counter - runner.entered() + runner.held()))
+        return room
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's ``start_jobs``, taking only what the runner can use, each job in one round trip.
-
-        arq checks and sets a job's in-progress key in four round trips (watch,
-        exists, zscore, a transaction); :data:`_TAKE` does the same atomically.
-        """
-        runner = self.runner
-        if self._take is None:
-            self._take = self.pool.register_script(_TAKE)
-        for raw_id in job_ids:
-            if runner is not None and self._held(runner) >= runner.wants():
-                return
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
-            job_id = raw_id.decode()
-            try:
-                score = await self._take(
-                    keys=[in_progress_key_prefix + job_id, self.queue_name],
-                    args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
-                )
-            except BaseException:
-                self.sem.release()
-                raise
-            if score is None:  # running elsewhere, done, or deferred
-                self.sem.release()
-                continue
+    async def _take_jobs(self) -> None:
+        room = self._room()
+        if room <= 0:
+            return
+        taken = await queue.take(self.pool, self.queue_name, room, lease_s=self.in_progress_timeout_s)
+        for job_id, score in taken:
+            await self.sem.acquire()  # free: room <= max_jobs - job_counter
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
@@ -186,7 +158,7 @@ async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], que
             await pubsub.subscribe(CANCEL_CHANNEL, wake)
             async for message in pubsub.listen():
                 if message["channel"].decode() == wake:
-                    worker.wake(message["data"])
+                    worker.wake()
                     continue
                 with contextlib.suppress(ValueError):
                     runner.request_cancel(uuid.UUID(message["data"].decode()))

@@ -126,8 +126,10 @@ class Services:
         try:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
-            await self.events.emit(str(job.id), owner, "queued", fields, floor=job.last_seq)
-            await queue.enqueue(self.redis, job.id, job.queue)
+            async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, in this order
+                self.events.emit_in(pipe, str(job.id), owner, "queued", fields, floor=job.last_seq)
+                queue.enqueue_in(pipe, self.redis, job.id, job.queue)
+                await pipe.execute()
         except RedisError:
             # The row is the truth; the job stays pending and is enqueued again
             # once Redis is back.

@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +114,38 @@ class EventLog:
         the event differs from the newest. A given ``seq`` the stream is already
         past is not appended (-1 is returned): streams only grow in seq order.
         """
+        keys, args = self._emit_call(job_id, owner, event_type, fields, floor, seq, position_update)
+        return int(await self._emit(keys=keys, args=args))
+
+    def emit_in(
+        self,
+        pipe: Pipeline,
+        job_id: str,
+        owner: str,
+        event_type: str,
+        fields: dict[str, Any] | None = None,
+        *,
+        floor: int = 0,
+    ) -> None:
+        """:meth:`emit` queued on ``pipe``, to share its round trip (the seq comes back from
+        ``pipe.execute()``). The script's text goes along: Redis may have lost its copy."""
+        keys, args = self._emit_call(job_id, owner, event_type, fields, floor, 0, False)
+        pipe.execute_command("EVAL", _EMIT, len(keys), *keys, *args)
+
+    def _emit_call(
+        self,
+        job_id: str,
+        owner: str,
+        event_type: str,
+        fields: dict[str, Any] | None,
+        floor: int,
+        seq: int,
+        position_update: bool,
+    ) -> tuple[list[str], list[str | int]]:
         head, tail = encode(event_type, job_id, fields or {})
         counter, stream = _keys(job_id)
-        result = await self._emit(
-            keys=[counter, stream, job_channel(job_id), owner_channel(owner)],
-            args=[seq, floor, head, tail, self.stream_max, self.ttl_s, int(position_update)],
-        )
-        return int(result)
+        keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
+        return keys, [seq, floor, head, tail, self.stream_max, self.ttl_s, int(position_update)]
 
     async def reserve(self, job_id: str, *, floor: int) -> int:
         counter, _ = _keys(job_id)

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from stepcast.storage import Data
+
 URL_PREFIX = "/v1/images/"
 
 
@@ -21,17 +23,18 @@ class LocalStorage:
             raise KeyError(key)
         return path
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await asyncio.to_thread(self._write, self.path(key), data)
+    async def put(self, key: str, data: Data, content_type: str) -> None:
+        await asyncio.to_thread(self._write, key, data)
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
+    def _write(self, key: str, data: Data) -> None:
+        path = self.path(key)
+        payload = data() if callable(data) else data
         # Write-then-rename: a reader never sees half an image.
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.write(payload)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from stepcast.settings import Settings
+from stepcast.storage import Data
 
 
 class S3Storage:
@@ -33,8 +35,9 @@ class S3Storage:
         ) as client:
             yield cls(client, settings.s3_bucket, settings.s3_presign_s)
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+    async def put(self, key: str, data: Data, content_type: str) -> None:
+        body = await asyncio.to_thread(data) if callable(data) else data
+        await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
 
     async def get(self, key: str) -> bytes:
         try:

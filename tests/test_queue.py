@@ -1,0 +1,79 @@
+"""The work queue in Redis: a submit announces and enqueues a job in one round trip; a
+worker takes the oldest due jobs nobody holds, also in one."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from arq.constants import in_progress_key_prefix
+from arq.utils import to_unix_ms
+
+from stepcast import queue
+from stepcast.events import EventLog
+from stepcast.settings import Settings
+
+QUEUE = "stepcast:test-queue"
+
+
+async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(settings: Settings) -> None:
+    redis = queue.connect(settings.redis_url)
+    try:
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        ids = [uuid.uuid4() for _ in range(5)]
+        for index, job_id in enumerate(ids):  # queued in this order
+            assert await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(seconds=index))
+        deferred = uuid.uuid4()  # due in an hour (arq's deferred jobs)
+        assert await queue.enqueue(redis, deferred, QUEUE, place=datetime.now(UTC) + timedelta(hours=1))
+        held = str(ids[0])  # another worker holds the oldest
+        await redis.psetex(in_progress_key_prefix + held, 60_000, b"1")
+
+        first = await queue.take(redis, QUEUE, 2, lease_s=5)
+        assert [job_id for job_id, _ in first] == [str(ids[1]), str(ids[2])]
+        assert [score for _, score in first] == [to_unix_ms(start + timedelta(seconds=i)) for i in (1, 2)]
+        for job_id, _ in first:  # now this worker's, for one lease
+            assert 4_000 < await redis.pttl(in_progress_key_prefix + job_id) <= 5_000
+
+        rest = await queue.take(redis, QUEUE, 10, lease_s=5)
+        assert [job_id for job_id, _ in rest] == [str(ids[3]), str(ids[4])]
+        assert await queue.take(redis, QUEUE, 10, lease_s=5) == []
+
+        await redis.delete(in_progress_key_prefix + held)  # its worker died: the hold lapsed
+        assert [job_id for job_id, _ in await queue.take(redis, QUEUE, 10, lease_s=5)] == [held]
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_a_take_looks_past_a_long_head_of_held_jobs(settings: Settings) -> None:
+    redis = queue.connect(settings.redis_url)
+    try:
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        ids = [uuid.uuid4() for _ in range(250)]  # more than one page of the script's scan
+        for index, job_id in enumerate(ids):
+            await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(milliseconds=index))
+        for job_id in ids[:-1]:
+            await redis.psetex(in_progress_key_prefix + str(job_id), 60_000, b"1")
+        assert [job_id for job_id, _ in await queue.take(redis, QUEUE, 4, lease_s=5)] == [str(ids[-1])]
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redis_lost_its_scripts(
+    settings: Settings,
+) -> None:
+    redis = queue.connect(settings.redis_url)
+    events = EventLog(redis, stream_max=100, ttl_s=60)
+    try:
+        job_id = uuid.uuid4()
+        await redis.script_flush()  # as after a Redis restart: no script is cached
+        async with redis.pipeline(transaction=False) as pipe:
+            events.emit_in(pipe, str(job_id), "owner", "queued", {"position": 1, "eta_s": None})
+            queue.enqueue_in(pipe, redis, job_id, QUEUE)
+            assert await pipe.execute() == [1, 1]  # the event's seq; enqueued
+        assert await events.read(str(job_id)) == [
+            {"type": "queued", "job_id": str(job_id), "seq": 1, "position": 1, "eta_s": None}
+        ]
+        assert [job for job, _ in await queue.take(redis, QUEUE, 1, lease_s=5)] == [str(job_id)]
+        assert not await queue.enqueue(redis, job_id, QUEUE)  # arq holds it: refused, as arq's own
+    finally:
+        await redis.aclose(close_connection_pool=True)
