@@ -77,8 +77,7 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
 
     async def lifecycle() -> None:
         job = await submit()
-        claimed = await db.claim(job.id, worker="bench", lease_s=30, model_revision="r")
-        assert claimed is not None
+        claimed = (await db.claim([job.id], worker="bench", lease_s=30, model_revision="r"))[job.id]
         await db.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
         await db.complete(job.id, claimed.attempt, result={"images": []}, seq=22, pipeline_s=0.1, batch=1)
 

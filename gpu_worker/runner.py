@@ -266,8 +266,7 @@ class JobRunner:
             batch = [self._waiting.pop(0)]
         else:
             batch = batching.take_batch(self._waiting, _params, size)
-        claimed = await asyncio.gather(*(self._claim(waiting) for waiting in batch))
-        actives = [active for active in claimed if active is not None]
+        actives = await self._claim(batch)
         if actives:
             await self._run_batch(actives)
 
@@ -285,37 +284,43 @@ class JobRunner:
                 if not waiting.claimed.done():
                     waiting.claimed.set_result(None)
 
-    async def _claim(self, waiting: _Waiting) -> _Active | None:
-        job_id = waiting.job_id
+    async def _claim(self, batch: list[_Waiting]) -> list[_Active]:
+        """Claim the batch's jobs in one statement; each waiting job learns whether it runs."""
         try:
-            job = await self._write(
+            jobs = await self._write(
                 "claim",
                 lambda: self.db.claim(
-                    job_id,
+                    [waiting.job_id for waiting in batch],
                     worker=self.worker_id,
                     lease_s=self.settings.lease_s,
                     model_revision=self.pipeline.revision,
                 ),
             )
         except Exception as exc:
-            if not waiting.claimed.done():
-                waiting.claimed.set_exception(exc)
-            return None
-        if job is None:
-            logger.info(
-                "job not claimable: finished, canceled or held elsewhere", extra={"job_id": str(job_id)}
-            )
-        if waiting.claimed.done():  # its arq task was cancelled (shutdown) meanwhile
-            if job is not None:
-                await self._write(
-                    "hand back", lambda: self.db.hand_back(job.id, job.attempt, last_seq=job.last_seq)
+            for waiting in batch:
+                if not waiting.claimed.done():
+                    waiting.claimed.set_exception(exc)
+            return []
+        actives = []
+        for waiting in batch:
+            job = jobs.get(waiting.job_id)
+            if job is None:
+                logger.info(
+                    "job not claimable: finished, canceled or held elsewhere",
+                    extra={"job_id": str(waiting.job_id)},
                 )
-            return None
-        active = (
-            _Active(job, JobParams.from_json(job.params), last_seq=job.last_seq) if job is not None else None
-        )
-        waiting.claimed.set_result(active)
-        return active
+            if waiting.claimed.done():  # its arq task was cancelled (shutdown) meanwhile
+                if job is not None:
+                    hand_back = functools.partial(
+                        self.db.hand_back, job.id, job.attempt, last_seq=job.last_seq
+                    )
+                    await self._write("hand back", hand_back)
+                continue
+            active = _Active(job, JobParams.from_json(job.params), last_seq=job.last_seq) if job else None
+            waiting.claimed.set_result(active)
+            if active is not None:
+                actives.append(active)
+        return actives
 
     async def _run_batch(self, actives: list[_Active]) -> None:
         loop = asyncio.get_running_loop()

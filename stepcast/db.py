@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -365,21 +365,23 @@ class Database:
     # -- the worker's side (every write fenced by attempt) -----------------
 
     async def claim(
-        self, job_id: uuid.UUID, *, worker: str, lease_s: float, model_revision: str
-    ) -> Job | None:
-        row = await self.pool.fetchrow(
+        self, job_ids: Sequence[uuid.UUID], *, worker: str, lease_s: float, model_revision: str
+    ) -> dict[uuid.UUID, Job]:
+        """Start the jobs (a batch) that are still pending, in one statement: those it started."""
+        rows = await self.pool.fetch(
             """
             UPDATE jobs SET
                 status = 'processing', attempt = attempt + 1, worker = $2, started_at = now(),
                 lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
                 model_revision = $4
-            WHERE id = $1 AND status = 'pending' AND NOT cancel_requested
+            WHERE id = ANY($1::uuid[]) AND status = 'pending' AND NOT cancel_requested
               AND (queue_expires_at IS NULL OR queue_expires_at > now())
             RETURNING *
             """,
-            job_id, worker, lease_s, model_revision,
+            list(job_ids), worker, lease_s, model_revision,
         )  # fmt: skip
-        return Job.from_record(row) if row else None
+        jobs = (Job.from_record(row) for row in rows)
+        return {job.id: job for job in jobs}
 
     async def heartbeat(
         self, job_id: uuid.UUID, attempt: int, *, lease_s: float, step: int, last_seq: int

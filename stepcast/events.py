@@ -20,6 +20,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from stepcast.batched import Arg, BatchedScripts
+
 logger = logging.getLogger(__name__)
 
 TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
@@ -94,6 +96,7 @@ class EventLog:
         self.ttl_s = ttl_s
         self._emit = redis.register_script(_EMIT)
         self._reserve = redis.register_script(_RESERVE)
+        self._scripts = BatchedScripts(redis)  # a batch's events of one step: one round trip
 
     async def emit(
         self,
@@ -115,7 +118,7 @@ class EventLog:
         past is not appended (-1 is returned): streams only grow in seq order.
         """
         keys, args = self._emit_call(job_id, owner, event_type, fields, floor, seq, position_update)
-        return int(await self._emit(keys=keys, args=args))
+        return int(await self._scripts.call(self._emit, keys, args))
 
     def emit_in(
         self,
@@ -141,7 +144,7 @@ class EventLog:
         floor: int,
         seq: int,
         position_update: bool,
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> tuple[list[str], list[Arg]]:
         head, tail = encode(event_type, job_id, fields or {})
         counter, stream = _keys(job_id)
         keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
@@ -149,7 +152,7 @@ class EventLog:
 
     async def reserve(self, job_id: str, *, floor: int) -> int:
         counter, _ = _keys(job_id)
-        return int(await self._reserve(keys=[counter], args=[floor, self.ttl_s]))
+        return int(await self._scripts.call(self._reserve, [counter], [floor, self.ttl_s]))
 
     async def read(self, job_id: str, *, after_seq: int = 0) -> list[dict[str, Any]]:
         """Events still held in the job's stream with seq > after_seq, in order."""

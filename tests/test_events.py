@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -61,3 +63,30 @@ def test_encoding_is_flat_with_seq_third() -> None:
     assert head + "9" + tail == '{"type":"progress","job_id":"j","seq":9,"step":1,"total":2}'
     head, tail = encode("canceled", "j", {})
     assert head + "3" + tail == '{"type":"canceled","job_id":"j","seq":3}'
+
+
+async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_script_flush(
+    log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipelines = []
+    pipeline = log.redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(kwargs)
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(log.redis, "pipeline", counted)
+    jobs = [f"b{i}" for i in range(5)]
+    assert await asyncio.gather(*(log.emit(job, "o", "started", {"attempt": 1}) for job in jobs)) == [1] * 5
+    assert len(pipelines) == 1  # five events, one round trip
+
+    await log.redis.script_flush()  # as after a Redis restart
+    steps = await asyncio.gather(
+        *(log.emit(job, "o", "progress", {"step": 1}) for job in jobs), log.reserve("b0", floor=0)
+    )
+    assert steps == [2, 2, 2, 2, 2, 3]  # each call loaded its script again and ran once
+    assert len(pipelines) == 2
+    for job in jobs:
+        assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
+    assert await log.emit("solo", "o", "queued") == 1  # a lone call needs no pipeline
+    assert len(pipelines) == 2

@@ -32,8 +32,7 @@ async def test_a_job_past_its_queue_ttl_never_starts_and_fails_expired(
     events = EventLog(redis, stream_max=100, ttl_s=60)
     try:
         # A worker offered the job now refuses it: too late.
-        claim = await db.claim(uuid.UUID(job_id), worker="w", lease_s=30, model_revision="r")
-        assert claim is None
+        assert await db.claim([uuid.UUID(job_id)], worker="w", lease_s=30, model_revision="r") == {}
         assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "pending"
         assert await Recovery.from_settings(settings, db, events, redis).tick()
         row = await db.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
