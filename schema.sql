@@ -96,6 +96,8 @@ CREATE INDEX IF NOT EXISTS jobs_pending_idx ON jobs (queue, created_at, id) WHER
 -- Unfinished jobs per queue: what KEDA's postgresql trigger counts every
 -- polling interval (deploy/k8s), without reading the finished history.
 CREATE INDEX IF NOT EXISTS jobs_unfinished_idx ON jobs (queue) WHERE status IN ('pending', 'processing');
+-- ETA: the workers running jobs of a queue (without reading its pending ones).
+CREATE INDEX IF NOT EXISTS jobs_processing_idx ON jobs (queue) WHERE status = 'processing';
 -- ETA: recent run times of finished jobs.
 CREATE INDEX IF NOT EXISTS jobs_completed_finished_idx ON jobs (queue, finished_at DESC) WHERE status = 'completed';
 -- Idempotency: one job per owner and key.

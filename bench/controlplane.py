@@ -3,7 +3,8 @@
 Everything on loopback: one Postgres, one Redis, one server process and N
 worker processes on the ``simulated`` backend with no delay (one step, so a
 job is all control plane: submit, row, queue, claim, events, image, terminal
-write, fan-out). Reported:
+write, fan-out), batching as configured by default (``--batch-size``: 1 makes
+every job a pipeline call of its own). Reported:
 
 1. jobs/s end to end: every job submitted at once, spread over ``--sockets``
    WebSocket clients, each done when its jobs' `completed` events reach it;
@@ -36,7 +37,7 @@ from arq.connections import RedisSettings
 from bench import stack
 from bench.cpu import CpuMeter
 from stepcast.processes import LocalRedis
-from stepcast.settings import ROOT
+from stepcast.settings import ROOT, Settings
 
 PARAMS = {"steps": 1, "width": 64, "height": 64}
 DONE_KEY = "bench:noop:done"
@@ -166,11 +167,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sockets", type=int, default=8, help="WebSocket clients sharing the burst")
     parser.add_argument("--steady-s", type=float, default=30)
+    parser.add_argument("--batch-size", type=int, default=Settings.model_fields["batch_size"].default)
     args = parser.parse_args()
     env = {
         "STEPCAST_BACKEND": "simulated",
         "STEPCAST_SIMULATED_STEP_S": "0",
-        "STEPCAST_BATCH_SIZE": "1",
+        "STEPCAST_BATCH_SIZE": str(args.batch_size),
         "STEPCAST_MAX_QUEUE_DEPTH": str(args.jobs),
         "STEPCAST_MAX_JOBS_PER_OWNER": str(args.jobs),
         "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
@@ -186,6 +188,7 @@ def main() -> None:
     result = {
         "jobs": args.jobs,
         "workers": args.workers,
+        "batch_size": args.batch_size,
         "stepcast": system,
         "bare_arq": arq,
         "ratio": round(system["jobs_per_s"] / arq["jobs_per_s"], 3),

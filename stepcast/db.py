@@ -32,28 +32,34 @@ _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema applica
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
 _SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
 
-# Queue placement: pending jobs ahead of one, seconds per step of recent jobs
-# of a size (the last 50), and workers busy on the queue in the last minute.
-# Each reads a partial index (jobs_pending_idx, jobs_completed_finished_idx,
-# jobs_unfinished_idx), never the whole history.
+# Queue placement: pending jobs ahead of one; seconds per step of recent jobs
+# of a size (up to 50 among the queue's last 200 completions); workers busy on
+# the queue (running a job now, or behind one of its last 100 completions of
+# the last minute). The last two read a bounded stretch of a partial index
+# (jobs_completed_finished_idx, jobs_processing_idx), however deep the queue
+# and however fast it runs: a submit reads them too.
 _AHEAD = """
     SELECT count(*) FROM jobs
     WHERE queue = {queue} AND status = 'pending' AND (created_at, id) < ({created_at}, {id})
 """
 _SECONDS_PER_STEP = """
     SELECT avg(run_s / progress_total) FROM (
-        SELECT run_s, progress_total FROM jobs
-        WHERE queue = {queue} AND status = 'completed'
-          AND (params->>'width')::int = {width} AND (params->>'height')::int = {height}
-        ORDER BY finished_at DESC LIMIT 50
+        SELECT run_s, progress_total FROM (
+            SELECT run_s, progress_total, params FROM jobs
+            WHERE queue = {queue} AND status = 'completed'
+            ORDER BY finished_at DESC LIMIT 200
+        ) latest
+        WHERE (params->>'width')::int = {width} AND (params->>'height')::int = {height}
+        LIMIT 50
     ) recent
 """
 _ACTIVE_WORKERS = """
     SELECT count(DISTINCT worker) FROM (
         SELECT worker FROM jobs WHERE queue = {queue} AND status = 'processing'
         UNION ALL
-        SELECT worker FROM jobs
-        WHERE queue = {queue} AND status = 'completed' AND finished_at > now() - interval '1 minute'
+        (SELECT worker FROM jobs
+         WHERE queue = {queue} AND status = 'completed' AND finished_at > now() - interval '1 minute'
+         ORDER BY finished_at DESC LIMIT 100)
     ) recent
     WHERE worker IS NOT NULL
 """
@@ -314,7 +320,7 @@ class Database:
         return [(Job.from_record(row), int(row["position"])) for row in rows]
 
     async def active_workers(self, queue: str) -> int:
-        """Workers that ran a job of this queue in the last minute (at least one)."""
+        """Workers busy on this queue now or in its last minute (at least one): see _ACTIVE_WORKERS."""
         return max(1, int(await self.pool.fetchval(_ACTIVE_WORKERS.format(queue="$1"), queue)))
 
     async def queue_position(self, job: Job) -> int:
