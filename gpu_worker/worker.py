@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import uuid
 from signal import Signals
@@ -129,6 +130,22 @@ class GpuWorker(Worker):
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 logger.warning("could not renew the hold on queued jobs: %s", exc)
+
+    async def close(self) -> None:
+        """arq's close, except that a job task cancelled before its function started (arq was
+        still reading the job) does not end the close before the runner and pools are shut:
+        arq's gathers the tasks its handle_sig has just cancelled. The job stays queued; its
+        hold lapses within a lease and another worker takes it."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         if self.runner is not None:

@@ -17,8 +17,10 @@ import websockets
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
+from gpu_worker.pipeline import Pipeline
+from gpu_worker.worker import create_worker
 from stepcast.settings import Settings
-from tests.conftest import StepcastProcess
+from tests.conftest import StepcastProcess, eventually
 from tests.test_recovery import LONG_JOB, events_of, job_row, wait_for
 
 SHORT_JOB = {"prompt": "a short night", "steps": 40, "width": 256, "height": 256}  # ~2 s here
@@ -144,3 +146,22 @@ async def test_sigterm_closes_sockets_with_1012_and_clients_resume(
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no gap, no duplicate
     row = await job_row(settings, job_id)
     assert (row["status"], row["attempt"], row["last_seq"]) == ("completed", 1, events[-1]["seq"])
+
+
+async def test_a_worker_closes_fully_with_a_job_cancelled_before_it_started(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    worker = create_worker(settings, pipeline=pipeline, handle_signals=False)
+    running = asyncio.create_task(worker.async_run())
+
+    async def started() -> bool:
+        return worker.runner is not None
+
+    await eventually(started)
+    # A job taken a moment ago: arq is still reading it when the worker closes.
+    reading = asyncio.create_task(asyncio.Event().wait())
+    worker.tasks["taken"] = reading
+    await worker.close()  # arq's own raised CancelledError here, before its on_shutdown
+    assert reading.cancelled()
+    assert worker.runner._dispatcher is not None and worker.runner._dispatcher.done()  # runner shut
+    await asyncio.gather(running, return_exceptions=True)
