@@ -155,6 +155,73 @@ COMMENT ON COLUMN webhook_deliveries.status IS 'pending (to send or retry), deli
 COMMENT ON COLUMN webhook_deliveries.next_attempt_at IS 'When to try next; a sender pushes it forward while it sends (a lease).';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
 
+-- Admission counts, kept as jobs come, change status and go: pending jobs per
+-- queue, unfinished (pending or processing) jobs per owner. A submit sums a few
+-- rows here rather than counting jobs, which grows with the queue. A count is
+-- spread over 16 rows, one per writing connection (pg_backend_pid() % 16), so
+-- concurrent writers seldom wait for one another's row; a job's change takes
+-- its queue's row before its owner's, so writers never wait for each other in
+-- a circle.
+CREATE TABLE IF NOT EXISTS job_counts (
+    kind  text NOT NULL,
+    key   text NOT NULL,
+    shard smallint NOT NULL,
+    n     bigint NOT NULL,
+    PRIMARY KEY (kind, key, shard),
+    CONSTRAINT job_counts_kind CHECK (kind IN ('pending', 'unfinished'))
+);
+COMMENT ON TABLE job_counts IS 'Pending jobs per queue, unfinished per owner: the sum of n over the shards of (kind, key).';
+COMMENT ON COLUMN job_counts.key IS 'The queue (kind pending) or the owner (kind unfinished).';
+
+CREATE OR REPLACE FUNCTION job_counts_add(counted text, counted_key text, delta int) RETURNS void AS $$
+BEGIN
+    INSERT INTO job_counts (kind, key, shard, n) VALUES (counted, counted_key, pg_backend_pid() % 16, delta)
+    ON CONFLICT (kind, key, shard) DO UPDATE SET n = job_counts.n + EXCLUDED.n;
+END $$ LANGUAGE plpgsql;  -- not SQL: PL/pgSQL keeps the statement's plan for the session
+
+CREATE OR REPLACE FUNCTION jobs_count() RETURNS trigger AS $$
+DECLARE
+    was_pending    bool := TG_OP <> 'INSERT' AND OLD.status = 'pending';
+    is_pending     bool := TG_OP <> 'DELETE' AND NEW.status = 'pending';
+    was_unfinished bool := TG_OP <> 'INSERT' AND OLD.status IN ('pending', 'processing');
+    is_unfinished  bool := TG_OP <> 'DELETE' AND NEW.status IN ('pending', 'processing');
+    same_queue     bool := TG_OP = 'UPDATE' AND OLD.queue = NEW.queue;
+    same_owner     bool := TG_OP = 'UPDATE' AND OLD.owner = NEW.owner;
+BEGIN
+    IF was_pending AND NOT (is_pending AND same_queue) THEN
+        PERFORM job_counts_add('pending', OLD.queue, -1);
+    END IF;
+    IF is_pending AND NOT (was_pending AND same_queue) THEN
+        PERFORM job_counts_add('pending', NEW.queue, 1);
+    END IF;
+    IF was_unfinished AND NOT (is_unfinished AND same_owner) THEN
+        PERFORM job_counts_add('unfinished', OLD.owner, -1);
+    END IF;
+    IF is_unfinished AND NOT (was_unfinished AND same_owner) THEN
+        PERFORM job_counts_add('unfinished', NEW.owner, 1);
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- Counted afresh on every migration, with job writes held off meanwhile: the
+-- counts start exact whatever came before (an older schema, a TRUNCATE).
+LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
+DELETE FROM job_counts;
+INSERT INTO job_counts (kind, key, shard, n)
+    SELECT 'pending', queue, 0, count(*) FROM jobs WHERE status = 'pending' GROUP BY queue;
+INSERT INTO job_counts (kind, key, shard, n)
+    SELECT 'unfinished', owner, 0, count(*) FROM jobs WHERE status IN ('pending', 'processing') GROUP BY owner;
+DROP TRIGGER IF EXISTS jobs_count_new ON jobs;
+CREATE TRIGGER jobs_count_new AFTER INSERT ON jobs
+    FOR EACH ROW WHEN (NEW.status IN ('pending', 'processing')) EXECUTE FUNCTION jobs_count();
+DROP TRIGGER IF EXISTS jobs_count_gone ON jobs;
+CREATE TRIGGER jobs_count_gone AFTER DELETE ON jobs
+    FOR EACH ROW WHEN (OLD.status IN ('pending', 'processing')) EXECUTE FUNCTION jobs_count();
+DROP TRIGGER IF EXISTS jobs_count_change ON jobs;
+CREATE TRIGGER jobs_count_change AFTER UPDATE OF status, queue, owner ON jobs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.queue <> NEW.queue OR OLD.owner <> NEW.owner)
+    EXECUTE FUNCTION jobs_count();
+
 -- A job's status change queues its webhook delivery in the same transaction,
 -- whichever process made the change (worker, recovery, a cancel).
 CREATE OR REPLACE FUNCTION jobs_queue_webhook() RETURNS trigger AS $$

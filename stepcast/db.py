@@ -208,14 +208,17 @@ class Database:
         The job is inserted unless the queue already holds ``max_pending``
         pending jobs or the owner ``max_unfinished`` unfinished ones; a key the
         owner used before gives that earlier job. The counts, and what the
-        queue's position and ETA need, come back either way.
+        queue's position and ETA need, come back either way. Both counts are
+        kept in ``job_counts`` (schema.sql), not counted: counting would grow
+        with the queue.
         """
         row = await self.pool.fetchrow(
             f"""
             WITH counts AS (
-                SELECT (SELECT count(*) FROM jobs WHERE queue = $4 AND status = 'pending') AS pending,
-                       (SELECT count(*) FROM jobs
-                        WHERE owner = $1 AND status IN ('pending', 'processing')) AS unfinished
+                SELECT (SELECT coalesce(sum(n), 0) FROM job_counts
+                        WHERE kind = 'pending' AND key = $4) AS pending,
+                       (SELECT coalesce(sum(n), 0) FROM job_counts
+                        WHERE kind = 'unfinished' AND key = $1) AS unfinished
             ), inserted AS (
                 INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name,
                                   stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook)
