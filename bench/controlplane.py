@@ -175,8 +175,6 @@ def main() -> None:
         "STEPCAST_BATCH_SIZE": str(args.batch_size),
         "STEPCAST_MAX_QUEUE_DEPTH": str(args.jobs),
         "STEPCAST_MAX_JOBS_PER_OWNER": str(args.jobs),
-        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
-        "STEPCAST_WS_MESSAGES_PER_S": "100000",
     }
     with stack.services("controlplane") as (postgres, redis):
         with stack.stepcast("controlplane", postgres, redis, workers=args.workers, env=env) as running:

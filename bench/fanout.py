@@ -116,7 +116,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
     env = {
-        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
         "STEPCAST_MAX_JOBS_PER_OWNER": str(args.sockets),
         "STEPCAST_MAX_QUEUE_DEPTH": str(args.sockets),
     }

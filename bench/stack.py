@@ -97,6 +97,10 @@ def stepcast(
         "STEPCAST_LOG_LEVEL": "WARNING",
         "STEPCAST_AUTH": "single_user",  # loopback only
         "STEPCAST_STORAGE_DIR": str(BENCH_DIR / name / "images"),
+        # A benchmark measures throughput, not the limits that keep one client from flooding a server.
+        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
+        "STEPCAST_WS_MESSAGES_PER_S": "100000",
+        "STEPCAST_WS_BURST": "100000",
         **env,
     }
     ports = [free_port() for _ in range(servers)]

@@ -120,7 +120,6 @@ def main() -> None:
         "STEPCAST_BACKEND": "simulated",
         "STEPCAST_SIMULATED_STEP_S": str(args.step_ms / 1000),
         # Every client is the same owner here (single-user mode): lift the per-owner limits.
-        "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
         "STEPCAST_MAX_JOBS_PER_OWNER": str(max(args.clients)),
         "STEPCAST_MAX_QUEUE_DEPTH": str(max(args.clients)),
     }

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stepcast.events import EventLog, encode
+from stepcast.processes import free_port
 
 
 @pytest.fixture
@@ -90,3 +92,23 @@ async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_scri
         assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
     assert await log.emit("solo", "o", "queued") == 1  # a lone call needs no pipeline
     assert len(pipelines) == 2
+
+
+async def test_a_cancelled_call_does_not_hold_back_the_calls_that_joined_it(log: EventLog) -> None:
+    leader = asyncio.create_task(log.emit("c0", "o", "queued"))
+    joined = [asyncio.create_task(log.emit(job, "o", "queued")) for job in ("c1", "c2")]
+    await asyncio.sleep(0)  # c0 leads and yields once; c1 and c2 join it
+    leader.cancel()
+    assert await asyncio.gather(*joined) == [1, 1]
+    assert leader.cancelled() and await log.read("c0") == []
+
+
+async def test_when_redis_is_unreachable_every_call_of_a_pipeline_gets_its_own_error() -> None:
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+    log = EventLog(unreachable, stream_max=10, ttl_s=60)
+    errors = await asyncio.gather(
+        *(log.emit(f"u{i}", "o", "queued") for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(error, RedisConnectionError) for error in errors)
+    assert len({id(error) for error in errors}) == 3
+    await unreachable.aclose()
