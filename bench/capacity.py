@@ -82,10 +82,10 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
         await db.complete(job.id, claimed.attempt, result={"images": []}, seq=22, pipeline_s=0.1, batch=1)
 
     try:
-        # A submit counts the pending jobs (admission, queue position): its cost
-        # grows with the queue. Measured while it fills from empty to the default
-        # limit (STEPCAST_MAX_QUEUE_DEPTH), every connection open first; then the
-        # lifecycles, on an empty queue.
+        # A submit reads the admission counts and the queue position (kept in
+        # job_counts, so its cost should not grow with the queue): measured while
+        # the queue fills from empty to the default limit (STEPCAST_MAX_QUEUE_DEPTH),
+        # every connection open first; then the lifecycles, on an empty queue.
         await asyncio.gather(
             *(db.pool.fetchval("SELECT pg_sleep(0.1)") for _ in range(concurrency))
         )  # open them
