@@ -259,7 +259,7 @@ def create_worker(
         queue_name=settings.queue_name,
         on_startup=startup,
         on_shutdown=shutdown,
-        # The runner decides how many it takes (start_jobs); this bounds the
+        # The runner decides how many it takes (_room); this bounds the
         # jobs still finishing (upload, terminal write) behind the pipeline.
         max_jobs=4 * settings.batch_size,
         keep_result=0,
