@@ -6,9 +6,8 @@ changed. Near the head (position 10 or less) every change goes out; further
 back a job hears at most every ``position / 10`` intervals (position 500:
 every 50 s), so a deep queue moving fast costs tens of events a second, not
 one per waiting job. ETAs scale measured seconds per step for the job's size
-by the number of workers recently busy on its queue (:class:`EtaEstimator`
-here; a submit reads the same figures in its one statement and shares
-:func:`drain_s`).
+by the number of workers recently busy on its queue (:class:`EtaEstimator`,
+which the submits share).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from stepcast.db import Database
+from stepcast.db import Database, Pace
 from stepcast.jobs import Job
 
 if TYPE_CHECKING:
@@ -28,38 +27,52 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EVERY_CHANGE_UP_TO = 10  # positions that hear of every move
+UNKNOWN_PACE = Pace(per_step_s=None, workers=1)
 
 
 class EtaEstimator:
-    """Seconds until a pending job should be done: its position times the measured
-    run time of jobs of its shape, shared among the workers busy on its queue.
-    Caches per instance, so make one per pass."""
+    """Seconds until a pending job should be done: its position times the measured run time
+    of jobs of its size, shared among the workers busy on its queue (:class:`Pace`).
 
-    def __init__(self, db: Database) -> None:
+    A queue's pace for a size is read once per ``max_age_s`` (one statement, whose answer
+    the submits and announcements meanwhile share): submits at hundreds a second each
+    reading the queue's recent history would cost Postgres more than the insert does.
+    """
+
+    # Past this many sizes held, a miss first forgets the stale ones.
+    PRUNE_AT = 256
+
+    def __init__(self, db: Database, *, max_age_s: float) -> None:
         self.db = db
-        self._per_job: dict[tuple[str, int, int, int], float | None] = {}
-        self._workers: dict[str, int] = {}
+        self.max_age_s = max_age_s
+        self._paces: dict[tuple[str, int, int], tuple[float, asyncio.Future[Pace]]] = {}
+
+    def pace(self, queue: str, width: int, height: int) -> asyncio.Future[Pace]:
+        """The queue's pace for this size: done at once while the last reading is fresh;
+        otherwise read now, in a task, so a submit reads it while it inserts."""
+        key = (queue, width, height)
+        now = time.monotonic()
+        held = self._paces.get(key)
+        if held is not None and now - held[0] < self.max_age_s:
+            return held[1]
+        if len(self._paces) >= self.PRUNE_AT:
+            for stale in [k for k, (at, _) in self._paces.items() if now - at >= self.max_age_s]:
+                del self._paces[stale]
+        reading = asyncio.ensure_future(self._read(key))
+        self._paces[key] = (now, reading)
+        return reading
+
+    async def _read(self, key: tuple[str, int, int]) -> Pace:
+        try:
+            return await self.db.pace(*key)
+        except Exception as exc:  # an ETA is a nicety: a job is placed without one
+            logger.warning("could not read the queue's pace: %s", exc)
+            return UNKNOWN_PACE
 
     async def eta_s(self, job: Job, position: int) -> float | None:
         params = job.params
-        return await self.drain_s(job.queue, params["width"], params["height"], params["steps"], position)
-
-    async def drain_s(self, queue: str, width: int, height: int, steps: int, jobs: int) -> float | None:
-        """Seconds the queue's workers need for ``jobs`` jobs of this shape (None: never measured)."""
-        shape = (queue, width, height, steps)
-        if shape not in self._per_job:
-            self._per_job[shape] = await self.db.mean_run_s(*shape)
-        mean = self._per_job[shape]
-        if mean is None:
-            return None
-        if queue not in self._workers:
-            self._workers[queue] = await self.db.active_workers(queue)
-        return drain_s(jobs, mean, self._workers[queue])
-
-
-def drain_s(jobs: int, mean_run_s: float | None, workers: int) -> float | None:
-    """Seconds ``workers`` need for ``jobs`` jobs of ``mean_run_s`` each (None: never measured)."""
-    return None if mean_run_s is None else round(jobs * mean_run_s / workers, 3)
+        pace = await self.pace(job.queue, params["width"], params["height"])
+        return pace.drain_s(position, params["steps"])
 
 
 class QueueAnnouncer:
@@ -97,7 +110,7 @@ class QueueAnnouncer:
     async def tick(self) -> None:
         db, events = self.services.db, self.services.events
         pending = await db.pending_positions()
-        estimator = EtaEstimator(db)
+        estimator = self.services.eta
         now = time.monotonic()
         for job, position in pending:
             if not self._due(job.id, position, now):

@@ -18,9 +18,9 @@ from redis.exceptions import RedisError
 
 from server.hub import Hub
 from server.metrics import ServerMetrics
-from server.positions import QueueAnnouncer, drain_s
+from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
-from stepcast.db import Database, Insertion
+from stepcast.db import Database, Insertion, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.jobs import Job, Status, to_wire
@@ -45,6 +45,7 @@ class Services:
     hub: Hub
     metrics: ServerMetrics
     session_secret: bytes
+    eta: EtaEstimator
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -69,7 +70,8 @@ class Services:
                         "STEPCAST_SESSION_SECRET is not set: browser sessions end when this process does "
                         "and do not carry over to other servers"
                     )
-            services = cls(settings, db, redis, events, storage, hub, metrics, session_secret)
+            eta = EtaEstimator(db, max_age_s=settings.queue_update_s)
+            services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
@@ -100,14 +102,15 @@ class Services:
         preview = None
         if submission.preview is not None:
             preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
-        settings = self.settings
+        settings, params = self.settings, submission.params
+        pace = self.eta.pace(settings.queue_name, params.width, params.height)  # read meanwhile if stale
         insertion = await self.db.insert_job(
             owner=owner,
-            params=submission.params.to_json(),
+            params=params.to_json(),
             preview=preview,
             webhook=submission.webhook.to_json() if submission.webhook else None,
             queue=settings.queue_name,
-            model_name=submission.params.model,
+            model_name=params.model,
             version=__version__,
             queue_ttl_s=settings.queue_ttl_s,
             idempotency_key=idempotency_key,
@@ -117,12 +120,12 @@ class Services:
         )
         job = insertion.job
         if job is None:
-            self._refuse(insertion)
+            self._refuse(insertion, await pace, params.steps)
         if not insertion.created:  # a concurrent submit with the same key got there first
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
         position = insertion.pending + 1  # behind every job pending when it was inserted
-        fields = {"position": position, "eta_s": drain_s(position, insertion.mean_run_s, insertion.workers)}
+        fields = {"position": position, "eta_s": (await pace).drain_s(position, params.steps)}
         try:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
@@ -147,7 +150,7 @@ class Services:
             )
         return job
 
-    def _refuse(self, insertion: Insertion) -> NoReturn:
+    def _refuse(self, insertion: Insertion, pace: Pace, steps: int) -> NoReturn:
         """Backpressure: refuse work the queue cannot take, saying when to come back."""
         settings = self.settings
         total, mine = insertion.pending, insertion.unfinished
@@ -155,7 +158,7 @@ class Services:
             excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
         else:
             excess, what = mine - settings.max_jobs_per_owner + 1, f"you have {mine} unfinished jobs"
-        drain = drain_s(excess, insertion.mean_run_s, insertion.workers)
+        drain = pace.drain_s(excess, steps)
         retry_after_s = min(3600, max(1, math.ceil(drain if drain is not None else 5 * excess)))
         raise TooManyRequests(
             f"{what}, the most accepted; try again in {retry_after_s} s", retry_after_s=retry_after_s

@@ -32,36 +32,10 @@ _MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema applica
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
 _SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
 
-# Queue placement: pending jobs ahead of one; seconds per step of recent jobs
-# of a size (up to 50 among the queue's last 200 completions); workers busy on
-# the queue (running a job now, or behind one of its last 100 completions of
-# the last minute). The last two read a bounded stretch of a partial index
-# (jobs_completed_finished_idx, jobs_processing_idx), however deep the queue
-# and however fast it runs: a submit reads them too.
+# Pending jobs ahead of one in its queue.
 _AHEAD = """
     SELECT count(*) FROM jobs
     WHERE queue = {queue} AND status = 'pending' AND (created_at, id) < ({created_at}, {id})
-"""
-_SECONDS_PER_STEP = """
-    SELECT avg(run_s / progress_total) FROM (
-        SELECT run_s, progress_total FROM (
-            SELECT run_s, progress_total, params FROM jobs
-            WHERE queue = {queue} AND status = 'completed'
-            ORDER BY finished_at DESC LIMIT 200
-        ) latest
-        WHERE (params->>'width')::int = {width} AND (params->>'height')::int = {height}
-        LIMIT 50
-    ) recent
-"""
-_ACTIVE_WORKERS = """
-    SELECT count(DISTINCT worker) FROM (
-        SELECT worker FROM jobs WHERE queue = {queue} AND status = 'processing'
-        UNION ALL
-        (SELECT worker FROM jobs
-         WHERE queue = {queue} AND status = 'completed' AND finished_at > now() - interval '1 minute'
-         ORDER BY finished_at DESC LIMIT 100)
-    ) recent
-    WHERE worker IS NOT NULL
 """
 
 _FINISH_TIMES = """
@@ -137,8 +111,18 @@ class Insertion:
     created: bool  # False with a job: the owner's earlier job with this idempotency key
     pending: int  # pending jobs on the queue before it: a new job's place is pending + 1
     unfinished: int  # the owner's pending and processing jobs before it
-    mean_run_s: float | None  # recent seconds per job of its shape (None: none measured)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a queue has lately run jobs of one size."""
+
+    per_step_s: float | None  # seconds per step (None: none measured)
     workers: int  # workers busy on the queue lately (at least 1)
+
+    def drain_s(self, jobs: int, steps: int) -> float | None:
+        """Seconds the workers need for ``jobs`` jobs of ``steps`` steps (None: never measured)."""
+        return None if self.per_step_s is None else round(jobs * self.per_step_s * steps / self.workers, 3)
 
 
 @dataclass(frozen=True)
@@ -207,13 +191,12 @@ class Database:
 
         The job is inserted unless the queue already holds ``max_pending``
         pending jobs or the owner ``max_unfinished`` unfinished ones; a key the
-        owner used before gives that earlier job. The counts, and what the
-        queue's position and ETA need, come back either way. Both counts are
-        kept in ``job_counts`` (schema.sql), not counted: counting would grow
-        with the queue.
+        owner used before gives that earlier job. The counts, which give the
+        queue position, come back either way. Both are kept in ``job_counts``
+        (schema.sql), not counted: counting would grow with the queue.
         """
         row = await self.pool.fetchrow(
-            f"""
+            """
             WITH counts AS (
                 SELECT (SELECT coalesce(sum(n), 0) FROM job_counts
                         WHERE kind = 'pending' AND key = $4) AS pending,
@@ -231,24 +214,18 @@ class Database:
                 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING *
             )
-            SELECT inserted.*, counts.pending AS admission_pending, counts.unfinished AS admission_unfinished,
-                   ({_SECONDS_PER_STEP.format(queue="$4", width="$14::int", height="$15::int")}) AS per_step,
-                   ({_ACTIVE_WORKERS.format(queue="$4")}) AS busy_workers
+            SELECT inserted.*, counts.pending AS admission_pending, counts.unfinished AS admission_unfinished
             FROM counts LEFT JOIN inserted ON true
             """,
             owner, params, preview, queue, params["steps"], model_name, version,
             queue_ttl_s, idempotency_key, request_hash, webhook, max_pending, max_unfinished,
-            params["width"], params["height"],
         )  # fmt: skip
         pending, unfinished = int(row["admission_pending"]), int(row["admission_unfinished"])
-        per_step = row["per_step"]
         insertion = Insertion(
             job=Job.from_record(row) if row["id"] is not None else None,
             created=row["id"] is not None,
             pending=pending,
             unfinished=unfinished,
-            mean_run_s=None if per_step is None else float(per_step) * params["steps"],
-            workers=max(1, int(row["busy_workers"])),
         )
         admitted = (max_pending is None or pending < max_pending) and (
             max_unfinished is None or unfinished < max_unfinished
@@ -322,22 +299,45 @@ class Database:
         )
         return [(Job.from_record(row), int(row["position"])) for row in rows]
 
-    async def active_workers(self, queue: str) -> int:
-        """Workers busy on this queue now or in its last minute (at least one): see _ACTIVE_WORKERS."""
-        return max(1, int(await self.pool.fetchval(_ACTIVE_WORKERS.format(queue="$1"), queue)))
-
     async def queue_position(self, job: Job) -> int:
         ahead = await self.pool.fetchval(
             _AHEAD.format(queue="$1", created_at="$2", id="$3"), job.queue, job.created_at, job.id
         )
         return int(ahead) + 1
 
-    async def mean_run_s(self, queue: str, width: int, height: int, steps: int) -> float | None:
-        """Recent seconds per job of this shape, scaled from measured seconds per step."""
-        per_step = await self.pool.fetchval(
-            _SECONDS_PER_STEP.format(queue="$1", width="$2", height="$3"), queue, width, height
-        )
-        return None if per_step is None else float(per_step) * steps
+    async def pace(self, queue: str, width: int, height: int) -> Pace:
+        """How fast the queue has lately run jobs of this size: seconds per step of up to 50 of
+        them among its last 200 completions, and the workers busy on it (running a job now, or
+        behind one of its last 100 completions of the last minute). Both read a bounded stretch
+        of a partial index (jobs_completed_finished_idx, jobs_processing_idx), however deep the
+        queue and however fast it runs."""
+        row = await self.pool.fetchrow(
+            """
+            SELECT (
+                SELECT avg(run_s / progress_total) FROM (
+                    SELECT run_s, progress_total FROM (
+                        SELECT run_s, progress_total, params FROM jobs
+                        WHERE queue = $1 AND status = 'completed'
+                        ORDER BY finished_at DESC LIMIT 200
+                    ) latest
+                    WHERE (params->>'width')::int = $2 AND (params->>'height')::int = $3
+                    LIMIT 50
+                ) recent
+            ) AS per_step, (
+                SELECT count(DISTINCT worker) FROM (
+                    SELECT worker FROM jobs WHERE queue = $1 AND status = 'processing'
+                    UNION ALL
+                    (SELECT worker FROM jobs
+                     WHERE queue = $1 AND status = 'completed' AND finished_at > now() - interval '1 minute'
+                     ORDER BY finished_at DESC LIMIT 100)
+                ) recent
+                WHERE worker IS NOT NULL
+            ) AS workers
+            """,
+            queue, width, height,
+        )  # fmt: skip
+        per_step = row["per_step"]
+        return Pace(None if per_step is None else float(per_step), max(1, int(row["workers"])))
 
     async def finish_pending(
         self,

@@ -1,6 +1,7 @@
 """The database layer on the real Postgres: a submit's one statement (admit,
-insert, place), the admission counts kept as jobs change, and the pool's
-connections, handed back without a reset."""
+insert, place), the admission counts kept as jobs change, a queue's pace (read
+once an interval for every ETA), and the pool's connections, handed back
+without a reset."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from stepcast.db import Database
+from server.positions import UNKNOWN_PACE, EtaEstimator
+from stepcast.db import Database, Pace
 from stepcast.jobs import Status
 
 PARAMS = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
@@ -55,7 +57,6 @@ async def test_a_submit_is_admitted_inserted_and_placed_at_once(db: Database) ->
     first, second = await insert(db, max_pending=2), await insert(db, owner="bob", max_pending=2)
     assert first.created and first.pending == 0 and first.unfinished == 0  # place 1
     assert second.created and second.pending == 1 and second.unfinished == 0  # place 2: bob's first
-    assert first.mean_run_s is None and first.workers == 1  # nothing measured yet
     full = await insert(db, max_pending=2)
     assert full.job is None and not full.created and full.pending == 2 and full.unfinished == 1
     # The owner's limit counts processing jobs too; another owner is not held back by it.
@@ -63,13 +64,65 @@ async def test_a_submit_is_admitted_inserted_and_placed_at_once(db: Database) ->
     assert (await insert(db, max_unfinished=1)).job is None
     assert (await insert(db, owner="cy", max_unfinished=1)).created
     assert await db.pool.fetchval("SELECT count(*) FROM jobs") == 3
-    # What the ETA needs comes from recent completed jobs of the same shape.
+
+
+async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Database) -> None:
+    assert await db.pace("q", 64, 64) == Pace(per_step_s=None, workers=1)  # nothing measured yet
+    done, running, other_size = await insert(db), await insert(db), await insert(db)
     await db.pool.execute(
         "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 4.0, finished_at = now() WHERE id = $1",
-        first.job.id,
+        done.job.id,
     )
-    placed = await insert(db)
-    assert placed.mean_run_s == pytest.approx(4.0) and placed.workers == 1
+    await db.pool.execute(
+        "UPDATE jobs SET status = 'processing', worker = 'w2' WHERE id = $1", running.job.id
+    )
+    await db.pool.execute(
+        "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 90.0, finished_at = now(),"
+        " params = params || '{\"width\": 512}' WHERE id = $1",
+        other_size.job.id,
+    )
+    pace = await db.pace("q", 64, 64)
+    assert pace.per_step_s == pytest.approx(4.0 / 20) and pace.workers == 2  # w1 lately, w2 now
+    assert pace.drain_s(3, steps=20) == pytest.approx(3 * 4.0 / 2)
+    assert (await db.pace("q", 512, 64)).per_step_s == pytest.approx(90.0 / 20)
+    assert await db.pace("elsewhere", 64, 64) == Pace(per_step_s=None, workers=1)
+
+
+async def test_a_pace_is_read_once_per_interval_for_everyone_who_asks(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[tuple[str, int, int]] = []
+    read = db.pace
+
+    async def counted_read(queue: str, width: int, height: int) -> Pace:
+        reads.append((queue, width, height))
+        return await read(queue, width, height)
+
+    monkeypatch.setattr(db, "pace", counted_read)
+    eta = EtaEstimator(db, max_age_s=3600)
+    job = (await insert(db)).job
+    assert await eta.eta_s(job, 3) is None  # nothing measured yet
+    await db.pool.execute(
+        "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 4.0, finished_at = now() WHERE id = $1",
+        job.id,
+    )
+    assert await eta.eta_s(job, 3) is None  # the reading is fresh: not read again
+    assert reads == [("q", 64, 64)]
+    paces = await asyncio.gather(*(eta.pace("q", 128, 64) for _ in range(20)))  # submits at once
+    assert reads == [("q", 64, 64), ("q", 128, 64)] and len(set(paces)) == 1
+    eta.max_age_s = 0  # every reading is stale from now on
+    assert await eta.eta_s(job, 3) == pytest.approx(3 * 4.0)
+    assert len(reads) == 3
+
+
+async def test_an_unreadable_pace_gives_no_eta(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unreachable(queue: str, width: int, height: int) -> Pace:
+        raise ConnectionRefusedError("Postgres is restarting")
+
+    monkeypatch.setattr(db, "pace", unreachable)
+    eta = EtaEstimator(db, max_age_s=3600)
+    assert await eta.pace("q", 64, 64) == UNKNOWN_PACE
+    assert UNKNOWN_PACE.drain_s(5, steps=20) is None
 
 
 async def test_a_key_used_before_gives_the_earlier_job(db: Database) -> None:
