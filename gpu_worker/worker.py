@@ -10,6 +10,8 @@ instead of at its next poll; it takes only the jobs the runner can use (the
 running batch and the next one), so an idle worker beside it gets the rest;
 its hold on each job (arq's in-progress key) lasts one lease and is renewed
 while it lives, so jobs a dead worker had taken are free again within a lease;
+a job goes to the runner without arq reading and counting it, and leaves the
+queue with its batch-mates in one round trip (:class:`stepcast.queue.Consumer`);
 and a Redis restart does not end it.
 
     python -m gpu_worker.worker          # or: stepcast worker
@@ -25,24 +27,24 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from signal import Signals
 from typing import Any
 
 import uvloop
 from arq import func
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
-from arq.worker import Retry, Worker
+from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
-from stepcast import liveness, logs, queue
+from stepcast import liveness, logs
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
-from stepcast.queue import TASK_NAME, wake_channel
+from stepcast.queue import TASK_NAME, Consumer, wake_channel
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
@@ -52,7 +54,6 @@ from stepcast.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 
-ARQ_TRIES = 1_000_000
 REDIS_DOWN_PAUSE_S = 1.0
 
 
@@ -66,6 +67,7 @@ class GpuWorker(Worker):
         self.in_progress_timeout_s = lease_s
         self.renew_s = renew_s
         self.runner: JobRunner | None = None
+        self.consumer: Consumer | None = None  # set on startup, once the pool exists
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -73,7 +75,7 @@ class GpuWorker(Worker):
         self._wake.set()
 
     async def _poll_iteration(self) -> None:
-        """arq's poll, but one round trip takes what the runner can use (:func:`queue.take`)."""
+        """arq's poll, but one round trip takes what the runner can use (:meth:`Consumer.take`)."""
         self._wake.clear()
         try:
             if self.allow_pick_jobs:
@@ -103,10 +105,9 @@ class GpuWorker(Worker):
 
     async def _take_jobs(self) -> None:
         room = self._room()
-        if room <= 0:
+        if room <= 0 or self.consumer is None:
             return
-        taken = await queue.take(self.pool, self.queue_name, room, lease_s=self.in_progress_timeout_s)
-        for job_id, score in taken:
+        for job_id, score in await self.consumer.take(room):
             await self.sem.acquire()  # free: room <= max_jobs - job_counter
             self.job_counter += 1
             task = self.loop.create_task(self.run_job(job_id, score))
@@ -121,15 +122,45 @@ class GpuWorker(Worker):
         """Keep arq's in-progress keys of the jobs this worker holds alive for one more lease."""
         while True:
             await asyncio.sleep(self.renew_s)
-            if not self.tasks:
+            if not self.tasks or self.consumer is None:
                 continue
             try:
-                async with self.pool.pipeline(transaction=False) as pipe:
-                    for job_id in list(self.tasks):
-                        pipe.pexpire(in_progress_key_prefix + job_id, int(self.in_progress_timeout_s * 1000))
-                    await pipe.execute()
+                await self.consumer.renew(list(self.tasks))
             except (RedisError, OSError) as exc:
                 logger.warning("could not renew the hold on queued jobs: %s", exc)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, lean: the job is its id (Postgres has the rest, and counts the
+        attempts), so arq's transaction that reads and counts it is not needed; the job
+        leaves the queue with its batch-mates (:meth:`Consumer.done`), or stays in its
+        place for the next worker when this one lets it go (shutdown)."""
+        assert self.consumer is not None
+        function = self.functions[TASK_NAME]
+        try:
+            async with asyncio.timeout(function.timeout_s):
+                await function.coroutine(self.ctx, job_id)
+        except (Released, asyncio.CancelledError) as exc:
+            # Shutting down: the runner never claimed it, or handed it back.
+            self.jobs_retried += 1
+            await asyncio.shield(self._let_go(self.consumer.release, job_id))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        except Exception:
+            logger.exception("job %s failed in the worker; Postgres decides what becomes of it", job_id)
+            self.jobs_failed += 1
+        else:
+            self.jobs_complete += 1
+        await asyncio.shield(self._let_go(self.consumer.done, job_id))
+
+    @staticmethod
+    async def _let_go(how: Callable[[str], Awaitable[None]], job_id: str) -> None:
+        try:
+            await how(job_id)
+        except (RedisError, OSError) as exc:
+            # The hold lapses within a lease; a worker that takes the job then finds it
+            # finished in Postgres and lets it go.
+            logger.warning("could not let job %s go in the queue: %s", job_id, exc)
 
     async def close(self) -> None:
         """arq's close, except that a job task cancelled before its function started (arq was
@@ -159,11 +190,9 @@ class GpuWorker(Worker):
 
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> None:
+    """Raises :class:`Released` if the worker shuts down before the job got the pipeline."""
     runner: JobRunner = ctx["runner"]
-    try:
-        await runner.run(uuid.UUID(job_id))
-    except Released:
-        raise Retry(defer=0) from None  # back on the queue, in its place, for the next worker
+    await runner.run(uuid.UUID(job_id))
 
 
 async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], queue_name: str) -> None:
@@ -226,6 +255,7 @@ def create_worker(
         stack.push_async_callback(runner.aclose)
         runner.start()
         ctx["runner"] = worker.runner = runner
+        worker.consumer = Consumer(ctx["redis"], settings.queue_name, lease_s=settings.lease_s)
         background_tasks = [
             _listen(worker, runner, ctx, settings.queue_name),
             worker.renew_holds(),
@@ -244,16 +274,10 @@ def create_worker(
 
     worker = GpuWorker(
         functions=[
-            # Postgres counts attempts (and fences them); arq may offer a job as
-            # often as it likes: a claim that is not due matches no row. A job
-            # may wait for the batch before it, then run: twice the time-out.
-            func(
-                run_job,
-                name=TASK_NAME,
-                keep_result=0,
-                timeout=2 * settings.job_timeout_s + 60,
-                max_tries=ARQ_TRIES,
-            )
+            # Postgres counts attempts (and fences them); a job may be offered
+            # as often as it likes: a claim that is not due matches no row. A
+            # job may wait for the batch before it, then run: twice the time-out.
+            func(run_job, name=TASK_NAME, keep_result=0, timeout=2 * settings.job_timeout_s + 60)
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=settings.queue_name,

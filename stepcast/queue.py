@@ -11,10 +11,13 @@ one poll interval, nothing more.
 The enqueue is arq's (the same job key, serialized job, queue entry and
 refusal of a known id) in one script: one round trip on the submit path
 instead of arq's four (watch, exists, the transaction, then the wake-up).
-A worker's :func:`take` is arq's too (a job is its worker's while its
-in-progress key lives), also in one script: it scans the head of the queue
-past the jobs other workers hold, where arq reads a page of the queue and
-then spends four round trips on each job in it, held or not.
+A worker's side (:class:`Consumer`) keeps arq's keys too (a job is its
+worker's while its in-progress key lives) with fewer round trips: a take is
+one script that scans the head of the queue past the jobs other workers hold,
+where arq reads a page of the queue and then spends four round trips on each
+job in it, held or not; a job is read from Postgres, not from arq's job key,
+and the jobs of a batch finishing together leave the queue in one round trip,
+where arq spends two transactions on each job.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from arq.jobs import Serializer, serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
+
+from stepcast.batched import BatchedScripts
 
 TASK_NAME = "run_job"
 # How long arq keeps a job key; Postgres and the recovery pass outlive it.
@@ -70,6 +75,13 @@ return taken
 # Jobs held by workers stay at the head of the queue until they finish: a take
 # looks past this many (each worker holds at most 4 × its batch size).
 TAKE_SCAN_LIMIT = 10_000
+
+# KEYS: queue, job key, in-progress key. ARGV: job id.
+_DONE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return 1
+"""
 
 
 def wake_channel(queue_name: str) -> str:
@@ -122,16 +134,44 @@ def _enqueue_call(
     return keys, [job, expiry_ms, score, key, wake_channel(queue_name)]
 
 
-async def take(arq: ArqRedis, queue_name: str, count: int, *, lease_s: float) -> list[tuple[str, int]]:
-    """Up to ``count`` due jobs, oldest first, that no worker holds: now this worker's
-    for ``lease_s`` (arq's in-progress key; renew it while working). (job id, score) each."""
-    script = arq.register_script(_TAKE)
-    args: list[str | int] = [
-        timestamp_ms(),
-        int(lease_s * 1000),
-        count,
-        in_progress_key_prefix,
-        TAKE_SCAN_LIMIT,
-    ]
-    flat = await script(keys=[queue_name], args=args)
-    return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+class Consumer:
+    """A worker's side of one queue: it takes jobs, holds them for ``lease_s`` at a time
+    (renew while working), and lets them go: done, off the queue; released, back to
+    the next worker in their place."""
+
+    def __init__(self, arq: ArqRedis, queue_name: str, *, lease_s: float) -> None:
+        self.arq = arq
+        self.queue_name = queue_name
+        self.lease_ms = int(lease_s * 1000)
+        self._take = arq.register_script(_TAKE)
+        self._done = arq.register_script(_DONE)
+        self._scripts = BatchedScripts(arq)  # a batch's jobs finish together: one round trip
+
+    async def take(self, count: int) -> list[tuple[str, int]]:
+        """Up to ``count`` due jobs, oldest first, that no worker holds: now held by this
+        one. (job id, score) each."""
+        args: list[str | int] = [
+            timestamp_ms(),
+            self.lease_ms,
+            count,
+            in_progress_key_prefix,
+            TAKE_SCAN_LIMIT,
+        ]
+        flat = await self._take(keys=[self.queue_name], args=args)
+        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+    async def renew(self, job_ids: list[str]) -> None:
+        """Hold these jobs for one more lease."""
+        async with self.arq.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+            await pipe.execute()
+
+    async def done(self, job_id: str) -> None:
+        """Finished with, whatever the outcome (Postgres has it): off the queue, arq's keys gone."""
+        keys = [self.queue_name, job_key_prefix + job_id, in_progress_key_prefix + job_id]
+        await self._scripts.call(self._done, keys, [job_id])
+
+    async def release(self, job_id: str) -> None:
+        """Not run here after all (shutdown): queued in its place, free for the next worker."""
+        await self.arq.delete(in_progress_key_prefix + job_id)

@@ -1,12 +1,16 @@
 """The work queue in Redis: a submit announces and enqueues a job in one round trip; a
-worker takes the oldest due jobs nobody holds, also in one."""
+worker takes the oldest due jobs nobody holds, also in one, and lets them go: done (the
+jobs of a batch together) or released to the next worker."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from arq.constants import in_progress_key_prefix
+import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import to_unix_ms
 
 from stepcast import queue
@@ -28,18 +32,19 @@ async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(setti
         held = str(ids[0])  # another worker holds the oldest
         await redis.psetex(in_progress_key_prefix + held, 60_000, b"1")
 
-        first = await queue.take(redis, QUEUE, 2, lease_s=5)
+        consumer = queue.Consumer(redis, QUEUE, lease_s=5)
+        first = await consumer.take(2)
         assert [job_id for job_id, _ in first] == [str(ids[1]), str(ids[2])]
         assert [score for _, score in first] == [to_unix_ms(start + timedelta(seconds=i)) for i in (1, 2)]
         for job_id, _ in first:  # now this worker's, for one lease
             assert 4_000 < await redis.pttl(in_progress_key_prefix + job_id) <= 5_000
 
-        rest = await queue.take(redis, QUEUE, 10, lease_s=5)
+        rest = await consumer.take(10)
         assert [job_id for job_id, _ in rest] == [str(ids[3]), str(ids[4])]
-        assert await queue.take(redis, QUEUE, 10, lease_s=5) == []
+        assert await consumer.take(10) == []
 
         await redis.delete(in_progress_key_prefix + held)  # its worker died: the hold lapsed
-        assert [job_id for job_id, _ in await queue.take(redis, QUEUE, 10, lease_s=5)] == [held]
+        assert [job_id for job_id, _ in await consumer.take(10)] == [held]
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -53,7 +58,8 @@ async def test_a_take_looks_past_a_long_head_of_held_jobs(settings: Settings) ->
             await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(milliseconds=index))
         for job_id in ids[:-1]:
             await redis.psetex(in_progress_key_prefix + str(job_id), 60_000, b"1")
-        assert [job_id for job_id, _ in await queue.take(redis, QUEUE, 4, lease_s=5)] == [str(ids[-1])]
+        taken = await queue.Consumer(redis, QUEUE, lease_s=5).take(4)
+        assert [job_id for job_id, _ in taken] == [str(ids[-1])]
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -73,7 +79,41 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
         assert await events.read(str(job_id)) == [
             {"type": "queued", "job_id": str(job_id), "seq": 1, "position": 1, "eta_s": None}
         ]
-        assert [job for job, _ in await queue.take(redis, QUEUE, 1, lease_s=5)] == [str(job_id)]
+        assert [job for job, _ in await queue.Consumer(redis, QUEUE, lease_s=5).take(1)] == [str(job_id)]
         assert not await queue.enqueue(redis, job_id, QUEUE)  # arq holds it: refused, as arq's own
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_released_one_stays(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = queue.connect(settings.redis_url)
+    try:
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        ids = [uuid.uuid4() for _ in range(4)]
+        for index, job_id in enumerate(ids):
+            await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(seconds=index))
+        consumer = queue.Consumer(redis, QUEUE, lease_s=60)
+        taken = [job_id for job_id, _ in await consumer.take(4)]
+        assert taken == [str(job_id) for job_id in ids]
+        pipelines = 0
+        pipeline = redis.pipeline
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal pipelines
+            pipelines += 1
+            return pipeline(*args, **kwargs)
+
+        monkeypatch.setattr(redis, "pipeline", counted)
+        await asyncio.gather(*(consumer.done(job_id) for job_id in taken[:3]))  # a batch finishing
+        assert pipelines == 1 and await redis.zrange(QUEUE, 0, -1) == [taken[3].encode()]
+        for job_id in taken[:3]:  # arq's keys are gone: the id may be enqueued again
+            assert not await redis.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+        assert await queue.enqueue(redis, ids[0], QUEUE)
+
+        await consumer.release(taken[3])  # shutting down: the next worker takes it at once
+        other = queue.Consumer(redis, QUEUE, lease_s=60)
+        assert [job_id for job_id, _ in await other.take(1)] == [taken[3]]
     finally:
         await redis.aclose(close_connection_pool=True)

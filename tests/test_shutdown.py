@@ -158,7 +158,7 @@ async def test_a_worker_closes_fully_with_a_job_cancelled_before_it_started(
         return worker.runner is not None
 
     await eventually(started)
-    # A job taken a moment ago: arq is still reading it when the worker closes.
+    # A job taken a moment ago, not yet in the runner when the worker closes.
     reading = asyncio.create_task(asyncio.Event().wait())
     worker.tasks["taken"] = reading
     await worker.close()  # arq's own raised CancelledError here, before its on_shutdown
