@@ -164,13 +164,13 @@ class Feed:
         except BaseException:
             if self._watches.get(key) is watch:
                 del self._watches[key]
-            await self.hub.remove(job_channel(key), self)
+            self.hub.remove(job_channel(key), self)
             raise
 
     async def unwatch(self, job_id: uuid.UUID) -> None:
         key = str(job_id)
         if self._watches.pop(key, None) is not None:
-            await self.hub.remove(job_channel(key), self)
+            self.hub.remove(job_channel(key), self)
 
     async def watch_mine(self, *, recent: int = 20) -> None:
         """Every event of every job of this owner; current state of the live and recent ones first."""
@@ -190,9 +190,9 @@ class Feed:
         for task in self._tasks:
             task.cancel()
         for key in list(self._watches):
-            await self.hub.remove(job_channel(key), self)
+            self.hub.remove(job_channel(key), self)
         if self.mine:
-            await self.hub.remove(owner_channel(self.owner), self)
+            self.hub.remove(owner_channel(self.owner), self)
         self._watches.clear()
 
     async def _sync(self, key: str, watch: _Watch, after_seq: int | None, job: Job | None = None) -> None:
@@ -230,7 +230,7 @@ class Feed:
         text = json.dumps({"type": "snapshot", "job_id": key, "job": wire}, separators=(",", ":"))
         self.push(Outgoing(text, "snapshot", key, watch.last_seq, terminal=terminal))
         if terminal:
-            await self._finish(key, watch)
+            self._finish(key, watch)
 
     def _deliver(self, key: str, watch: _Watch, event: dict[str, Any], text: str) -> None:
         seq = int(event["seq"])
@@ -240,14 +240,14 @@ class Feed:
         terminal = event["type"] in TERMINAL_TYPES
         self.push(Outgoing(text, event["type"], key, seq, terminal=terminal))
         if terminal:
-            self._spawn(self._finish(key, watch))
+            self._finish(key, watch)
 
-    async def _finish(self, key: str, watch: _Watch) -> None:
+    def _finish(self, key: str, watch: _Watch) -> None:
         """A finished job sends nothing more: stop listening to its channel."""
         if watch.done:
             return
         watch.done = True
-        await self.hub.remove(job_channel(key), self)
+        self.hub.remove(job_channel(key), self)
 
     # -- called by the hub ----------------------------------------------------
 

@@ -2,9 +2,12 @@
 
 A channel is subscribed while at least one local feed wants it. ``add``
 returns only once Redis has confirmed the subscription, so a feed that reads
-the job's stream after ``add`` cannot miss an event between the two. After a
-lost connection the hub reconnects, subscribes everything again and asks every
-feed to re-sync from its last seq (pub/sub keeps nothing for the absent).
+the job's stream after ``add`` cannot miss an event between the two. The
+channels added and removed in one pass of the event loop go to Redis together,
+in one SUBSCRIBE and one UNSUBSCRIBE: under load, jobs start and finish many
+at a time, and each watches a channel of its own. After a lost connection the
+hub reconnects, subscribes everything again and asks every feed to re-sync
+from its last seq (pub/sub keeps nothing for the absent).
 """
 
 from __future__ import annotations
@@ -35,57 +38,88 @@ class Listener(Protocol):
 class Hub:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._channels: dict[str, set[Listener]] = {}
-        self._confirmed: dict[str, asyncio.Event] = {}
+        self._channels: dict[str, set[Listener]] = {}  # wanted, with who wants them
+        self._subscribed: set[str] = set()  # as sent to Redis
+        self._confirmed: dict[str, asyncio.Event] = {}  # wanted or subscribed: Redis confirmed it
+        self._changed: set[str] = set()  # since the last flush
+        self._flushing: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # a flush, or a (re)connect
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
-        for task in (self._task, self._announcing):
+        for task in (self._task, self._announcing, self._flushing):
             if task is not None:
                 await cancel_and_wait(task)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
-        async with self._lock:
-            group = self._channels.setdefault(channel, set())
-            group.add(listener)
-            if len(group) == 1:
-                self._confirmed[channel] = asyncio.Event()
-                if self._pubsub is not None and self.connected.is_set():
-                    with contextlib.suppress(Exception):  # a broken connection re-subscribes on reconnect
-                        await self._pubsub.subscribe(channel)
-            confirmed = self._confirmed[channel]
+        """Deliver the channel's messages to ``listener``, from when Redis confirms it on."""
+        group = self._channels.setdefault(channel, set())
+        group.add(listener)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.Event()
+            self._change(channel)
+        elif len(group) == 1:  # wanted again before its UNSUBSCRIBE went out
+            self._change(channel)
         await asyncio.wait_for(confirmed.wait(), timeout_s)
 
-    async def remove(self, channel: str, listener: Listener) -> None:
-        # Forget the listener at once, before any await: a cancelled caller must
-        # not leave it behind. Only the UNSUBSCRIBE waits for the lock.
+    def remove(self, channel: str, listener: Listener) -> None:
         group = self._channels.get(channel)
         if group is None or listener not in group:
             return
         group.discard(listener)
-        if group:
-            return
-        del self._channels[channel]
-        self._confirmed.pop(channel, None)
-        async with self._lock:
-            if channel not in self._channels and self._pubsub is not None and self.connected.is_set():
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(channel)
+        if not group:
+            del self._channels[channel]
+            self._change(channel)
+
+    def _change(self, channel: str) -> None:
+        self._changed.add(channel)
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Bring Redis' subscriptions in line with the wanted channels (those changed since the
+        last flush): one SUBSCRIBE and one UNSUBSCRIBE for all of them."""
+        try:
+            while self._changed:
+                async with self._lock:
+                    changed, self._changed = self._changed, set()
+                    subscribe = [c for c in changed if c in self._channels and c not in self._subscribed]
+                    unsubscribe = [c for c in changed if c not in self._channels and c in self._subscribed]
+                    for channel in changed:
+                        if channel not in self._channels and channel not in self._subscribed:
+                            self._confirmed.pop(channel, None)  # never went out
+                    if self._pubsub is None or not self.connected.is_set():
+                        continue  # the (re)connect subscribes every wanted channel
+                    self._subscribed.update(subscribe)
+                    self._subscribed.difference_update(unsubscribe)
+                    for channel in unsubscribe:
+                        self._confirmed.pop(channel, None)
+                    with contextlib.suppress(Exception):  # a broken connection re-subscribes on reconnect
+                        if subscribe:
+                            await self._pubsub.subscribe(*subscribe)
+                        if unsubscribe:
+                            await self._pubsub.unsubscribe(*unsubscribe)
+        finally:
+            self._flushing = None
 
     async def _connect(self) -> PubSub:
         pubsub = self.redis.pubsub()
         async with self._lock:
+            for channel in [c for c in self._confirmed if c not in self._channels]:
+                del self._confirmed[channel]
             for event in self._confirmed.values():
                 event.clear()
+            self._subscribed = set(self._channels)
+            self._changed.clear()
             await pubsub.subscribe(HUB_CHANNEL, *self._channels)
         return pubsub
 
