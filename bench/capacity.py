@@ -29,7 +29,7 @@ import psutil  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
 from bench import stack
-from stepcast.db import Database
+from stepcast.db import Completion, Database
 from stepcast.events import EventLog
 from stepcast.settings import Settings
 
@@ -79,7 +79,7 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
         job = await submit()
         claimed = (await db.claim([job.id], worker="bench", lease_s=30, model_revision="r"))[job.id]
         await db.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
-        await db.complete(job.id, claimed.attempt, result={"images": []}, seq=22, pipeline_s=0.1, batch=1)
+        await db.complete([Completion(job.id, claimed.attempt, "bench", {"images": []}, 22, 0.1, 1)])
 
     try:
         # A submit reads the admission counts and the queue position (kept in

@@ -43,12 +43,13 @@ from redis.exceptions import RedisError
 from gpu_worker import batching
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image
-from stepcast.db import Database, retrying
+from stepcast.batched import Gatherer
+from stepcast.db import Completion, Database, retrying
 from stepcast.events import EventLog
 from stepcast.jobs import Job
 from stepcast.params import JobParams
 from stepcast.settings import Settings
-from stepcast.storage import Storage, image_key
+from stepcast.storage import Put, Storage, image_key
 from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,10 @@ class JobRunner:
         self._busy = False
         self._releasing = False
         self._dispatcher: asyncio.Task[None] | None = None
+        # A batch's jobs finish at the same moment: one thread hop encodes and stores
+        # their images, one statement records them all.
+        self._stores: Gatherer[Put, None] = Gatherer(lambda put: storage.put(*put), storage.put_all)
+        self._completions: Gatherer[Completion, Job | None] = Gatherer(self._record_one, self._record)
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch())
@@ -487,7 +492,7 @@ class JobRunner:
         try:
             for index, (image, seed) in enumerate(zip(generation.images, params.image_seeds(), strict=True)):
                 key = image_key(str(job.id), index)
-                await self.storage.put(key, functools.partial(encode_png, image), PNG)
+                await self._stores((key, functools.partial(encode_png, image), PNG))
                 records.append(
                     {
                         "key": key,
@@ -504,13 +509,9 @@ class JobRunner:
         result = {"images": records}
 
         async def write(seq: int) -> Job | None:
-            return await self.db.complete(
-                job.id,
-                job.attempt,
-                result=result,
-                seq=seq,
-                pipeline_s=active.pipeline_s,
-                batch=len(active.batch),
+            batch = len(active.batch)
+            return await self._completions(
+                Completion(job.id, job.attempt, job.owner, result, seq, active.pipeline_s, batch)
             )
 
         async def fields(done: Job) -> dict[str, Any]:
@@ -521,6 +522,12 @@ class JobRunner:
             return {"images": images, "timings": done.timings()}
 
         await self._finish(active, "completed", write, fields, seq=await seq)
+
+    async def _record_one(self, completion: Completion) -> Job | None:
+        return (await self.db.complete([completion]))[0]
+
+    async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
+        return [*await self.db.complete(completions)]
 
     async def _fail(self, active: _Active, code: str, message: str, *, seq: int | None = None) -> None:
         job = active.job

@@ -1,46 +1,36 @@
-"""Redis script calls made in the same pass of the event loop share one round trip.
+"""Calls made in the same pass of the event loop share one round trip.
 
-A worker running a batch emits each step's event for every job of the batch at
-the same moment, and each event is one script call. One by one, every call
-costs a round trip (about 0.15 ms of the caller's CPU in redis-py, and a
-wake-up of Redis); here the calls of one loop pass go out in one pipeline.
+A worker running a batch does the same thing for every job of the batch at the
+same moment: emit each step's event, record each job's outcome. One by one,
+every call costs a round trip (about 0.15 ms of the caller's CPU in redis-py,
+more in Postgres, and a wake-up of the server); a :class:`Gatherer` sends the
+calls of one loop pass together.
 
 The first call of a pass leads: it yields to the loop once, and the calls made
-meanwhile join it. Alone, it goes as a plain call (EVALSHA, loading the script
-if Redis lost it); with company, a task sends the pipeline, so that a caller
-cancelled meanwhile never holds back the others, and a call whose script Redis
-lost is sent again as a plain call.
+meanwhile join it. Alone, it goes as a plain call, with no task; with company,
+a task sends them all, so that a caller cancelled meanwhile never holds back
+the others. :class:`BatchedScripts` gathers Redis script calls into a
+pipeline (a call whose script Redis lost is sent again as a plain call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 Arg = str | int | float | bytes
+I = TypeVar("I")  # noqa: E741 (one call's input)
+R = TypeVar("R")
 
 
-@dataclass
-class _Call:
-    script: AsyncScript
-    keys: list[str]
-    args: list[Arg]
-    future: asyncio.Future[Any]
-
-    async def alone(self) -> Any:
-        try:
-            return await self.script(keys=self.keys, args=self.args)
-        except Exception as exc:
-            return exc
-
-
-def _each(exc: Exception) -> Exception:
+def _each(exc: BaseException) -> BaseException:
     """A copy of ``exc`` for one caller: an exception raised in several tasks would pile up
     all their tracebacks."""
     try:
@@ -51,19 +41,26 @@ def _each(exc: Exception) -> Exception:
     return twin
 
 
-class BatchedScripts:
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._gathering: list[_Call] | None = None  # calls of this loop pass, the first one leading
+class Gatherer(Generic[I, R]):
+    """``await gatherer(item)``: ``one(item)`` alone, or ``many(items)`` with the calls made in
+    the same loop pass (it returns a result or an exception per item, in order)."""
+
+    def __init__(
+        self,
+        one: Callable[[I], Awaitable[R]],
+        many: Callable[[list[I]], Awaitable[list[R | BaseException]]],
+    ) -> None:
+        self.one = one
+        self.many = many
+        self._gathering: list[tuple[I, asyncio.Future[R]]] | None = None  # this pass, leader first
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, keys: list[str], args: list[Arg]) -> Any:
-        """``script(keys, args)``, sent with the other calls of this loop pass."""
-        call = _Call(script, keys, args, asyncio.get_running_loop().create_future())
+    async def __call__(self, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         if self._gathering is not None:  # another call of this pass leads: go with it
-            self._gathering.append(call)
-            return await call.future
-        self._gathering = [call]
+            self._gathering.append((item, future))
+            return await future
+        self._gathering = [(item, future)]
         try:
             await asyncio.sleep(0)  # the calls made in this pass of the loop join
         except asyncio.CancelledError:
@@ -72,41 +69,63 @@ class BatchedScripts:
                 self._send_soon(calls[1:])
             raise
         calls, self._gathering = self._gathering, None
-        if len(calls) == 1:  # alone: as a plain call, no task, no pipeline
-            return await script(keys=keys, args=args)
+        if len(calls) == 1:  # alone: a plain call, no task
+            return await self.one(item)
         self._send_soon(calls)
-        return await call.future
+        return await future
 
-    def _send_soon(self, calls: list[_Call]) -> None:
+    def _send_soon(self, calls: list[tuple[I, asyncio.Future[R]]]) -> None:
         """In a task of its own: any caller may be cancelled, never the send the others wait for."""
         task = asyncio.create_task(self._send(calls))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, calls: list[_Call]) -> None:
+    async def _send(self, calls: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
-            results = await self._pipelined(calls)
-        except BaseException:
-            for call in calls:
-                call.future.cancel()
+            results = await self.many([item for item, _ in calls])
+        except asyncio.CancelledError:
+            for _, future in calls:
+                future.cancel()
             raise
-        for call, result in zip(calls, results, strict=True):
-            if call.future.done():  # its caller gave up
+        except Exception as exc:
+            results = [_each(exc) for _ in calls]
+        for (_, future), result in zip(calls, results, strict=True):
+            if future.done():  # its caller gave up
                 continue
-            if isinstance(result, Exception):
-                call.future.set_exception(result)
+            if isinstance(result, BaseException):
+                future.set_exception(result)
             else:
-                call.future.set_result(result)
+                future.set_result(result)
+
+
+@dataclass
+class _Call:
+    script: AsyncScript
+    keys: list[str]
+    args: list[Arg]
+
+    async def alone(self) -> Any:
+        return await self.script(keys=self.keys, args=self.args)
+
+
+class BatchedScripts:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._calls: Gatherer[_Call, Any] = Gatherer(_Call.alone, self._pipelined)
+
+    async def call(self, script: AsyncScript, keys: list[str], args: list[Arg]) -> Any:
+        """``script(keys, args)``, sent with the other calls of this loop pass."""
+        return await self._calls(_Call(script, keys, args))
 
     async def _pipelined(self, calls: list[_Call]) -> list[Any]:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-        except Exception as exc:
-            return [_each(exc) for _ in calls]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
         for index, (call, result) in enumerate(zip(calls, results, strict=True)):
             if isinstance(result, NoScriptError):  # Redis restarted: load the script, call again
-                results[index] = await call.alone()
+                try:
+                    results[index] = await call.alone()
+                except Exception as exc:
+                    results[index] = exc
         return results

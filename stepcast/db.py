@@ -114,6 +114,19 @@ class Insertion:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A job's result, as the worker that ran this attempt records it."""
+
+    job_id: uuid.UUID
+    attempt: int
+    owner: str
+    result: dict[str, Any]
+    seq: int  # of the `completed` event
+    pipeline_s: float | None = None
+    batch: int | None = None  # jobs in its pipeline call
+
+
+@dataclass(frozen=True)
 class Pace:
     """How fast a queue has lately run jobs of one size."""
 
@@ -409,26 +422,31 @@ class Database:
         )  # fmt: skip
         return None if value is None else bool(value)
 
-    async def complete(
-        self,
-        job_id: uuid.UUID,
-        attempt: int,
-        *,
-        result: dict[str, Any],
-        seq: int,
-        pipeline_s: float | None = None,
-        batch: int | None = None,
-    ) -> Job | None:
-        row = await self.pool.fetchrow(
-            f"""
-            UPDATE jobs SET status = 'completed', result = $3, last_seq = $4,
-                progress_step = progress_total, pipeline_s = $5, batch_size = $6, {_FINISH_TIMES}
-            WHERE id = $1 AND attempt = $2 AND status = 'processing'
-            RETURNING *
-            """,
-            job_id, attempt, result, seq, pipeline_s, batch,
-        )  # fmt: skip
-        return Job.from_record(row) if row else None
+    async def complete(self, completions: Sequence[Completion]) -> list[Job | None]:
+        """Record these jobs completed, one statement for each owner among them (so that a
+        statement moves one owner's kept count: schema.sql, job_counts). Each job's row, or
+        None where it moved on (fenced by attempt)."""
+        by_owner: dict[str, list[Completion]] = {}
+        for completion in completions:
+            by_owner.setdefault(completion.owner, []).append(completion)
+        done: dict[uuid.UUID, Job] = {}
+        async with self.pool.acquire() as conn:
+            for group in by_owner.values():
+                rows = await conn.fetch(
+                    f"""
+                    UPDATE jobs SET status = 'completed', result = c.result, last_seq = c.seq,
+                        progress_step = progress_total, pipeline_s = c.pipeline_s, batch_size = c.batch,
+                        {_FINISH_TIMES}
+                    FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::bigint[], $5::float8[], $6::int[])
+                        AS c(id, attempt, result, seq, pipeline_s, batch)
+                    WHERE jobs.id = c.id AND jobs.attempt = c.attempt AND jobs.status = 'processing'
+                    RETURNING jobs.*
+                    """,
+                    [c.job_id for c in group], [c.attempt for c in group], [c.result for c in group],
+                    [c.seq for c in group], [c.pipeline_s for c in group], [c.batch for c in group],
+                )  # fmt: skip
+                done.update((row["id"], Job.from_record(row)) for row in rows)
+        return [done.get(completion.job_id) for completion in completions]
 
     async def fail(self, job_id: uuid.UUID, attempt: int, *, code: str, message: str, seq: int) -> Job | None:
         row = await self.pool.fetchrow(

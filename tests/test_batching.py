@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 
 from gpu_worker.batching import take_batch
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
+from stepcast.db import Completion, Database
+from stepcast.jobs import Job
 from stepcast.params import JobParams
 from stepcast.settings import Settings
 from tests.conftest import Stack, StepcastProcess, eventually
@@ -73,8 +75,16 @@ def test_an_image_does_not_depend_on_what_it_was_batched_with(pipeline: Diffuser
 
 @pytest.mark.parametrize("settings", [BATCHED], indirect=True)
 async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_results(
-    stack: Stack, pipeline: DiffusersPipeline
+    stack: Stack, pipeline: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    recorded: list[set[str]] = []  # the jobs of each statement recording completions
+    record = Database.complete
+
+    async def recording(db: Database, completions: list[Completion]) -> list[Job | None]:
+        recorded.append({str(completion.job_id) for completion in completions})
+        return await record(db, completions)
+
+    monkeypatch.setattr(Database, "complete", recording)
     seeds = [11, 12, 13]
     jobs = await asyncio.gather(*(stack.submit(prompt=f"fox {s}", seed=s, steps=8) for s in seeds))
     other = await stack.submit(prompt="other steps", steps=6)
@@ -84,6 +94,7 @@ async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_r
     assert {job["timings"]["batch_size"] for job in batched} == {3}
     assert len({job["timings"]["pipeline_s"] for job in batched}) == 1  # one call
     assert alone["timings"]["batch_size"] == 1
+    assert sorted(recorded, key=len) == [{alone["id"]}, {job["id"] for job in batched}]  # one statement
     for job, seed in zip(batched, seeds, strict=True):
         events = await events_of(stack.settings, job["id"])
         types = [e["type"] for e in events]

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from server.positions import UNKNOWN_PACE, EtaEstimator
-from stepcast.db import Database, Pace
+from stepcast.db import Completion, Database, Pace
 from stepcast.jobs import Status
 
 PARAMS = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
@@ -165,6 +166,26 @@ async def test_a_singleton_lock_is_one_process_at_a_time_and_never_left_on_a_poo
         await other.close()
 
 
+async def test_a_batch_completes_in_one_call_each_job_fenced_by_its_attempt(db: Database) -> None:
+    jobs = [(await insert(db, owner)).job for owner in ("ann", "bob", "ann")]
+    claimed = await db.claim([job.id for job in jobs], worker="w", lease_s=30, model_revision="r")
+    completions = [
+        Completion(job.id, claimed[job.id].attempt, job.owner, {"images": [{"n": n}]}, 5 + n, 0.25, 3)
+        for n, job in enumerate(jobs)
+    ]
+    stale = replace(completions[1], attempt=completions[1].attempt + 1)  # another attempt's
+    first, fenced, third = await db.complete([completions[0], stale, completions[2]])
+    assert fenced is None and (await db.get_job(jobs[1].id)).status is Status.PROCESSING
+    assert first is not None and third is not None
+    assert (first.id, first.status, first.result, first.last_seq) == (
+        jobs[0].id, Status.COMPLETED, {"images": [{"n": 0}]}, 5,
+    )  # fmt: skip
+    assert (third.id, third.result, third.last_seq) == (jobs[2].id, {"images": [{"n": 2}]}, 7)
+    assert (first.pipeline_s, first.batch_size, first.progress_step) == (0.25, 3, first.progress_total)
+    assert first.run_s is not None and first.queue_s is not None and first.finished_at is not None
+    assert await kept(db) == await counted(db) == ({}, {"bob": 1})
+
+
 async def test_admission_counts_follow_every_change_of_a_job(db: Database) -> None:
     placed = [("ann", "q"), ("ann", "q"), ("bob", "q"), ("bob", "r"), ("cy", "r")]
     jobs = [(await insert(db, owner, queue)).job for owner, queue in placed]
@@ -172,7 +193,7 @@ async def test_admission_counts_follow_every_change_of_a_job(db: Database) -> No
     claimed = await db.claim([jobs[0].id, jobs[3].id], worker="w", lease_s=30, model_revision="r")
     assert await kept(db) == ({"q": 2, "r": 1}, {"ann": 2, "bob": 2, "cy": 1})  # running is unfinished
     first, other = claimed[jobs[0].id], claimed[jobs[3].id]
-    await db.complete(first.id, first.attempt, result={"images": []}, seq=3)
+    await db.complete([Completion(first.id, first.attempt, "ann", {"images": []}, seq=3)])
     assert await kept(db) == ({"q": 2, "r": 1}, {"ann": 1, "bob": 2, "cy": 1})
     assert await db.hand_back(other.id, other.attempt, last_seq=2) is not None  # back in the queue
     assert await kept(db) == ({"q": 2, "r": 2}, {"ann": 1, "bob": 2, "cy": 1})
@@ -198,7 +219,8 @@ async def test_admission_counts_hold_under_concurrent_writers_and_are_counted_af
             *(db.claim(batch, worker="w", lease_s=30, model_revision="r") for batch in batches),
             *(insert(db, "o9", "q1") for _ in range(20)),
         )
-        await asyncio.gather(*(db.complete(i, 1, result={"images": []}, seq=3) for i in ids[:20]))
+        done = [Completion(i, 1, f"o{n % 3}", {"images": []}, seq=3) for n, i in enumerate(ids[:20])]
+        await asyncio.gather(*(db.complete(done[n : n + 4]) for n in range(0, 20, 4)))  # owners mixed
         assert await kept(db) == await counted(db)
         pending, unfinished = await kept(db)
         assert sum(pending.values()) == 60 - 40 + 20 and sum(unfinished.values()) == 60 - 20 + 20

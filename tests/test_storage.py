@@ -48,7 +48,24 @@ async def round_trip(settings: Settings) -> str:
             await storage.get(key)
         with pytest.raises(KeyError):
             await storage.get(image_key(str(uuid.uuid4()), 0))
+        # A batch's images at once: one that cannot be encoded fails alone.
+        batch = [image_key(str(uuid.uuid4()), 0) for _ in range(3)]
+        errors = await storage.put_all(
+            [
+                (batch[0], PNG_BYTES, "image/png"),
+                (batch[1], broken, "image/png"),
+                (batch[2], lambda: b"2", "image/png"),
+            ]
+        )
+        assert errors[0] is None and isinstance(errors[1], ValueError) and errors[2] is None
+        assert [await storage.get(batch[0]), await storage.get(batch[2])] == [PNG_BYTES, b"2"]
+        with pytest.raises(KeyError):
+            await storage.get(batch[1])
     return url
+
+
+def broken() -> bytes:
+    raise ValueError("not an image")
 
 
 async def test_local_round_trip(settings: Settings) -> None:

@@ -7,7 +7,7 @@ overwrites rather than duplicates; the job id in them makes them unguessable.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from stepcast.settings import Settings
@@ -15,10 +15,15 @@ from stepcast.settings import Settings
 # An object's bytes, or a function that makes them (an image encoder): the
 # backend calls it off the event loop, in the same thread hop as a local write.
 Data = bytes | Callable[[], bytes]
+Put = tuple[str, Data, str]  # key, data, content type
 
 
 class Storage(Protocol):
     async def put(self, key: str, data: Data, content_type: str) -> None: ...
+
+    async def put_all(self, puts: Sequence[Put]) -> list[BaseException | None]:
+        """Several puts at once (a batch's images): each one's error, or None."""
+        ...
 
     async def get(self, key: str) -> bytes:
         """The object's bytes; raises KeyError if it does not exist."""

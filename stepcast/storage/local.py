@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from stepcast.storage import Data
+from stepcast.storage import Data, Put
 
 URL_PREFIX = "/v1/images/"
 
@@ -17,14 +18,30 @@ class LocalStorage:
         self.root = root.resolve()
 
     def path(self, key: str) -> Path:
-        """The file behind ``key``; refuses keys that would escape the root."""
-        path = (self.root / key).resolve()
+        """The file behind ``key``; refuses keys that would escape the root. Judged from the
+        key's text (no filesystem calls: every image written asks): the root holds no links."""
+        path = Path(os.path.normpath(os.path.join(self.root, key)))
         if not path.is_relative_to(self.root) or path == self.root:
             raise KeyError(key)
         return path
 
     async def put(self, key: str, data: Data, content_type: str) -> None:
         await asyncio.to_thread(self._write, key, data)
+
+    async def put_all(self, puts: Sequence[Put]) -> list[BaseException | None]:
+        """Encoded and written in one thread hop."""
+        return await asyncio.to_thread(self._write_all, puts)
+
+    def _write_all(self, puts: Sequence[Put]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = []
+        for key, data, _ in puts:
+            try:
+                self._write(key, data)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
 
     def _write(self, key: str, data: Data) -> None:
         path = self.path(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -12,7 +12,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from stepcast.settings import Settings
-from stepcast.storage import Data
+from stepcast.storage import Data, Put
 
 
 class S3Storage:
@@ -38,6 +38,10 @@ class S3Storage:
     async def put(self, key: str, data: Data, content_type: str) -> None:
         body = await asyncio.to_thread(data) if callable(data) else data
         await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+
+    async def put_all(self, puts: Sequence[Put]) -> list[BaseException | None]:
+        """Uploaded concurrently."""
+        return list(await asyncio.gather(*(self.put(*put) for put in puts), return_exceptions=True))
 
     async def get(self, key: str) -> bytes:
         try:
