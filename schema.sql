@@ -160,9 +160,10 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (nex
 -- rows here rather than counting jobs, which grows with the queue. A count is
 -- spread over 16 rows, one per writing connection (pg_backend_pid() % 16), so
 -- concurrent writers seldom wait for one another's row. A job's change takes
--- its queue's row before its owner's, and stepcast's statements change one job,
--- or (a batch's claim) jobs of one queue whose owners' counts do not move, so
--- no two of them wait for each other in a circle.
+-- its queue's row before its owner's. stepcast's statements change one job, or
+-- several that move one count row: a batch's claim (jobs of one queue, whose
+-- owners' counts do not move) or its completion (one statement per owner, the
+-- queues' counts not moving). So no two of them wait for each other in a circle.
 CREATE TABLE IF NOT EXISTS job_counts (
     kind  text NOT NULL,
     key   text NOT NULL,

@@ -67,9 +67,8 @@ class Hub:
         if confirmed is None:
             confirmed = self._confirmed[channel] = asyncio.Event()
             self._change(channel)
-        elif len(group) == 1:  # wanted again before its UNSUBSCRIBE went out
-            self._change(channel)
-        await asyncio.wait_for(confirmed.wait(), timeout_s)
+        if not confirmed.is_set():  # else: subscribed (a flush drops what is no longer wanted)
+            await asyncio.wait_for(confirmed.wait(), timeout_s)
 
     def remove(self, channel: str, listener: Listener) -> None:
         group = self._channels.get(channel)
@@ -92,17 +91,15 @@ class Hub:
             while self._changed:
                 async with self._lock:
                     changed, self._changed = self._changed, set()
-                    subscribe = [c for c in changed if c in self._channels and c not in self._subscribed]
-                    unsubscribe = [c for c in changed if c not in self._channels and c in self._subscribed]
-                    for channel in changed:
-                        if channel not in self._channels and channel not in self._subscribed:
-                            self._confirmed.pop(channel, None)  # never went out
+                    dropped = [c for c in changed if c not in self._channels]
+                    for channel in dropped:  # wanted again, it waits for a new confirmation
+                        self._confirmed.pop(channel, None)
                     if self._pubsub is None or not self.connected.is_set():
                         continue  # the (re)connect subscribes every wanted channel
+                    subscribe = [c for c in changed if c in self._channels and c not in self._subscribed]
+                    unsubscribe = [c for c in dropped if c in self._subscribed]
                     self._subscribed.update(subscribe)
                     self._subscribed.difference_update(unsubscribe)
-                    for channel in unsubscribe:
-                        self._confirmed.pop(channel, None)
                     with contextlib.suppress(Exception):  # a broken connection re-subscribes on reconnect
                         if subscribe:
                             await self._pubsub.subscribe(*subscribe)
