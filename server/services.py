@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from arq.connections import ArqRedis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from server.hub import Hub
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
+from stepcast.batched import Pipelined
 from stepcast.db import Database, Insertion, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
 from stepcast.events import CANCEL_CHANNEL, EventLog
@@ -46,6 +48,7 @@ class Services:
     metrics: ServerMetrics
     session_secret: bytes
     eta: EtaEstimator
+    pipelined: Pipelined  # the submits of one loop pass are announced in one round trip
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -71,7 +74,9 @@ class Services:
                         "and do not carry over to other servers"
                     )
             eta = EtaEstimator(db, max_age_s=settings.queue_update_s)
-            services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
+            services = cls(
+                settings, db, redis, events, storage, hub, metrics, session_secret, eta, Pipelined(redis)
+            )
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
@@ -126,13 +131,15 @@ class Services:
         log = {"job_id": str(job.id), "owner": owner}
         position = insertion.pending + 1  # behind every job pending when it was inserted
         fields = {"position": position, "eta_s": (await pace).drain_s(position, params.steps)}
-        try:
+
+        def announce(pipe: Pipeline) -> None:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
-            async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, in this order
-                self.events.emit_in(pipe, str(job.id), owner, "queued", fields, floor=job.last_seq)
-                queue.enqueue_in(pipe, self.redis, job.id, job.queue)
-                await pipe.execute()
+            self.events.emit_in(pipe, str(job.id), owner, "queued", fields, floor=job.last_seq)
+            queue.enqueue_in(pipe, self.redis, job.id, job.queue)
+
+        try:
+            await self.pipelined(announce)
         except RedisError:
             # The row is the truth; the job stays pending and is enqueued again
             # once Redis is back.

@@ -10,7 +10,8 @@ The first call of a pass leads: it yields to the loop once, and the calls made
 meanwhile join it. Alone, it goes as a plain call, with no task; with company,
 a task sends them all, so that a caller cancelled meanwhile never holds back
 the others. :class:`BatchedScripts` gathers Redis script calls into a
-pipeline (a call whose script Redis lost is sent again as a plain call).
+pipeline (a call whose script Redis lost is sent again as a plain call);
+:class:`Pipelined` gathers any Redis commands, a caller's in its own order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -128,4 +130,39 @@ class BatchedScripts:
                     results[index] = await call.alone()
                 except Exception as exc:
                     results[index] = exc
+        return results
+
+
+class Pipelined:
+    """``await pipelined(fill)``: the commands ``fill`` queues on a pipeline, sent in one
+    round trip with those of the other calls of this loop pass; their replies, in order.
+    The first reply that is an error is raised."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._calls: Gatherer[Callable[[Pipeline], object], list[Any]] = Gatherer(self._one, self._many)
+
+    async def __call__(self, fill: Callable[[Pipeline], object]) -> list[Any]:
+        return await self._calls(fill)
+
+    async def _one(self, fill: Callable[[Pipeline], object]) -> list[Any]:
+        (replies,) = await self._many([fill])
+        if isinstance(replies, BaseException):
+            raise replies
+        return replies
+
+    async def _many(self, fills: list[Callable[[Pipeline], object]]) -> list[list[Any] | BaseException]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            ends = []
+            for fill in fills:
+                fill(pipe)
+                ends.append(len(pipe.command_stack))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        results: list[list[Any] | BaseException] = []
+        start = 0
+        for end in ends:
+            mine = replies[start:end]
+            start = end
+            error = next((reply for reply in mine if isinstance(reply, BaseException)), None)
+            results.append(error if error is not None else mine)
         return results

@@ -20,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from stepcast.batched import Arg, BatchedScripts
+from stepcast.batched import Arg, BatchedScripts, Pipelined
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class EventLog:
         self._emit = redis.register_script(_EMIT)
         self._reserve = redis.register_script(_RESERVE)
         self._scripts = BatchedScripts(redis)  # a batch's events of one step: one round trip
+        self._reads = Pipelined(redis)  # the jobs a server starts watching together: one round trip
 
     async def emit(
         self,
@@ -157,5 +158,5 @@ class EventLog:
     async def read(self, job_id: str, *, after_seq: int = 0) -> list[dict[str, Any]]:
         """Events still held in the job's stream with seq > after_seq, in order."""
         _, stream = _keys(job_id)
-        entries = await self.redis.xrange(stream, min=f"{after_seq + 1}-0", max="+")
+        (entries,) = await self._reads(lambda pipe: pipe.xrange(stream, min=f"{after_seq + 1}-0", max="+"))
         return [json.loads(fields[b"e"]) for _, fields in entries]

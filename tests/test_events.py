@@ -1,15 +1,18 @@
-"""The event log's Lua script, against a real Redis."""
+"""The event log's Lua script and the gathering of Redis calls, against a real Redis."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from stepcast.batched import Pipelined
 from stepcast.events import EventLog, encode
 from stepcast.processes import free_port
 
@@ -88,10 +91,50 @@ async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_scri
     )
     assert steps == [2, 2, 2, 2, 2, 3]  # each call loaded its script again and ran once
     assert len(pipelines) == 2
-    for job in jobs:
-        assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
     assert await log.emit("solo", "o", "queued") == 1  # a lone call needs no pipeline
     assert len(pipelines) == 2
+    for job in jobs:
+        assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
+
+
+async def test_logs_read_together_share_a_round_trip(log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    for job, count in (("r0", 1), ("r1", 3), ("r2", 0)):
+        for _ in range(count):
+            await log.emit(job, "o", "progress", {"step": 1})
+    pipelines = []
+    pipeline = log.redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(kwargs)
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(log.redis, "pipeline", counted)
+    reads = await asyncio.gather(log.read("r0"), log.read("r1", after_seq=1), log.read("r2"))
+    assert [[event["seq"] for event in events] for events in reads] == [[1], [2, 3], []]
+    assert len(pipelines) == 1
+
+
+async def test_pipelined_calls_get_their_own_replies_and_their_own_errors(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    pipelined = Pipelined(redis)
+    await redis.set("p:text", "not a number")
+
+    def count(key: str) -> Callable[[Pipeline], object]:
+        return lambda pipe: pipe.set(key, 0).incr(key).incr(key)
+
+    replies = await asyncio.gather(
+        pipelined(count("p:a")),
+        pipelined(lambda pipe: pipe.get("p:a").incr("p:text").set("p:b", 1)),
+        pipelined(count("p:c")),
+        return_exceptions=True,
+    )
+    assert replies[0] == [True, 1, 2] and replies[2] == [True, 1, 2]
+    assert isinstance(replies[1], ResponseError)  # its INCR failed; the others' commands did not
+    assert await redis.get("p:b") == b"1"  # and its own later commands still ran, as in any pipeline
+    assert await pipelined(lambda pipe: pipe.get("p:a")) == [b"2"]  # alone
+    with pytest.raises(ResponseError):
+        await pipelined(lambda pipe: pipe.incr("p:text"))
+    await redis.aclose()
 
 
 async def test_a_cancelled_call_does_not_hold_back_the_calls_that_joined_it(log: EventLog) -> None:
