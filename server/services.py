@@ -10,7 +10,7 @@ import math
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from arq.connections import ArqRedis
@@ -21,8 +21,8 @@ from server.hub import Hub
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
-from stepcast.batched import Pipelined
-from stepcast.db import Database, Insertion, Pace
+from stepcast.batched import Gatherer, Pipelined
+from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.jobs import Job, Status, to_wire
@@ -48,7 +48,13 @@ class Services:
     metrics: ServerMetrics
     session_secret: bytes
     eta: EtaEstimator
-    pipelined: Pipelined  # the submits of one loop pass are announced in one round trip
+    # The submits of one loop pass are inserted in one statement, announced in one round trip.
+    inserts: Gatherer[NewJob, Insertion] = field(init=False)
+    pipelined: Pipelined = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inserts = Gatherer(self._insert_one, self._insert)
+        self.pipelined = Pipelined(self.redis)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -74,9 +80,7 @@ class Services:
                         "and do not carry over to other servers"
                     )
             eta = EtaEstimator(db, max_age_s=settings.queue_update_s)
-            services = cls(
-                settings, db, redis, events, storage, hub, metrics, session_secret, eta, Pipelined(redis)
-            )
+            services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
@@ -109,19 +113,16 @@ class Services:
             preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
         settings, params = self.settings, submission.params
         pace = self.eta.pace(settings.queue_name, params.width, params.height)  # read meanwhile if stale
-        insertion = await self.db.insert_job(
-            owner=owner,
-            params=params.to_json(),
-            preview=preview,
-            webhook=submission.webhook.to_json() if submission.webhook else None,
-            queue=settings.queue_name,
-            model_name=params.model,
-            version=__version__,
-            queue_ttl_s=settings.queue_ttl_s,
-            idempotency_key=idempotency_key,
-            request_hash=submission.fingerprint if idempotency_key else None,
-            max_pending=settings.max_queue_depth,
-            max_unfinished=settings.max_jobs_per_owner,
+        insertion = await self.inserts(
+            NewJob(
+                owner=owner,
+                params=params.to_json(),
+                model_name=params.model,
+                preview=preview,
+                webhook=submission.webhook.to_json() if submission.webhook else None,
+                idempotency_key=idempotency_key,
+                request_hash=submission.fingerprint if idempotency_key else None,
+            )
         )
         job = insertion.job
         if job is None:
@@ -147,6 +148,23 @@ class Services:
         logger.info("job accepted", extra=log)
         self.metrics.jobs_submitted.inc()
         return job, True
+
+    async def _insert_one(self, new: NewJob) -> Insertion:
+        (insertion,) = await self._insert([new])
+        if isinstance(insertion, BaseException):
+            raise insertion
+        return insertion
+
+    async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
+        settings = self.settings
+        return await self.db.insert_jobs(
+            jobs,
+            queue=settings.queue_name,
+            version=__version__,
+            queue_ttl_s=settings.queue_ttl_s,
+            max_pending=settings.max_queue_depth,
+            max_unfinished=settings.max_jobs_per_owner,
+        )
 
     @staticmethod
     def _replay(job: Job, submission: Submission) -> Job:

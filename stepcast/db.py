@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -114,6 +115,19 @@ class Insertion:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """A submit's job, as :meth:`Database.insert_jobs` takes it."""
+
+    owner: str
+    params: dict[str, Any]
+    model_name: str
+    preview: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
     """A job's result, as the worker that ran this attempt records it."""
 
@@ -200,56 +214,143 @@ class Database:
         max_pending: int | None = None,
         max_unfinished: int | None = None,
     ) -> Insertion:
-        """Admit and insert a job, and place it, in one statement (one round trip).
+        """:meth:`insert_jobs` for one job."""
+        new = NewJob(owner, params, model_name, preview, webhook, idempotency_key, request_hash)
+        (insertion,) = await self.insert_jobs(
+            [new],
+            queue=queue,
+            version=version,
+            queue_ttl_s=queue_ttl_s,
+            max_pending=max_pending,
+            max_unfinished=max_unfinished,
+        )
+        if isinstance(insertion, BaseException):
+            raise insertion
+        return insertion
 
-        The job is inserted unless the queue already holds ``max_pending``
-        pending jobs or the owner ``max_unfinished`` unfinished ones; a key the
-        owner used before gives that earlier job. The counts, which give the
+    async def insert_jobs(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        queue: str,
+        version: str,
+        queue_ttl_s: float,
+        max_pending: int | None = None,
+        max_unfinished: int | None = None,
+    ) -> list[Insertion | BaseException]:
+        """Admit and insert jobs, and place them, in one statement (one round trip).
+
+        Each job, in order, is inserted unless the queue already holds
+        ``max_pending`` pending jobs or its owner ``max_unfinished`` unfinished
+        ones, counting the jobs before it in the list that were admitted; a key
+        the owner used before gives that earlier job. The counts, which give the
         queue position, come back either way. Both are kept in ``job_counts``
         (schema.sql), not counted: counting would grow with the queue.
+
+        If Postgres refuses the statement, nothing was inserted; with several
+        jobs, each is then tried alone, so that a job it refuses fails alone
+        (its error in its place in the list).
         """
-        row = await self.pool.fetchrow(
+        try:
+            rows = await self._insert_rows(jobs, queue, version, queue_ttl_s, max_pending, max_unfinished)
+        except asyncpg.PostgresError as exc:
+            if len(jobs) == 1:
+                return [exc]
+            alone = functools.partial(
+                self.insert_jobs,
+                queue=queue,
+                version=version,
+                queue_ttl_s=queue_ttl_s,
+                max_pending=max_pending,
+                max_unfinished=max_unfinished,
+            )
+            return [(await alone([job]))[0] for job in jobs]
+        insertions: list[Insertion | BaseException] = []
+        for job, row in zip(jobs, rows, strict=True):
+            pending, unfinished = int(row["admission_pending"]), int(row["admission_unfinished"])
+            insertion = Insertion(
+                job=Job.from_record(row) if row["id"] is not None else None,
+                created=row["id"] is not None,
+                pending=pending,
+                unfinished=unfinished,
+            )
+            admitted = (max_pending is None or pending < max_pending) and (
+                max_unfinished is None or unfinished < max_unfinished
+            )
+            if not insertion.created and admitted:
+                # A concurrent or earlier submit with the same key won; its row is committed.
+                earlier = await self.job_by_idempotency_key(job.owner, job.idempotency_key or "")
+                if earlier is None:
+                    raise RuntimeError("idempotency conflict without a conflicting job")
+                insertion = replace(insertion, job=earlier)
+            insertions.append(insertion)
+        return insertions
+
+    async def _insert_rows(
+        self,
+        jobs: Sequence[NewJob],
+        queue: str,
+        version: str,
+        queue_ttl_s: float,
+        max_pending: int | None,
+        max_unfinished: int | None,
+    ) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self.pool.fetch(
             """
-            WITH counts AS (
-                SELECT (SELECT coalesce(sum(n), 0) FROM job_counts
-                        WHERE kind = 'pending' AND key = $4) AS pending,
-                       (SELECT coalesce(sum(n), 0) FROM job_counts
-                        WHERE kind = 'unfinished' AND key = $1) AS unfinished
+            WITH asked AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[],
+                                     $6::text[], $7::text[], $8::text[], $9::int[])
+                    WITH ORDINALITY AS a(id, owner, params, preview, webhook,
+                                         model_name, idempotency_key, request_hash, steps, ord)
+            ), queued AS (
+                SELECT coalesce(sum(n), 0) AS n FROM job_counts WHERE kind = 'pending' AND key = $10
+            ), owners AS (
+                SELECT owner, (SELECT coalesce(sum(n), 0) FROM job_counts
+                               WHERE kind = 'unfinished' AND key = owner) AS n
+                FROM asked GROUP BY owner
+            ), ranked AS (
+                -- The owner's unfinished jobs before this one: once it reaches the
+                -- limit, every later job of the owner is refused too.
+                SELECT asked.*, owners.n AS owner_had,
+                       owners.n + row_number() OVER (PARTITION BY asked.owner ORDER BY asked.ord) - 1 AS mine
+                FROM asked JOIN owners USING (owner)
+            ), placed AS (
+                -- The queue's pending jobs before this one: the earlier jobs the
+                -- owner limits let through (once the queue is full, it stays full).
+                SELECT ranked.*, queued.n AS queue_had,
+                       queued.n + count(*) FILTER (WHERE $14::bigint IS NULL OR ranked.mine < $14) OVER (
+                           ORDER BY ranked.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS total
+                FROM ranked, queued
             ), inserted AS (
-                INSERT INTO jobs (owner, params, preview, queue, progress_total, model_name,
+                -- created_at a microsecond apart: the jobs keep their order in the queue.
+                INSERT INTO jobs (id, owner, params, preview, queue, progress_total, model_name, created_at,
                                   stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook)
-                SELECT $1, $2::jsonb, $3::jsonb, $4, $5::int, $6, $7,
-                       CASE WHEN $8::float8 > 0 THEN now() + make_interval(secs => $8::float8) END,
-                       $9, $10, $11::jsonb
-                FROM counts
-                WHERE ($12::bigint IS NULL OR counts.pending < $12::bigint)
-                  AND ($13::bigint IS NULL OR counts.unfinished < $13::bigint)
+                SELECT id, owner, params, preview, $10, steps, model_name,
+                       now() + (ord - 1) * interval '1 microsecond', $11,
+                       CASE WHEN $12::float8 > 0 THEN now() + make_interval(secs => $12::float8) END,
+                       idempotency_key, request_hash, webhook
+                FROM placed
+                WHERE ($13::bigint IS NULL OR total < $13) AND ($14::bigint IS NULL OR mine < $14)
+                ORDER BY ord
                 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING *
             )
-            SELECT inserted.*, counts.pending AS admission_pending, counts.unfinished AS admission_unfinished
-            FROM counts LEFT JOIN inserted ON true
+            -- A refused job sees the counts as they stop at the limit.
+            SELECT inserted.*,
+                   CASE WHEN $13::bigint IS NULL THEN placed.total
+                        ELSE least(placed.total, greatest(placed.queue_had, $13)) END AS admission_pending,
+                   CASE WHEN $14::bigint IS NULL THEN placed.mine
+                        ELSE least(placed.mine, greatest(placed.owner_had, $14)) END AS admission_unfinished
+            FROM placed LEFT JOIN inserted ON inserted.id = placed.id
+            ORDER BY placed.ord
             """,
-            owner, params, preview, queue, params["steps"], model_name, version,
-            queue_ttl_s, idempotency_key, request_hash, webhook, max_pending, max_unfinished,
+            [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params for job in jobs],
+            [job.preview for job in jobs], [job.webhook for job in jobs], [job.model_name for job in jobs],
+            [job.idempotency_key for job in jobs], [job.request_hash for job in jobs],
+            [int(job.params["steps"]) for job in jobs],
+            queue, version, queue_ttl_s, max_pending, max_unfinished,
         )  # fmt: skip
-        pending, unfinished = int(row["admission_pending"]), int(row["admission_unfinished"])
-        insertion = Insertion(
-            job=Job.from_record(row) if row["id"] is not None else None,
-            created=row["id"] is not None,
-            pending=pending,
-            unfinished=unfinished,
-        )
-        admitted = (max_pending is None or pending < max_pending) and (
-            max_unfinished is None or unfinished < max_unfinished
-        )
-        if insertion.created or not admitted:
-            return insertion
-        # A concurrent or earlier submit with the same key won; its row is committed.
-        earlier = await self.job_by_idempotency_key(owner, idempotency_key or "")
-        if earlier is None:
-            raise RuntimeError("idempotency conflict without a conflicting job")
-        return replace(insertion, job=earlier)
+        return rows
 
     async def job_by_idempotency_key(self, owner: str, key: str) -> Job | None:
         row = await self.pool.fetchrow(

@@ -12,8 +12,11 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
-from stepcast.db import Database
+from server.metrics import ServerMetrics
+from server.services import Services
+from stepcast.db import Database, NewJob
 from stepcast.events import EventLog
+from stepcast.params import parse_submission
 from stepcast.settings import Settings
 from tests.conftest import assert_problem
 
@@ -133,3 +136,30 @@ async def test_the_global_queue_depth_is_enforced(client: httpx.AsyncClient) -> 
     assert statuses == [202, 202, 202, 429]
     refused = await client.post("/v1/jobs", json=FOX)
     assert "the queue holds 3 jobs" in refused.json()["detail"]
+
+
+async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_announced(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Services.open(settings, ServerMetrics()) as services:
+        statements = []
+        insert_jobs = services.db.insert_jobs
+
+        async def counted(jobs: list[NewJob], **limits: Any) -> Any:
+            statements.append([job.owner for job in jobs])
+            return await insert_jobs(jobs, **limits)
+
+        monkeypatch.setattr(services.db, "insert_jobs", counted)
+        submission = parse_submission(FOX, None, settings)
+        owners = ["ann", "bob", "cy"]
+        submitted = await asyncio.gather(*(services.submit(owner, submission) for owner in owners))
+        assert statements == [owners]
+        jobs = [job for job, created in submitted if created]
+        assert [job.owner for job in jobs] == owners
+        for place, job in enumerate(jobs, start=1):
+            events = await services.events.read(str(job.id))
+            assert [(e["type"], e["position"]) for e in events] == [("queued", place)]
+        queued = await services.redis.zrange(settings.queue_name, 0, -1)
+        assert sorted(queued) == sorted(str(job.id).encode() for job in jobs)
+        assert len(await services.submit("dee", submission)) == 2  # alone, as before
+        assert statements[-1] == ["dee"]

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import asyncpg
 import pytest
 
 from server.positions import UNKNOWN_PACE, EtaEstimator
-from stepcast.db import Completion, Database, Pace
+from stepcast.db import Completion, Database, NewJob, Pace
 from stepcast.jobs import Status
 
 PARAMS = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
@@ -65,6 +66,50 @@ async def test_a_submit_is_admitted_inserted_and_placed_at_once(db: Database) ->
     assert (await insert(db, max_unfinished=1)).job is None
     assert (await insert(db, owner="cy", max_unfinished=1)).created
     assert await db.pool.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def insert_all(db: Database, jobs: list[NewJob], **limits: Any) -> list[Any]:
+    return await db.insert_jobs(jobs, queue="q", version="test", queue_ttl_s=0, **limits)
+
+
+def new(owner: str, **fields: Any) -> NewJob:
+    return NewJob(owner=owner, params={**PARAMS, **fields.pop("params", {})}, model_name="tiny", **fields)
+
+
+async def test_submits_inserted_together_are_admitted_and_placed_in_order(db: Database) -> None:
+    await insert(db, owner="dee")
+    await insert(db, owner="ann")
+    await insert(db, owner="ann")  # three jobs wait already, two of them ann's
+    limits = {"max_pending": 5, "max_unfinished": 3}
+    batch = [new("ann"), new("ann"), new("bob"), new("cy")]
+    ann, ann_over, bob, cy_over = await insert_all(db, batch, **limits)
+    assert ann.created and (ann.pending, ann.unfinished) == (3, 2)  # place 4
+    # ann's next is over her limit: refused, and it takes no place from bob behind it.
+    assert ann_over.job is None and (ann_over.pending, ann_over.unfinished) == (4, 3)
+    assert bob.created and (bob.pending, bob.unfinished) == (4, 0)  # place 5
+    assert cy_over.job is None and (cy_over.pending, cy_over.unfinished) == (5, 0)  # the queue is full
+    assert await kept(db) == await counted(db) == ({"q": 5}, {"dee": 1, "ann": 3, "bob": 1})
+    # The places read back agree with the order of the list.
+    assert (await db.queue_position(ann.job), await db.queue_position(bob.job)) == (4, 5)
+
+
+async def test_a_job_postgres_refuses_fails_alone_in_its_batch(db: Database) -> None:
+    # jsonb cannot hold a NUL character (the params parser refuses one; here it gets through).
+    good, bad, other = await insert_all(db, [new("ann"), new("ann", params={"prompt": "a\x00b"}), new("bob")])
+    assert good.created and other.created
+    assert isinstance(bad, asyncpg.UntranslatableCharacterError)
+    assert await db.pool.fetchval("SELECT count(*) FROM jobs") == 2  # each good job once
+
+
+async def test_a_key_repeated_in_one_batch_gives_the_first_job(db: Database) -> None:
+    first, again, other = await insert_all(
+        db,
+        [new("ann", idempotency_key="k", request_hash="h"), new("ann", idempotency_key="k", request_hash="h"),
+         new("bob", idempotency_key="k", request_hash="h")],
+    )  # fmt: skip
+    assert first.created and not again.created and again.job.id == first.job.id
+    assert other.created and other.job.id != first.job.id
+    assert await db.pool.fetchval("SELECT count(*) FROM jobs") == 2
 
 
 async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Database) -> None:
