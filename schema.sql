@@ -163,7 +163,10 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (nex
 -- its queue's row before its owner's. stepcast's statements change one job, or
 -- several that move one count row: a batch's claim (jobs of one queue, whose
 -- owners' counts do not move) or its completion (one statement per owner, the
--- queues' counts not moving). So no two of them wait for each other in a circle.
+-- queues' counts not moving); or insert_jobs (below), which moves its queue's
+-- row first (its first job's) and then its owners' rows, holding the queue's
+-- row meanwhile, so that no other statement that takes both can hold an owner's
+-- row it waits for. So no two of them wait for each other in a circle.
 CREATE TABLE IF NOT EXISTS job_counts (
     kind  text NOT NULL,
     key   text NOT NULL,
@@ -242,3 +245,68 @@ DROP TRIGGER IF EXISTS jobs_queue_webhook ON jobs;
 CREATE TRIGGER jobs_queue_webhook AFTER UPDATE OF status ON jobs
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status AND NEW.webhook IS NOT NULL)
     EXECUTE FUNCTION jobs_queue_webhook();
+
+-- Submits (Database.insert_jobs): admit, insert and place a list of jobs in one
+-- statement. Each job, in order, goes in unless its queue holds max_pending
+-- pending jobs or its owner max_unfinished unfinished ones, counting the jobs
+-- before it in the list that were let in. A function so that the statement is
+-- planned once per connection: as a plain prepared statement, Postgres planned
+-- it afresh at every call (a custom plan for each list), which took longer than
+-- running it. Replaced in place, never dropped: a dropped function would fail
+-- the statements other processes have prepared against it.
+CREATE OR REPLACE FUNCTION insert_jobs(
+    new_ids uuid[], new_owners text[], new_params jsonb[], new_previews jsonb[], new_webhooks jsonb[],
+    new_models text[], new_keys text[], new_hashes text[], new_steps integer[],
+    to_queue text, version text, queue_ttl_s double precision, max_pending bigint, max_unfinished bigint
+) RETURNS TABLE (ord bigint, job jobs, admission_pending bigint, admission_unfinished bigint)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH asked AS (
+        SELECT * FROM unnest(new_ids, new_owners, new_params, new_previews, new_webhooks,
+                             new_models, new_keys, new_hashes, new_steps)
+            WITH ORDINALITY AS a(id, owner, params, preview, webhook,
+                                 model_name, idempotency_key, request_hash, steps, ord)
+    ), queued AS (
+        SELECT coalesce(sum(n), 0)::bigint AS n FROM job_counts WHERE kind = 'pending' AND key = to_queue
+    ), owners AS (
+        SELECT owner, (SELECT coalesce(sum(n), 0)::bigint FROM job_counts
+                       WHERE kind = 'unfinished' AND key = owner) AS n
+        FROM asked GROUP BY owner
+    ), ranked AS (
+        -- The owner's unfinished jobs before this one: once that reaches the
+        -- limit, every later job of the owner is refused too.
+        SELECT asked.*, owners.n AS owner_had,
+               owners.n + row_number() OVER (PARTITION BY asked.owner ORDER BY asked.ord) - 1 AS mine
+        FROM asked JOIN owners USING (owner)
+    ), placed AS (
+        -- The queue's pending jobs before this one: the jobs before it that the
+        -- owner limit let in (once the queue is full, it stays full).
+        SELECT ranked.*, queued.n AS queue_had,
+               queued.n + count(*) FILTER (WHERE max_unfinished IS NULL OR ranked.mine < max_unfinished) OVER (
+                   ORDER BY ranked.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS total
+        FROM ranked, queued
+    ), inserted AS (
+        -- created_at a microsecond apart: the jobs keep their order in the queue.
+        INSERT INTO jobs AS j (id, owner, params, preview, queue, progress_total, model_name, created_at,
+                               stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook)
+        SELECT id, owner, params, preview, to_queue, steps, model_name,
+               now() + (ord - 1) * interval '1 microsecond', version,
+               CASE WHEN queue_ttl_s > 0 THEN now() + make_interval(secs => queue_ttl_s) END,
+               idempotency_key, request_hash, webhook
+        FROM placed
+        WHERE (max_pending IS NULL OR total < max_pending) AND (max_unfinished IS NULL OR mine < max_unfinished)
+        ORDER BY ord
+        ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING j AS job
+    )
+    -- A refused job sees the counts as they stop at the limit.
+    SELECT placed.ord, inserted.job,
+           CASE WHEN max_pending IS NULL THEN placed.total
+                ELSE least(placed.total, greatest(placed.queue_had, max_pending)) END,
+           CASE WHEN max_unfinished IS NULL THEN placed.mine
+                ELSE least(placed.mine, greatest(placed.owner_had, max_unfinished)) END
+    FROM placed LEFT JOIN inserted ON (inserted.job).id = placed.id
+    ORDER BY placed.ord;
+END $$;

@@ -297,52 +297,9 @@ class Database:
     ) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self.pool.fetch(
             """
-            WITH asked AS (
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[],
-                                     $6::text[], $7::text[], $8::text[], $9::int[])
-                    WITH ORDINALITY AS a(id, owner, params, preview, webhook,
-                                         model_name, idempotency_key, request_hash, steps, ord)
-            ), queued AS (
-                SELECT coalesce(sum(n), 0) AS n FROM job_counts WHERE kind = 'pending' AND key = $10
-            ), owners AS (
-                SELECT owner, (SELECT coalesce(sum(n), 0) FROM job_counts
-                               WHERE kind = 'unfinished' AND key = owner) AS n
-                FROM asked GROUP BY owner
-            ), ranked AS (
-                -- The owner's unfinished jobs before this one: once it reaches the
-                -- limit, every later job of the owner is refused too.
-                SELECT asked.*, owners.n AS owner_had,
-                       owners.n + row_number() OVER (PARTITION BY asked.owner ORDER BY asked.ord) - 1 AS mine
-                FROM asked JOIN owners USING (owner)
-            ), placed AS (
-                -- The queue's pending jobs before this one: the earlier jobs the
-                -- owner limits let through (once the queue is full, it stays full).
-                SELECT ranked.*, queued.n AS queue_had,
-                       queued.n + count(*) FILTER (WHERE $14::bigint IS NULL OR ranked.mine < $14) OVER (
-                           ORDER BY ranked.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS total
-                FROM ranked, queued
-            ), inserted AS (
-                -- created_at a microsecond apart: the jobs keep their order in the queue.
-                INSERT INTO jobs (id, owner, params, preview, queue, progress_total, model_name, created_at,
-                                  stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook)
-                SELECT id, owner, params, preview, $10, steps, model_name,
-                       now() + (ord - 1) * interval '1 microsecond', $11,
-                       CASE WHEN $12::float8 > 0 THEN now() + make_interval(secs => $12::float8) END,
-                       idempotency_key, request_hash, webhook
-                FROM placed
-                WHERE ($13::bigint IS NULL OR total < $13) AND ($14::bigint IS NULL OR mine < $14)
-                ORDER BY ord
-                ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                RETURNING *
-            )
-            -- A refused job sees the counts as they stop at the limit.
-            SELECT inserted.*,
-                   CASE WHEN $13::bigint IS NULL THEN placed.total
-                        ELSE least(placed.total, greatest(placed.queue_had, $13)) END AS admission_pending,
-                   CASE WHEN $14::bigint IS NULL THEN placed.mine
-                        ELSE least(placed.mine, greatest(placed.owner_had, $14)) END AS admission_unfinished
-            FROM placed LEFT JOIN inserted ON inserted.id = placed.id
-            ORDER BY placed.ord
+            SELECT (job).*, admission_pending, admission_unfinished
+            FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            ORDER BY ord
             """,
             [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params for job in jobs],
             [job.preview for job in jobs], [job.webhook for job in jobs], [job.model_name for job in jobs],
