@@ -5,8 +5,10 @@ queries and scripts, as many at once as ``--concurrency``:
 
 - Postgres: submits/s (the one statement a submit makes: admission counts,
   the INSERT, what its queue position and ETA need) while the queue fills to
-  its default limit, and whole job lifecycles/s (submit, claim, one heartbeat,
-  complete: every write a job costs the database);
+  its default limit, one job per statement, then in lists of 8, as a server
+  sends the submits that reach it together (8 sockets at once in
+  bench.controlplane); and whole job lifecycles/s (submit, claim, one
+  heartbeat, complete: every write a job costs the database);
 - Redis: step events/s through the event log (one script call: stream append
   with its cap and expiry, plus the pub/sub publish), Redis CPU per event, the
   server-side cost per call from ``INFO commandstats``, and the memory a job's
@@ -29,7 +31,7 @@ import psutil  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
 from bench import stack
-from stepcast.db import Completion, Database
+from stepcast.db import Completion, Database, NewJob
 from stepcast.events import EventLog
 from stepcast.settings import Settings
 
@@ -39,6 +41,7 @@ PARAMS = {
 }  # fmt: skip
 PROGRESS = {"step": 7, "total": 20, "eta_s": 0.123}
 QUEUE_DEPTH = Settings.model_fields["max_queue_depth"].default
+TOGETHER = 8  # submits a server sends in one statement when 8 sockets submit at once
 
 
 async def flat_out(
@@ -75,6 +78,11 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
         )  # fmt: skip
         return insertion.job
 
+    async def submit_together() -> None:
+        await db.insert_jobs(
+            [NewJob("bench", PARAMS, "tiny")] * TOGETHER, queue="q", version="bench", queue_ttl_s=3600
+        )
+
     async def lifecycle() -> None:
         job = await submit()
         claimed = (await db.claim([job.id], worker="bench", lease_s=30, model_revision="r"))[job.id]
@@ -91,11 +99,14 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
         )  # open them
         submits = await flat_out(submit, concurrency, seconds=seconds, count=QUEUE_DEPTH)
         await db.pool.execute("DELETE FROM jobs")
+        lists = await flat_out(submit_together, concurrency, seconds=seconds, count=QUEUE_DEPTH / TOGETHER)
+        await db.pool.execute("DELETE FROM jobs")
         lifecycles = await flat_out(lifecycle, concurrency, seconds=seconds)
     finally:
         await db.close()
     return {
         "submits_per_s": round(submits),
+        f"submits_per_s_{TOGETHER}_per_statement": round(lists * TOGETHER),
         "submits_queue_depth": f"0 -> {QUEUE_DEPTH}",
         "job_lifecycles_per_s": round(lifecycles),
     }
