@@ -279,9 +279,15 @@ class Database:
             )
             if not insertion.created and admitted:
                 # A concurrent or earlier submit with the same key won; its row is committed.
-                earlier = await self.job_by_idempotency_key(job.owner, job.idempotency_key or "")
+                # (The other jobs are in: whatever happens here is this job's alone.)
+                try:
+                    earlier = await self.job_by_idempotency_key(job.owner, job.idempotency_key or "")
+                except Exception as exc:
+                    insertions.append(exc)
+                    continue
                 if earlier is None:
-                    raise RuntimeError("idempotency conflict without a conflicting job")
+                    insertions.append(RuntimeError("idempotency conflict without a conflicting job"))
+                    continue
                 insertion = replace(insertion, job=earlier)
             insertions.append(insertion)
         return insertions

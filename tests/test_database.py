@@ -112,6 +112,22 @@ async def test_a_key_repeated_in_one_batch_gives_the_first_job(db: Database) -> 
     assert await db.pool.fetchval("SELECT count(*) FROM jobs") == 2
 
 
+async def test_a_failed_look_up_of_a_keys_earlier_job_fails_that_job_alone(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await insert(db, idempotency_key="k", request_hash="h")
+
+    async def unreachable(owner: str, key: str) -> None:
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(db, "job_by_idempotency_key", unreachable)
+    first, again, other = await insert_all(
+        db, [new("ann"), new("ann", idempotency_key="k", request_hash="h"), new("bob")]
+    )
+    assert first.created and other.created  # their rows are in: they must not hear otherwise
+    assert isinstance(again, ConnectionResetError)
+
+
 async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Database) -> None:
     assert await db.pace("q", 64, 64) == Pace(per_step_s=None, workers=1)  # nothing measured yet
     done, running, other_size = await insert(db), await insert(db), await insert(db)
