@@ -161,5 +161,6 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
             assert [(e["type"], e["position"]) for e in events] == [("queued", place)]
         queued = await services.redis.zrange(settings.queue_name, 0, -1)
         assert sorted(queued) == sorted(str(job.id).encode() for job in jobs)
-        assert len(await services.submit("dee", submission)) == 2  # alone, as before
-        assert statements[-1] == ["dee"]
+        job, created = await services.submit("dee", submission)  # alone: a list of one
+        assert created and statements[-1] == ["dee"]
+        assert [e["position"] for e in await services.events.read(str(job.id))] == [4]
