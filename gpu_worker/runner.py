@@ -155,8 +155,8 @@ class JobRunner:
         self._dispatcher: asyncio.Task[None] | None = None
         # A batch's jobs finish at the same moment: one thread hop encodes and stores
         # their images, one statement records them all.
-        self._stores: Gatherer[Put, None] = Gatherer(lambda put: storage.put(*put), storage.put_all)
-        self._completions: Gatherer[Completion, Job | None] = Gatherer(self._record_one, self._record)
+        self._stores: Gatherer[Put, None] = Gatherer(storage.put_all)
+        self._completions: Gatherer[Completion, Job | None] = Gatherer(self._record)
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch())
@@ -522,9 +522,6 @@ class JobRunner:
             return {"images": images, "timings": done.timings()}
 
         await self._finish(active, "completed", write, fields, seq=await seq)
-
-    async def _record_one(self, completion: Completion) -> Job | None:
-        return (await self.db.complete([completion]))[0]
 
     async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
         return [*await self.db.complete(completions)]

@@ -53,7 +53,7 @@ class Services:
     pipelined: Pipelined = field(init=False)
 
     def __post_init__(self) -> None:
-        self.inserts = Gatherer(self._insert_one, self._insert)
+        self.inserts = Gatherer(self._insert)
         self.pipelined = Pipelined(self.redis)
 
     @classmethod
@@ -148,12 +148,6 @@ class Services:
         logger.info("job accepted", extra=log)
         self.metrics.jobs_submitted.inc()
         return job, True
-
-    async def _insert_one(self, new: NewJob) -> Insertion:
-        (insertion,) = await self._insert([new])
-        if isinstance(insertion, BaseException):
-            raise insertion
-        return insertion
 
     async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
         settings = self.settings

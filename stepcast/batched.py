@@ -44,16 +44,18 @@ def _each(exc: BaseException) -> BaseException:
 
 
 class Gatherer(Generic[I, R]):
-    """``await gatherer(item)``: ``one(item)`` alone, or ``many(items)`` with the calls made in
-    the same loop pass (it returns a result or an exception per item, in order)."""
+    """``await gatherer(item)``: ``many(items)`` with the calls made in the same loop pass (it
+    returns a result or an exception per item, in order); alone, ``one(item)`` if given, else
+    ``many([item])``."""
 
     def __init__(
         self,
-        one: Callable[[I], Awaitable[R]],
         many: Callable[[list[I]], Awaitable[list[R | BaseException]]],
+        *,
+        one: Callable[[I], Awaitable[R]] | None = None,
     ) -> None:
-        self.one = one
         self.many = many
+        self.one = one
         self._gathering: list[tuple[I, asyncio.Future[R]]] | None = None  # this pass, leader first
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -72,9 +74,17 @@ class Gatherer(Generic[I, R]):
             raise
         calls, self._gathering = self._gathering, None
         if len(calls) == 1:  # alone: a plain call, no task
-            return await self.one(item)
+            return await self._alone(item)
         self._send_soon(calls)
         return await future
+
+    async def _alone(self, item: I) -> R:
+        if self.one is not None:
+            return await self.one(item)
+        (result,) = await self.many([item])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _send_soon(self, calls: list[tuple[I, asyncio.Future[R]]]) -> None:
         """In a task of its own: any caller may be cancelled, never the send the others wait for."""
@@ -113,7 +123,7 @@ class _Call:
 class BatchedScripts:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._calls: Gatherer[_Call, Any] = Gatherer(_Call.alone, self._pipelined)
+        self._calls: Gatherer[_Call, Any] = Gatherer(self._pipelined, one=_Call.alone)
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Arg]) -> Any:
         """``script(keys, args)``, sent with the other calls of this loop pass."""
@@ -140,16 +150,10 @@ class Pipelined:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._calls: Gatherer[Callable[[Pipeline], object], list[Any]] = Gatherer(self._one, self._many)
+        self._calls: Gatherer[Callable[[Pipeline], object], list[Any]] = Gatherer(self._many)
 
     async def __call__(self, fill: Callable[[Pipeline], object]) -> list[Any]:
         return await self._calls(fill)
-
-    async def _one(self, fill: Callable[[Pipeline], object]) -> list[Any]:
-        (replies,) = await self._many([fill])
-        if isinstance(replies, BaseException):
-            raise replies
-        return replies
 
     async def _many(self, fills: list[Callable[[Pipeline], object]]) -> list[list[Any] | BaseException]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -70,17 +70,23 @@ def test_encoding_is_flat_with_seq_third() -> None:
     assert head + "3" + tail == '{"type":"canceled","job_id":"j","seq":3}'
 
 
-async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_script_flush(
-    log: EventLog, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pipelines = []
+@pytest.fixture
+def pipelines(log: EventLog, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The pipelines (round trips) the log's client opens from here on."""
+    opened = []
     pipeline = log.redis.pipeline
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(kwargs)
+        opened.append(kwargs)
         return pipeline(*args, **kwargs)
 
     monkeypatch.setattr(log.redis, "pipeline", counted)
+    return opened
+
+
+async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_script_flush(
+    log: EventLog, pipelines: list[dict[str, Any]]
+) -> None:
     jobs = [f"b{i}" for i in range(5)]
     assert await asyncio.gather(*(log.emit(job, "o", "started", {"attempt": 1}) for job in jobs)) == [1] * 5
     assert len(pipelines) == 1  # five events, one round trip
@@ -97,18 +103,10 @@ async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_scri
         assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
 
 
-async def test_logs_read_together_share_a_round_trip(log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_logs_read_together_share_a_round_trip(log: EventLog, pipelines: list[dict[str, Any]]) -> None:
     for job, count in (("r0", 1), ("r1", 3), ("r2", 0)):
         for _ in range(count):
-            await log.emit(job, "o", "progress", {"step": 1})
-    pipelines = []
-    pipeline = log.redis.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(kwargs)
-        return pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(log.redis, "pipeline", counted)
+            await log.emit(job, "o", "progress", {"step": 1})  # alone: no pipeline
     reads = await asyncio.gather(log.read("r0"), log.read("r1", after_seq=1), log.read("r2"))
     assert [[event["seq"] for event in events] for events in reads] == [[1], [2, 3], []]
     assert len(pipelines) == 1
