@@ -69,6 +69,7 @@ class GpuWorker(Worker):
         self.runner: JobRunner | None = None
         self.consumer: Consumer | None = None  # set on startup, once the pool exists
         self._wake = asyncio.Event()
+        self._letting_go: set[asyncio.Task[None]] = set()  # close waits for them before the pool
 
     def wake(self) -> None:
         """Poll now (a submit's wake-up, a finished job, room in the runner)."""
@@ -142,7 +143,7 @@ class GpuWorker(Worker):
         except (Released, asyncio.CancelledError) as exc:
             # Shutting down: the runner never claimed it, or handed it back.
             self.jobs_retried += 1
-            await asyncio.shield(self._let_go(self.consumer.release, job_id))
+            await self._let_go(self.consumer.release, job_id)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -151,10 +152,18 @@ class GpuWorker(Worker):
             self.jobs_failed += 1
         else:
             self.jobs_complete += 1
-        await asyncio.shield(self._let_go(self.consumer.done, job_id))
+        await self._let_go(self.consumer.done, job_id)
+
+    async def _let_go(self, how: Callable[[str], Awaitable[None]], job_id: str) -> None:
+        """``how(job_id)`` in a task of its own: a job task cancelled meanwhile (shutdown) does
+        not stop it, and :meth:`close` waits for it before it closes the pool."""
+        task = asyncio.create_task(self._letting(how, job_id))
+        self._letting_go.add(task)
+        task.add_done_callback(self._letting_go.discard)
+        await asyncio.shield(task)
 
     @staticmethod
-    async def _let_go(how: Callable[[str], Awaitable[None]], job_id: str) -> None:
+    async def _letting(how: Callable[[str], Awaitable[None]], job_id: str) -> None:
         try:
             await how(job_id)
         except (RedisError, OSError) as exc:
@@ -166,12 +175,14 @@ class GpuWorker(Worker):
         """arq's close, except that a job task cancelled before its function started (arq was
         still reading the job) does not end the close before the runner and pools are shut:
         arq's gathers the tasks its handle_sig has just cancelled. The job stays queued; its
-        hold lapses within a lease and another worker takes it."""
+        hold lapses within a lease and another worker takes it. The jobs being let go (a
+        cancelled task may leave its release in flight) are let go before the pool closes."""
         if not self._handle_signals:
             self.handle_sig(signal.SIGUSR1)
         if not self._pool:
             return
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._letting_go, return_exceptions=True)
         await self.pool.delete(self.health_check_key)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)

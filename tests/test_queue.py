@@ -10,9 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from arq import func
+from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import to_unix_ms
 
+from gpu_worker.runner import Released
+from gpu_worker.worker import GpuWorker
 from stepcast import queue
 from stepcast.events import EventLog
 from stepcast.settings import Settings
@@ -115,5 +119,42 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
         await consumer.release(taken[3])  # shutting down: the next worker takes it at once
         other = queue.Consumer(redis, QUEUE, lease_s=60)
         assert [job_id for job_id, _ in await other.take(1)] == [taken[3]]
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_the_worker_closes(
+    settings: Settings,
+) -> None:
+    class SlowRelease(queue.Consumer):
+        async def release(self, job_id: str) -> None:
+            await asyncio.sleep(0.2)  # Redis slow to answer, as on a loaded machine
+            await super().release(job_id)
+
+    async def never_claimed(ctx: dict[str, Any], job_id: str) -> None:
+        raise Released()
+
+    worker = GpuWorker(
+        functions=[func(never_claimed, name=queue.TASK_NAME)],
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=QUEUE,
+        handle_signals=False,
+        idle_poll_s=1,
+        lease_s=30,
+        renew_s=10,
+    )
+    worker._pool = queue.connect(settings.redis_url)  # what arq's main would open
+    worker.consumer = SlowRelease(worker.pool, QUEUE, lease_s=30)
+    job_id = str(uuid.uuid4())
+    await queue.enqueue(worker.pool, uuid.UUID(job_id), QUEUE)
+    [(taken, score)] = await worker.consumer.take(1)
+    task = worker.tasks[taken] = asyncio.create_task(worker.run_job(taken, score))
+    await asyncio.sleep(0.05)  # the runner let it go: its release is on its way
+    task.cancel()  # shutdown cancels the job's task meanwhile
+    await worker.close()
+    redis = queue.connect(settings.redis_url)
+    try:
+        assert await redis.zscore(QUEUE, job_id) is not None  # still queued, in its place
+        assert not await redis.exists(in_progress_key_prefix + job_id)  # and free at once
     finally:
         await redis.aclose(close_connection_pool=True)
