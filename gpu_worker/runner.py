@@ -2,11 +2,13 @@
 
 arq hands the runner every job it takes; each waits in line until the
 dispatcher gives it the pipeline, alone or batched with compatible jobs
-(:mod:`gpu_worker.batching`). The dispatcher claims a batch in Postgres and
-starts it on the pipeline thread, and starts the next one the moment the
-thread is free: everything else a job needs (events, the lease, previews, PNG
-encoding, upload, the terminal write) happens on the event loop while the
-next batch runs, so the GPU does not wait for the control plane.
+(:mod:`gpu_worker.batching`). The dispatcher starts a batch on the pipeline
+thread and claims it in Postgres meanwhile (a job's ticket, from the queue,
+has its params): a job the claim does not return (canceled, held elsewhere)
+stops at the next step, and its batch-mates go on. It starts the next batch
+the moment the thread is free: everything else a job needs (events, the lease,
+previews, PNG encoding, upload, the terminal write) happens on the event loop
+while the next batch runs, so the GPU does not wait for the control plane.
 
 The pipeline thread does nothing but denoise: each step hands the step number
 (and, when a preview is due, a copy of the latents) to the event loop. A
@@ -48,6 +50,7 @@ from stepcast.db import Completion, Database, retrying
 from stepcast.events import EventLog
 from stepcast.jobs import Job
 from stepcast.params import JobParams
+from stepcast.queue import Ticket
 from stepcast.settings import Settings
 from stepcast.storage import Put, Storage, image_key
 from stepcast.tasks import cancel_and_wait
@@ -69,13 +72,19 @@ class Released(Exception):
 class _Waiting:
     """A job arq handed over, not yet claimed: it waits for a place in a batch.
 
-    Its params are read only when it may share a batch (others wait beside it):
-    a job alone goes straight to its claim, which returns its row.
+    Its params and preview settings come with it (its ticket). A job queued
+    without a ticket has its params read only when it may share a batch (others
+    wait beside it); alone, it goes straight to its claim, which returns its row.
+    Its stop flag and steps go with it to the pipeline, which may start it
+    before the claim returns, and then to its :class:`_Active`.
     """
 
     job_id: uuid.UUID
     claimed: asyncio.Future[_Active | None]
     params: JobParams | None = None
+    preview: dict[str, Any] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
+    steps: asyncio.Queue[tuple[int, Any] | None] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -85,15 +94,15 @@ class _Active:
     job: Job
     params: JobParams
     last_seq: int
+    stop: threading.Event  # its _Waiting's
+    steps: asyncio.Queue[tuple[int, Any] | None]
     batch: list[_Active] = field(default_factory=list)
     outcome: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    steps: asyncio.Queue[tuple[int, Any] | None] = field(default_factory=asyncio.Queue)
     pipeline_s: float | None = None
     step: int = 0
     stop_reason: str | None = None
-    stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def halt(self, reason: str) -> None:
@@ -196,7 +205,7 @@ class JobRunner:
     async def _write(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await retrying(operation, what=what, deadline_s=self.settings.db_retry_s)
 
-    async def run(self, job_id: uuid.UUID) -> None:
+    async def run(self, job_id: uuid.UUID, ticket: Ticket | None = None) -> None:
         """One arq job: wait for the pipeline, run, finish. Raises :class:`Released` on shutdown."""
         self._entered += 1
         self._holding += 1
@@ -213,6 +222,11 @@ class JobRunner:
             if self._releasing:
                 raise Released()
             waiting = _Waiting(job_id, asyncio.get_running_loop().create_future())
+            if ticket is not None:
+                try:
+                    waiting.params, waiting.preview = JobParams.from_json(ticket.params), ticket.preview
+                except (TypeError, ValueError) as exc:  # the claim reads the row instead
+                    logger.warning("unusable ticket: %s", exc, extra={"job_id": str(job_id)})
             self._waiting.append(waiting)
             self._arrived.set()
             try:
@@ -267,13 +281,15 @@ class JobRunner:
             await self._read_params()
         if not self._waiting:
             return
-        if self._waiting[0].params is None:  # alone, or no batching: its claim reads its row
-            batch = [self._waiting.pop(0)]
-        else:
-            batch = batching.take_batch(self._waiting, _params, size)
-        actives = await self._claim(batch)
+        if self._waiting[0].params is not None:  # claimed while the pipeline starts
+            await self._run_batch(batching.take_batch(self._waiting, _params, size))
+            return
+        # No ticket and alone, or no batching: its claim reads its row, then it runs.
+        waiting = self._waiting.pop(0)
+        actives = await self._claim([waiting])
         if actives:
-            await self._run_batch(actives)
+            waiting.params, waiting.preview = actives[0].params, actives[0].job.preview
+            await self._run_batch([waiting], actives)
 
     async def _read_params(self) -> None:
         """Learn the params of the waiting jobs that may share a batch; drop those not pending any more."""
@@ -321,20 +337,25 @@ class JobRunner:
                     )
                     await self._write("hand back", hand_back)
                 continue
-            active = _Active(job, JobParams.from_json(job.params), last_seq=job.last_seq) if job else None
+            active = None
+            if job is not None:
+                # The params it runs with: its ticket's (the same as its row's), or its row's.
+                params = waiting.params or JobParams.from_json(job.params)
+                active = _Active(job, params, job.last_seq, stop=waiting.stop, steps=waiting.steps)
             waiting.claimed.set_result(active)
             if active is not None:
                 actives.append(active)
         return actives
 
-    async def _run_batch(self, actives: list[_Active]) -> None:
+    async def _run_batch(self, batch: list[_Waiting], actives: list[_Active] | None = None) -> None:
+        """Run the batch (its params known) on the pipeline thread. Unless ``actives`` says
+        the claim is done, the batch is claimed while the pipeline starts: a job the claim
+        does not return stops at the next step, and the pipeline stops when none is left."""
         loop = asyncio.get_running_loop()
-        for active in actives:
-            active.batch = actives
-        requests = [
-            Request(active.params, self._step_reporter(active, loop), active.stop.is_set)
-            for active in actives
-        ]
+        requests = []
+        for waiting in batch:
+            assert waiting.params is not None  # from its ticket, its row, or the claim of a job alone
+            requests.append(Request(waiting.params, self._step_reporter(waiting, loop), waiting.stop.is_set))
         self._busy = True
         self.metrics.busy.set(1)
         started = time.perf_counter()
@@ -342,35 +363,48 @@ class JobRunner:
             future = loop.run_in_executor(self._executor, batching.generate, self.pipeline, requests)
             self.on_room()  # the next batch may gather while this one runs
             try:
+                if actives is None:
+                    actives = await self._claim(batch)
+                    claimed = {active.job.id for active in actives}
+                    for waiting in batch:
+                        if waiting.job_id not in claimed:
+                            waiting.stop.set()
+                for active in actives:
+                    active.batch = actives
                 outcomes: list[Outcome] = await asyncio.shield(future)
             except asyncio.CancelledError:
                 # The runner is closing: its jobs were told to stop; hand them back.
-                for active in actives:
+                for waiting in batch:
+                    waiting.stop.set()
+                for active in actives or []:
                     if not active.outcome.done():
                         active.outcome.set_result(Generation([], interrupted=True))
                 raise
             except Exception as exc:  # batching.generate returns errors; this is the executor failing
-                outcomes = [exc] * len(actives)
+                outcomes = [exc] * len(requests)
         finally:
             elapsed = time.perf_counter() - started
             self._busy = False
             self.metrics.busy.set(0)
             self.metrics.pipeline_seconds.inc(elapsed)
-            self.metrics.batch_images.observe(sum(a.params.num_images for a in actives))
-        for active, outcome in zip(actives, outcomes, strict=True):
-            active.pipeline_s = round(elapsed, 4)
-            active.outcome.set_result(outcome)
+            self.metrics.batch_images.observe(sum(request.params.num_images for request in requests))
+        ran = {active.job.id: active for active in actives or []}
+        for waiting, outcome in zip(batch, outcomes, strict=True):
+            if (mine := ran.get(waiting.job_id)) is not None:
+                mine.pipeline_s = round(elapsed, 4)
+                mine.outcome.set_result(outcome)
 
     def _step_reporter(
-        self, active: _Active, loop: asyncio.AbstractEventLoop
+        self, waiting: _Waiting, loop: asyncio.AbstractEventLoop
     ) -> Callable[[int, int, Any], None]:
-        every = int(active.job.preview["every"]) if active.job.preview else 0
+        every = int(waiting.preview["every"]) if waiting.preview else 0
+        steps = waiting.steps
 
         def on_step(step: int, total: int, latents: Any) -> None:
             # Pipeline thread: copy what a preview needs, hand over, return at once.
             wanted = latents is not None and every and (step % every == 0 or step == total)
             snapshot = latents.detach().to("cpu", copy=True) if wanted else None
-            loop.call_soon_threadsafe(active.steps.put_nowait, (step, snapshot))
+            loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot))
 
         return on_step
 

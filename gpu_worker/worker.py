@@ -44,7 +44,7 @@ from stepcast import liveness, logs
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
-from stepcast.queue import TASK_NAME, Consumer, wake_channel
+from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, wake_channel
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
@@ -108,12 +108,12 @@ class GpuWorker(Worker):
         room = self._room()
         if room <= 0 or self.consumer is None:
             return
-        for job_id, score in await self.consumer.take(room):
+        for taken in await self.consumer.take(room):
             await self.sem.acquire()  # free: room <= max_jobs - job_counter
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, score))
+            task = self.loop.create_task(self.run_job(taken))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            self.tasks[taken.job_id] = task
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -130,16 +130,17 @@ class GpuWorker(Worker):
             except (RedisError, OSError) as exc:
                 logger.warning("could not renew the hold on queued jobs: %s", exc)
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        """arq's run_job, lean: the job is its id (Postgres has the rest, and counts the
-        attempts), so arq's transaction that reads and counts it is not needed; the job
-        leaves the queue with its batch-mates (:meth:`Consumer.done`), or stays in its
-        place for the next worker when this one lets it go (shutdown)."""
+    async def run_job(self, taken: Taken) -> None:  # type: ignore[override]
+        """arq's run_job, lean: the job is its id and ticket (Postgres has the rest, and
+        counts the attempts), so arq's transaction that reads and counts it is not needed;
+        the job leaves the queue with its batch-mates (:meth:`Consumer.done`), or stays in
+        its place for the next worker when this one lets it go (shutdown)."""
         assert self.consumer is not None
         function = self.functions[TASK_NAME]
+        job_id = taken.job_id
         try:
             async with asyncio.timeout(function.timeout_s):
-                await function.coroutine(self.ctx, job_id)
+                await function.coroutine(self.ctx, job_id, ticket=taken.ticket)
         except (Released, asyncio.CancelledError) as exc:
             # Shutting down: the runner never claimed it, or handed it back.
             self.jobs_retried += 1
@@ -200,10 +201,10 @@ class GpuWorker(Worker):
         super().handle_sig(signum)
 
 
-async def run_job(ctx: dict[str, Any], job_id: str) -> None:
+async def run_job(ctx: dict[str, Any], job_id: str, *, ticket: Ticket | None = None) -> None:
     """Raises :class:`Released` if the worker shuts down before the job got the pipeline."""
     runner: JobRunner = ctx["runner"]
-    await runner.run(uuid.UUID(job_id))
+    await runner.run(uuid.UUID(job_id), ticket)
 
 
 async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], queue_name: str) -> None:

@@ -137,7 +137,7 @@ class Services:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
             self.events.emit_in(pipe, str(job.id), owner, "queued", fields, floor=job.last_seq)
-            queue.enqueue_in(pipe, self.redis, job.id, job.queue)
+            queue.enqueue_in(pipe, self.redis, job.id, job.queue, ticket=queue.Ticket.of(job))
 
         try:
             await self.pipelined(announce)

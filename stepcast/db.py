@@ -39,12 +39,22 @@ _AHEAD = """
     WHERE queue = {queue} AND status = 'pending' AND (created_at, id) < ({created_at}, {id})
 """
 
-_FINISH_TIMES = """
+
+def _finish_times(started: str = "started_at") -> str:
+    """The SET items of a terminal write; ``started``: when the run began."""
+    return f"""
+    started_at = {started},
     finished_at = now(),
     lease_expires_at = NULL,
-    queue_s = extract(epoch FROM started_at - created_at),
-    run_s = extract(epoch FROM now() - started_at)
+    queue_s = extract(epoch FROM {started} - created_at),
+    run_s = extract(epoch FROM now() - {started})
 """
+
+
+_FINISH_TIMES = _finish_times()
+# A job goes to the pipeline while its claim is in flight (gpu_worker.runner): it ran
+# from no later than its pipeline call did, which may be before the claim's now().
+_COMPLETED_TIMES = _finish_times("LEAST(started_at, now() - make_interval(secs => c.pipeline_s))")
 
 
 T = TypeVar("T")
@@ -500,7 +510,7 @@ class Database:
                     f"""
                     UPDATE jobs SET status = 'completed', result = c.result, last_seq = c.seq,
                         progress_step = progress_total, pipeline_s = c.pipeline_s, batch_size = c.batch,
-                        {_FINISH_TIMES}
+                        {_COMPLETED_TIMES}
                     FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::bigint[], $5::float8[], $6::int[])
                         AS c(id, attempt, result, seq, pipeline_s, batch)
                     WHERE jobs.id = c.id AND jobs.attempt = c.attempt AND jobs.status = 'processing'

@@ -18,22 +18,32 @@ where arq reads a page of the queue and then spends four round trips on each
 job in it, held or not; a job is read from Postgres, not from arq's job key,
 and the jobs of a batch finishing together leave the queue in one round trip,
 where arq spends two transactions on each job.
+
+A queued job carries its :class:`Ticket` (its params and preview settings, as
+its row has them), and a take returns it: a worker starts the job on its
+pipeline while the claim in Postgres is in flight, rather than after it.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
-from arq.jobs import Serializer, serialize_job
+from arq.jobs import Deserializer, Serializer, deserialize_job, serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
 
 from stepcast.batched import BatchedScripts
+from stepcast.jobs import Job
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "run_job"
 # How long arq keeps a job key; Postgres and the recovery pass outlive it.
@@ -51,8 +61,9 @@ return 1
 
 
 # KEYS: queue. ARGV: now (ms), in-progress lifetime (ms), how many, in-progress
-# key prefix, most entries to look at. Returns {id, score, id, score, ...}.
-# The in-progress keys are not in KEYS: like arq, this needs one Redis, not a cluster.
+# key prefix, most entries to look at, job key prefix. Returns {id, score, job,
+# id, score, job, ...}, where job is arq's serialized job (false if it is gone).
+# The in-progress and job keys are not in KEYS: like arq, this needs one Redis, not a cluster.
 _TAKE = """
 local want, limit = tonumber(ARGV[3]), tonumber(ARGV[5])
 local taken, seen = {}, 0
@@ -65,7 +76,8 @@ while seen < limit do
             redis.call('PSETEX', key, ARGV[2], '1')
             taken[#taken + 1] = page[i]
             taken[#taken + 1] = page[i + 1]
-            if #taken == 2 * want then return taken end
+            taken[#taken + 1] = redis.call('GET', ARGV[6] .. page[i])
+            if #taken == 3 * want then return taken end
         end
     end
     seen = seen + #page / 2
@@ -82,6 +94,25 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What a worker needs to start a job before its claim returns: the params and preview
+    settings of its row, copied when it is enqueued (they never change)."""
+
+    params: dict[str, Any]
+    preview: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, job: Job) -> Ticket:
+        return cls(job.params, job.preview)
+
+
+class Taken(NamedTuple):
+    job_id: str
+    score: int
+    ticket: Ticket | None  # None for a job enqueued without one
 
 
 def wake_channel(queue_name: str) -> str:
@@ -102,7 +133,12 @@ def connect(redis_url: str) -> ArqRedis:
 
 
 async def enqueue(
-    arq: ArqRedis, job_id: uuid.UUID, queue_name: str, *, place: datetime | None = None
+    arq: ArqRedis,
+    job_id: uuid.UUID,
+    queue_name: str,
+    *,
+    place: datetime | None = None,
+    ticket: Ticket | None = None,
 ) -> bool:
     """Queue the job and wake the idle workers; False if arq already holds it.
 
@@ -110,24 +146,31 @@ async def enqueue(
     job's creation time) puts a job enqueued again back where it was, ahead of
     the jobs that came after it, rather than at the end.
     """
-    keys, args = _enqueue_call(job_id, queue_name, place, arq.job_serializer)
+    keys, args = _enqueue_call(job_id, queue_name, place, ticket, arq.job_serializer)
     added = await arq.register_script(_ENQUEUE)(keys=keys, args=args)
     return bool(added)
 
 
-def enqueue_in(pipe: Pipeline, arq: ArqRedis, job_id: uuid.UUID, queue_name: str) -> None:
+def enqueue_in(
+    pipe: Pipeline, arq: ArqRedis, job_id: uuid.UUID, queue_name: str, *, ticket: Ticket | None = None
+) -> None:
     """:func:`enqueue` queued on ``pipe`` (one of ``arq``'s), to share its round trip (whether
     it was added comes back from ``pipe.execute()``). The script's text goes along."""
-    keys, args = _enqueue_call(job_id, queue_name, None, arq.job_serializer)
+    keys, args = _enqueue_call(job_id, queue_name, None, ticket, arq.job_serializer)
     pipe.execute_command("EVAL", _ENQUEUE, len(keys), *keys, *args)
 
 
 def _enqueue_call(
-    job_id: uuid.UUID, queue_name: str, place: datetime | None, serializer: Serializer | None
+    job_id: uuid.UUID,
+    queue_name: str,
+    place: datetime | None,
+    ticket: Ticket | None,
+    serializer: Serializer | None,
 ) -> tuple[list[str], list[bytes | str | int]]:
     now_ms = timestamp_ms()
     key = str(job_id)
-    job = serialize_job(TASK_NAME, (key,), {}, None, now_ms, serializer=serializer)
+    kwargs = {"params": ticket.params, "preview": ticket.preview} if ticket is not None else {}
+    job = serialize_job(TASK_NAME, (key,), kwargs, None, now_ms, serializer=serializer)
     score = to_unix_ms(place) if place is not None else now_ms
     expiry_ms = int(ARQ_EXPIRY.total_seconds() * 1000)
     keys = [job_key_prefix + key, result_key_prefix + key, queue_name]
@@ -144,21 +187,39 @@ class Consumer:
         self.queue_name = queue_name
         self.lease_ms = int(lease_s * 1000)
         self._take = arq.register_script(_TAKE)
+        self._deserializer: Deserializer | None = arq.job_deserializer
         self._done = arq.register_script(_DONE)
         self._scripts = BatchedScripts(arq)  # a batch's jobs finish together: one round trip
 
-    async def take(self, count: int) -> list[tuple[str, int]]:
+    async def take(self, count: int) -> list[Taken]:
         """Up to ``count`` due jobs, oldest first, that no worker holds: now held by this
-        one. (job id, score) each."""
+        one, each with its ticket."""
         args: list[str | int] = [
             timestamp_ms(),
             self.lease_ms,
             count,
             in_progress_key_prefix,
             TAKE_SCAN_LIMIT,
+            job_key_prefix,
         ]
         flat = await self._take(keys=[self.queue_name], args=args)
-        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+        return [
+            Taken(flat[i].decode(), int(float(flat[i + 1])), self._ticket(flat[i], flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
+    def _ticket(self, job_id: bytes, serialized: bytes | None) -> Ticket | None:
+        """The ticket in arq's job; None if there is none (the job is claimed first then)."""
+        if serialized is None:
+            return None
+        try:
+            kwargs = deserialize_job(serialized, deserializer=self._deserializer).kwargs
+        except Exception as exc:  # the row in Postgres is the truth: the claim reads it
+            logger.warning("job %s: unreadable arq job (%s)", job_id.decode(), exc)
+            return None
+        if not isinstance(kwargs.get("params"), dict):
+            return None
+        return Ticket(kwargs["params"], kwargs.get("preview"))
 
     async def renew(self, job_ids: list[str]) -> None:
         """Hold these jobs for one more lease."""

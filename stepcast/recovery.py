@@ -81,7 +81,9 @@ class Recovery:
                 if not await self.arq.exists(job_key_prefix + str(job.id)):
                     log = {"job_id": str(job.id)}
                     logger.warning("pending job missing from the queue; enqueueing it again", extra=log)
-                    await queue.enqueue(self.arq, job.id, job.queue, place=job.created_at)
+                    await queue.enqueue(
+                        self.arq, job.id, job.queue, place=job.created_at, ticket=queue.Ticket.of(job)
+                    )
             return True
 
     async def _expired(self, job: Job) -> None:
@@ -98,7 +100,9 @@ class Recovery:
             await self.events.emit(key, job.owner, "requeued", fields, floor=requeued.last_seq)
             # The dead run's arq keys would make arq refuse (or delay) the same id.
             await self.arq.delete(job_key_prefix + key, in_progress_key_prefix + key, retry_key_prefix + key)
-            await queue.enqueue(self.arq, job.id, job.queue, place=job.created_at)
+            await queue.enqueue(
+                self.arq, job.id, job.queue, place=job.created_at, ticket=queue.Ticket.of(job)
+            )
 
     async def _expired_in_queue(self, job: Job) -> None:
         key = str(job.id)

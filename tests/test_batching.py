@@ -176,6 +176,108 @@ async def test_an_idle_worker_starts_a_job_on_a_wake_up_not_at_its_next_poll(sta
         assert job["timings"]["queue_s"] < 0.5, job["timings"]
 
 
+class SlowClaims:
+    """Claims that take ``delay_s`` to come back (a loaded Postgres); what the pipeline ran and
+    when each claim returned, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+        self.log: list[tuple[str, str]] = []  # (what, prompt or job id)
+        claim = Database.claim
+
+        async def slow(db: Database, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
+            await asyncio.sleep(delay_s)
+            jobs = await claim(db, job_ids, **kwargs)
+            self.log.extend(("claimed", str(job_id)) for job_id in job_ids)
+            return jobs
+
+        monkeypatch.setattr(Database, "claim", slow)
+
+    def pipeline(self, inner: DiffusersPipeline) -> StepNoting:
+        return StepNoting(inner, self.log)
+
+
+class StepNoting:
+    """The real pipeline, noting each step it runs (the pipeline thread appends to ``log``)."""
+
+    def __init__(self, inner: DiffusersPipeline, log: list[tuple[str, str]]) -> None:
+        self.inner, self.log = inner, log
+        self.name, self.revision = inner.name, inner.revision
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        def noting(request: Request) -> Request:
+            def on_step(step: int, total: int, latents: Any) -> None:
+                self.log.append(("step", request.params.prompt))
+                request.on_step(step, total, latents)
+
+            return Request(request.params, on_step, request.should_stop)
+
+        return self.inner.generate([noting(r) for r in requests])
+
+
+async def test_a_job_starts_on_the_pipeline_while_its_claim_is_in_flight(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    claims = SlowClaims(monkeypatch, delay_s=0.5)
+    await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        job_id = (await client.post("/v1/jobs", json={"prompt": "early", "steps": 4, "seed": 3})).json()["id"]
+        job = await wait_for(client, job_id, lambda j: j["status"] == "completed")
+    # Its ticket came with it from the queue: the pipeline ran while Postgres was claiming it.
+    assert claims.log.index(("step", "early")) < claims.log.index(("claimed", job_id))
+    events = await events_of(settings, job_id)
+    assert [e["type"] for e in events] == ["queued", "started", *["progress"] * 4, "completed"]
+    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
+    assert job["result"]["images"][0]["seed"] == 3 and job["attempt"] == 1
+    [alone] = pipeline.generate([request(params("early", seed=3))])
+    stored = Image.open(settings.storage_dir / job_id / "0.png")
+    assert np.abs(pixels(stored) - pixels(alone.images[0])).max() <= 1  # the job's own params
+
+
+@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+async def test_a_job_its_claim_does_not_return_stops_at_once_and_its_batch_mates_go_on(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    claims = SlowClaims(monkeypatch, delay_s=0.3)
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        # Queued before any worker runs: one is canceled while it waits in the queue.
+        ids = [
+            (await client.post("/v1/jobs", json={"prompt": prompt, "steps": 150})).json()["id"]
+            for prompt in ("doomed", "kept")
+        ]
+        assert (await client.post(f"/v1/jobs/{ids[0]}/cancel")).json()["status"] == "canceled"
+        await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+
+        async def claimed() -> bool:
+            return ("claimed", ids[1]) in claims.log
+
+        await eventually(claimed, timeout_s=10)
+        ran_before = claims.log.count(("step", "kept"))
+        await wait_for(client, ids[1], lambda job: job["progress"]["step"] >= ran_before + 3)
+        await client.post(f"/v1/jobs/{ids[1]}/cancel")
+        kept = await wait_for(client, ids[1], lambda job: job["status"] == "canceled")
+        doomed = (await client.get(f"/v1/jobs/{ids[0]}")).json()
+    # Both went to the pipeline with their tickets, in one batch; the claim returned only
+    # the kept one, and the doomed one was never started.
+    assert claims.log.index(("step", "doomed")) < claims.log.index(("claimed", ids[0]))
+    assert doomed["attempt"] == 0 and doomed["started_at"] is None
+    assert [e["type"] for e in await events_of(settings, ids[0])] == ["queued", "canceled"]
+    kept_events = [e["type"] for e in await events_of(settings, ids[1])]
+    assert kept_events.index("started") < kept_events.index("progress") and kept_events[-1] == "canceled"
+    assert kept["attempt"] == 1 and kept["progress"]["step"] >= 3
+    # Once its claim came back without it, the doomed job was stopped: at most the step
+    # under way then, while its batch-mate ran on.
+    after = claims.log[claims.log.index(("claimed", ids[0])) :]
+    assert after.count(("step", "doomed")) <= 1 and after.count(("step", "kept")) >= 3
+
+
 @pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "batch_size": 1}], indirect=True)
 async def test_jobs_a_dead_worker_held_but_never_started_are_free_within_a_lease(
     settings: Settings,

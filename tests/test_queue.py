@@ -38,17 +38,18 @@ async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(setti
 
         consumer = queue.Consumer(redis, QUEUE, lease_s=5)
         first = await consumer.take(2)
-        assert [job_id for job_id, _ in first] == [str(ids[1]), str(ids[2])]
-        assert [score for _, score in first] == [to_unix_ms(start + timedelta(seconds=i)) for i in (1, 2)]
-        for job_id, _ in first:  # now this worker's, for one lease
-            assert 4_000 < await redis.pttl(in_progress_key_prefix + job_id) <= 5_000
+        assert [taken.job_id for taken in first] == [str(ids[1]), str(ids[2])]
+        assert [taken.score for taken in first] == [to_unix_ms(start + timedelta(seconds=i)) for i in (1, 2)]
+        assert [taken.ticket for taken in first] == [None, None]  # enqueued without one
+        for taken in first:  # now this worker's, for one lease
+            assert 4_000 < await redis.pttl(in_progress_key_prefix + taken.job_id) <= 5_000
 
         rest = await consumer.take(10)
-        assert [job_id for job_id, _ in rest] == [str(ids[3]), str(ids[4])]
+        assert [taken.job_id for taken in rest] == [str(ids[3]), str(ids[4])]
         assert await consumer.take(10) == []
 
         await redis.delete(in_progress_key_prefix + held)  # its worker died: the hold lapsed
-        assert [job_id for job_id, _ in await consumer.take(10)] == [held]
+        assert [taken.job_id for taken in await consumer.take(10)] == [held]
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -63,7 +64,7 @@ async def test_a_take_looks_past_a_long_head_of_held_jobs(settings: Settings) ->
         for job_id in ids[:-1]:
             await redis.psetex(in_progress_key_prefix + str(job_id), 60_000, b"1")
         taken = await queue.Consumer(redis, QUEUE, lease_s=5).take(4)
-        assert [job_id for job_id, _ in taken] == [str(ids[-1])]
+        assert [held.job_id for held in taken] == [str(ids[-1])]
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -73,17 +74,19 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
 ) -> None:
     redis = queue.connect(settings.redis_url)
     events = EventLog(redis, stream_max=100, ttl_s=60)
+    ticket = queue.Ticket({"prompt": "a fox", "seed": 7, "steps": 4}, {"every": 2, "max_px": 64})
     try:
         job_id = uuid.uuid4()
         await redis.script_flush()  # as after a Redis restart: no script is cached
         async with redis.pipeline(transaction=False) as pipe:
             events.emit_in(pipe, str(job_id), "owner", "queued", {"position": 1, "eta_s": None})
-            queue.enqueue_in(pipe, redis, job_id, QUEUE)
+            queue.enqueue_in(pipe, redis, job_id, QUEUE, ticket=ticket)
             assert await pipe.execute() == [1, 1]  # the event's seq; enqueued
         assert await events.read(str(job_id)) == [
             {"type": "queued", "job_id": str(job_id), "seq": 1, "position": 1, "eta_s": None}
         ]
-        assert [job for job, _ in await queue.Consumer(redis, QUEUE, lease_s=5).take(1)] == [str(job_id)]
+        [taken] = await queue.Consumer(redis, QUEUE, lease_s=5).take(1)
+        assert (taken.job_id, taken.ticket) == (str(job_id), ticket)  # the job comes with its ticket
         assert not await queue.enqueue(redis, job_id, QUEUE)  # arq holds it: refused, as arq's own
     finally:
         await redis.aclose(close_connection_pool=True)
@@ -99,7 +102,7 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
         for index, job_id in enumerate(ids):
             await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(seconds=index))
         consumer = queue.Consumer(redis, QUEUE, lease_s=60)
-        taken = [job_id for job_id, _ in await consumer.take(4)]
+        taken = [held.job_id for held in await consumer.take(4)]
         assert taken == [str(job_id) for job_id in ids]
         pipelines = 0
         pipeline = redis.pipeline
@@ -118,7 +121,7 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
 
         await consumer.release(taken[3])  # shutting down: the next worker takes it at once
         other = queue.Consumer(redis, QUEUE, lease_s=60)
-        assert [job_id for job_id, _ in await other.take(1)] == [taken[3]]
+        assert [held.job_id for held in await other.take(1)] == [taken[3]]
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -131,7 +134,7 @@ async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_th
             await asyncio.sleep(0.2)  # Redis slow to answer, as on a loaded machine
             await super().release(job_id)
 
-    async def never_claimed(ctx: dict[str, Any], job_id: str) -> None:
+    async def never_claimed(ctx: dict[str, Any], job_id: str, ticket: queue.Ticket | None) -> None:
         raise Released()
 
     worker = GpuWorker(
@@ -147,8 +150,8 @@ async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_th
     worker.consumer = SlowRelease(worker.pool, QUEUE, lease_s=30)
     job_id = str(uuid.uuid4())
     await queue.enqueue(worker.pool, uuid.UUID(job_id), QUEUE)
-    [(taken, score)] = await worker.consumer.take(1)
-    task = worker.tasks[taken] = asyncio.create_task(worker.run_job(taken, score))
+    [taken] = await worker.consumer.take(1)
+    task = worker.tasks[taken.job_id] = asyncio.create_task(worker.run_job(taken))
     await asyncio.sleep(0.05)  # the runner let it go: its release is on its way
     task.cancel()  # shutdown cancels the job's task meanwhile
     await worker.close()
