@@ -84,7 +84,7 @@ class _Waiting:
     params: JobParams | None = None
     preview: dict[str, Any] | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
-    steps: asyncio.Queue[tuple[int, Any] | None] = field(default_factory=asyncio.Queue)
+    steps: asyncio.Queue[tuple[int, Any, float] | None] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -95,12 +95,14 @@ class _Active:
     params: JobParams
     last_seq: int
     stop: threading.Event  # its _Waiting's
-    steps: asyncio.Queue[tuple[int, Any] | None]
+    steps: asyncio.Queue[tuple[int, Any, float] | None]
     batch: list[_Active] = field(default_factory=list)
     outcome: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     pipeline_s: float | None = None
+    # When its pipeline call began (perf_counter), which may be before its claim returned.
+    pipeline_started: float = field(default_factory=time.perf_counter)
     step: int = 0
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -371,6 +373,7 @@ class JobRunner:
                             waiting.stop.set()
                 for active in actives:
                     active.batch = actives
+                    active.pipeline_started = started
                 outcomes: list[Outcome] = await asyncio.shield(future)
             except asyncio.CancelledError:
                 # The runner is closing: its jobs were told to stop; hand them back.
@@ -404,7 +407,7 @@ class JobRunner:
             # Pipeline thread: copy what a preview needs, hand over, return at once.
             wanted = latents is not None and every and (step % every == 0 or step == total)
             snapshot = latents.detach().to("cpu", copy=True) if wanted else None
-            loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot))
+            loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot, time.perf_counter()))
 
         return on_step
 
@@ -473,19 +476,18 @@ class JobRunner:
 
     async def _publish_progress(self, active: _Active) -> None:
         params = active.params
-        started = time.monotonic()
         preview_px = (
             min(int(active.job.preview["max_px"]), max(params.width, params.height))
             if active.job.preview
             else 0
         )
         while (item := await active.steps.get()) is not None:
-            step, latents = item
+            step, latents, done_at = item
             if step <= active.step:  # a failed batch re-runs its jobs alone: report only new steps
                 continue
             active.step = step
             self.metrics.steps.inc()
-            elapsed = time.monotonic() - started
+            elapsed = done_at - active.pipeline_started
             fields: dict[str, Any] = {
                 "step": step,
                 "total": params.steps,
