@@ -342,7 +342,7 @@ class JobRunner:
             active = None
             if job is not None:
                 # The params it runs with: its ticket's (the same as its row's), or its row's.
-                params = waiting.params or JobParams.from_json(job.params)
+                params = waiting.params if waiting.params is not None else JobParams.from_json(job.params)
                 active = _Active(job, params, job.last_seq, stop=waiting.stop, steps=waiting.steps)
             waiting.claimed.set_result(active)
             if active is not None:

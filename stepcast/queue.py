@@ -217,9 +217,10 @@ class Consumer:
         except Exception as exc:  # the row in Postgres is the truth: the claim reads it
             logger.warning("job %s: unreadable arq job (%s)", job_id.decode(), exc)
             return None
-        if not isinstance(kwargs.get("params"), dict):
+        params, preview = kwargs.get("params"), kwargs.get("preview")
+        if not isinstance(params, dict) or not isinstance(preview, dict | None):
             return None
-        return Ticket(kwargs["params"], kwargs.get("preview"))
+        return Ticket(params, preview)
 
     async def renew(self, job_ids: list[str]) -> None:
         """Hold these jobs for one more lease."""

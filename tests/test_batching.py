@@ -13,11 +13,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job
 from PIL import Image
 from redis.asyncio import Redis
 
 from gpu_worker.batching import take_batch
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
+from stepcast import queue
 from stepcast.db import Completion, Database
 from stepcast.jobs import Job
 from stepcast.params import JobParams
@@ -276,6 +279,27 @@ async def test_a_job_its_claim_does_not_return_stops_at_once_and_its_batch_mates
     # under way then, while its batch-mate ran on.
     after = claims.log[claims.log.index(("claimed", ids[0])) :]
     assert after.count(("step", "doomed")) <= 1 and after.count(("step", "kept")) >= 3
+
+
+async def test_a_job_queued_without_a_ticket_is_claimed_first_then_runs(stack: Stack) -> None:
+    # As one enqueued by a server from before tickets: its claim reads its params from its row.
+    settings = stack.settings
+    insertion = await stack.db.insert_job(
+        owner="anonymous", params=params("no ticket", seed=4).to_json(), preview={"every": 2, "max_px": 64},
+        queue=settings.queue_name, model_name="tiny", version="test", queue_ttl_s=60,
+    )  # fmt: skip
+    job_id = str(insertion.job.id)
+    redis = queue.connect(settings.redis_url)
+    try:
+        assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
+        assert deserialize_job(await redis.get(job_key_prefix + job_id)).kwargs == {}  # no ticket
+    finally:
+        await redis.aclose(close_connection_pool=True)
+    job = await stack.wait(job_id)
+    assert job["status"] == "completed" and job["result"]["images"][0]["seed"] == 4
+    events = await events_of(settings, job_id)
+    assert [e["type"] for e in events] == ["started", *["progress"] * 4, "completed"]
+    assert ["preview" in e for e in events if e["type"] == "progress"] == [False, True, False, True]
 
 
 @pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "batch_size": 1}], indirect=True)
