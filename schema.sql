@@ -69,15 +69,15 @@ COMMENT ON COLUMN jobs.idempotency_key IS 'Client key: a repeat submit by the sa
 COMMENT ON COLUMN jobs.request_hash IS 'Hash of the submitted request, to refuse a reused idempotency key with other params.';
 COMMENT ON COLUMN jobs.images_expired_at IS 'When retention deleted the images; the row and its result metadata stay.';
 COMMENT ON COLUMN jobs.queue IS 'arq queue the job was enqueued on (one per model family).';
-COMMENT ON COLUMN jobs.started_at IS 'When the current (latest) attempt was claimed.';
+COMMENT ON COLUMN jobs.started_at IS 'When the current (latest) attempt was claimed; for a completed job, when its model call began if that was earlier (a job alone starts while its claim is in flight).';
 COMMENT ON COLUMN jobs.finished_at IS 'When the job reached a terminal status.';
 COMMENT ON COLUMN jobs.progress_step IS 'Last denoising step reported (1..total), persisted on each heartbeat.';
 COMMENT ON COLUMN jobs.progress_total IS 'Denoising steps the job runs.';
 COMMENT ON COLUMN jobs.result IS '{"images": [{key, width, height, seed, content_type}]} once completed.';
 COMMENT ON COLUMN jobs.error_code IS 'Machine-readable failure reason (pipeline_error, ...); set iff failed.';
 COMMENT ON COLUMN jobs.error_message IS 'Human-readable failure detail.';
-COMMENT ON COLUMN jobs.queue_s IS 'Seconds from creation to the claim of the attempt that finished.';
-COMMENT ON COLUMN jobs.run_s IS 'Seconds the finishing attempt ran, claim to terminal state.';
+COMMENT ON COLUMN jobs.queue_s IS 'Seconds from creation to the start of the attempt that finished (started_at).';
+COMMENT ON COLUMN jobs.run_s IS 'Seconds the finishing attempt ran, started_at to terminal state.';
 COMMENT ON COLUMN jobs.pipeline_s IS 'Seconds of the model call that made the images (shared by every job in its batch).';
 COMMENT ON COLUMN jobs.batch_size IS 'How many jobs shared that model call (dynamic batching).';
 COMMENT ON COLUMN jobs.worker IS 'Worker id holding (or last holding) the job.';

@@ -2,10 +2,11 @@
 
 arq hands the runner every job it takes; each waits in line until the
 dispatcher gives it the pipeline, alone or batched with compatible jobs
-(:mod:`gpu_worker.batching`). The dispatcher starts a batch on the pipeline
-thread and claims it in Postgres meanwhile (a job's ticket, from the queue,
-has its params): a job the claim does not return (canceled, held elsewhere)
-stops at the next step, and its batch-mates go on. It starts the next batch
+(:mod:`gpu_worker.batching`). The dispatcher claims a batch in Postgres and
+starts it on the pipeline thread. A job alone (the usual case below
+saturation) starts at once, with the params of its ticket from the queue, and
+is claimed meanwhile: if the claim does not return it (canceled or expired in
+the queue, held elsewhere), it stops at the next step. The next batch starts
 the moment the thread is free: everything else a job needs (events, the lease,
 previews, PNG encoding, upload, the terminal write) happens on the event loop
 while the next batch runs, so the GPU does not wait for the control plane.
@@ -75,8 +76,8 @@ class _Waiting:
     Its params and preview settings come with it (its ticket). A job queued
     without a ticket has its params read only when it may share a batch (others
     wait beside it); alone, it goes straight to its claim, which returns its row.
-    Its stop flag and steps go with it to the pipeline, which may start it
-    before the claim returns, and then to its :class:`_Active`.
+    Its stop flag and steps go with it to the pipeline, which starts a job alone
+    before its claim returns, and then to its :class:`_Active`.
     """
 
     job_id: uuid.UUID
@@ -283,15 +284,23 @@ class JobRunner:
             await self._read_params()
         if not self._waiting:
             return
-        if self._waiting[0].params is not None:  # claimed while the pipeline starts
-            await self._run_batch(batching.take_batch(self._waiting, _params, size))
+        if self._waiting[0].params is None:  # no ticket, alone or no batching: its claim reads its row
+            batch = [self._waiting.pop(0)]
+        else:
+            batch = batching.take_batch(self._waiting, _params, size)
+        if len(batch) == 1 and batch[0].params is not None:
+            # A job alone, with its ticket: claimed while the pipeline starts. Not a batch: a
+            # job canceled or expired in the queue would take a place in it until it ends.
+            await self._run_batch(batch)
             return
-        # No ticket and alone, or no batching: its claim reads its row, then it runs.
-        waiting = self._waiting.pop(0)
-        actives = await self._claim([waiting])
-        if actives:
-            waiting.params, waiting.preview = actives[0].params, actives[0].job.preview
-            await self._run_batch([waiting], actives)
+        actives = await self._claim(batch)
+        claimed = {active.job.id: active for active in actives}
+        runs = [waiting for waiting in batch if waiting.job_id in claimed]
+        for waiting in runs:  # as its row has them (a job without a ticket learns them here)
+            active = claimed[waiting.job_id]
+            waiting.params, waiting.preview = active.params, active.job.preview
+        if runs:
+            await self._run_batch(runs, actives)
 
     async def _read_params(self) -> None:
         """Learn the params of the waiting jobs that may share a batch; drop those not pending any more."""
@@ -307,8 +316,9 @@ class JobRunner:
                 if not waiting.claimed.done():
                     waiting.claimed.set_result(None)
 
-    async def _claim(self, batch: list[_Waiting]) -> list[_Active]:
-        """Claim the batch's jobs in one statement; each waiting job learns whether it runs."""
+    async def _claim(self, batch: list[_Waiting], started: float | None = None) -> list[_Active]:
+        """Claim the batch's jobs in one statement; each waiting job learns whether it runs.
+        ``started``: when their pipeline call began, if it did."""
         try:
             jobs = await self._write(
                 "claim",
@@ -324,7 +334,7 @@ class JobRunner:
                 if not waiting.claimed.done():
                     waiting.claimed.set_exception(exc)
             return []
-        actives = []
+        actives: list[_Active] = []
         for waiting in batch:
             job = jobs.get(waiting.job_id)
             if job is None:
@@ -334,25 +344,32 @@ class JobRunner:
                 )
             if waiting.claimed.done():  # its arq task was cancelled (shutdown) meanwhile
                 if job is not None:
-                    hand_back = functools.partial(
-                        self.db.hand_back, job.id, job.attempt, last_seq=job.last_seq
-                    )
-                    await self._write("hand back", hand_back)
+                    await self._hand_back_unstarted(job)
                 continue
             active = None
             if job is not None:
                 # The params it runs with: its ticket's (the same as its row's), or its row's.
                 params = waiting.params if waiting.params is not None else JobParams.from_json(job.params)
-                active = _Active(job, params, job.last_seq, stop=waiting.stop, steps=waiting.steps)
+                # Its batch: the jobs of this claim, as the list fills.
+                active = _Active(job, params, job.last_seq, waiting.stop, waiting.steps, batch=actives)
+                if started is not None:
+                    active.pipeline_started = started
             waiting.claimed.set_result(active)
             if active is not None:
                 actives.append(active)
         return actives
 
+    async def _hand_back_unstarted(self, job: Job) -> None:
+        hand_back = functools.partial(self.db.hand_back, job.id, job.attempt, last_seq=job.last_seq)
+        try:
+            await self._write("hand back", hand_back)
+        except Exception:  # its lease runs out, and the recovery pass queues it again
+            logger.exception("could not hand back a job claimed on stopping", extra={"job_id": str(job.id)})
+
     async def _run_batch(self, batch: list[_Waiting], actives: list[_Active] | None = None) -> None:
-        """Run the batch (its params known) on the pipeline thread. Unless ``actives`` says
-        the claim is done, the batch is claimed while the pipeline starts: a job the claim
-        does not return stops at the next step, and the pipeline stops when none is left."""
+        """Run the batch (its params known) on the pipeline thread: ``actives``, its jobs
+        claimed; without them, a job alone, claimed while the pipeline starts (if the claim
+        does not return it, it stops at the next step)."""
         loop = asyncio.get_running_loop()
         requests = []
         for waiting in batch:
@@ -366,7 +383,7 @@ class JobRunner:
             self.on_room()  # the next batch may gather while this one runs
             try:
                 if actives is None:
-                    actives = await self._claim(batch)
+                    actives = await self._claim(batch, started)
                     claimed = {active.job.id for active in actives}
                     for waiting in batch:
                         if waiting.job_id not in claimed:

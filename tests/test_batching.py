@@ -240,8 +240,7 @@ async def test_a_job_starts_on_the_pipeline_while_its_claim_is_in_flight(
     assert np.abs(pixels(stored) - pixels(alone.images[0])).max() <= 1  # the job's own params
 
 
-@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
-async def test_a_job_its_claim_does_not_return_stops_at_once_and_its_batch_mates_go_on(
+async def test_a_job_alone_its_claim_does_not_return_stops_at_once(
     settings: Settings,
     serve: Callable[[Settings], Awaitable[str]],
     run_worker: Callable[..., Awaitable[None]],
@@ -250,56 +249,73 @@ async def test_a_job_its_claim_does_not_return_stops_at_once_and_its_batch_mates
 ) -> None:
     claims = SlowClaims(monkeypatch, delay_s=0.3)
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
-        # Queued before any worker runs: one is canceled while it waits in the queue.
+        # Canceled while it waits in the queue, before any worker runs.
+        doomed = (await client.post("/v1/jobs", json={"prompt": "doomed", "steps": 150})).json()["id"]
+        assert (await client.post(f"/v1/jobs/{doomed}/cancel")).json()["status"] == "canceled"
+        await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+        after = (await client.post("/v1/jobs", json={"prompt": "after", "steps": 2})).json()["id"]
+        await wait_for(client, after, lambda job: job["status"] == "completed")
+    # It went to the pipeline with its ticket; the claim came back without it, and it stopped
+    # (at most the step under way then): never started, no event, no image.
+    claimed_at = claims.log.index(("claimed", doomed))
+    assert ("step", "doomed") in claims.log[:claimed_at]
+    assert claims.log[claimed_at:].count(("step", "doomed")) <= 1
+    row = await job_row(settings, uuid.UUID(doomed))
+    assert (row["status"], row["attempt"], row["started_at"]) == ("canceled", 0, None)
+    assert [e["type"] for e in await events_of(settings, doomed)] == ["queued", "canceled"]
+    assert not (settings.storage_dir / doomed).exists()
+
+
+@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+async def test_a_job_canceled_in_the_queue_takes_no_place_in_a_batch(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    claims = SlowClaims(monkeypatch, delay_s=0)
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
         ids = [
-            (await client.post("/v1/jobs", json={"prompt": prompt, "steps": 150})).json()["id"]
+            (await client.post("/v1/jobs", json={"prompt": prompt, "steps": 4})).json()["id"]
             for prompt in ("doomed", "kept")
         ]
         assert (await client.post(f"/v1/jobs/{ids[0]}/cancel")).json()["status"] == "canceled"
         await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
-
-        async def claimed() -> bool:
-            return ("claimed", ids[1]) in claims.log
-
-        await eventually(claimed, timeout_s=10)
-        ran_before = claims.log.count(("step", "kept"))
-        await wait_for(client, ids[1], lambda job: job["progress"]["step"] >= ran_before + 3)
-        await client.post(f"/v1/jobs/{ids[1]}/cancel")
-        kept = await wait_for(client, ids[1], lambda job: job["status"] == "canceled")
-        doomed = (await client.get(f"/v1/jobs/{ids[0]}")).json()
-    # Both went to the pipeline with their tickets, in one batch; the claim returned only
-    # the kept one, and the doomed one was never started.
-    assert claims.log.index(("step", "doomed")) < claims.log.index(("claimed", ids[0]))
-    assert doomed["attempt"] == 0 and doomed["started_at"] is None
+        kept = await wait_for(client, ids[1], lambda job: job["status"] == "completed")
+    # Taken together, claimed before their batch ran: the kept one ran alone.
+    assert ("claimed", ids[0]) in claims.log and ("step", "doomed") not in claims.log
+    assert kept["timings"]["batch_size"] == 1
     assert [e["type"] for e in await events_of(settings, ids[0])] == ["queued", "canceled"]
-    kept_events = [e["type"] for e in await events_of(settings, ids[1])]
-    assert kept_events.index("started") < kept_events.index("progress") and kept_events[-1] == "canceled"
-    assert kept["attempt"] == 1 and kept["progress"]["step"] >= 3
-    # Once its claim came back without it, the doomed job was stopped: at most the step
-    # under way then, while its batch-mate ran on.
-    after = claims.log[claims.log.index(("claimed", ids[0])) :]
-    assert after.count(("step", "doomed")) <= 1 and after.count(("step", "kept")) >= 3
 
 
-async def test_a_job_queued_without_a_ticket_is_claimed_first_then_runs(stack: Stack) -> None:
-    # As one enqueued by a server from before tickets: its claim reads its params from its row.
+@pytest.mark.parametrize("settings", [{}, BATCHED], indirect=True, ids=["alone", "batched"])
+async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: Stack) -> None:
+    # As enqueued by a server from before tickets: the claim (or the batch window's read)
+    # gives their params and preview settings from their rows.
     settings = stack.settings
-    insertion = await stack.db.insert_job(
-        owner="anonymous", params=params("no ticket", seed=4).to_json(), preview={"every": 2, "max_px": 64},
-        queue=settings.queue_name, model_name="tiny", version="test", queue_ttl_s=60,
-    )  # fmt: skip
-    job_id = str(insertion.job.id)
     redis = queue.connect(settings.redis_url)
+    ids = []
     try:
-        assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
-        assert deserialize_job(await redis.get(job_key_prefix + job_id)).kwargs == {}  # no ticket
+        for seed in (4, 5):
+            insertion = await stack.db.insert_job(
+                owner="anonymous", params=params("no ticket", seed=seed).to_json(),
+                preview={"every": 2, "max_px": 64}, queue=settings.queue_name, model_name="tiny",
+                version="test", queue_ttl_s=60,
+            )  # fmt: skip
+            ids.append(str(insertion.job.id))
+            assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
+            assert deserialize_job(await redis.get(job_key_prefix + ids[-1])).kwargs == {}  # no ticket
     finally:
         await redis.aclose(close_connection_pool=True)
-    job = await stack.wait(job_id)
-    assert job["status"] == "completed" and job["result"]["images"][0]["seed"] == 4
-    events = await events_of(settings, job_id)
-    assert [e["type"] for e in events] == ["started", *["progress"] * 4, "completed"]
-    assert ["preview" in e for e in events if e["type"] == "progress"] == [False, True, False, True]
+    jobs = [await stack.wait(job_id) for job_id in ids]
+    assert [job["result"]["images"][0]["seed"] for job in jobs] == [4, 5]
+    if settings.batch_wait_s:
+        assert {job["timings"]["batch_size"] for job in jobs} == {2}
+    for job_id in ids:
+        events = await events_of(settings, job_id)
+        assert [e["type"] for e in events] == ["started", *["progress"] * 4, "completed"]
+        assert ["preview" in e for e in events if e["type"] == "progress"] == [False, True, False, True]
 
 
 @pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "batch_size": 1}], indirect=True)
