@@ -316,9 +316,8 @@ class JobRunner:
                 if not waiting.claimed.done():
                     waiting.claimed.set_result(None)
 
-    async def _claim(self, batch: list[_Waiting], started: float | None = None) -> list[_Active]:
-        """Claim the batch's jobs in one statement; each waiting job learns whether it runs.
-        ``started``: when their pipeline call began, if it did."""
+    async def _claim(self, batch: list[_Waiting]) -> list[_Active]:
+        """Claim the batch's jobs in one statement; each waiting job learns whether it runs."""
         try:
             jobs = await self._write(
                 "claim",
@@ -352,8 +351,6 @@ class JobRunner:
                 params = waiting.params if waiting.params is not None else JobParams.from_json(job.params)
                 # Its batch: the jobs of this claim, as the list fills.
                 active = _Active(job, params, job.last_seq, waiting.stop, waiting.steps, batch=actives)
-                if started is not None:
-                    active.pipeline_started = started
             waiting.claimed.set_result(active)
             if active is not None:
                 actives.append(active)
@@ -383,13 +380,12 @@ class JobRunner:
             self.on_room()  # the next batch may gather while this one runs
             try:
                 if actives is None:
-                    actives = await self._claim(batch, started)
+                    actives = await self._claim(batch)
                     claimed = {active.job.id for active in actives}
                     for waiting in batch:
                         if waiting.job_id not in claimed:
                             waiting.stop.set()
-                for active in actives:
-                    active.batch = actives
+                for active in actives:  # (their batch: the list itself, from _claim)
                     active.pipeline_started = started
                 outcomes: list[Outcome] = await asyncio.shield(future)
             except asyncio.CancelledError:

@@ -179,12 +179,21 @@ async def test_an_idle_worker_starts_a_job_on_a_wake_up_not_at_its_next_poll(sta
         assert job["timings"]["queue_s"] < 0.5, job["timings"]
 
 
-class SlowClaims:
-    """Claims that take ``delay_s`` to come back (a loaded Postgres); what the pipeline ran and
-    when each claim returned, in order."""
+Log = list[tuple[str, str]]  # (what, prompt or job id), in order
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
-        self.log: list[tuple[str, str]] = []  # (what, prompt or job id)
+
+class SlowClaims:
+    """Claims that take ``delay_s`` to come back (a loaded Postgres), and a worker whose
+    pipeline notes its steps: what the pipeline ran and when each claim returned, in order."""
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        delay_s: float,
+        start: Callable[[list[tuple[str, str]]], Awaitable[None]],
+    ) -> None:
+        self.log: Log = []
+        self._start = start
         claim = Database.claim
 
         async def slow(db: Database, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
@@ -195,14 +204,29 @@ class SlowClaims:
 
         monkeypatch.setattr(Database, "claim", slow)
 
-    def pipeline(self, inner: DiffusersPipeline) -> StepNoting:
-        return StepNoting(inner, self.log)
+    async def start_worker(self) -> None:
+        await self._start(self.log)
+
+
+@pytest.fixture
+def slow_claims(
+    settings: Settings,
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[float], SlowClaims]:
+    def make(delay_s: float) -> SlowClaims:
+        return SlowClaims(
+            monkeypatch, delay_s, lambda log: run_worker(settings, with_pipeline=StepNoting(pipeline, log))
+        )
+
+    return make
 
 
 class StepNoting:
     """The real pipeline, noting each step it runs (the pipeline thread appends to ``log``)."""
 
-    def __init__(self, inner: DiffusersPipeline, log: list[tuple[str, str]]) -> None:
+    def __init__(self, inner: DiffusersPipeline, log: Log) -> None:
         self.inner, self.log = inner, log
         self.name, self.revision = inner.name, inner.revision
 
@@ -220,12 +244,11 @@ class StepNoting:
 async def test_a_job_starts_on_the_pipeline_while_its_claim_is_in_flight(
     settings: Settings,
     serve: Callable[[Settings], Awaitable[str]],
-    run_worker: Callable[..., Awaitable[None]],
+    slow_claims: Callable[[float], SlowClaims],
     pipeline: DiffusersPipeline,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    claims = SlowClaims(monkeypatch, delay_s=0.5)
-    await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+    claims = slow_claims(0.5)
+    await claims.start_worker()
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
         job_id = (await client.post("/v1/jobs", json={"prompt": "early", "steps": 4, "seed": 3})).json()["id"]
         job = await wait_for(client, job_id, lambda j: j["status"] == "completed")
@@ -243,16 +266,14 @@ async def test_a_job_starts_on_the_pipeline_while_its_claim_is_in_flight(
 async def test_a_job_alone_its_claim_does_not_return_stops_at_once(
     settings: Settings,
     serve: Callable[[Settings], Awaitable[str]],
-    run_worker: Callable[..., Awaitable[None]],
-    pipeline: DiffusersPipeline,
-    monkeypatch: pytest.MonkeyPatch,
+    slow_claims: Callable[[float], SlowClaims],
 ) -> None:
-    claims = SlowClaims(monkeypatch, delay_s=0.3)
+    claims = slow_claims(0.3)
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
         # Canceled while it waits in the queue, before any worker runs.
         doomed = (await client.post("/v1/jobs", json={"prompt": "doomed", "steps": 150})).json()["id"]
         assert (await client.post(f"/v1/jobs/{doomed}/cancel")).json()["status"] == "canceled"
-        await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+        await claims.start_worker()
         after = (await client.post("/v1/jobs", json={"prompt": "after", "steps": 2})).json()["id"]
         await wait_for(client, after, lambda job: job["status"] == "completed")
     # It went to the pipeline with its ticket; the claim came back without it, and it stopped
@@ -270,18 +291,16 @@ async def test_a_job_alone_its_claim_does_not_return_stops_at_once(
 async def test_a_job_canceled_in_the_queue_takes_no_place_in_a_batch(
     settings: Settings,
     serve: Callable[[Settings], Awaitable[str]],
-    run_worker: Callable[..., Awaitable[None]],
-    pipeline: DiffusersPipeline,
-    monkeypatch: pytest.MonkeyPatch,
+    slow_claims: Callable[[float], SlowClaims],
 ) -> None:
-    claims = SlowClaims(monkeypatch, delay_s=0)
+    claims = slow_claims(0)
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
         ids = [
             (await client.post("/v1/jobs", json={"prompt": prompt, "steps": 4})).json()["id"]
             for prompt in ("doomed", "kept")
         ]
         assert (await client.post(f"/v1/jobs/{ids[0]}/cancel")).json()["status"] == "canceled"
-        await run_worker(settings, with_pipeline=claims.pipeline(pipeline))
+        await claims.start_worker()
         kept = await wait_for(client, ids[1], lambda job: job["status"] == "completed")
     # Taken together, claimed before their batch ran: the kept one ran alone.
     assert ("claimed", ids[0]) in claims.log and ("step", "doomed") not in claims.log
