@@ -33,6 +33,7 @@ bench: deps venv
 	$(PY) -m bench.capacity --seconds 10 --concurrency 16
 	$(PY) -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
 	$(PY) -m bench.cluster --servers 3 --workers 3 --clients 30 --jobs-per-client 40
+	$(PY) -m bench.chaos --seconds 240 --watchers 200 --jobs-per-s 4
 
 bench-gpu: venv
 	$(PY) -m bench.gpu

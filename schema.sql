@@ -54,6 +54,11 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS request_hash text;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS images_expired_at timestamptz;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS pipeline_s double precision;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch_size integer;
+-- Rows made before seq blocks start at 0 (their first block skips past what the
+-- old per-job Redis counter may have handed out); a new job owns seqs 1..1024.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS seq_ceiling bigint NOT NULL DEFAULT 0;
+ALTER TABLE jobs ALTER COLUMN seq_ceiling SET DEFAULT 1024;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_token uuid;
 
 COMMENT ON TABLE jobs IS 'One row per generation request; the authoritative job state.';
 COMMENT ON COLUMN jobs.id IS 'Random UUID: unguessable, also the arq job id and the storage key prefix.';
@@ -84,6 +89,8 @@ COMMENT ON COLUMN jobs.worker IS 'Worker id holding (or last holding) the job.';
 COMMENT ON COLUMN jobs.lease_expires_at IS 'Processing jobs only: the worker must heartbeat before this time.';
 COMMENT ON COLUMN jobs.cancel_requested IS 'Set by a cancel of a processing job; the worker stops at the next step.';
 COMMENT ON COLUMN jobs.last_seq IS 'Highest event seq recorded for the job (terminal events are recorded before publishing).';
+COMMENT ON COLUMN jobs.seq_ceiling IS 'Every event seq ever handed out for the job is at most this: seqs come in blocks reserved here (docs/events.md), so a seq is never reused, whatever Redis loses.';
+COMMENT ON COLUMN jobs.claim_token IS 'Random token of the claim that started the current attempt: a retried claim whose reply was lost recognises its own.';
 COMMENT ON COLUMN jobs.model_name IS 'Model that serves the job.';
 COMMENT ON COLUMN jobs.model_revision IS 'Content hash of the model directory that produced the result.';
 COMMENT ON COLUMN jobs.stepcast_version IS 'stepcast version that accepted the job.';

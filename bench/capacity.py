@@ -32,14 +32,16 @@ from redis.asyncio import Redis
 
 from bench import stack
 from stepcast.db import Completion, Database, NewJob
-from stepcast.events import EventLog
+from stepcast.events import Block, EventLog, Progress
 from stepcast.settings import Settings
 
 PARAMS = {
     "prompt": "a red fox", "negative_prompt": None, "model": "tiny", "steps": 20, "width": 64, "height": 64,
     "guidance_scale": 7.5, "seed": 1, "num_images": 1, "scheduler": None,
 }  # fmt: skip
-PROGRESS = {"step": 7, "total": 20, "eta_s": 0.123}
+PROGRESS = Progress(step=7, total=20, eta_s=0.123)
+# A bench job has no row in Postgres: its counter gets one block big enough for any run.
+BLOCK = Block(1, 2**40)
 QUEUE_DEPTH = Settings.model_fields["max_queue_depth"].default
 TOGETHER = 8  # submits a server sends in one statement when 8 sockets submit at once
 
@@ -85,7 +87,9 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
 
     async def lifecycle() -> None:
         job = await submit()
-        claimed = (await db.claim([job.id], worker="bench", lease_s=30, model_revision="r"))[job.id]
+        claimed = (
+            await db.claim([job.id], worker="bench", lease_s=30, model_revision="r", token=uuid.uuid4())
+        )[job.id]
         await db.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
         await db.complete([Completion(job.id, claimed.attempt, "bench", {"images": []}, 22, 0.1, 1)])
 
@@ -122,7 +126,7 @@ async def redis_figures(redis_url: str, redis_pid: int, concurrency: int, second
         nonlocal turn
         turn += 1
         job_id = jobs[turn % len(jobs)]
-        await events.emit(job_id, "bench", "progress", PROGRESS, floor=0)
+        await events.emit(job_id, "bench", PROGRESS, attempt=1, block=BLOCK)
 
     await emit()
     await redis.config_resetstat()
@@ -138,7 +142,7 @@ async def redis_figures(redis_url: str, redis_pid: int, concurrency: int, second
     # Memory of one job's log: 22 events (queued, started, 20 progress) in its stream.
     job_id = str(uuid.uuid4())
     for _ in range(22):
-        await events.emit(job_id, "bench", "progress", PROGRESS, floor=0)
+        await events.emit(job_id, "bench", PROGRESS, attempt=1, block=BLOCK)
     memory = sum([await redis.memory_usage(key) or 0 for key in await redis.keys(f"*{job_id}*")])
     await redis.aclose()
     return {

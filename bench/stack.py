@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +36,8 @@ class Running:
     database_url: str
     workers: list[subprocess.Popen[bytes]]
     start_worker: Callable[[], subprocess.Popen[bytes]]
+    start_server: Callable[[int], subprocess.Popen[bytes]] | None = None
+    log_path: Path | None = None
 
     @property
     def http_url(self) -> str:
@@ -66,11 +70,19 @@ class Running:
         self.servers[index].kill()
         self.servers[index].wait(30)
 
+    def restart_server(self, index: int, timeout_s: float = 30) -> None:
+        """SIGKILL server ``index`` and start a new one on its port; returns once it listens."""
+        assert self.start_server is not None and self.log_path is not None
+        self.kill_server(index)
+        self.servers[index] = self.start_server(self.ports[index])
+        wait_for_port(self.ports[index], self.servers[index], timeout_s, self.log_path)
+
 
 @contextlib.contextmanager
-def services(name: str) -> Iterator[tuple[LocalPostgres, LocalRedis]]:
+def services(name: str, *, durable_postgres: bool = False) -> Iterator[tuple[LocalPostgres, LocalRedis]]:
+    """Postgres and Redis for one benchmark; Redis never persists, Postgres only if ``durable_postgres``."""
     base = BENCH_DIR / name
-    postgres = LocalPostgres(base / "postgres", free_port(), durable=False)
+    postgres = LocalPostgres(base / "postgres", free_port(), durable=durable_postgres)
     redis = LocalRedis(base / "redis", free_port(), durable=False)
     with running(postgres, redis):
         yield postgres, redis
@@ -115,7 +127,10 @@ def stepcast(
         def start_worker() -> subprocess.Popen[bytes]:
             return start("gpu_worker.worker", {})
 
-        front = [start("server.app", {"STEPCAST_PORT": str(port)}) for port in ports]
+        def start_server(port: int) -> subprocess.Popen[bytes]:
+            return start("server.app", {"STEPCAST_PORT": str(port)})
+
+        front = [start_server(port) for port in ports]
         fleet = [start_worker() for _ in range(workers)]
         try:
             for port, server in zip(ports, front, strict=True):
@@ -128,6 +143,8 @@ def stepcast(
                 database_url=postgres.dsn(database),
                 workers=fleet,
                 start_worker=start_worker,
+                start_server=start_server,
+                log_path=log_path,
             )
         finally:
             for process in [*front, *fleet]:
@@ -135,6 +152,36 @@ def stepcast(
                     process.terminate()
             for process in [*front, *fleet]:
                 process.wait(30)
+
+
+def restart_redis(redis: LocalRedis) -> None:
+    """Stop Redis and start it again empty (it never persists here: nothing comes back)."""
+    redis.stop()
+    (redis.data_dir / "dump.rdb").unlink(missing_ok=True)
+    redis.start()
+    # Not DBSIZE: the servers and workers may already be writing again.
+    info = subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "info", "persistence"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    if "rdb_last_load_keys_loaded:0" not in info.split():
+        raise RuntimeError(f"redis came back with data: {info}")
+
+
+def restart_postgres(postgres: LocalPostgres, *, immediate: bool = False) -> None:
+    """What ``pg_ctl restart -m fast`` (or ``-m immediate``) does, to the postmaster we own.
+
+    pg_ctl would start the new postmaster outside this process's children, out
+    of reach of the clean-up; the same signals (SIGINT: fast, SIGQUIT:
+    immediate, a crash that recovery repairs) and a start keep it ours.
+    """
+    process = postgres.process
+    assert process is not None
+    process.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
+    process.wait(60)
+    postgres.start()
 
 
 # Fast detection of a dead worker for the benchmarks that kill them: a 2 s

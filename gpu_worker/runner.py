@@ -41,15 +41,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from PIL import Image
-from redis.exceptions import RedisError
 
 from gpu_worker import batching
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image
 from stepcast.batched import Gatherer
 from stepcast.db import Completion, Database, retrying
-from stepcast.events import EventLog
-from stepcast.jobs import Job
+from stepcast.events import Canceled, Completed, EventLog, Failed, Progress, Started, Terminal
+from stepcast.jobs import Job, Status
+from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import JobParams
 from stepcast.queue import Ticket
 from stepcast.settings import Settings
@@ -59,7 +59,7 @@ from stepcast.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 PNG = "image/png"
-TERMINAL_EMIT_ATTEMPTS = 6  # about 6 s of back-off for a Redis blip at the end of a job
+EARLY_CANCEL_S = 60.0  # how long a cancel for a job not (yet) running here is remembered
 
 Outcome = Generation | Exception
 T = TypeVar("T")
@@ -150,7 +150,7 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.db = db
-        self.events = events
+        self.lifecycle = Lifecycle(db, events, db_retry_s=settings.db_retry_s)
         self.storage = storage
         self.pipeline = pipeline
         self.worker_id = worker_id
@@ -159,7 +159,11 @@ class JobRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._waiting: list[_Waiting] = []
         self._arrived = asyncio.Event()
-        self._active: dict[uuid.UUID, _Active] = {}
+        # By job and attempt: a job whose lease ran out here (Postgres away) may come back to
+        # this worker as its next attempt while the old one is still stopping.
+        self._active: dict[tuple[uuid.UUID, int], _Active] = {}
+        # Cancels heard for jobs not running here: one whose claim is in flight stops as it returns.
+        self._early_cancels: dict[uuid.UUID, float] = {}
         self._entered = 0  # jobs inside run()
         self._holding = 0  # of those, jobs not yet past the pipeline
         self._busy = False
@@ -182,9 +186,17 @@ class JobRunner:
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def request_cancel(self, job_id: uuid.UUID) -> None:
-        active = self._active.get(job_id)
-        if active is not None:
+        running = [active for (job, _), active in self._active.items() if job == job_id]
+        for active in running:
             active.halt("canceled")
+        if running:
+            return
+        now = time.monotonic()
+        if len(self._early_cancels) > 1000:
+            self._early_cancels = {
+                j: at for j, at in self._early_cancels.items() if now - at < EARLY_CANCEL_S
+            }
+        self._early_cancels[job_id] = now
 
     def release_waiting(self) -> None:
         """Shutting down: jobs that have not got the pipeline go back to the queue unclaimed."""
@@ -240,11 +252,12 @@ class JobRunner:
                 raise
             if active is None:
                 return
-            self._active[active.job.id] = active
+            key = (active.job.id, active.job.attempt)
+            self._active[key] = active
             try:
                 await self._execute(active, let_go)
             finally:
-                del self._active[active.job.id]
+                del self._active[key]
         finally:
             let_go()
             self._entered -= 1
@@ -294,10 +307,10 @@ class JobRunner:
             await self._run_batch(batch)
             return
         actives = await self._claim(batch)
-        claimed = {active.job.id: active for active in actives}
-        runs = [waiting for waiting in batch if waiting.job_id in claimed]
+        claimed = {id(active.stop): active for active in actives}  # (its waiting job's flag)
+        runs = [waiting for waiting in batch if id(waiting.stop) in claimed]
         for waiting in runs:  # as its row has them (a job without a ticket learns them here)
-            active = claimed[waiting.job_id]
+            active = claimed[id(waiting.stop)]
             waiting.params, waiting.preview = active.params, active.job.preview
         if runs:
             await self._run_batch(runs, actives)
@@ -318,6 +331,7 @@ class JobRunner:
 
     async def _claim(self, batch: list[_Waiting]) -> list[_Active]:
         """Claim the batch's jobs in one statement; each waiting job learns whether it runs."""
+        token = uuid.uuid4()  # the same for a retry: it finds the jobs a lost reply started
         try:
             jobs = await self._write(
                 "claim",
@@ -326,6 +340,7 @@ class JobRunner:
                     worker=self.worker_id,
                     lease_s=self.settings.lease_s,
                     model_revision=self.pipeline.revision,
+                    token=token,
                 ),
             )
         except Exception as exc:
@@ -335,7 +350,7 @@ class JobRunner:
             return []
         actives: list[_Active] = []
         for waiting in batch:
-            job = jobs.get(waiting.job_id)
+            job = jobs.pop(waiting.job_id, None)  # a job that waits here twice runs once
             if job is None:
                 logger.info(
                     "job not claimable: finished, canceled or held elsewhere",
@@ -351,6 +366,8 @@ class JobRunner:
                 params = waiting.params if waiting.params is not None else JobParams.from_json(job.params)
                 # Its batch: the jobs of this claim, as the list fills.
                 active = _Active(job, params, job.last_seq, waiting.stop, waiting.steps, batch=actives)
+                if self._early_cancels.pop(job.id, None) is not None:
+                    active.halt("canceled")  # asked while its claim was in flight
             waiting.claimed.set_result(active)
             if active is not None:
                 actives.append(active)
@@ -381,9 +398,9 @@ class JobRunner:
             try:
                 if actives is None:
                     actives = await self._claim(batch)
-                    claimed = {active.job.id for active in actives}
+                    claimed = {id(active.stop) for active in actives}
                     for waiting in batch:
-                        if waiting.job_id not in claimed:
+                        if id(waiting.stop) not in claimed:
                             waiting.stop.set()
                 for active in actives:  # (their batch: the list itself, from _claim)
                     active.pipeline_started = started
@@ -404,9 +421,11 @@ class JobRunner:
             self.metrics.busy.set(0)
             self.metrics.pipeline_seconds.inc(elapsed)
             self.metrics.batch_images.observe(sum(request.params.num_images for request in requests))
-        ran = {active.job.id: active for active in actives or []}
+        # Each active shares its waiting job's stop flag: matched by it, not by job id (the
+        # same job may wait here twice, its old attempt and its next).
+        ran = {id(active.stop): active for active in actives or []}
         for waiting, outcome in zip(batch, outcomes, strict=True):
-            if (mine := ran.get(waiting.job_id)) is not None:
+            if (mine := ran.get(id(waiting.stop))) is not None and not mine.outcome.done():
                 mine.pipeline_s = round(elapsed, 4)
                 mine.outcome.set_result(outcome)
 
@@ -430,7 +449,7 @@ class JobRunner:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
         logger.info("job started", extra=log)
-        await self._emit(active, "started", {"attempt": job.attempt, "worker": self.worker_id})
+        await self._emit(active, Started(attempt=job.attempt, worker=self.worker_id))
         publisher = asyncio.create_task(self._publish_progress(active))
         heartbeat = asyncio.create_task(self._heartbeat(active))
         outcome: Outcome | None = None
@@ -501,17 +520,14 @@ class JobRunner:
             active.step = step
             self.metrics.steps.inc()
             elapsed = done_at - active.pipeline_started
-            fields: dict[str, Any] = {
-                "step": step,
-                "total": params.steps,
-                "eta_s": round(elapsed / step * (params.steps - step), 3),
-            }
+            preview = None
             if latents is not None:
                 try:
-                    fields["preview"] = await asyncio.to_thread(encode_preview, latents, preview_px)
+                    preview = await asyncio.to_thread(encode_preview, latents, preview_px)
                 except Exception as exc:  # a preview is a nicety: never let it stop the events
                     logger.warning("no preview: %s", exc, extra={"job_id": str(active.job.id)})
-            await self._emit(active, "progress", fields)
+            eta_s = round(elapsed / step * (params.steps - step), 3)
+            await self._emit(active, Progress(step=step, total=params.steps, eta_s=eta_s, preview=preview))
 
     async def _heartbeat(self, active: _Active) -> None:
         job = active.job
@@ -537,10 +553,11 @@ class JobRunner:
         job, params = active.job, active.params
         records: list[dict[str, Any]] = []
         # The terminal event's seq, reserved while the images are encoded and stored.
-        seq = asyncio.ensure_future(self._reserve_seq(active))
+        seq = asyncio.ensure_future(self.lifecycle.reserve(job.id, Speaker.running(job)))
         try:
             for index, (image, seed) in enumerate(zip(generation.images, params.image_seeds(), strict=True)):
-                key = image_key(str(job.id), index)
+                # Under this attempt's own keys: a stale attempt cannot overwrite the winner's images.
+                key = image_key(str(job.id), index, attempt=job.attempt)
                 await self._stores((key, functools.partial(encode_png, image), PNG))
                 records.append(
                     {
@@ -555,6 +572,9 @@ class JobRunner:
             logger.exception("storing images failed", extra={"job_id": str(job.id)})
             await self._fail(active, "storage_error", f"could not store the images: {exc}", seq=await seq)
             return
+        if await seq is None:
+            logger.warning("job moved on while its images were stored", extra={"job_id": str(job.id)})
+            return
         result = {"images": records}
 
         async def write(seq: int) -> Job | None:
@@ -563,14 +583,14 @@ class JobRunner:
                 Completion(job.id, job.attempt, job.owner, result, seq, active.pipeline_s, batch)
             )
 
-        async def fields(done: Job) -> dict[str, Any]:
+        async def event(done: Job) -> Terminal:
             images = [
                 {"url": await self.storage.url(r["key"]), **{k: v for k, v in r.items() if k != "key"}}
                 for r in records
             ]
-            return {"images": images, "timings": done.timings()}
+            return Completed(images=images, timings=done.timings())
 
-        await self._finish(active, "completed", write, fields, seq=await seq)
+        await self._finish(active, Status.COMPLETED, write, event, seq=await seq)
 
     async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
         return [*await self.db.complete(completions)]
@@ -581,23 +601,19 @@ class JobRunner:
         async def write(seq: int) -> Job | None:
             return await self.db.fail(job.id, job.attempt, code=code, message=message, seq=seq)
 
-        async def fields(done: Job) -> dict[str, Any]:
-            return {"error": {"code": code, "message": message}}
-
-        await self._finish(active, "failed", write, fields, seq=seq)
+        await self._finish(active, Status.FAILED, write, Failed(code=code, message=message), seq=seq)
 
     async def _hand_back(self, active: _Active) -> None:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
-        back = await self._write(
-            "hand back", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
+        back = await self.lifecycle.requeue(
+            job, "worker_shutdown", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
         )
         if back is None:  # a cancel is pending (or the job moved on): finish it as canceled
             await self._cancel(active)
             return
         logger.info("job handed back to the queue (shutdown)", extra=log)
         self.metrics.jobs.labels("handed_back").inc()
-        await self._emit(active, "requeued", {"attempt": job.attempt + 1, "reason": "worker_shutdown"})
 
     async def _cancel(self, active: _Active) -> None:
         job = active.job
@@ -605,72 +621,31 @@ class JobRunner:
         async def write(seq: int) -> Job | None:
             return await self.db.cancel_running(job.id, job.attempt, step=active.step, seq=seq)
 
-        async def fields(done: Job) -> dict[str, Any]:
-            return {}
-
-        await self._finish(active, "canceled", write, fields)
-
-    async def _reserve_seq(self, active: _Active) -> int:
-        """The next seq of the job's log, for an event recorded in Postgres before it is published."""
-        try:
-            return await self.events.reserve(str(active.job.id), floor=active.last_seq)
-        except RedisError:
-            logger.exception(
-                "could not reserve a seq; continuing from Postgres", extra={"job_id": str(active.job.id)}
-            )
-            return active.last_seq + 1
+        await self._finish(active, Status.CANCELED, write, Canceled())
 
     async def _finish(
         self,
         active: _Active,
-        event_type: str,
+        status: Status,
         write: Callable[[int], Awaitable[Job | None]],
-        fields: Callable[[Job], Awaitable[dict[str, Any]]],
+        event: Terminal | Callable[[Job], Awaitable[Terminal]],
         *,
         seq: int | None = None,
     ) -> None:
         """Record the terminal state in Postgres (fenced), then publish it with the same seq."""
         job = active.job
-        if seq is None:
-            seq = await self._reserve_seq(active)
-        done = await self._write(event_type, lambda: write(seq))
+        done = await self.lifecycle.finish(job, status, Speaker.running(job), write, event, seq=seq)
         if done is None:
-            # A retried write may have committed the first time (the reply was lost).
-            current = await self._write("read back", lambda: self.db.get_job(job.id))
-            ours = current is not None and (current.attempt, current.last_seq) == (job.attempt, seq)
-            if not ours or current is None or current.status.value != event_type:
-                logger.warning("terminal write fenced off: job moved on", extra={"job_id": str(job.id)})
-                return
-            done = current
-        logger.info("job %s", event_type, extra={"job_id": str(job.id), "attempt": job.attempt})
-        self.metrics.jobs.labels(event_type).inc()
+            return
+        logger.info("job %s", status.value, extra={"job_id": str(job.id), "attempt": job.attempt})
+        self.metrics.jobs.labels(status.value).inc()
         if done.run_s is not None:
             self.metrics.run_seconds.observe(done.run_s)
         if done.queue_s is not None:
             self.metrics.queue_seconds.observe(done.queue_s)
-        # The outcome is recorded; retry its publication so live watchers hear of it.
-        await self._emit(active, event_type, await fields(done), seq=seq, attempts=TERMINAL_EMIT_ATTEMPTS)
 
-    async def _emit(
-        self, active: _Active, event_type: str, fields: dict[str, Any], *, seq: int = 0, attempts: int = 1
-    ) -> None:
+    async def _emit(self, active: _Active, event: Started | Progress) -> None:
         job = active.job
-        for attempt in range(attempts):
-            try:
-                published = await self.events.emit(
-                    str(job.id), job.owner, event_type, fields, floor=active.last_seq, seq=seq
-                )
-            except RedisError:
-                # Postgres holds the truth; a subscriber that missed this gets a snapshot.
-                logger.warning(
-                    "could not publish %s", event_type, extra={"job_id": str(job.id)}, exc_info=True
-                )
-                await asyncio.sleep(0.1 * 2**attempt)
-                continue
-            if published < 0:
-                logger.warning(
-                    "%s not appended: the log is past seq %s", event_type, seq, extra={"job_id": str(job.id)}
-                )
-            else:
-                active.last_seq = published
-            return
+        published = await self.lifecycle.emit(job.id, job.owner, event, Speaker.running(job))
+        if published is not None:
+            active.last_seq = published

@@ -2,13 +2,16 @@
 and what is still to be sent to it. WebSocket connections and SSE streams are
 both feeds.
 
-Resume without loss (DESIGN §3): watching a job subscribes its channel first
-(confirmed), then reads the job's stream. Live events that arrive meanwhile are
-buffered; once the replay (or the snapshot) is out, the buffer is flushed,
-skipping what was already sent, so there is no gap and no duplicate. Replay is
-all-or-nothing: if the stream no longer holds every event after the client's
-``after_seq``, the client gets a ``snapshot`` from Postgres and then only
-events after its ``last_seq``.
+Resume without loss (docs/events.md): watching a job subscribes its channel
+first (confirmed), then reads the job's stream, then its row. Live events that
+arrive meanwhile are buffered; once the replay (or the snapshot) is out, the
+buffer is flushed, skipping what was already sent, so there is no gap and no
+duplicate. Replay is all-or-nothing: if the stream does not hold every event
+after the client's ``after_seq`` (or the server knows no such seq), the client
+gets a ``snapshot`` and then only events after its ``last_seq``. The row is
+read after the stream, and every event but ``progress`` and ``queued`` is
+recorded in Postgres before it is emitted, so a snapshot shows whatever the
+events it stands for say: it never hides a later event.
 
 Slow clients: the outbound buffer is bounded. When it is full, the oldest
 queued ``progress`` event is dropped (a later one says more); other events are
@@ -28,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stepcast.errors import NotFound
-from stepcast.events import TERMINAL_TYPES, job_channel, owner_channel
-from stepcast.jobs import Job
+from stepcast.events import TERMINAL_TYPES, Stream, job_channel, owner_channel
+from stepcast.jobs import Job, Status
 from stepcast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -57,6 +60,7 @@ class Outgoing:
 @dataclass
 class _Watch:
     last_seq: int
+    delivered: int = 0  # the highest seq of an event sent: events only go forward
     syncing: bool = True
     done: bool = False
     stale: bool = False  # a re-sync must run again after the current one
@@ -147,20 +151,19 @@ class Feed:
 
     # -- watching -----------------------------------------------------------
 
-    async def watch(self, job_id: uuid.UUID, after_seq: int | None, *, new: Job | None = None) -> None:
+    async def watch(self, job_id: uuid.UUID, after_seq: int | None, *, new: bool = False) -> None:
         """Send what the client missed after ``after_seq`` (or a snapshot), then live events.
 
-        ``new``: the row of a job this owner has just submitted, which spares
-        reading it twice (its log can only have grown since).
+        ``new``: a job this owner has just submitted (no need to check whose it is).
         """
         key = str(job_id)
-        if new is None:
+        if not new:
             await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
         watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
         try:
             await self.hub.add(job_channel(key), self)
-            await self._sync(key, watch, after_seq, new)
+            await self._sync(key, watch, after_seq)
         except BaseException:
             if self._watches.get(key) is watch:
                 del self._watches[key]
@@ -195,35 +198,38 @@ class Feed:
             self.hub.remove(owner_channel(self.owner), self)
         self._watches.clear()
 
-    async def _sync(self, key: str, watch: _Watch, after_seq: int | None, job: Job | None = None) -> None:
+    async def _sync(self, key: str, watch: _Watch, after_seq: int | None) -> None:
         watch.syncing = True
         watch.stale = False
         watch.buffer.clear()  # whatever arrived before the read below is in the stream
-        read_now = job is None
-        if job is None:
-            job = await self.services.get(self.owner, uuid.UUID(key))
-        events = await self.services.events.read(key, after_seq=after_seq or 0)
-        if after_seq is not None and _covers(events, after_seq, job.last_seq):
-            for event in events:
+        stream = await self.services.events.read(key, after_seq=after_seq or 0)
+        job = await self.services.get(self.owner, uuid.UUID(key))  # after the stream: see the module doc
+        if after_seq is not None and _covers(stream, after_seq, job.last_seq):
+            for event in stream.events:
                 self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
         else:
-            if not read_now:  # a snapshot shows the job as it is now
-                job = await self.services.get(self.owner, uuid.UUID(key))
-            await self._snapshot(key, watch, job, events[-1] if events else None)
+            await self._snapshot(key, watch, job, stream.events[-1] if stream.events else None)
         buffered, watch.buffer = watch.buffer, []
         watch.syncing = False
         for event, text in sorted(buffered, key=lambda pair: int(pair[0]["seq"])):
             self._deliver(key, watch, event, text)
+        if job.status.terminal and not watch.done:
+            # Postgres has the end, no event of it has come: it was on its way when the
+            # stream was read (then the stream has it now), or it was never published.
+            for event in (await self.services.events.read(key, after_seq=watch.last_seq)).events:
+                self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
+            if not watch.done:
+                await self._snapshot(key, watch, job, None)
         if watch.stale:
             self._resync(key, watch)
 
     async def _snapshot(self, key: str, watch: _Watch, job: Job, latest: dict[str, Any] | None) -> None:
         wire = await self.services.render(job)
-        # Postgres has every terminal state, but running progress only as of the
-        # last heartbeat: the stream's newest event may be further along.
+        # The row was read after the stream, so it shows what every event there says
+        # but progress, which Postgres has only as of the last heartbeat.
         if latest is not None and latest["seq"] > wire["last_seq"]:
             wire["last_seq"] = latest["seq"]
-            if latest["type"] == "progress":
+            if latest["type"] == "progress" and job.status is Status.PROCESSING:
                 wire["progress"] = {"step": latest["step"], "total": latest["total"]}
         watch.last_seq = wire["last_seq"]
         terminal = job.status.terminal
@@ -234,9 +240,9 @@ class Feed:
 
     def _deliver(self, key: str, watch: _Watch, event: dict[str, Any], text: str) -> None:
         seq = int(event["seq"])
-        if watch.done or seq <= watch.last_seq:
+        if watch.done or seq <= watch.last_seq or seq <= watch.delivered:
             return
-        watch.last_seq = seq
+        watch.last_seq = watch.delivered = seq
         terminal = event["type"] in TERMINAL_TYPES
         self.push(Outgoing(text, event["type"], key, seq, terminal=terminal))
         if terminal:
@@ -308,10 +314,13 @@ class Feed:
         task.add_done_callback(self._tasks.discard)
 
 
-def _covers(events: list[dict[str, Any]], after_seq: int, last_seq: int) -> bool:
-    """Do the stream's events hold every seq after ``after_seq`` up to Postgres' ``last_seq``?"""
+def _covers(stream: Stream, after_seq: int, last_seq: int) -> bool:
+    """Does the stream hold every seq after ``after_seq`` up to Postgres' ``last_seq``, and is
+    ``after_seq`` a seq the server knows at all (not one from before Redis lost its data)?"""
+    if after_seq > max(stream.top, last_seq):
+        return False
     expected = after_seq + 1
-    for event in events:
+    for event in stream.events:
         if event["seq"] != expected:
             return False
         expected += 1

@@ -19,7 +19,9 @@ import uuid
 from typing import TYPE_CHECKING
 
 from stepcast.db import Database, Pace
+from stepcast.events import Queued
 from stepcast.jobs import Job
+from stepcast.lifecycle import Speaker
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -108,17 +110,15 @@ class QueueAnnouncer:
         return now - last_at >= self.interval_s * position / EVERY_CHANGE_UP_TO
 
     async def tick(self) -> None:
-        db, events = self.services.db, self.services.events
+        db, lifecycle = self.services.db, self.services.lifecycle
         pending = await db.pending_positions()
         estimator = self.services.eta
         now = time.monotonic()
         for job, position in pending:
             if not self._due(job.id, position, now):
                 continue
-            fields = {"position": position, "eta_s": await estimator.eta_s(job, position)}
-            await events.emit(
-                str(job.id), job.owner, "queued", fields, floor=job.last_seq, position_update=True
-            )
+            queued = Queued(position=position, eta_s=await estimator.eta_s(job, position))
+            await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
             self._announced[job.id] = (position, now)
         live = {job.id for job, _ in pending}
         for job_id in [j for j in self._announced if j not in live]:

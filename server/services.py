@@ -24,8 +24,9 @@ from stepcast import __version__, queue
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
-from stepcast.events import CANCEL_CHANNEL, EventLog
+from stepcast.events import CANCEL_CHANNEL, Block, Canceled, EventLog, Queued
 from stepcast.jobs import Job, Status, to_wire
+from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
@@ -51,10 +52,12 @@ class Services:
     # The submits of one loop pass are inserted in one statement, announced in one round trip.
     inserts: Gatherer[NewJob, Insertion] = field(init=False)
     pipelined: Pipelined = field(init=False)
+    lifecycle: Lifecycle = field(init=False)
 
     def __post_init__(self) -> None:
         self.inserts = Gatherer(self._insert)
         self.pipelined = Pipelined(self.redis)
+        self.lifecycle = Lifecycle(self.db, self.events)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -131,12 +134,14 @@ class Services:
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
         position = insertion.pending + 1  # behind every job pending when it was inserted
-        fields = {"position": position, "eta_s": (await pace).drain_s(position, params.steps)}
+        queued = Queued(position=position, eta_s=(await pace).drain_s(position, params.steps))
+        # The seqs the insert reserved (schema.sql): offered to Redis once, here.
+        first = Block(1, job.seq_ceiling)
 
         def announce(pipe: Pipeline) -> None:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
-            self.events.emit_in(pipe, str(job.id), owner, "queued", fields, floor=job.last_seq)
+            self.events.emit_in(pipe, str(job.id), owner, queued, attempt=job.attempt + 1, block=first)
             queue.enqueue_in(pipe, self.redis, job.id, job.queue, ticket=queue.Ticket.of(job))
 
         try:
@@ -193,14 +198,15 @@ class Services:
         """Pending jobs are canceled here and never start; processing jobs stop at their next step."""
         job = await self.get(owner, job_id)
         if job.status is Status.PENDING:
-            try:
-                seq = await self.events.reserve(str(job.id), floor=job.last_seq)
-            except RedisError:
-                seq = job.last_seq + 1  # Postgres decides, with or without Redis
-            canceled = await self.db.finish_pending(job.id, status=Status.CANCELED, seq=seq)
+            # Without Redis the seq comes from Postgres: watchers learn of it in a snapshot.
+            canceled = await self.lifecycle.finish(
+                job,
+                Status.CANCELED,
+                Speaker.waiting(job),
+                lambda seq: self.db.finish_pending(job.id, status=Status.CANCELED, seq=seq),
+                Canceled(),
+            )
             if canceled is not None:
-                with contextlib.suppress(RedisError):
-                    await self.events.emit(str(job.id), owner, "canceled", floor=seq, seq=seq)
                 logger.info("job canceled while pending", extra={"job_id": str(job.id)})
                 return canceled
             job = await self.get(owner, job_id)  # claimed meanwhile: cancel it as processing

@@ -106,7 +106,10 @@ async def _lock_or_close(conn: asyncpg.Connection, query: str, key: int) -> Any:
     try:
         return await conn.fetchval(query, key)
     except BaseException:
-        conn.terminate()
+        # Already gone (a Postgres restart) is closed enough; what stopped us goes on up
+        # (a cancellation above all: a shutdown must not hang on it).
+        with contextlib.suppress(Exception):
+            conn.terminate()
         raise
 
 
@@ -461,23 +464,54 @@ class Database:
     # -- the worker's side (every write fenced by attempt) -----------------
 
     async def claim(
-        self, job_ids: Sequence[uuid.UUID], *, worker: str, lease_s: float, model_revision: str
+        self,
+        job_ids: Sequence[uuid.UUID],
+        *,
+        worker: str,
+        lease_s: float,
+        model_revision: str,
+        token: uuid.UUID,
     ) -> dict[uuid.UUID, Job]:
-        """Start the jobs (a batch) that are still pending, in one statement: those it started."""
+        """Start the jobs (a batch) that are still pending, in one statement: those it started.
+
+        ``token`` names this claim: the same call again (its reply was lost) returns the
+        jobs the first one started, rather than nothing.
+        """
         rows = await self.pool.fetch(
             """
-            UPDATE jobs SET
-                status = 'processing', attempt = attempt + 1, worker = $2, started_at = now(),
-                lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
-                model_revision = $4
-            WHERE id = ANY($1::uuid[]) AND status = 'pending' AND NOT cancel_requested
-              AND (queue_expires_at IS NULL OR queue_expires_at > now())
-            RETURNING *
+            WITH started AS (
+                UPDATE jobs SET
+                    status = 'processing', attempt = attempt + 1, worker = $2, started_at = now(),
+                    lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
+                    model_revision = $4, claim_token = $5
+                WHERE id = ANY($1::uuid[]) AND status = 'pending' AND NOT cancel_requested
+                  AND (queue_expires_at IS NULL OR queue_expires_at > now())
+                RETURNING *
+            )
+            SELECT * FROM started
+            UNION ALL
+            SELECT * FROM jobs
+            WHERE id = ANY($1::uuid[]) AND status = 'processing' AND claim_token = $5
             """,
-            list(job_ids), worker, lease_s, model_revision,
+            list(job_ids), worker, lease_s, model_revision, token,
         )  # fmt: skip
         jobs = (Job.from_record(row) for row in rows)
         return {job.id: job for job in jobs}
+
+    async def reserve_seqs(self, job_id: uuid.UUID, count: int, *, attempt: int | None = None) -> int | None:
+        """Reserve the job's next ``count`` event seqs: the last of them (the first is
+        ``last - count + 1``), above every seq ever handed out for the job. With ``attempt``,
+        only while that attempt runs the job (a stale worker gets None)."""
+        value = await self.pool.fetchval(
+            """
+            UPDATE jobs SET
+                seq_ceiling = CASE WHEN seq_ceiling = 0 THEN last_seq + $2 ELSE seq_ceiling END + $2
+            WHERE id = $1 AND ($3::int IS NULL OR (attempt = $3 AND status = 'processing'))
+            RETURNING seq_ceiling
+            """,
+            job_id, count, attempt,
+        )  # fmt: skip
+        return None if value is None else int(value)
 
     async def heartbeat(
         self, job_id: uuid.UUID, attempt: int, *, lease_s: float, step: int, last_seq: int
@@ -546,6 +580,19 @@ class Database:
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
+    async def restamp(self, job_id: uuid.UUID, seq: int, later: int) -> bool:
+        """Record a finished job's terminal event under a later seq (the log had passed ``seq``
+        before the event could be appended); fenced by the seq it replaces."""
+        value = await self.pool.fetchval(
+            """
+            UPDATE jobs SET last_seq = $3
+            WHERE id = $1 AND last_seq = $2 AND status IN ('completed', 'failed', 'canceled') AND $3 > $2
+            RETURNING true
+            """,
+            job_id, seq, later,
+        )  # fmt: skip
+        return bool(value)
+
     async def hand_back(self, job_id: uuid.UUID, attempt: int, *, last_seq: int) -> Job | None:
         """A worker shutting down returns its job to the queue; the attempt does not count
         against max_attempts. None if the job moved on or a cancel is pending."""
@@ -584,11 +631,14 @@ class Database:
         return [Job.from_record(row) for row in rows]
 
     async def requeue_expired(self, job_id: uuid.UUID, attempt: int) -> Job | None:
-        """Back to pending, unless the worker renewed its lease meanwhile (fenced)."""
+        """Back to pending, unless the worker renewed its lease meanwhile (fenced) or a cancel
+        was asked for (the recovery pass cancels it instead: a pending job no claim accepts
+        would wait for nothing)."""
         row = await self.pool.fetchrow(
             """
             UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL, progress_step = 0
             WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
+              AND NOT cancel_requested
             RETURNING *
             """,
             job_id,

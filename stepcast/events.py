@@ -1,21 +1,27 @@
-"""Job events (DESIGN §3): encoding and the per-job log in Redis.
+"""Job events: their typed constructors, their encoding, and the per-job log in Redis.
 
 Each event is one flat JSON object: ``type``, ``job_id``, ``seq``, then the
-type's own fields. One Lua script gives an event its ``seq``, appends it to the
-job's capped stream under the stream id ``<seq>-0`` and publishes it, all
-atomically, so the stream order, the pub/sub order and the seq order are the
-same order. The per-job counter never goes below the ``floor`` the caller read
-from Postgres, so seqs keep increasing even after Redis lost its data.
+type's own fields (docs/events.md). One Lua script gives an event its ``seq``,
+appends it to the job's capped stream under the stream id ``<seq>-0`` and
+publishes it, all atomically: stream order = publish order = seq order.
 
-Terminal events take two steps: :meth:`EventLog.reserve` a seq, record the
-terminal state with it in Postgres, then :meth:`EventLog.emit` with that seq.
+Seqs are handed out from blocks that Postgres reserves (``jobs.seq_ceiling``);
+Redis only counts within the current block. When Redis has no counter for a
+job (it lost its data) or the block is used up, :data:`NEED_BLOCK` comes back
+and the caller offers a fresh block, above every seq ever handed out. The
+script also fences attempts (an event of an attempt older than one already
+heard of is refused, unless its seq was reserved for a write that Postgres
+fenced) and ends a log at its terminal event. Callers go through
+:mod:`stepcast.lifecycle`, which handles blocks and Postgres.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -27,45 +33,163 @@ logger = logging.getLogger(__name__)
 TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
 CANCEL_CHANNEL = "stepcast:cancel"
 
-_EMIT = """
+# What the scripts answer besides a seq.
+UNCHANGED = 0  # a position update with nothing new to say, or the job no longer waits
+BEHIND = -1  # a reserved seq the stream is already past
+NEED_BLOCK = -2  # no counter (Redis lost it) or its block is used up: offer a fresh block
+FENCED = -3  # a newer attempt exists, or the log has ended
+
+# Shared head of both scripts: KEYS[1] counter hash, KEYS[2] stream. Sets cur/ceil
+# (nil when there is no counter), top (the stream's newest seq), newest (its text).
+_STATE = """
+local state = redis.call('HMGET', KEYS[1], 'cur', 'ceil', 'att')
+local cur, ceil, att = tonumber(state[1]), tonumber(state[2]), tonumber(state[3] or '0')
+local attempt = tonumber(ARGV[1])
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-local top = 0
-if last then top = tonumber(string.match(last[1], '^(%d+)')) end
-local cur = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[2]), top)
+local top, newest = 0, nil
+if last then
+    top = tonumber(string.match(last[1], '^(%d+)'))
+    newest = last[2][2]
+    local kind = string.match(newest, '^{"type":"(%a+)",')
+    if kind == 'completed' or kind == 'failed' or kind == 'canceled' then return -3 end
+end
+local function next_seq(lo, hi)
+    if cur == nil or cur >= ceil then
+        if hi == 0 or lo <= top or (cur ~= nil and lo <= cur) then return nil end
+        cur, ceil = lo - 1, hi
+    end
+    cur = cur + 1
+    return cur
+end
+local function keep(seq)
+    if cur == nil or seq > cur then cur = seq end
+    if ceil == nil or ceil < cur then ceil = cur end
+    redis.call('HSET', KEYS[1], 'cur', cur, 'ceil', ceil, 'att', math.max(att, attempt))
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+"""
+
+# KEYS: counter, stream, job channel, owner channel. ARGV: attempt, ttl, seq (0 = the
+# next), head, tail, stream max, position update (1/0), block lo, block hi (0 = none).
+_EMIT = (
+    _STATE
+    + """
+local seq = tonumber(ARGV[3])
 if ARGV[7] == '1' then
-    -- A position update only while the job waits: after its first 'queued'
-    -- (the submit's own, never before it) or a 'requeued', and with no seq
-    -- reserved for an event on its way (a cancel); never after 'started'. And
-    -- only if it says something new.
-    if not last or cur > top then return 0 end
-    local newest = last[2][2]
+    -- A position update only while the job waits (its newest event is 'queued' or
+    -- 'requeued'), with no seq reserved for an event on its way (a cancel), and only
+    -- if it says something new.
+    if cur == nil or newest == nil or cur > top then return 0 end
     local waiting = string.match(newest, '^{"type":"(%a+)",')
     if waiting ~= 'queued' and waiting ~= 'requeued' then return 0 end
-    if string.match(newest, '"seq":%d+(.*)$') == ARGV[4] then return 0 end
+    if string.match(newest, '"seq":%d+(.*)$') == ARGV[5] then return 0 end
 end
-local seq = tonumber(ARGV[1])
 if seq == 0 then
-    seq = cur + 1
+    -- An event that records nothing in Postgres: refused from an attempt older than
+    -- one heard of. (A reserved seq is a terminal event's: its fenced write decided.)
+    if attempt < att then return -3 end
+    seq = next_seq(tonumber(ARGV[8]), tonumber(ARGV[9]))
+    if seq == nil then return -2 end
 elseif seq <= top then
     return -1
 end
-redis.call('SET', KEYS[1], math.max(cur, seq), 'EX', ARGV[6])
-local data = ARGV[3] .. seq .. ARGV[4]
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'e', data)
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+keep(seq)
+local data = ARGV[4] .. seq .. ARGV[5]
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 'e', data)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], data)
 redis.call('PUBLISH', KEYS[4], data)
 return seq
 """
+)
 
-_RESERVE = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local floor = tonumber(ARGV[1])
-if cur < floor then cur = floor end
-cur = cur + 1
-redis.call('SET', KEYS[1], cur, 'EX', ARGV[2])
-return cur
+# KEYS: counter, stream. ARGV: attempt, ttl, block lo, block hi (0 = none).
+_RESERVE = (
+    _STATE
+    + """
+local seq = next_seq(tonumber(ARGV[3]), tonumber(ARGV[4]))
+if seq == nil then return -2 end
+keep(seq)
+return seq
 """
+)
+
+
+# -- the events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event's own fields; ``type`` names it on the wire."""
+
+    type: ClassVar[str]
+
+    def fields(self) -> dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Queued(Event):
+    type: ClassVar[str] = "queued"
+    position: int
+    eta_s: float | None
+
+    def fields(self) -> dict[str, Any]:
+        return {"position": self.position, "eta_s": self.eta_s}  # eta_s null until known
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    type: ClassVar[str] = "started"
+    attempt: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    type: ClassVar[str] = "progress"
+    step: int
+    total: int
+    eta_s: float
+    preview: str | None = None  # a data: URL on the steps that carry one
+
+
+@dataclass(frozen=True)
+class Requeued(Event):
+    type: ClassVar[str] = "requeued"
+    attempt: int  # the next one
+    reason: str  # lease_expired, worker_shutdown
+
+
+@dataclass(frozen=True)
+class Completed(Event):
+    type: ClassVar[str] = "completed"
+    images: list[dict[str, Any]]
+    timings: dict[str, Any] | None
+
+    def fields(self) -> dict[str, Any]:
+        return {"images": self.images, "timings": self.timings}
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    type: ClassVar[str] = "failed"
+    code: str
+    message: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Canceled(Event):
+    type: ClassVar[str] = "canceled"
+
+
+Terminal = Completed | Failed | Canceled
+
+
+# -- the log in Redis ---------------------------------------------------------------
 
 
 def job_channel(job_id: str) -> str:
@@ -78,7 +202,7 @@ def owner_channel(owner: str) -> str:
 
 def _keys(job_id: str) -> tuple[str, str]:
     # The hash tag keeps a job's keys in one slot on Redis Cluster.
-    return f"stepcast:{{{job_id}}}:seq", f"stepcast:{{{job_id}}}:events"
+    return f"stepcast:{{{job_id}}}:seqs", f"stepcast:{{{job_id}}}:events"
 
 
 def encode(event_type: str, job_id: str, fields: dict[str, Any]) -> tuple[str, str]:
@@ -87,6 +211,29 @@ def encode(event_type: str, job_id: str, fields: dict[str, Any]) -> tuple[str, s
     body = json.dumps(fields, separators=(",", ":"))
     tail = "," + body[1:] if fields else "}"
     return head, tail
+
+
+@dataclass(frozen=True)
+class Block:
+    """Seqs ``lo..hi`` that Postgres reserved for one job, to offer its Redis counter."""
+
+    lo: int
+    hi: int
+
+    @classmethod
+    def ending_at(cls, hi: int, size: int) -> Block:
+        return cls(hi - size + 1, hi)
+
+
+NO_BLOCK = Block(0, 0)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What a job's stream holds after a seq, and the newest seq it holds at all (0: none)."""
+
+    events: list[dict[str, Any]]
+    top: int
 
 
 class EventLog:
@@ -103,60 +250,62 @@ class EventLog:
         self,
         job_id: str,
         owner: str,
-        event_type: str,
-        fields: dict[str, Any] | None = None,
+        event: Event,
         *,
-        floor: int = 0,
+        attempt: int,
         seq: int = 0,
+        block: Block = NO_BLOCK,
         position_update: bool = False,
     ) -> int:
-        """Append and publish one event; returns its seq (``seq`` given, or the next one).
+        """Append and publish one event of ``attempt``; its seq (``seq`` given, or the next
+        one), or :data:`UNCHANGED`, :data:`BEHIND`, :data:`NEED_BLOCK` or :data:`FENCED`.
 
-        A ``position_update`` is appended (else 0 is returned) only while the job
-        waits: its newest event is ``queued`` or ``requeued`` (so never before the
-        submit's own ``queued``, never after ``started``), no seq is reserved, and
-        the event differs from the newest. A given ``seq`` the stream is already
-        past is not appended (-1 is returned): streams only grow in seq order.
+        ``block`` is used only if the counter needs one. A ``position_update`` is appended
+        only while the job waits and it says something new.
         """
-        keys, args = self._emit_call(job_id, owner, event_type, fields, floor, seq, position_update)
+        keys, args = self._emit_call(job_id, owner, event, attempt, seq, block, position_update)
         return int(await self._scripts.call(self._emit, keys, args))
 
     def emit_in(
-        self,
-        pipe: Pipeline,
-        job_id: str,
-        owner: str,
-        event_type: str,
-        fields: dict[str, Any] | None = None,
-        *,
-        floor: int = 0,
+        self, pipe: Pipeline, job_id: str, owner: str, event: Event, *, attempt: int, block: Block
     ) -> None:
-        """:meth:`emit` queued on ``pipe``, to share its round trip (the seq comes back from
+        """:meth:`emit` queued on ``pipe``, to share its round trip (the answer comes back from
         ``pipe.execute()``). The script's text goes along: Redis may have lost its copy."""
-        keys, args = self._emit_call(job_id, owner, event_type, fields, floor, 0, False)
+        keys, args = self._emit_call(job_id, owner, event, attempt, 0, block, False)
         pipe.execute_command("EVAL", _EMIT, len(keys), *keys, *args)
 
     def _emit_call(
         self,
         job_id: str,
         owner: str,
-        event_type: str,
-        fields: dict[str, Any] | None,
-        floor: int,
+        event: Event,
+        attempt: int,
         seq: int,
+        block: Block,
         position_update: bool,
     ) -> tuple[list[str], list[Arg]]:
-        head, tail = encode(event_type, job_id, fields or {})
+        head, tail = encode(event.type, job_id, event.fields())
         counter, stream = _keys(job_id)
         keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
-        return keys, [seq, floor, head, tail, self.stream_max, self.ttl_s, int(position_update)]
+        args: list[Arg] = [attempt, self.ttl_s, seq, head, tail, self.stream_max, int(position_update)]
+        return keys, [*args, block.lo, block.hi]
 
-    async def reserve(self, job_id: str, *, floor: int) -> int:
-        counter, _ = _keys(job_id)
-        return int(await self._scripts.call(self._reserve, [counter], [floor, self.ttl_s]))
+    async def reserve(self, job_id: str, *, attempt: int, block: Block = NO_BLOCK) -> int:
+        """The next seq, for an event recorded in Postgres (fenced) before it is emitted; or
+        :data:`NEED_BLOCK`, or :data:`FENCED` once the log has ended. From then on, events of
+        attempts older than ``attempt`` are refused."""
+        counter, stream = _keys(job_id)
+        args: list[Arg] = [attempt, self.ttl_s, block.lo, block.hi]
+        return int(await self._scripts.call(self._reserve, [counter, stream], args))
 
-    async def read(self, job_id: str, *, after_seq: int = 0) -> list[dict[str, Any]]:
-        """Events still held in the job's stream with seq > after_seq, in order."""
+    async def read(self, job_id: str, *, after_seq: int = 0) -> Stream:
+        """The events still held in the job's stream with seq > after_seq, in order."""
         _, stream = _keys(job_id)
-        (entries,) = await self._reads(lambda pipe: pipe.xrange(stream, min=f"{after_seq + 1}-0", max="+"))
-        return [json.loads(fields[b"e"]) for _, fields in entries]
+
+        def commands(pipe: Pipeline) -> None:
+            pipe.xrange(stream, min=f"{after_seq + 1}-0", max="+")
+            pipe.xrevrange(stream, max="+", min="-", count=1)
+
+        entries, newest = await self._reads(commands)
+        top = int(newest[0][0].split(b"-")[0]) if newest else 0
+        return Stream([json.loads(fields[b"e"]) for _, fields in entries], top)

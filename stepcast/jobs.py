@@ -61,6 +61,8 @@ class Job:
     images_expired_at: datetime | None
     pipeline_s: float | None
     batch_size: int | None
+    seq_ceiling: int
+    claim_token: uuid.UUID | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:

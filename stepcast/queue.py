@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import Deserializer, Serializer, deserialize_job, serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio import ConnectionPool
@@ -139,16 +139,35 @@ async def enqueue(
     *,
     place: datetime | None = None,
     ticket: Ticket | None = None,
+    afresh: bool = False,
 ) -> bool:
     """Queue the job and wake the idle workers; False if arq already holds it.
 
     arq orders its queue by score, the enqueue time by default; ``place`` (a
     job's creation time) puts a job enqueued again back where it was, ahead of
-    the jobs that came after it, rather than at the end.
+    the jobs that came after it, rather than at the end. ``afresh``: forget
+    arq's keys of an earlier run first (a dead worker's, or those left when the
+    queue lost the job), which would make arq refuse or delay the same id.
     """
+    if afresh:
+        key = str(job_id)
+        prefixes = (job_key_prefix, result_key_prefix, in_progress_key_prefix, retry_key_prefix)
+        await arq.delete(*(prefix + key for prefix in prefixes))
     keys, args = _enqueue_call(job_id, queue_name, place, ticket, arq.job_serializer)
     added = await arq.register_script(_ENQUEUE)(keys=keys, args=args)
     return bool(added)
+
+
+async def held(arq: ArqRedis, jobs: list[Job]) -> set[uuid.UUID]:
+    """Which of these jobs their queue holds (waiting, or taken by a worker that has not
+    finished with it): its own membership, not arq's job key."""
+    if not jobs:
+        return set()
+    async with arq.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.zscore(job.queue, str(job.id))
+        scores = await pipe.execute()
+    return {job.id for job, score in zip(jobs, scores, strict=True) if score is not None}
 
 
 def enqueue_in(

@@ -59,7 +59,7 @@ async def test_a_repeated_key_returns_the_first_job(client: httpx.AsyncClient, s
     assert other.json()["id"] != first.json()["id"]
     assert await job_count(settings) == 2
     redis = Redis.from_url(settings.redis_url)
-    events = await EventLog(redis, stream_max=100, ttl_s=60).read(first.json()["id"])
+    events = (await EventLog(redis, stream_max=100, ttl_s=60).read(first.json()["id"])).events
     await redis.aclose()
     assert [e["type"] for e in events] == ["queued"]  # announced and enqueued once
 
@@ -157,10 +157,10 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
         jobs = [job for job, created in submitted if created]
         assert [job.owner for job in jobs] == owners
         for place, job in enumerate(jobs, start=1):
-            events = await services.events.read(str(job.id))
+            events = (await services.events.read(str(job.id))).events
             assert [(e["type"], e["position"]) for e in events] == [("queued", place)]
         queued = await services.redis.zrange(settings.queue_name, 0, -1)
         assert sorted(queued) == sorted(str(job.id).encode() for job in jobs)
         job, created = await services.submit("dee", submission)  # alone: a list of one
         assert created and statements[-1] == ["dee"]
-        assert [e["position"] for e in await services.events.read(str(job.id))] == [4]
+        assert [e["position"] for e in (await services.events.read(str(job.id))).events] == [4]

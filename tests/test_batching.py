@@ -109,7 +109,7 @@ async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_r
         assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, 9))
         assert job["result"]["images"][0]["seed"] == seed
         [solo] = pipeline.generate([request(params(f"fox {seed}", seed=seed, steps=8))])
-        stored = Image.open(stack.settings.storage_dir / job["id"] / "0.png")
+        stored = Image.open(stack.settings.storage_dir / job["id"] / "1" / "0.png")
         assert np.abs(pixels(stored) - pixels(solo.images[0])).max() <= 1
 
 
@@ -259,7 +259,7 @@ async def test_a_job_starts_on_the_pipeline_while_its_claim_is_in_flight(
     assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
     assert job["result"]["images"][0]["seed"] == 3 and job["attempt"] == 1
     [alone] = pipeline.generate([request(params("early", seed=3))])
-    stored = Image.open(settings.storage_dir / job_id / "0.png")
+    stored = Image.open(settings.storage_dir / job_id / "1" / "0.png")
     assert np.abs(pixels(stored) - pixels(alone.images[0])).max() <= 1  # the job's own params
 
 
@@ -382,3 +382,34 @@ async def test_a_busy_worker_leaves_the_jobs_it_cannot_start_soon_to_an_idle_one
         await wait_for(client, held, lambda job: job["status"] == "completed")
     rows = [await job_row(settings, uuid.UUID(job_id)) for job_id in (long_id, held, left)]
     assert [row["worker"] for row in rows] == ["busy", "busy", "idle"]
+
+
+@pytest.mark.parametrize("settings", [{"heartbeat_s": 30.0, "lease_s": 60.0}], indirect=True)
+async def test_a_cancel_while_the_claims_reply_is_on_its_way_stops_the_job_within_a_step(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log: Log = []
+    steps_when_returned: list[int] = []
+    claim = Database.claim
+
+    async def slow_reply(db: Database, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
+        jobs = await claim(db, job_ids, **kwargs)
+        await asyncio.sleep(1.0)  # committed: the job is processing, the worker does not know yet
+        steps_when_returned.append(log.count(("step", "cancel me")))
+        return jobs
+
+    monkeypatch.setattr(Database, "claim", slow_reply)
+    await run_worker(settings, with_pipeline=StepNoting(pipeline, log))
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        job_id = (await client.post("/v1/jobs", json={**LONG_JOB, "prompt": "cancel me"})).json()["id"]
+        await wait_for(client, job_id, lambda job: job["status"] == "processing")
+        assert (await client.post(f"/v1/jobs/{job_id}/cancel")).json()["status"] == "processing"
+        job = await wait_for(client, job_id, lambda job: job["status"] == "canceled")
+    # Heard while the claim was in flight: stopped as it returned, not at the next heartbeat.
+    [returned] = steps_when_returned
+    assert log.count(("step", "cancel me")) <= returned + 2 < LONG_JOB["steps"]
+    assert job["attempt"] == 1

@@ -6,6 +6,7 @@ without a reset."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -229,7 +230,9 @@ async def test_a_singleton_lock_is_one_process_at_a_time_and_never_left_on_a_poo
 
 async def test_a_batch_completes_in_one_call_each_job_fenced_by_its_attempt(db: Database) -> None:
     jobs = [(await insert(db, owner)).job for owner in ("ann", "bob", "ann")]
-    claimed = await db.claim([job.id for job in jobs], worker="w", lease_s=30, model_revision="r")
+    claimed = await db.claim(
+        [job.id for job in jobs], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
+    )
     completions = [
         Completion(job.id, claimed[job.id].attempt, job.owner, {"images": [{"n": n}]}, 5 + n, 0.25, 3)
         for n, job in enumerate(jobs)
@@ -251,7 +254,9 @@ async def test_admission_counts_follow_every_change_of_a_job(db: Database) -> No
     placed = [("ann", "q"), ("ann", "q"), ("bob", "q"), ("bob", "r"), ("cy", "r")]
     jobs = [(await insert(db, owner, queue)).job for owner, queue in placed]
     assert await kept(db) == ({"q": 3, "r": 2}, {"ann": 2, "bob": 2, "cy": 1})
-    claimed = await db.claim([jobs[0].id, jobs[3].id], worker="w", lease_s=30, model_revision="r")
+    claimed = await db.claim(
+        [jobs[0].id, jobs[3].id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
+    )
     assert await kept(db) == ({"q": 2, "r": 1}, {"ann": 2, "bob": 2, "cy": 1})  # running is unfinished
     first, other = claimed[jobs[0].id], claimed[jobs[3].id]
     await db.complete([Completion(first.id, first.attempt, "ann", {"images": []}, seq=3)])
@@ -277,7 +282,10 @@ async def test_admission_counts_hold_under_concurrent_writers_and_are_counted_af
         ids = [insertion.job.id for insertion in inserted]
         batches = [ids[i : i + 4] for i in range(0, 40, 4)]
         await asyncio.gather(
-            *(db.claim(batch, worker="w", lease_s=30, model_revision="r") for batch in batches),
+            *(
+                db.claim(batch, worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
+                for batch in batches
+            ),
             *(insert(db, "o9", "q1") for _ in range(20)),
         )
         done = [Completion(i, 1, f"o{n % 3}", {"images": []}, seq=3) for n, i in enumerate(ids[:20])]
@@ -291,3 +299,46 @@ async def test_admission_counts_hold_under_concurrent_writers_and_are_counted_af
         assert await kept(db) == await counted(db)
     finally:
         await db.close()
+
+
+async def test_a_retried_claim_finds_the_jobs_its_lost_reply_started(db: Database) -> None:
+    job = (await insert(db)).job
+    token = uuid.uuid4()
+    first = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
+    again = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
+    assert first[job.id].attempt == again[job.id].attempt == 1  # the same claim, not a second one
+    assert await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()) == {}
+
+
+async def test_seq_blocks_go_only_up_and_a_stale_worker_gets_none(db: Database) -> None:
+    job = (await insert(db)).job
+    assert job.seq_ceiling == 1024  # a new job owns 1..1024
+    assert await db.reserve_seqs(job.id, 1024) == 2048
+    assert await db.reserve_seqs(job.id, 1024, attempt=1) is None  # not running: no worker's block
+    claimed = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
+    assert await db.reserve_seqs(job.id, 1024, attempt=claimed[job.id].attempt) == 3072
+    # A row from before seq blocks: its first block skips what the old counter may have handed out.
+    await db.pool.execute("UPDATE jobs SET seq_ceiling = 0, last_seq = 30 WHERE id = $1", job.id)
+    assert await db.reserve_seqs(job.id, 1024) == 30 + 2 * 1024
+
+
+async def test_a_lease_that_ran_out_with_a_cancel_asked_is_never_requeued(db: Database) -> None:
+    job = (await insert(db)).job
+    claimed = (await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()))[
+        job.id
+    ]
+    await db.pool.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $1", job.id)
+    assert await db.request_cancel(job.id) is not None  # between recovery's read and its requeue
+    assert await db.requeue_expired(job.id, claimed.attempt) is None
+    done = await db.finish_expired(job.id, claimed.attempt, status=Status.CANCELED, seq=9)
+    assert done is not None and (done.status, done.last_seq) == (Status.CANCELED, 9)
+
+
+async def test_a_terminal_event_is_restamped_only_from_the_seq_it_had(db: Database) -> None:
+    job = (await insert(db)).job
+    done = await db.finish_pending(job.id, status=Status.CANCELED, seq=3)
+    assert done is not None
+    assert await db.restamp(job.id, 3, 8)
+    assert not await db.restamp(job.id, 3, 9)  # fenced by the seq it replaces
+    assert not await db.restamp(job.id, 8, 5)  # and only forward
+    assert (await db.get_job(job.id)).last_seq == 8  # type: ignore[union-attr]

@@ -13,7 +13,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from stepcast.batched import Pipelined
-from stepcast.events import EventLog, encode
+from stepcast.events import (
+    BEHIND,
+    FENCED,
+    NEED_BLOCK,
+    UNCHANGED,
+    Block,
+    Canceled,
+    EventLog,
+    Failed,
+    Progress,
+    Queued,
+    Requeued,
+    Started,
+    encode,
+)
 from stepcast.processes import free_port
 
 
@@ -24,42 +38,84 @@ async def log(redis_url: str) -> AsyncIterator[EventLog]:
     await redis.aclose()
 
 
-async def kinds(log: EventLog) -> list[tuple[int, str]]:
-    return [(event["seq"], event["type"]) for event in await log.read("j")]
+async def kinds(log: EventLog, job: str = "j") -> list[tuple[int, str]]:
+    return [(event["seq"], event["type"]) for event in (await log.read(job)).events]
 
 
-async def test_seqs_follow_the_floor_and_never_go_back(log: EventLog) -> None:
-    assert await log.emit("j", "o", "queued", {"position": 2}, floor=5) == 6  # floor from Postgres
-    assert await log.emit("j", "o", "started", {"attempt": 1}) == 7
-    await log.redis.delete("stepcast:{j}:seq")  # the counter is evicted; the stream survives
-    assert await log.emit("j", "o", "progress", {"step": 1}, floor=1) == 8
-    assert await kinds(log) == [(6, "queued"), (7, "started"), (8, "progress")]
-    assert [e["seq"] for e in await log.read("j", after_seq=6)] == [7, 8]
+FIRST = Block(1, 1024)  # a new job's block, as the insert reserves it
+QUEUED = Queued(position=2, eta_s=None)
+STARTED = Started(attempt=1, worker="w")
+STEP = Progress(step=1, total=2, eta_s=0.5)
+
+
+async def test_seqs_come_from_blocks_and_a_lost_counter_is_never_guessed(log: EventLog) -> None:
+    assert await log.emit("j", "o", QUEUED, attempt=1) == NEED_BLOCK  # no counter, no block: ask Postgres
+    assert await log.emit("j", "o", QUEUED, attempt=1, block=FIRST) == 1
+    assert await log.emit("j", "o", STARTED, attempt=1, block=FIRST) == 2  # the block in use wins
+    await log.redis.delete("stepcast:{j}:seqs")  # the counter is lost; the stream survives
+    assert await log.emit("j", "o", STEP, attempt=1) == NEED_BLOCK
+    assert await log.emit("j", "o", STEP, attempt=1, block=Block(1, 5)) == NEED_BLOCK  # below the stream
+    assert await log.emit("j", "o", STEP, attempt=1, block=Block(1025, 2048)) == 1025
+    assert await kinds(log) == [(1, "queued"), (2, "started"), (1025, "progress")]
+    assert [e["seq"] for e in (await log.read("j", after_seq=1)).events] == [2, 1025]
+    assert (await log.read("j", after_seq=5000)).top == 1025
+
+
+async def test_a_used_up_block_asks_for_the_next_one(log: EventLog) -> None:
+    assert await log.emit("j", "o", QUEUED, attempt=1, block=Block(1, 2)) == 1
+    assert await log.reserve("j", attempt=1) == 2
+    assert await log.reserve("j", attempt=1) == NEED_BLOCK
+    assert await log.reserve("j", attempt=1, block=Block(3, 4)) == 3  # contiguous: no gap
+    assert await log.emit("j", "o", Canceled(), attempt=1, seq=3) == 3
+    assert await kinds(log) == [(1, "queued"), (3, "canceled")]
+
+
+async def test_an_older_attempt_is_fenced_and_a_log_ends_at_its_terminal_event(log: EventLog) -> None:
+    await log.emit("j", "o", STARTED, attempt=1, block=FIRST)
+    assert await log.emit("j", "o", Requeued(attempt=2, reason="lease_expired"), attempt=2) == 2
+    assert await log.emit("j", "o", STEP, attempt=1) == FENCED  # the stale attempt 1
+    assert await log.reserve("j", attempt=1) == 3  # a terminal write: Postgres fences it
+    assert await log.emit("j", "o", Started(attempt=2, worker="w2"), attempt=2) == 4
+    assert await log.emit("j", "o", Failed(code="x", message="y"), attempt=1, seq=3) == BEHIND
+    assert await log.emit("j", "o", Failed(code="x", message="y"), attempt=2) == 5
+    assert await log.emit("j", "o", STEP, attempt=2) == FENCED  # nothing after the end
+    assert await log.reserve("j", attempt=3) == FENCED
+    assert await kinds(log) == [(1, "started"), (2, "requeued"), (4, "started"), (5, "failed")]
 
 
 async def test_position_updates_never_precede_the_submit_or_follow_start_or_a_reserved_seq(
     log: EventLog,
 ) -> None:
+    def at(position: int) -> Queued:
+        return Queued(position=position, eta_s=None)
+
     # The announcer saw the job's row before the submit announced it: the submit's comes first.
-    assert await log.emit("j", "o", "queued", {"position": 2}, position_update=True) == 0
-    await log.emit("j", "o", "queued", {"position": 2})
-    assert await log.emit("j", "o", "queued", {"position": 2}, position_update=True) == 0  # nothing new
-    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 2
-    reserved = await log.reserve("j", floor=0)
+    assert await log.emit("j", "o", at(2), attempt=1, position_update=True) == UNCHANGED
+    await log.emit("j", "o", at(2), attempt=1, block=FIRST)
+    assert await log.emit("j", "o", at(2), attempt=1, position_update=True) == UNCHANGED  # nothing new
+    assert await log.emit("j", "o", at(1), attempt=1, position_update=True) == 2
+    reserved = await log.reserve("j", attempt=1)
     assert reserved == 3
-    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
-    assert await log.emit("j", "o", "canceled", seq=reserved) == 3
-    assert await log.emit("j", "o", "canceled", seq=2) == -1  # the stream is past it: refused
-    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
+    assert await log.emit("j", "o", at(1), attempt=1, position_update=True) == UNCHANGED
+    assert await log.emit("j", "o", Canceled(), attempt=1, seq=reserved) == 3
+    assert await log.emit("j", "o", Canceled(), attempt=1, seq=2) == FENCED  # the log has ended
+    assert await log.emit("j", "o", at(1), attempt=1, position_update=True) == FENCED
     assert await kinds(log) == [(1, "queued"), (2, "queued"), (3, "canceled")]
 
 
+async def test_a_reserved_seq_the_stream_is_past_is_refused(log: EventLog) -> None:
+    await log.emit("j", "o", QUEUED, attempt=1, block=FIRST)
+    await log.emit("j", "o", STARTED, attempt=1)
+    assert await log.emit("j", "o", Canceled(), attempt=1, seq=2) == BEHIND
+
+
 async def test_a_requeued_job_hears_its_position_until_it_starts(log: EventLog) -> None:
-    for kind in ["queued", "started", "requeued"]:
-        await log.emit("j", "o", kind)
-    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 4
-    await log.emit("j", "o", "started")
-    assert await log.emit("j", "o", "queued", {"position": 1}, position_update=True) == 0
+    await log.emit("j", "o", QUEUED, attempt=1, block=FIRST)
+    await log.emit("j", "o", STARTED, attempt=1)
+    await log.emit("j", "o", Requeued(attempt=2, reason="worker_shutdown"), attempt=2)
+    assert await log.emit("j", "o", Queued(position=1, eta_s=None), attempt=2, position_update=True) == 4
+    await log.emit("j", "o", Started(attempt=2, worker="w"), attempt=2)
+    assert await log.emit("j", "o", Queued(position=1, eta_s=0.1), attempt=2, position_update=True) == 0
     assert await kinds(log) == [(1, "queued"), (2, "started"), (3, "requeued"), (4, "queued"), (5, "started")]
 
 
@@ -88,27 +144,29 @@ async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_scri
     log: EventLog, pipelines: list[dict[str, Any]]
 ) -> None:
     jobs = [f"b{i}" for i in range(5)]
-    assert await asyncio.gather(*(log.emit(job, "o", "started", {"attempt": 1}) for job in jobs)) == [1] * 5
+    started = (log.emit(job, "o", STARTED, attempt=1, block=FIRST) for job in jobs)
+    assert await asyncio.gather(*started) == [1] * 5
     assert len(pipelines) == 1  # five events, one round trip
 
     await log.redis.script_flush()  # as after a Redis restart
     steps = await asyncio.gather(
-        *(log.emit(job, "o", "progress", {"step": 1}) for job in jobs), log.reserve("b0", floor=0)
+        *(log.emit(job, "o", STEP, attempt=1) for job in jobs), log.reserve("b0", attempt=1)
     )
     assert steps == [2, 2, 2, 2, 2, 3]  # each call loaded its script again and ran once
     assert len(pipelines) == 2
-    assert await log.emit("solo", "o", "queued") == 1  # a lone call needs no pipeline
+    assert await log.emit("solo", "o", QUEUED, attempt=1, block=FIRST) == 1  # a lone call needs no pipeline
     assert len(pipelines) == 2
     for job in jobs:
-        assert [(e["seq"], e["type"]) for e in await log.read(job)] == [(1, "started"), (2, "progress")]
+        assert await kinds(log, job) == [(1, "started"), (2, "progress")]
 
 
 async def test_logs_read_together_share_a_round_trip(log: EventLog, pipelines: list[dict[str, Any]]) -> None:
     for job, count in (("r0", 1), ("r1", 3), ("r2", 0)):
         for _ in range(count):
-            await log.emit(job, "o", "progress", {"step": 1})  # alone: no pipeline
+            await log.emit(job, "o", STEP, attempt=1, block=FIRST)  # alone: no pipeline
     reads = await asyncio.gather(log.read("r0"), log.read("r1", after_seq=1), log.read("r2"))
-    assert [[event["seq"] for event in events] for events in reads] == [[1], [2, 3], []]
+    assert [[event["seq"] for event in read.events] for read in reads] == [[1], [2, 3], []]
+    assert [read.top for read in reads] == [1, 3, 0]
     assert len(pipelines) == 1
 
 
@@ -136,19 +194,19 @@ async def test_pipelined_calls_get_their_own_replies_and_their_own_errors(redis_
 
 
 async def test_a_cancelled_call_does_not_hold_back_the_calls_that_joined_it(log: EventLog) -> None:
-    leader = asyncio.create_task(log.emit("c0", "o", "queued"))
-    joined = [asyncio.create_task(log.emit(job, "o", "queued")) for job in ("c1", "c2")]
+    leader = asyncio.create_task(log.emit("c0", "o", QUEUED, attempt=1, block=FIRST))
+    joined = [asyncio.create_task(log.emit(job, "o", QUEUED, attempt=1, block=FIRST)) for job in ("c1", "c2")]
     await asyncio.sleep(0)  # c0 leads and yields once; c1 and c2 join it
     leader.cancel()
     assert await asyncio.gather(*joined) == [1, 1]
-    assert leader.cancelled() and await log.read("c0") == []
+    assert leader.cancelled() and (await log.read("c0")).events == []
 
 
 async def test_when_redis_is_unreachable_every_call_of_a_pipeline_gets_its_own_error() -> None:
     unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
     log = EventLog(unreachable, stream_max=10, ttl_s=60)
     errors = await asyncio.gather(
-        *(log.emit(f"u{i}", "o", "queued") for i in range(3)), return_exceptions=True
+        *(log.emit(f"u{i}", "o", QUEUED, attempt=1) for i in range(3)), return_exceptions=True
     )
     assert all(isinstance(error, RedisConnectionError) for error in errors)
     assert len({id(error) for error in errors}) == 3

@@ -125,7 +125,7 @@ async def test_redis_restarted_empty_loses_no_job(
         # were enqueued again from Postgres; none ran twice.
         assert (row["status"], row["attempt"], row["handoffs"]) == ("completed", 1, 0), dict(row)
         assert len(row["result"]["images"]) == 1 and row["lease_expires_at"] is None
-        assert (settings.storage_dir / f"{row['id']}/0.png").exists()
+        assert (settings.storage_dir / f"{row['id']}/1/0.png").exists()
 
 
 async def test_postgres_restart_while_jobs_run_loses_nothing(

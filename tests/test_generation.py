@@ -32,7 +32,7 @@ async def fetch_png(stack: Stack, url: str) -> Image.Image:
 async def events_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     redis = Redis.from_url(stack.settings.redis_url)
     try:
-        return await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)
+        return (await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)).events
     finally:
         await redis.aclose()
 
@@ -48,7 +48,7 @@ async def test_prompt_in_image_out(stack: Stack) -> None:
     assert job["provenance"]["model"] == "tiny" and len(job["provenance"]["model_revision"]) == 16
     [image] = job["result"]["images"]
     assert image == {
-        "url": f"/v1/images/{job['id']}/0.png",
+        "url": f"/v1/images/{job['id']}/1/0.png",
         "width": 64,
         "height": 96,
         "seed": 7,

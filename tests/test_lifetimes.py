@@ -32,7 +32,12 @@ async def test_a_job_past_its_queue_ttl_never_starts_and_fails_expired(
     events = EventLog(redis, stream_max=100, ttl_s=60)
     try:
         # A worker offered the job now refuses it: too late.
-        assert await db.claim([uuid.UUID(job_id)], worker="w", lease_s=30, model_revision="r") == {}
+        assert (
+            await db.claim(
+                [uuid.UUID(job_id)], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
+            )
+            == {}
+        )
         assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "pending"
         assert await Recovery.from_settings(settings, db, events, redis).tick()
         row = await db.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
@@ -74,7 +79,7 @@ async def test_a_run_past_its_time_out_stops_and_fails(stack: Stack) -> None:
 async def test_images_are_deleted_after_retention_and_answer_410(stack: Stack) -> None:
     job = await stack.wait((await stack.submit(steps=2))["id"])
     url = job["result"]["images"][0]["url"]
-    path = stack.settings.storage_dir / f"{job['id']}/0.png"
+    path = stack.settings.storage_dir / f"{job['id']}/1/0.png"
     assert job["images_expired_at"] is None and path.exists()
     assert (await stack.client.get(url)).status_code == 200
 

@@ -97,7 +97,7 @@ async def test_submit_and_watch_it_paint(stack: Stack, page: Page) -> None:
     await expect(image).to_have_js_property("complete", True)
     assert await image.evaluate("img => img.naturalWidth") == 64
     link = card.get_by_role("link", name="Download (seed 7)")
-    assert re.fullmatch(r"/v1/images/[0-9a-f-]{36}/0\.png", await link.get_attribute("href") or "")
+    assert re.fullmatch(r"/v1/images/[0-9a-f-]{36}/1/0\.png", await link.get_attribute("href") or "")
     await expect(card.locator(".params")).to_contain_text("Seed7")
     await shot(page, "3-completed")
     progress = [f["step"] for f in frames if f.get("type") == "progress"]

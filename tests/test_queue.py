@@ -18,7 +18,7 @@ from arq.utils import to_unix_ms
 from gpu_worker.runner import Released
 from gpu_worker.worker import GpuWorker
 from stepcast import queue
-from stepcast.events import EventLog
+from stepcast.events import Block, EventLog, Queued
 from stepcast.settings import Settings
 
 QUEUE = "stepcast:test-queue"
@@ -79,10 +79,11 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
         job_id = uuid.uuid4()
         await redis.script_flush()  # as after a Redis restart: no script is cached
         async with redis.pipeline(transaction=False) as pipe:
-            events.emit_in(pipe, str(job_id), "owner", "queued", {"position": 1, "eta_s": None})
+            queued = Queued(position=1, eta_s=None)
+            events.emit_in(pipe, str(job_id), "owner", queued, attempt=1, block=Block(1, 1024))
             queue.enqueue_in(pipe, redis, job_id, QUEUE, ticket=ticket)
             assert await pipe.execute() == [1, 1]  # the event's seq; enqueued
-        assert await events.read(str(job_id)) == [
+        assert (await events.read(str(job_id))).events == [
             {"type": "queued", "job_id": str(job_id), "seq": 1, "position": 1, "eta_s": None}
         ]
         [taken] = await queue.Consumer(redis, QUEUE, lease_s=5).take(1)

@@ -1,5 +1,6 @@
 """Recovery with real processes: a SIGKILLed worker's job runs again, a job the
-queue lost is enqueued again, and the attempt fence keeps one outcome."""
+queue lost is enqueued again, the attempt fence keeps one outcome, and no seq
+is given twice when Redis loses its data."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
+from stepcast import queue
 from stepcast.db import Database
 from stepcast.events import EventLog
+from stepcast.recovery import Recovery
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
+from tests.test_realtime import recv, send, until
 
 FAST_RECOVERY = {"lease_s": 1.0, "heartbeat_s": 0.2, "recovery_interval_s": 0.2, "enqueue_grace_s": 0.3}
 LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}  # ~7 s here
@@ -24,7 +30,7 @@ LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}
 async def events_of(settings: Settings, job_id: str) -> list[dict[str, Any]]:
     redis = Redis.from_url(settings.redis_url)
     try:
-        return await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)
+        return (await EventLog(redis, stream_max=1000, ttl_s=60).read(job_id)).events
     finally:
         await redis.aclose()
 
@@ -74,7 +80,8 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
         await run_worker(settings)  # the replacement
         job = await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
     assert job["status"] == "completed" and job["attempt"] == 2, job
-    assert sorted(p.name for p in (settings.storage_dir / job_id).iterdir()) == ["0.png"]  # one result
+    stored = settings.storage_dir / job_id
+    assert [str(p.relative_to(stored)) for p in stored.rglob("*.png")] == ["2/0.png"]  # the second attempt's
     events = await events_of(settings, job_id)
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))  # continuous across the two attempts
@@ -122,3 +129,52 @@ async def test_a_job_the_queue_lost_is_enqueued_again(
     assert job["attempt"] == 1 and job["result"]["images"]
     row = await job_row(settings, job_id)
     assert (row["status"], row["attempt"]) == ("completed", 1)
+
+
+# Recovery runs once at start-up, then not again during the test (interval 1 h).
+@pytest.mark.parametrize("settings", [{"recovery_interval_s": 3600, "enqueue_grace_s": 0}], indirect=True)
+async def test_a_job_is_judged_lost_by_the_queues_own_membership(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    job_id = (await client.post("/v1/jobs", json={"prompt": "p", "steps": 3})).json()["id"]
+    arq = queue.connect(settings.redis_url)
+    db = await Database.connect(settings.database_url, max_size=2)
+    try:
+        await arq.zrem(settings.queue_name, job_id)  # the queue lost it; arq's job key is still there
+        assert await arq.exists(job_key_prefix + job_id)
+        events = EventLog(arq, stream_max=100, ttl_s=60)
+        assert await Recovery.from_settings(settings, db, events, arq).tick()
+        assert await arq.zscore(settings.queue_name, job_id) is not None  # queued again
+    finally:
+        await db.close()
+        await arq.aclose(close_connection_pool=True)
+
+
+@pytest.mark.parametrize("settings", [FAST_RECOVERY], indirect=True)
+async def test_a_seq_a_watcher_saw_is_never_reused_after_redis_lost_its_data(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> None:
+    base_url = await serve(settings)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        job_id = (await client.post("/v1/jobs", json={"prompt": "p", "steps": 3})).json()["id"]
+    [queued] = await events_of(settings, job_id)  # no worker yet: it waits, told its place
+    redis = Redis.from_url(settings.redis_url)
+    await redis.flushall()  # Redis restarted empty: the counter, the stream and the queue are gone
+    await redis.aclose()
+    async with websockets.connect(base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+        await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": queued["seq"]})
+        snapshot = await recv(ws)  # a seq the server no longer knows: a snapshot, not silence
+        assert snapshot["type"] == "snapshot" and snapshot["job"]["status"] == "pending"
+        await run_worker(settings)
+        rest = await until(ws, lambda message: message["type"] == "completed")
+    # The first event of the new block is a jump: the feed re-syncs and may send a snapshot
+    # again, which then stands for what it shows (started, say).
+    events = [e for e in rest if e["type"] != "snapshot"]
+    kinds = ["started", "progress", "progress", "progress", "completed"]
+    assert [e["type"] for e in events] == kinds[-len(events) :] and events[-1]["type"] == "completed"
+    if events[0]["type"] != "started":
+        assert [m["job"]["attempt"] for m in rest if m["type"] == "snapshot"][-1] == 1
+    assert all(e["seq"] > queued["seq"] for e in events)  # before: started took seq 1 again
+    assert (await job_row(settings, job_id))["last_seq"] == events[-1]["seq"]

@@ -125,7 +125,7 @@ async def test_cancel_pending_job_is_final(client: httpx.AsyncClient, settings: 
     canceled = response.json()
     assert canceled["status"] == "canceled" and canceled["finished_at"] is not None
     redis = Redis.from_url(settings.redis_url)
-    events = await EventLog(redis, stream_max=10, ttl_s=60).read(job["id"])
+    events = (await EventLog(redis, stream_max=10, ttl_s=60).read(job["id"])).events
     await redis.aclose()
     assert events[0]["type"] == "queued" and events[-1]["type"] == "canceled"
     assert canceled["last_seq"] == events[-1]["seq"]  # recorded in Postgres, then published

@@ -35,7 +35,7 @@ async def s3_settings(s3_endpoint: str, make_settings: Callable[..., Settings]) 
 
 
 async def round_trip(settings: Settings) -> str:
-    key = image_key(str(uuid.uuid4()), 0)
+    key = image_key(str(uuid.uuid4()), 0, attempt=1)
     async with open_storage(settings) as storage:
         await storage.put(key, PNG_BYTES, "image/png")
         assert await storage.get(key) == PNG_BYTES
@@ -47,9 +47,9 @@ async def round_trip(settings: Settings) -> str:
         with pytest.raises(KeyError):
             await storage.get(key)
         with pytest.raises(KeyError):
-            await storage.get(image_key(str(uuid.uuid4()), 0))
+            await storage.get(image_key(str(uuid.uuid4()), 0, attempt=1))
         # A batch's images at once: one that cannot be encoded fails alone.
-        batch = [image_key(str(uuid.uuid4()), 0) for _ in range(3)]
+        batch = [image_key(str(uuid.uuid4()), 0, attempt=1) for _ in range(3)]
         errors = await storage.put_all(
             [
                 (batch[0], PNG_BYTES, "image/png"),
@@ -70,7 +70,7 @@ def broken() -> bytes:
 
 async def test_local_round_trip(settings: Settings) -> None:
     url = await round_trip(settings)
-    assert url.startswith("/v1/images/") and url.endswith("/0.png")
+    assert url.startswith("/v1/images/") and url.endswith("/1/0.png")
 
 
 async def test_s3_round_trip(s3_settings: Settings) -> None:
@@ -80,7 +80,7 @@ async def test_s3_round_trip(s3_settings: Settings) -> None:
 
 
 async def test_presigned_url_serves_the_object_with_its_type(s3_settings: Settings) -> None:
-    key = image_key(str(uuid.uuid4()), 1)
+    key = image_key(str(uuid.uuid4()), 1, attempt=1)
     async with open_storage(s3_settings) as storage:
         await storage.put(key, PNG_BYTES, "image/png")
         url = await storage.url(key)

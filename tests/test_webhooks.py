@@ -110,7 +110,7 @@ async def test_deliveries_are_signed_recorded_and_verifiable(stack: Stack, recei
     assert sorted(p["type"] for p in payloads) == ["job.completed", "job.started"]
     completed = next(p for p in payloads if p["type"] == "job.completed")
     assert completed["data"]["id"] == job["id"] and completed["data"]["status"] == "completed"
-    assert completed["data"]["result"]["images"][0]["url"].endswith("/0.png")
+    assert completed["data"]["result"]["images"][0]["url"].endswith("/1/0.png")
     ids = {headers["webhook-id"] for headers, _ in receiver.received}
     assert ids == {str(r["id"]) for r in rows}
     headers, body = receiver.received[0]

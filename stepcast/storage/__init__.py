@@ -36,8 +36,10 @@ class Storage(Protocol):
         ...
 
 
-def image_key(job_id: str, index: int, extension: str = "png") -> str:
-    return f"{job_id}/{index}.{extension}"
+def image_key(job_id: str, index: int, *, attempt: int, extension: str = "png") -> str:
+    """Where an attempt stores a job's image: each attempt under its own keys, so a stale
+    attempt never overwrites the images of the one that won."""
+    return f"{job_id}/{attempt}/{index}.{extension}"
 
 
 @contextlib.asynccontextmanager

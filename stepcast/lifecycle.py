@@ -1,0 +1,223 @@
+"""Every change of a job's state goes through here: a seq, the fenced write, the event.
+
+An event that records a state change (``requeued``, the terminal ones) is
+written to Postgres first and emitted after; a terminal event's seq is
+reserved before the write, so Postgres' ``last_seq`` is never behind it.
+Events that record nothing (``queued``, ``started``, ``progress``) are
+emitted alone. Seqs come in blocks from Postgres (:meth:`Database.reserve_seqs`)
+whenever Redis has none for the job, so no seq is ever handed out twice
+(docs/events.md).
+
+Each emit names the attempt it speaks for: a worker its own, everyone else
+the attempt a waiting job will run as (``attempt + 1``). Redis refuses an
+event of an attempt older than one it has heard of, and a worker gets a block
+only while Postgres says it runs the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from stepcast.db import TRANSIENT_ERRORS, Database, retrying
+from stepcast.events import BEHIND, FENCED, NEED_BLOCK, NO_BLOCK, Block, Event, EventLog, Requeued, Terminal
+from stepcast.jobs import Job, Status
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SEQ_BLOCK = 1024  # seqs reserved in Postgres at a time (a new job's first block: schema.sql)
+TERMINAL_TRIES = 6  # about 6 s of back-off for a Redis blip at the end of a job
+RESTAMPS = 3  # times a terminal event whose seq the log has passed takes a later one
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """Who emits for a job: the attempt its events speak for, and whether that is a worker
+    running it (whose blocks Postgres grants only while it holds the job)."""
+
+    attempt: int
+    worker: bool = False
+
+    @classmethod
+    def waiting(cls, job: Job) -> Speaker:
+        """The server or the recovery pass, for a job that waits (or is taken from a worker)."""
+        return cls(job.attempt + 1)
+
+    @classmethod
+    def running(cls, job: Job) -> Speaker:
+        return cls(job.attempt, worker=True)
+
+
+class Lifecycle:
+    def __init__(self, db: Database, events: EventLog, *, db_retry_s: float = 0.0) -> None:
+        self.db = db
+        self.events = events
+        self.db_retry_s = db_retry_s
+
+    async def emit(
+        self,
+        job_id: uuid.UUID,
+        owner: str,
+        event: Event,
+        speaker: Speaker,
+        *,
+        seq: int = 0,
+        block: Block = NO_BLOCK,
+        position_update: bool = False,
+        tries: int = 1,
+    ) -> int | None:
+        """Emit an event; its seq, or None if it was not published (fenced, nothing new, a seq
+        the log is past, or Redis unreachable ``tries`` times: a watcher gets a snapshot)."""
+        published = await self._emit(job_id, owner, event, speaker, seq, block, position_update, tries)
+        return published if published is not None and published > 0 else None
+
+    async def _emit(
+        self,
+        job_id: uuid.UUID,
+        owner: str,
+        event: Event,
+        speaker: Speaker,
+        seq: int,
+        block: Block,
+        position_update: bool,
+        tries: int,
+    ) -> int | None:
+        """What the log answered (a seq or one of its codes); None if Redis was unreachable."""
+        key, log = str(job_id), {"job_id": str(job_id)}
+        for attempt in range(tries):
+            try:
+                published = await self.events.emit(
+                    key, owner, event, attempt=speaker.attempt, seq=seq, block=block,
+                    position_update=position_update,
+                )  # fmt: skip
+                if published == NEED_BLOCK and not position_update:
+                    fresh = await self._block(job_id, speaker)
+                    if fresh is None:
+                        return None
+                    published = await self.events.emit(
+                        key, owner, event, attempt=speaker.attempt, seq=seq, block=fresh
+                    )
+            except RedisError:
+                logger.warning("could not publish %s", event.type, extra=log, exc_info=True)
+                if attempt + 1 < tries:
+                    await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            if published == FENCED:
+                logger.info("%s not published: a newer attempt or the end came first", event.type, extra=log)
+            return published
+        return None
+
+    async def reserve(self, job_id: uuid.UUID, speaker: Speaker) -> int | None:
+        """A seq for an event recorded in Postgres before it is emitted; None if the job has
+        moved past ``speaker``. Without Redis, the first seq of a fresh block from Postgres."""
+        key = str(job_id)
+        try:
+            seq = await self.events.reserve(key, attempt=speaker.attempt)
+            if seq == NEED_BLOCK:
+                block = await self._block(job_id, speaker)
+                if block is None:
+                    return None
+                seq = await self.events.reserve(key, attempt=speaker.attempt, block=block)
+            if seq == FENCED:
+                return None
+            if seq > 0:
+                return seq
+        except RedisError:
+            logger.warning(
+                "could not reserve a seq in Redis; taking one from Postgres", extra={"job_id": key}
+            )
+        block = await self._block(job_id, speaker)
+        return None if block is None else block.lo
+
+    async def _block(self, job_id: uuid.UUID, speaker: Speaker) -> Block | None:
+        fence = speaker.attempt if speaker.worker else None
+        hi = await self._retrying(
+            "reserve seqs", lambda: self.db.reserve_seqs(job_id, SEQ_BLOCK, attempt=fence)
+        )
+        return None if hi is None else Block.ending_at(hi, SEQ_BLOCK)
+
+    async def finish(
+        self,
+        job: Job,
+        status: Status,
+        speaker: Speaker,
+        write: Callable[[int], Awaitable[Job | None]],
+        event: Terminal | Callable[[Job], Awaitable[Terminal]],
+        *,
+        seq: int | None = None,
+    ) -> Job | None:
+        """Record a terminal state (``write`` with the reserved seq, fenced), then emit it with
+        that seq. The job's row as written, or None if the job had moved on. ``event``: the
+        event, or how to make it from the row (a completed job's timings)."""
+        log = {"job_id": str(job.id), "attempt": job.attempt}
+        reserved = seq if seq is not None else await self.reserve(job.id, speaker)
+        if reserved is None:
+            logger.warning("%s not recorded: the job moved on", status.value, extra=log)
+            return None
+        seq = reserved
+        done = await self._written(status.value, lambda: write(reserved))
+        if done is None:
+            # The write (or a retry of it) may have committed with its reply lost: the seq
+            # is ours alone, so a row that has it is our write.
+            current = await self._retrying("read back", lambda: self.db.get_job(job.id))
+            if current is None or current.last_seq != reserved or current.status is not status:
+                logger.warning("%s not recorded: the job moved on", status.value, extra=log)
+                return None
+            done = current
+        emitted = event if isinstance(event, Event) else await event(done)
+        for _ in range(RESTAMPS):
+            published = await self._emit(
+                job.id, job.owner, emitted, speaker, seq, NO_BLOCK, False, TERMINAL_TRIES
+            )
+            if published != BEHIND:
+                break
+            # Events came after the seq was reserved (the write waited long): a later seq,
+            # recorded in place of the first (fenced by it), so that the log does not end
+            # below what watchers have already seen.
+            later = await self._restamp(job, speaker, seq)
+            if later is None:
+                break
+            seq = later
+        return done
+
+    async def _restamp(self, job: Job, speaker: Speaker, seq: int) -> int | None:
+        later = await self.reserve(job.id, speaker)
+        if later is None:
+            return None
+        moved = await self._retrying("restamp", lambda: self.db.restamp(job.id, seq, later))
+        return later if moved else None
+
+    async def requeue(self, job: Job, reason: str, write: Callable[[], Awaitable[Job | None]]) -> Job | None:
+        """Back to the queue (``write``, fenced), then ``requeued``: from then on Redis refuses
+        the events of the attempt that let it go."""
+        done = await self._written("requeue", write)
+        if done is None:  # its reply may have been lost: is the job back in the queue, as we left it?
+            current = await self._retrying("read back", lambda: self.db.get_job(job.id))
+            if current is not None and (current.status, current.attempt) == (Status.PENDING, job.attempt):
+                done = current
+        if done is not None:
+            event = Requeued(attempt=job.attempt + 1, reason=reason)
+            await self.emit(job.id, job.owner, event, Speaker(job.attempt + 1), tries=TERMINAL_TRIES)
+        return done
+
+    async def _written(self, what: str, write: Callable[[], Awaitable[Job | None]]) -> Job | None:
+        """The row ``write`` returned; None if it matched nothing or Postgres went away before
+        it answered (then the caller reads the row back to learn which)."""
+        try:
+            return await self._retrying(what, write)
+        except TRANSIENT_ERRORS:
+            logger.warning("%s: no answer from Postgres; reading the job back", what, exc_info=True)
+            return None
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        if self.db_retry_s <= 0:
+            return await operation()
+        return await retrying(operation, what=what, deadline_s=self.db_retry_s)
