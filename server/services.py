@@ -24,7 +24,7 @@ from stepcast import __version__, queue
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
-from stepcast.events import CANCEL_CHANNEL, Block, Canceled, EventLog, Queued
+from stepcast.events import CANCEL_CHANNEL, Canceled, EventLog, Queued
 from stepcast.jobs import Job, Status, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
@@ -135,13 +135,11 @@ class Services:
         log = {"job_id": str(job.id), "owner": owner}
         position = insertion.pending + 1  # behind every job pending when it was inserted
         queued = Queued(position=position, eta_s=(await pace).drain_s(position, params.steps))
-        # The seqs the insert reserved (schema.sql): offered to Redis once, here.
-        first = Block(1, job.seq_ceiling)
 
         def announce(pipe: Pipeline) -> None:
             # Announce before enqueueing: a worker may start the job at once, and
             # `queued` must come before `started` in the job's log.
-            self.events.emit_in(pipe, str(job.id), owner, queued, attempt=job.attempt + 1, block=first)
+            self.lifecycle.announce_in(pipe, job, queued)
             queue.enqueue_in(pipe, self.redis, job.id, job.queue, ticket=queue.Ticket.of(job))
 
         try:

@@ -23,10 +23,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from stepcast.db import TRANSIENT_ERRORS, Database, retrying
-from stepcast.events import BEHIND, FENCED, NEED_BLOCK, NO_BLOCK, Block, Event, EventLog, Requeued, Terminal
+from stepcast.events import (
+    BEHIND,
+    FENCED,
+    NEED_BLOCK,
+    NO_BLOCK,
+    Block,
+    Event,
+    EventLog,
+    Queued,
+    Requeued,
+    Terminal,
+)
 from stepcast.jobs import Job, Status
 
 logger = logging.getLogger(__name__)
@@ -61,6 +73,14 @@ class Lifecycle:
         self.db = db
         self.events = events
         self.db_retry_s = db_retry_s
+
+    def announce_in(self, pipe: Pipeline, job: Job, event: Queued) -> None:
+        """A new job's ``queued``, on ``pipe`` (its enqueue shares the round trip), with the
+        seqs its insert reserved (schema.sql): offered to Redis this once."""
+        first = Block(1, job.seq_ceiling)
+        self.events.emit_in(
+            pipe, str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first
+        )
 
     async def emit(
         self,

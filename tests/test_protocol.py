@@ -16,7 +16,7 @@ import stepcast.events
 from server.feed import Feed, _covers
 from stepcast.events import Block
 from stepcast.lifecycle import SEQ_BLOCK, Lifecycle, Speaker
-from tests.protocol_model import Bounds, Violation, explore_exhaustively, explore_randomly
+from tests.protocol_model import Bounds, SimDatabase, Violation, explore_exhaustively, explore_randomly
 
 BIGGER = Bounds(steps=3, watchers=2, positions=2, faults=3, reconnects=2, actions=80)
 
@@ -117,6 +117,18 @@ def _no_restamp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Lifecycle, "_restamp", restamp)
 
 
+def _claim_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before (in the SQL the model follows): a retried claim whose first reply was lost
+    matched no row, and the job sat in processing."""
+    monkeypatch.setattr(SimDatabase, "REVERTED", frozenset({"claim token"}))
+
+
+def _requeue_despite_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before (in the SQL the model follows): recovery requeued a job whose cancel was asked,
+    and no claim would take it."""
+    monkeypatch.setattr(SimDatabase, "REVERTED", frozenset({"cancel fence"}))
+
+
 # Redis down while a waiting job is canceled: the one fault that bug needs, found sooner.
 REDIS_DOWN = Bounds(steps=1, faults=1, fault_kinds=("down",), reconnects=1, lease_expiries=0)
 
@@ -130,6 +142,8 @@ REDIS_DOWN = Bounds(steps=1, faults=1, fault_kinds=("down",), reconnects=1, leas
         (_no_attempt_fence, BIGGER, "published after attempt"),
         (_lost_reply_not_read_back, BIGGER, "never heard"),
         (_no_restamp, BIGGER, "never heard"),
+        (_claim_without_token, BIGGER, "never finished"),
+        (_requeue_despite_cancel, BIGGER, "never finished"),
     ],
 )
 async def test_the_checker_finds_each_bug_when_its_fix_is_reverted(
