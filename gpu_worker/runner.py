@@ -609,8 +609,12 @@ class JobRunner:
         back = await self.lifecycle.requeue(
             job, "worker_shutdown", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
         )
-        if back is None:  # a cancel is pending (or the job moved on): finish it as canceled
-            await self._cancel(active)
+        if back is None:
+            # A cancel is pending, or the job moved on (its write is fenced), or Postgres never
+            # answered: then the lease runs out and the recovery pass takes it back.
+            current = await self._write("read back", lambda: self.db.get_job(job.id))
+            if current is not None and current.attempt == job.attempt and current.cancel_requested:
+                await self._cancel(active)
             return
         logger.info("job handed back to the queue (shutdown)", extra=log)
         self.metrics.jobs.labels("handed_back").inc()

@@ -23,7 +23,7 @@ from server.positions import EtaEstimator, QueueAnnouncer
 from stepcast import __version__, queue
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
-from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests
+from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
 from stepcast.events import CANCEL_CHANNEL, Canceled, EventLog, Queued
 from stepcast.jobs import Job, Status, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
@@ -208,6 +208,8 @@ class Services:
                 logger.info("job canceled while pending", extra={"job_id": str(job.id)})
                 return canceled
             job = await self.get(owner, job_id)  # claimed meanwhile: cancel it as processing
+            if job.status is Status.PENDING:  # Postgres did not answer the write
+                raise Unavailable("the cancel could not be recorded just now; send it again")
         if job.status is Status.PROCESSING:
             requested = await self.db.request_cancel(job.id)
             if requested is not None:

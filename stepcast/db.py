@@ -479,19 +479,21 @@ class Database:
         """
         rows = await self.pool.fetch(
             """
-            WITH started AS (
-                UPDATE jobs SET
-                    status = 'processing', attempt = attempt + 1, worker = $2, started_at = now(),
-                    lease_expires_at = now() + make_interval(secs => $3), progress_step = 0,
-                    model_revision = $4, claim_token = $5
-                WHERE id = ANY($1::uuid[]) AND status = 'pending' AND NOT cancel_requested
-                  AND (queue_expires_at IS NULL OR queue_expires_at > now())
-                RETURNING *
-            )
-            SELECT * FROM started
-            UNION ALL
-            SELECT * FROM jobs
-            WHERE id = ANY($1::uuid[]) AND status = 'processing' AND claim_token = $5
+            UPDATE jobs SET
+                status = 'processing', worker = $2, model_revision = $4, claim_token = $5,
+                attempt = CASE WHEN status = 'pending' THEN attempt + 1 ELSE attempt END,
+                started_at = CASE WHEN status = 'pending' THEN now() ELSE started_at END,
+                progress_step = CASE WHEN status = 'pending' THEN 0 ELSE progress_step END,
+                lease_expires_at = now() + make_interval(secs => $3)
+            WHERE id = ANY($1::uuid[])
+              AND (
+                (status = 'pending' AND NOT cancel_requested
+                 AND (queue_expires_at IS NULL OR queue_expires_at > now()))
+                -- this claim again (its first reply was lost): one statement, so that a retry
+                -- that waited on the first one's row lock still finds it
+                OR (status = 'processing' AND claim_token = $5)
+              )
+            RETURNING *
             """,
             list(job_ids), worker, lease_s, model_revision, token,
         )  # fmt: skip
@@ -582,11 +584,13 @@ class Database:
 
     async def restamp(self, job_id: uuid.UUID, seq: int, later: int) -> bool:
         """Record a finished job's terminal event under a later seq (the log had passed ``seq``
-        before the event could be appended); fenced by the seq it replaces."""
+        before the event could be appended); fenced by the seq it replaces (done again, it is
+        done: its reply may have been lost)."""
         value = await self.pool.fetchval(
             """
             UPDATE jobs SET last_seq = $3
-            WHERE id = $1 AND last_seq = $2 AND status IN ('completed', 'failed', 'canceled') AND $3 > $2
+            WHERE id = $1 AND last_seq IN ($2, $3) AND status IN ('completed', 'failed', 'canceled')
+              AND $3 > $2
             RETURNING true
             """,
             job_id, seq, later,

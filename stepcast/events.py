@@ -11,7 +11,9 @@ job (it lost its data) or the block is used up, :data:`NEED_BLOCK` comes back
 and the caller offers a fresh block, above every seq ever handed out. The
 script also fences attempts (an event of an attempt older than one already
 heard of is refused, unless its seq was reserved for a write that Postgres
-fenced) and ends a log at its terminal event. Callers go through
+fenced) and ends a log at its terminal event. A stream ahead of its counter
+(an older version counting elsewhere during an upgrade) makes the counter
+take a fresh block. Callers go through
 :mod:`stepcast.lifecycle`, which handles blocks and Postgres.
 """
 
@@ -53,6 +55,9 @@ if last then
     local kind = string.match(newest, '^{"type":"(%a+)",')
     if kind == 'completed' or kind == 'failed' or kind == 'canceled' then return -3 end
 end
+-- The stream is ahead of the counter: someone else counted (an older stepcast during a
+-- rolling upgrade) or the counter came back older. Its block cannot be trusted: a fresh one.
+if cur ~= nil and cur < top then cur = nil end
 local function next_seq(lo, hi)
     if cur == nil or cur >= ceil then
         if hi == 0 or lo <= top or (cur ~= nil and lo <= cur) then return nil end
@@ -61,10 +66,11 @@ local function next_seq(lo, hi)
     cur = cur + 1
     return cur
 end
-local function keep(seq)
+local function keep(seq, heard)
     if cur == nil or seq > cur then cur = seq end
     if ceil == nil or ceil < cur then ceil = cur end
-    redis.call('HSET', KEYS[1], 'cur', cur, 'ceil', ceil, 'att', math.max(att, attempt))
+    if heard then att = math.max(att, attempt) end
+    redis.call('HSET', KEYS[1], 'cur', cur, 'ceil', ceil, 'att', att)
     redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 """
@@ -93,7 +99,7 @@ if seq == 0 then
 elseif seq <= top then
     return -1
 end
-keep(seq)
+keep(seq, true)
 local data = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 'e', data)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -109,7 +115,7 @@ _RESERVE = (
     + """
 local seq = next_seq(tonumber(ARGV[3]), tonumber(ARGV[4]))
 if seq == nil then return -2 end
-keep(seq)
+keep(seq, false)  -- a reservation fences no one: its write may fail
 return seq
 """
 )
@@ -292,8 +298,8 @@ class EventLog:
 
     async def reserve(self, job_id: str, *, attempt: int, block: Block = NO_BLOCK) -> int:
         """The next seq, for an event recorded in Postgres (fenced) before it is emitted; or
-        :data:`NEED_BLOCK`, or :data:`FENCED` once the log has ended. From then on, events of
-        attempts older than ``attempt`` are refused."""
+        :data:`NEED_BLOCK`, or :data:`FENCED` once the log has ended. It fences no attempt:
+        the write it is for may fail."""
         counter, stream = _keys(job_id)
         args: list[Arg] = [attempt, self.ttl_s, block.lo, block.hi]
         return int(await self._scripts.call(self._reserve, [counter, stream], args))

@@ -119,7 +119,11 @@ class Lifecycle:
                     position_update=position_update,
                 )  # fmt: skip
                 if published == NEED_BLOCK and not position_update:
-                    fresh = await self._block(job_id, speaker)
+                    try:
+                        fresh = await self._block(job_id, speaker)
+                    except TRANSIENT_ERRORS:  # Postgres away too: not published, a snapshot later
+                        logger.warning("no seqs for %s: Postgres unreachable", event.type, extra=log)
+                        return None
                     if fresh is None:
                         return None
                     published = await self.events.emit(
@@ -209,7 +213,8 @@ class Lifecycle:
         return done
 
     async def _restamp(self, job: Job, speaker: Speaker, seq: int) -> int | None:
-        later = await self.reserve(job.id, speaker)
+        # The job is terminal: a block for it is no worker's to fence.
+        later = await self.reserve(job.id, Speaker(speaker.attempt))
         if later is None:
             return None
         moved = await self._retrying("restamp", lambda: self.db.restamp(job.id, seq, later))

@@ -83,6 +83,22 @@ async def test_an_older_attempt_is_fenced_and_a_log_ends_at_its_terminal_event(l
     assert await kinds(log) == [(1, "started"), (2, "requeued"), (4, "started"), (5, "failed")]
 
 
+async def test_a_reservation_fences_no_attempt(log: EventLog) -> None:
+    assert await log.emit("j", "o", STARTED, attempt=1, block=FIRST) == 1
+    assert await log.reserve("j", attempt=2) == 2  # the recovery pass's; its write may fail
+    assert await log.emit("j", "o", STEP, attempt=1) == 3  # attempt 1 still runs, and is heard
+
+
+async def test_a_stream_ahead_of_its_counter_takes_a_fresh_block(log: EventLog) -> None:
+    await log.emit("j", "o", QUEUED, attempt=1, block=FIRST)
+    # An older stepcast, counting elsewhere during a rolling upgrade, appends seq 2.
+    text = '{"type":"queued","job_id":"j","seq":2,"position":1,"eta_s":null}'
+    await log.redis.xadd("stepcast:{j}:events", {"e": text}, id="2-0")
+    assert await log.emit("j", "o", STARTED, attempt=1) == NEED_BLOCK  # not 2 again
+    assert await log.reserve("j", attempt=1) == NEED_BLOCK
+    assert await log.emit("j", "o", STARTED, attempt=1, block=Block(1025, 2048)) == 1025
+
+
 async def test_position_updates_never_precede_the_submit_or_follow_start_or_a_reserved_seq(
     log: EventLog,
 ) -> None:
