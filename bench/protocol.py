@@ -20,7 +20,7 @@ import pytest
 from bench.stack import write_result
 from tests.protocol_model import Bounds, Violation, explore_exhaustively, explore_randomly
 
-SMALL = Bounds(steps=1, positions=1, faults=1, reconnects=0, lease_expiries=0, cancel=False)
+SMALL = Bounds(steps=1, positions=0, faults=1, reconnects=0, lease_expiries=0, cancel=False)
 BIGGER = Bounds(steps=3, watchers=2, positions=2, faults=3, reconnects=2, actions=80)
 
 

@@ -35,7 +35,7 @@ import logging
 import random
 import types
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -86,18 +86,20 @@ class Bounds:
     reconnects: int = 1  # watcher drops and resumes
     lease_expiries: int = 1  # 0: no recovery, no second attempt
     cancel: bool = True
-    fault_kinds: tuple[str, ...] = ("flush", "restart", "down", "lose_reply")
+    fault_kinds: tuple[str, ...] = ("flush", "restart", "down", "lose_reply", "lose_queue_entry")
     actions: int = 60  # chosen steps before the world heals
 
 
 # -- Postgres: one row, the fences of stepcast/db.py --------------------------------
 
 
-class SimDatabase:
-    # Fixes in the SQL this models, which a test may take out again: "claim token" (a retried
-    # claim finds its own), "cancel fence" (a lease that ran out with a cancel asked is not requeued).
-    REVERTED: frozenset[str] = frozenset()
+# Fixes in what the model stands in for (SQL, arq's queue), which a test may take out again:
+# "claim token" (a retried claim finds its own), "cancel fence" (a lease that ran out with a
+# cancel asked is not requeued), "queue membership" (recovery asks the queue, not arq's job key).
+REVERTED: frozenset[str] = frozenset()
 
+
+class SimDatabase:
     def __init__(self, world: World, job: Job) -> None:
         self.world = world
         self.row = job
@@ -135,11 +137,7 @@ class SimDatabase:
 
     async def claim(self, job_ids: list[uuid.UUID], *, worker: str, token: uuid.UUID) -> dict[uuid.UUID, Job]:
         row = await self._read("claim")
-        if (
-            row.status is Status.PROCESSING
-            and row.claim_token == token
-            and "claim token" not in self.REVERTED
-        ):
+        if row.status is Status.PROCESSING and row.claim_token == token and "claim token" not in REVERTED:
             return {row.id: row}
         if row.status is not Status.PENDING or row.cancel_requested:
             return {}
@@ -187,9 +185,24 @@ class SimDatabase:
         row = await self._read("requeue_expired")
         if row.status is not Status.PROCESSING or row.attempt != attempt or not self.lease_expired:
             return None
-        if row.cancel_requested and "cancel fence" not in self.REVERTED:
+        if row.cancel_requested and "cancel fence" not in REVERTED:
             return None
         return self._wrote(replace(row, status=Status.PENDING, worker=None))
+
+    @contextlib.asynccontextmanager
+    async def singleton(self, task: str) -> AsyncIterator[bool]:
+        yield True
+
+    async def expired_leases(self) -> list[Job]:
+        row = await self._read("expired_leases")
+        return [row] if row.status is Status.PROCESSING and self.lease_expired else []
+
+    async def expired_in_queue(self) -> list[Job]:
+        return []
+
+    async def pending_older_than(self, seconds: float) -> list[Job]:
+        row = await self._read("pending_older_than")
+        return [row] if row.status is Status.PENDING else []
 
     async def finish_expired(
         self,
@@ -354,10 +367,23 @@ class World:
         for module in (server.feed, stepcast.lifecycle, stepcast.db):
             monkeypatch.setattr(module, "asyncio", gated)
 
-        async def enqueue(*args: Any, **kwargs: Any) -> bool:
+        # The queue: whether its sorted set holds the job, and whether arq's job key is there
+        # (a worker takes only a job its queue holds).
+        self.queued = self.job_key = False
+
+        async def enqueue(*args: Any, afresh: bool = False, **kwargs: Any) -> bool:
+            if self.job_key and not afresh:
+                return False  # arq refuses a job id it knows
+            self.queued = self.job_key = True
             return True
 
-        monkeypatch.setattr(stepcast.queue, "enqueue", enqueue)  # the model has no arq queue
+        async def held(arq: Any, jobs: list[Job]) -> set[uuid.UUID]:
+            there = self.job_key if "queue membership" in REVERTED else self.queued
+            return {job.id for job in jobs if there}
+
+        monkeypatch.setattr(stepcast.queue, "enqueue", enqueue)
+        monkeypatch.setattr(stepcast.queue, "held", held)
+        self.recoveries = 0
 
     # -- scheduling points --
 
@@ -442,21 +468,27 @@ class World:
             yield f"watch {watcher.name}", ready, functools.partial(self._watch, watcher, index == 0)
         if self.positions_left:
             yield "announce", "submit" in self.started, self._announce
-        yield "worker 1", "submit" in self.started, functools.partial(self._worker, "worker 1")
-        second = row.status is Status.PENDING and row.attempt >= 1
+        # A worker takes the job only from its queue.
+        yield "worker 1", self.queued, functools.partial(self._worker, "worker 1")
+        second = row.status is Status.PENDING and row.attempt >= 1 and self.queued
         yield "worker 2", second, functools.partial(self._worker, "worker 2")
         if self.bounds.cancel:
             yield "cancel", "submit" in self.started, self._cancel
-        if self.db.lease_expired:
-            yield "recovery", True, self._recover
+        # The recovery pass, when it has something to do (a lease ran out, a waiting job
+        # its queue lost), a few times at most.
+        due = self.db.lease_expired or ("submit" in self.started and row.status is Status.PENDING)
+        if due and self.recoveries < 3:
+            yield f"recovery {self.recoveries + 1}", True, self._recover
 
     async def _submit(self) -> None:
-        # As Lifecycle.announce_in announces a new job: its first block, offered once.
+        # As Services.submit: Lifecycle.announce_in (its first block, offered once), then the
+        # enqueue, in one round trip.
         row = self.db.row
         with contextlib.suppress(RedisConnectionError):
             await self.events.emit(
                 self.key, OWNER, Queued(position=2, eta_s=None), attempt=1, block=Block(1, row.seq_ceiling)
             )
+            await stepcast.queue.enqueue(None, self.job_id, "q")  # type: ignore[arg-type]
 
     async def _announce(self) -> None:
         lifecycle = Lifecycle(self.db, self.events)  # type: ignore[arg-type]
@@ -504,10 +536,9 @@ class World:
             await self.services.cancel(OWNER, self.job_id)
 
     async def _recover(self) -> None:
-        row = await self.db.get_job(self.job_id)
-        if row is not None and row.status is Status.PROCESSING and self.db.lease_expired:
-            with contextlib.suppress(RedisConnectionError, asyncpg.PostgresConnectionError):
-                await self.recovery._expired(row)
+        self.recoveries += 1
+        with contextlib.suppress(RedisConnectionError, asyncpg.PostgresConnectionError):
+            await self.recovery.tick()
 
     async def _watch(self, watcher: Watcher, submitter: bool) -> None:
         """Subscribe (again), retrying while the server answers with an error."""
@@ -547,11 +578,14 @@ class World:
         self.budget["faults"] -= 1
         if kind == "lose_reply":
             self.db.lose_reply = True
+        elif kind == "lose_queue_entry":  # the sorted set lost it; arq's job key is still there
+            self.queued = False
         elif kind == "down":
             self.redis_down = True
             self.in_flight.clear()
         else:
             await self.redis.flushall()
+            self.queued = self.job_key = False
             if kind == "restart":  # empty, its scripts and its connections gone
                 await self.redis.script_flush()
                 self.in_flight.clear()

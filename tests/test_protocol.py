@@ -4,6 +4,7 @@ bug's fix is taken out again (docs/events.md, "How it is checked")."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,8 @@ import stepcast.events
 from server.feed import Feed, _covers
 from stepcast.events import Block
 from stepcast.lifecycle import SEQ_BLOCK, Lifecycle, Speaker
-from tests.protocol_model import Bounds, SimDatabase, Violation, explore_exhaustively, explore_randomly
+from tests import protocol_model
+from tests.protocol_model import Bounds, Violation, explore_exhaustively, explore_randomly
 
 BIGGER = Bounds(steps=3, watchers=2, positions=2, faults=3, reconnects=2, actions=80)
 
@@ -120,30 +122,41 @@ def _no_restamp(monkeypatch: pytest.MonkeyPatch) -> None:
 def _claim_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before (in the SQL the model follows): a retried claim whose first reply was lost
     matched no row, and the job sat in processing."""
-    monkeypatch.setattr(SimDatabase, "REVERTED", frozenset({"claim token"}))
+    monkeypatch.setattr(protocol_model, "REVERTED", frozenset({"claim token"}))
 
 
 def _requeue_despite_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before (in the SQL the model follows): recovery requeued a job whose cancel was asked,
     and no claim would take it."""
-    monkeypatch.setattr(SimDatabase, "REVERTED", frozenset({"cancel fence"}))
+    monkeypatch.setattr(protocol_model, "REVERTED", frozenset({"cancel fence"}))
 
 
-# Redis down while a waiting job is canceled: the one fault that bug needs, found sooner.
+def _job_key_for_membership(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: recovery judged a waiting job lost by arq's job key, so a job whose queue entry
+    was lost (its key still there) was never enqueued again."""
+    monkeypatch.setattr(protocol_model, "REVERTED", frozenset({"queue membership"}))
+
+
+# Each bug with the faults it needs, found sooner.
 REDIS_DOWN = Bounds(steps=1, faults=1, fault_kinds=("down",), reconnects=1, lease_expiries=0)
+QUEUE_LOSS = Bounds(
+    steps=1, faults=1, fault_kinds=("lose_queue_entry",), reconnects=0, lease_expiries=0, cancel=False
+)
+STORES = dataclasses.replace(BIGGER, fault_kinds=("flush", "restart", "down", "lose_reply"))
 
 
 @pytest.mark.parametrize(
     ("revert", "bounds", "found"),
     [
-        (_counter_from_postgres, BIGGER, "names two events"),
-        (_row_before_stream, BIGGER, "as seen|never heard"),
+        (_counter_from_postgres, STORES, "names two events"),
+        (_row_before_stream, STORES, "as seen|never heard"),
         (_seq_after_postgres_without_redis, REDIS_DOWN, "names two events"),
-        (_no_attempt_fence, BIGGER, "published after attempt"),
-        (_lost_reply_not_read_back, BIGGER, "never heard"),
-        (_no_restamp, BIGGER, "never heard"),
-        (_claim_without_token, BIGGER, "never finished"),
-        (_requeue_despite_cancel, BIGGER, "never finished"),
+        (_no_attempt_fence, STORES, "published after attempt"),
+        (_lost_reply_not_read_back, STORES, "never heard"),
+        (_no_restamp, STORES, "never heard"),
+        (_claim_without_token, STORES, "never finished"),
+        (_requeue_despite_cancel, STORES, "never finished"),
+        (_job_key_for_membership, QUEUE_LOSS, "never finished"),
     ],
 )
 async def test_the_checker_finds_each_bug_when_its_fix_is_reverted(
