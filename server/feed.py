@@ -151,19 +151,20 @@ class Feed:
 
     # -- watching -----------------------------------------------------------
 
-    async def watch(self, job_id: uuid.UUID, after_seq: int | None, *, new: bool = False) -> None:
+    async def watch(self, job_id: uuid.UUID, after_seq: int | None, *, new: Job | None = None) -> None:
         """Send what the client missed after ``after_seq`` (or a snapshot), then live events.
 
-        ``new``: a job this owner has just submitted (no need to check whose it is).
+        ``new``: the row of a job this owner has just submitted, which spares reading it
+        again to judge a replay (its log can only have grown since).
         """
         key = str(job_id)
-        if not new:
+        if new is None:
             await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
         watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
         try:
             await self.hub.add(job_channel(key), self)
-            await self._sync(key, watch, after_seq)
+            await self._sync(key, watch, after_seq, new)
         except BaseException:
             if self._watches.get(key) is watch:
                 del self._watches[key]
@@ -198,16 +199,19 @@ class Feed:
             self.hub.remove(owner_channel(self.owner), self)
         self._watches.clear()
 
-    async def _sync(self, key: str, watch: _Watch, after_seq: int | None) -> None:
+    async def _sync(self, key: str, watch: _Watch, after_seq: int | None, new: Job | None = None) -> None:
         watch.syncing = True
         watch.stale = False
         watch.buffer.clear()  # whatever arrived before the read below is in the stream
         stream = await self.services.events.read(key, after_seq=after_seq or 0)
-        job = await self.services.get(self.owner, uuid.UUID(key))  # after the stream: see the module doc
+        # After the stream (see the module doc); a new job's row as inserted is enough for a replay.
+        job = new if new is not None else await self.services.get(self.owner, uuid.UUID(key))
         if after_seq is not None and _covers(stream, after_seq, job.last_seq):
             for event in stream.events:
                 self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
         else:
+            if new is not None:  # a snapshot shows the job as it is now
+                job = await self.services.get(self.owner, uuid.UUID(key))
             await self._snapshot(key, watch, job, stream.events[-1] if stream.events else None)
         buffered, watch.buffer = watch.buffer, []
         watch.syncing = False

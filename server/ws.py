@@ -242,7 +242,7 @@ class Connection:
         self.feed.push_message(accepted)
         # A new job is watched from its first event; a replayed one from a snapshot.
         if created:
-            await self.feed.watch(job.id, 0, new=True)
+            await self.feed.watch(job.id, 0, new=job)
         else:
             await self.feed.watch(job.id, None)
 

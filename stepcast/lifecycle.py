@@ -31,7 +31,6 @@ from stepcast.events import (
     BEHIND,
     FENCED,
     NEED_BLOCK,
-    NO_BLOCK,
     Block,
     Event,
     EventLog,
@@ -89,14 +88,12 @@ class Lifecycle:
         event: Event,
         speaker: Speaker,
         *,
-        seq: int = 0,
-        block: Block = NO_BLOCK,
         position_update: bool = False,
         tries: int = 1,
     ) -> int | None:
-        """Emit an event; its seq, or None if it was not published (fenced, nothing new, a seq
-        the log is past, or Redis unreachable ``tries`` times: a watcher gets a snapshot)."""
-        published = await self._emit(job_id, owner, event, speaker, seq, block, position_update, tries)
+        """Emit an event with the next seq; that seq, or None if it was not published (fenced,
+        nothing new, or Redis unreachable ``tries`` times: a watcher gets a snapshot)."""
+        published = await self._emit(job_id, owner, event, speaker, 0, position_update, tries)
         return published if published is not None and published > 0 else None
 
     async def _emit(
@@ -106,23 +103,24 @@ class Lifecycle:
         event: Event,
         speaker: Speaker,
         seq: int,
-        block: Block,
         position_update: bool,
         tries: int,
     ) -> int | None:
-        """What the log answered (a seq or one of its codes); None if Redis was unreachable."""
-        key, log = str(job_id), {"job_id": str(job_id)}
+        """What the log answered (a seq or one of its codes); None if Redis was unreachable.
+        ``seq``: a reserved one, or 0 for the next."""
+        key = str(job_id)
         for attempt in range(tries):
             try:
                 published = await self.events.emit(
-                    key, owner, event, attempt=speaker.attempt, seq=seq, block=block,
-                    position_update=position_update,
-                )  # fmt: skip
+                    key, owner, event, attempt=speaker.attempt, seq=seq, position_update=position_update
+                )
                 if published == NEED_BLOCK and not position_update:
                     try:
                         fresh = await self._block(job_id, speaker)
                     except TRANSIENT_ERRORS:  # Postgres away too: not published, a snapshot later
-                        logger.warning("no seqs for %s: Postgres unreachable", event.type, extra=log)
+                        logger.warning(
+                            "no seqs for %s: Postgres unreachable", event.type, extra={"job_id": key}
+                        )
                         return None
                     if fresh is None:
                         return None
@@ -130,12 +128,16 @@ class Lifecycle:
                         key, owner, event, attempt=speaker.attempt, seq=seq, block=fresh
                     )
             except RedisError:
-                logger.warning("could not publish %s", event.type, extra=log, exc_info=True)
+                logger.warning("could not publish %s", event.type, extra={"job_id": key}, exc_info=True)
                 if attempt + 1 < tries:
                     await asyncio.sleep(0.1 * 2**attempt)
                 continue
             if published == FENCED:
-                logger.info("%s not published: a newer attempt or the end came first", event.type, extra=log)
+                logger.info(
+                    "%s not published: a newer attempt or the end came first",
+                    event.type,
+                    extra={"job_id": key},
+                )
             return published
         return None
 
@@ -182,11 +184,12 @@ class Lifecycle:
         that seq. The job's row as written, or None if the job had moved on. ``event``: the
         event, or how to make it from the row (a completed job's timings)."""
         log = {"job_id": str(job.id), "attempt": job.attempt}
-        reserved = seq if seq is not None else await self.reserve(job.id, speaker)
-        if reserved is None:
+        if seq is None:
+            seq = await self.reserve(job.id, speaker)
+        if seq is None:
             logger.warning("%s not recorded: the job moved on", status.value, extra=log)
             return None
-        seq = reserved
+        reserved = seq
         done = await self._written(status.value, lambda: write(reserved))
         if done is None:
             # The write (or a retry of it) may have committed with its reply lost: the seq
@@ -198,9 +201,7 @@ class Lifecycle:
             done = current
         emitted = event if isinstance(event, Event) else await event(done)
         for _ in range(RESTAMPS):
-            published = await self._emit(
-                job.id, job.owner, emitted, speaker, seq, NO_BLOCK, False, TERMINAL_TRIES
-            )
+            published = await self._emit(job.id, job.owner, emitted, speaker, seq, False, TERMINAL_TRIES)
             if published != BEHIND:
                 break
             # Events came after the seq was reserved (the write waited long): a later seq,

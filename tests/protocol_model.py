@@ -548,7 +548,7 @@ class World:
             watcher.feed = feed
             try:
                 if submitter and watcher.resume is None:
-                    await feed.watch(self.job_id, 0, new=True)  # as a WebSocket submit does
+                    await feed.watch(self.job_id, 0, new=self.db.row)  # as a WebSocket submit does
                 else:
                     await feed.watch(self.job_id, watcher.resume)
                 return

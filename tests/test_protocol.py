@@ -54,7 +54,7 @@ def _row_before_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: a feed read the job's row, then its stream, and a snapshot took the stream's
     newest seq as its own."""
 
-    async def sync(self: Feed, key: str, watch: Any, after_seq: int | None) -> None:
+    async def sync(self: Feed, key: str, watch: Any, after_seq: int | None, new: Any = None) -> None:
         watch.syncing, watch.stale = True, False
         watch.buffer.clear()
         job = await self.services.get(self.owner, uuid.UUID(key))
