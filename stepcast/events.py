@@ -131,7 +131,9 @@ class Event:
     type: ClassVar[str]
 
     def fields(self) -> dict[str, Any]:
-        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        # Not dataclasses.asdict: it deep-copies, and a progress event is made every step.
+        values = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: value for name, value in values if value is not None}
 
 
 @dataclass(frozen=True)
