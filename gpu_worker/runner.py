@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -146,6 +146,7 @@ class JobRunner:
         worker_id: str,
         metrics: WorkerMetrics | None = None,
         *,
+        executor: Executor,
         on_room: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
@@ -156,7 +157,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.metrics = metrics or WorkerMetrics()
         self.on_room = on_room
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._executor = executor  # the pipeline's one thread; the runner shuts it down
         self._waiting: list[_Waiting] = []
         self._arrived = asyncio.Event()
         # By job and attempt: a job whose lease ran out here (Postgres away) may come back to

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
+import queue
 import signal
 import socket
+import sys
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from signal import Signals
 from typing import Any
 
@@ -37,6 +42,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from gpu_worker.main_thread import MainThreadExecutor, forward_signals
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
@@ -61,6 +67,7 @@ class GpuWorker(Worker):
     """arq's worker, made to keep a GPU fed and to outlive a Redis restart."""
 
     def __init__(self, *args: Any, idle_poll_s: float, lease_s: float, renew_s: float, **kwargs: Any) -> None:
+        self.signal_handlers: dict[int, Callable[[], None]] = {}  # for the main thread to forward
         # arq's own poll loop does not pause; _poll_iteration waits for a wake-up instead.
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_s = idle_poll_s
@@ -70,6 +77,14 @@ class GpuWorker(Worker):
         self.consumer: Consumer | None = None  # set on startup, once the pool exists
         self._wake = asyncio.Event()
         self._letting_go: set[asyncio.Task[None]] = set()  # close waits for them before the pool
+
+    def _add_signal_handler(self, signum: Signals, handler: Callable[[Signals], None]) -> None:
+        # Off the main thread (the pipeline has it) a loop cannot take signals:
+        # the main thread forwards them (main_thread.forward_signals).
+        if threading.current_thread() is threading.main_thread():
+            super()._add_signal_handler(signum, handler)
+        else:
+            self.signal_handlers[signum] = functools.partial(handler, signum)
 
     def wake(self) -> None:
         """Poll now (a submit's wake-up, a finished job, room in the runner)."""
@@ -246,9 +261,16 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
 
 def create_worker(
-    settings: Settings, *, pipeline: Pipeline | None = None, handle_signals: bool = True
+    settings: Settings,
+    *,
+    pipeline: Pipeline | None = None,
+    executor: Executor | None = None,
+    handle_signals: bool = True,
 ) -> GpuWorker:
-    """An arq Worker wired to stepcast; pass ``pipeline`` to reuse one already loaded."""
+    """An arq Worker wired to stepcast; pass ``pipeline`` to reuse one already loaded, and
+    ``executor`` for the thread that runs it (default: a thread of the runner's own)."""
+    if executor is None:
+        executor = pipeline_thread()
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -259,10 +281,15 @@ def create_worker(
         stack.push_async_callback(db.close)
         await db.migrate()
         storage = await stack.enter_async_context(open_storage(settings))
-        loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
+        if pipeline is not None:
+            loaded = pipeline
+        else:  # on the thread that will run it
+            loaded = await asyncio.get_running_loop().run_in_executor(executor, load_pipeline, settings)
         events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
         metrics = WorkerMetrics()
-        runner = JobRunner(settings, db, events, storage, loaded, worker_id, metrics, on_room=worker.wake)
+        runner = JobRunner(
+            settings, db, events, storage, loaded, worker_id, metrics, executor=executor, on_room=worker.wake
+        )
         stack.callback(metrics.serve(settings))
         stack.push_async_callback(runner.aclose)
         runner.start()
@@ -313,13 +340,41 @@ def create_worker(
     return worker
 
 
+def pipeline_thread() -> Executor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+
+
 def main() -> None:
+    """The worker process: the pipeline on the main thread, the event loop on another."""
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level)
-    # The event loop handles every step's events while the pipeline runs: the
-    # faster it is, the less CPU the control plane takes from a CPU model.
-    uvloop.install()
-    create_worker(settings).run()
+    on_main = MainThreadExecutor()
+    created: queue.SimpleQueue[GpuWorker | None] = queue.SimpleQueue()
+    failed = threading.Event()
+
+    def event_loop() -> None:
+        try:
+            # The event loop handles every step's events while the pipeline runs: the
+            # faster it is, the less CPU the control plane takes from a CPU model.
+            asyncio.set_event_loop(uvloop.new_event_loop())
+            worker = create_worker(settings, executor=on_main)
+            created.put(worker)
+            worker.run()
+        except BaseException:
+            logger.exception("the worker stopped on an error")
+            failed.set()
+        finally:
+            created.put(None)  # (if the worker never was)
+            on_main.shutdown(wait=False)
+
+    loop_thread = threading.Thread(target=event_loop, name="event-loop")
+    loop_thread.start()
+    if (worker := created.get()) is not None:
+        forward_signals(worker.loop, worker.signal_handlers)
+    on_main.serve()
+    loop_thread.join()
+    if failed.is_set():
+        sys.exit(1)
 
 
 if __name__ == "__main__":
