@@ -37,7 +37,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from gpu_worker import devices, hub
+from gpu_worker import devices, model_source
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
@@ -240,10 +240,10 @@ def load_pipeline(settings: Settings) -> Pipeline:
         placement.reason,
         extra={"device": placement.device, "dtype": placement.dtype, "reason": placement.reason},
     )
-    source = hub.parse(settings.model_dir)
+    source = model_source.parse(settings.model_dir)
     revision = None
-    if isinstance(source, hub.ModelId):
-        snapshot = hub.fetch(source)
+    if isinstance(source, model_source.ModelId):
+        snapshot = model_source.fetch(source)
         source, revision = snapshot.path, snapshot.revision
     elif settings.model_name == "tiny":
         from gpu_worker.tiny_model import ensure
