@@ -92,7 +92,7 @@ COMMENT ON COLUMN jobs.last_seq IS 'Highest event seq recorded for the job (term
 COMMENT ON COLUMN jobs.seq_ceiling IS 'Every event seq ever handed out for the job is at most this: seqs come in blocks reserved here (docs/events.md), so a seq is never reused, whatever Redis loses.';
 COMMENT ON COLUMN jobs.claim_token IS 'Random token of the claim that started the current attempt: a retried claim whose reply was lost recognises its own.';
 COMMENT ON COLUMN jobs.model_name IS 'Model that serves the job.';
-COMMENT ON COLUMN jobs.model_revision IS 'Content hash of the model directory that produced the result.';
+COMMENT ON COLUMN jobs.model_revision IS 'What produced the result: a content hash of the model directory, or org/name@<commit> for a model loaded by Hugging Face id.';
 COMMENT ON COLUMN jobs.stepcast_version IS 'stepcast version that accepted the job.';
 
 -- History: an owner's jobs newest first (GET /v1/jobs), optionally by status.

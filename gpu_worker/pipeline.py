@@ -109,8 +109,12 @@ class DiffusersPipeline:
         dtype: str = "float32",
         channels_last: bool = False,
         compile_unet: bool = False,
+        revision: str | None = None,
     ) -> DiffusersPipeline:
         """Load a model directory; the options are the usual GPU speed-ups.
+
+        ``revision`` is what the jobs' provenance records; by default a content
+        hash of the directory (a Hugging Face snapshot passes its id and commit).
 
         Attention always runs through PyTorch's fused scaled-dot-product kernel
         (flash / memory-efficient on CUDA). ``channels_last`` suits the UNet's
@@ -136,8 +140,11 @@ class DiffusersPipeline:
                 module.to(memory_format=torch.channels_last)
         if compile_unet:
             pipe.unet = torch.compile(pipe.unet)
-        revision = directory_revision(model_dir)
-        logger.info("model loaded", extra={"model": name, "revision": revision, "device": device})
+        if revision is None:
+            revision = directory_revision(model_dir)
+        logger.info(
+            "model loaded", extra={"model": name, "revision": revision, "device": device, "dtype": dtype}
+        )
         return cls(pipe, name, revision)
 
     def _scheduler(self, name: str | None) -> Any:

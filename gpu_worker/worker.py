@@ -42,6 +42,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from gpu_worker import devices, model_source
 from gpu_worker.main_thread import MainThreadExecutor, forward_signals
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
@@ -246,17 +247,31 @@ async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], que
 def load_pipeline(settings: Settings) -> Pipeline:
     if settings.backend == "simulated":
         return SimulatedPipeline(settings.simulated_step_s, settings.model_name)
-    if settings.model_name == "tiny":
+    placement = devices.choose(settings.device, settings.dtype)
+    logger.info(
+        "the model runs on %s in %s (%s)",
+        placement.device,
+        placement.dtype,
+        placement.reason,
+        extra={"device": placement.device, "dtype": placement.dtype, "reason": placement.reason},
+    )
+    source = model_source.parse(settings.model_dir)
+    revision = None
+    if isinstance(source, model_source.ModelId):
+        snapshot = model_source.fetch(source)
+        source, revision = snapshot.path, snapshot.revision
+    elif settings.model_name == "tiny":
         from gpu_worker.tiny_model import ensure
 
-        ensure(settings.model_dir)
+        ensure(source)
     return DiffusersPipeline.load(
-        settings.model_dir,
+        source,
         name=settings.model_name,
-        device=settings.device,
-        dtype=settings.dtype,
+        device=placement.device,
+        dtype=placement.dtype,
         channels_last=settings.channels_last,
         compile_unet=settings.torch_compile,
+        revision=revision,
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 import uuid
+from pathlib import Path
 
 from stepcast import console, liveness, logs
 from stepcast import settings as settings_module
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tiny-model":
         from gpu_worker.tiny_model import build, ensure
 
-        print(build(settings.model_dir) if args.force else ensure(settings.model_dir))
+        model_dir = Path(settings.model_dir)
+        print(build(model_dir) if args.force else ensure(model_dir))
     return 0
 
 

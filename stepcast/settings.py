@@ -45,16 +45,20 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
     s3_presign_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
-    # The model a worker serves. Any local diffusers directory works; the
+    # The model a worker serves: a local diffusers directory, or a Hugging Face
+    # model id (org/name, org/name@revision) found in the Hugging Face cache
+    # (HF_HOME / HF_HUB_CACHE; downloaded into it unless HF_HUB_OFFLINE=1). The
     # embedded default is the tiny random-weight pipeline built on demand.
     model_name: str = "tiny"
-    model_dir: Path = DATA_DIR / "models" / "tiny"
+    model_dir: str = str(DATA_DIR / "models" / "tiny")
     # "simulated" is for benchmarks of the control plane only: it sleeps
     # simulated_step_s per step and emits the same events; never the default.
     backend: Literal["diffusers", "simulated"] = "diffusers"
     simulated_step_s: float = Field(0.0, ge=0)
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # "auto": CUDA, else Apple MPS, else the CPU; the dtype that suits the
+    # device (float16 on CUDA, float32 elsewhere). Set either to pin it.
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # GPU speed-ups: channels-last memory format for the UNet and VAE, and
     # torch.compile of the UNet (a slow first job, faster steps after it).
     channels_last: bool = False

@@ -28,6 +28,8 @@ def shown(value: object) -> str:
     """A default as the table shows it."""
     if value is None:
         return "–"
+    if isinstance(value, str) and Path(value).is_absolute():  # STEPCAST_MODEL_DIR: a path or a model id
+        value = Path(value)
     if isinstance(value, Path):
         return f"`{value.relative_to(ROOT)}`" if value.is_relative_to(DATA_DIR) else f"`{value}`"
     if isinstance(value, tuple):
