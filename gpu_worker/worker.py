@@ -315,7 +315,8 @@ def create_worker(
 
 def main() -> None:
     settings = settings_module.load_or_exit()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
+    logs.quiet_libraries()
     # The event loop handles every step's events while the pipeline runs: the
     # faster it is, the less CPU the control plane takes from a CPU model.
     uvloop.install()

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_module.load_or_exit()
     client_side = args.command in {"generate", "jobs", "cancel", "keys"}
-    logs.configure("WARNING" if client_side else settings.log_level)  # a terminal, not a log pipeline
+    # A client command talks to a terminal, not a log pipeline.
+    logs.configure("WARNING" if client_side else settings.log_level, settings.log_format)
 
     if args.command in {"generate", "jobs", "cancel"}:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"stepcast: no heartbeat in {settings.worker_alive_file} for {args.max_age:g} s")
     elif args.command == "tiny-model":
         from gpu_worker.tiny_model import build, ensure
+
+        logs.quiet_libraries()
 
         print(build(settings.model_dir) if args.force else ensure(settings.model_dir))
     return 0
