@@ -362,7 +362,8 @@ def pipeline_thread() -> Executor:
 def main() -> None:
     """The worker process: the pipeline on the main thread, the event loop on another."""
     settings = settings_module.load_or_exit()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
+    logs.quiet_libraries()
     on_main = MainThreadExecutor()
     created: queue.SimpleQueue[GpuWorker | None] = queue.SimpleQueue()
     failed = threading.Event()

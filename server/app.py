@@ -91,7 +91,7 @@ class Server(uvicorn.Server):
 
 def main() -> None:
     settings = settings_module.load_or_exit()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     Server(create_app(settings), settings).run()
 
 

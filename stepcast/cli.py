@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_module.load_or_exit()
     client_side = args.command in {"generate", "jobs", "cancel", "keys"}
-    logs.configure("WARNING" if client_side else settings.log_level)  # a terminal, not a log pipeline
+    # A client command talks to a terminal, not a log pipeline.
+    logs.configure("WARNING" if client_side else settings.log_level, settings.log_format)
 
     if args.command in {"generate", "jobs", "cancel"}:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tiny-model":
         from gpu_worker.tiny_model import build, ensure
 
+        logs.quiet_libraries()
         model_dir = Path(settings.model_dir)
         print(build(model_dir) if args.force else ensure(model_dir))
     return 0

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
 
     log_level: str = "INFO"
+    # auto: short lines for a person when stderr is a terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator("*", mode="before")
     @classmethod

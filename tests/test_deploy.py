@@ -50,5 +50,7 @@ def test_compose_validates_and_wires_a_gpu_host() -> None:
     assert server["ports"] == [{"published": "8000-8009", "target": 8000}]  # room for --scale server=N
     env = server["environment"]
     assert env["STEPCAST_STORAGE"] == "s3" and env["STEPCAST_S3_ENDPOINT_URL"] == "http://minio:9000"
+    for name in ("server", "gpu_worker"):  # a log collector reads JSON, terminal or not
+        assert services[name]["environment"]["STEPCAST_LOG_FORMAT"] == "json", name
     for variable in env:  # every variable set is a real setting
         assert variable.removeprefix("STEPCAST_").lower() in Settings.model_fields, variable

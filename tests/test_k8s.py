@@ -484,8 +484,10 @@ def test_every_stepcast_variable_is_a_real_setting(target: str) -> None:
     assert not unknown, f"{target}: not settings (stepcast/settings.py): {unknown}"
     for owner, pod in pod_templates(rendered):
         for container in containers(pod):
-            rendered.settings(container)  # raises ConfigError naming a bad value
-            assert rendered.env(container), f"{target}: {owner} container {container['name']} has no settings"
+            settings = rendered.settings(container)  # raises ConfigError naming a bad value
+            where = f"{target}: {owner} container {container['name']}"
+            assert rendered.env(container), f"{where} has no settings"
+            assert settings.log_format == "json", f"{where} logs {settings.log_format}, not JSON"
 
 
 @pytest.mark.parametrize("target", TARGETS)
