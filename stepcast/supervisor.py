@@ -108,14 +108,14 @@ class Command:
         with pipe:
             for raw in pipe:
                 line = raw.decode(errors="replace").rstrip("\r\n")
-                self._lines.append(line)
-                try:
-                    with _print_lock:
+                with _print_lock:
+                    self._lines.append(line)
+                    try:
                         out = self._out or sys.stdout
                         out.write(prefix + line + "\n")
                         out.flush()
-                except (OSError, ValueError):
-                    pass  # the terminal went away: keep draining so the child never blocks
+                    except (OSError, ValueError):
+                        pass  # the terminal went away: keep draining so the child never blocks
 
     def poll(self) -> int | None:
         return None if self._process is None else self._process.poll()
@@ -143,7 +143,8 @@ class Command:
     def last_lines(self) -> list[str]:
         if self._reader is not None and self.poll() is not None:
             self._reader.join(1)  # what it wrote before it exited
-        return list(self._lines)
+        with _print_lock:
+            return list(self._lines)
 
 
 class Service:
@@ -253,7 +254,7 @@ class Supervisor:
         if len(slot.exits) >= self.policy.max_exits:
             lines = "\n".join(f"    {line}" for line in slot.child.last_lines()) or "    (no output)"
             raise GaveUp(
-                f"{name} {what}, its {len(slot.exits)}th exit within {self.policy.window_s:g} s: "
+                f"{name} {what}: {len(slot.exits)} exits within {self.policy.window_s:g} s, "
                 f"giving up. Its last lines:\n{lines}"
             )
         delay_s = self.policy.delay_s(len(slot.exits))
