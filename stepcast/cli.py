@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stepcast import console, liveness, logs
 from stepcast import settings as settings_module
-from stepcast.settings import Settings
+from stepcast.settings import DATA_DIR, Settings
 
 
 async def _migrate(settings: Settings) -> None:
@@ -58,10 +58,27 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepcast", description="Serve slow generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="Postgres, Redis, the server and a worker, all on this machine")
+    run_command = commands.add_parser(
+        "run", help="Postgres, Redis, the server and workers, kept running on this machine"
+    )
+    run_command.add_argument(
+        "--workers", type=_count, help="worker processes (default: STEPCAST_WORKERS or one per GPU)"
+    )
+    run_command.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DATA_DIR,
+        help="where Postgres and Redis keep their data (default: .data)",
+    )
     commands.add_parser("serve", help="the API server")
     commands.add_parser("worker", help="a GPU worker")
     commands.add_parser("migrate", help="apply schema.sql to the configured database")
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from stepcast.embedded import run
 
-        return run(settings)
+        return run(settings, workers=args.workers, data_dir=args.data_dir)
     if args.command == "serve":
         from server.app import main as serve
 

@@ -1,104 +1,161 @@
-"""``make run``: Postgres, Redis, the server and one worker on this machine.
+"""``stepcast run``: Postgres, Redis, the server and the workers on this machine, kept running.
 
 Postgres and Redis are started as child processes when the configured URLs
 point at loopback (data under ``.data/``); URLs that point elsewhere are used
-as they are. The server and the worker run as child processes too, and
-everything stops together on Ctrl-C, SIGTERM, or when any part dies.
+as they are. The server and the workers run as child processes too, under a
+:class:`~stepcast.supervisor.Supervisor`: a child that dies is started again
+after a back-off, one that keeps dying stops the run (exit 1). Ctrl-C or
+SIGTERM stops everything, workers and server first (exit 0); a second one
+kills what is left. With ``STEPCAST_DEVICE=cuda`` and no worker count given,
+there is one worker per GPU, each seeing only its own.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from stepcast.processes import LocalPostgres, LocalRedis, ProcessError
 from stepcast.settings import DATA_DIR, Settings
-
-logger = logging.getLogger(__name__)
+from stepcast.supervisor import Child, Command, Service, Supervisor, say
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise ProcessError(f"{child.args!r} exited with {child.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise ProcessError(f"the server at {url} was not ready within {timeout_s} s")
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The CUDA devices workers may be given: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
+    if (visible := env.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return [device.strip() for device in visible.split(",") if device.strip()]
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listing.returncode != 0:
+        return []  # a driver that does not answer: no GPU to hand out
+    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(index) for index in range(len(gpus))]
 
 
-def run(settings: Settings) -> int:
-    stop = False
+def worker_envs(settings: Settings, env: Mapping[str, str], workers: int | None) -> list[dict[str, str]]:
+    """One environment per worker process.
+
+    ``workers`` (``--workers``) wins, then an explicit ``STEPCAST_WORKERS``,
+    then one per GPU on ``STEPCAST_DEVICE=cuda``, then ``settings.workers``.
+    On GPUs each worker sees one (round robin); workers get distinct ids (when
+    one is configured) and distinct metrics ports (when served).
+    """
+    gpus = visible_gpus(env) if settings.device == "cuda" else []
+    if workers is None:
+        explicit = "workers" in settings.model_fields_set
+        workers = len(gpus) if gpus and not explicit else settings.workers
+    envs = []
+    for index in range(workers):
+        worker_env = dict(env)
+        if gpus:
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        if settings.worker_id is not None and workers > 1:
+            worker_env["STEPCAST_WORKER_ID"] = f"{settings.worker_id}-{index}"
+        if settings.worker_metrics_port:
+            worker_env["STEPCAST_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + index)
+        envs.append(worker_env)
+    return envs
+
+
+def _services(settings: Settings, data_dir: Path) -> list[Child]:
+    services: list[Child] = []
+    db_url = urlsplit(settings.database_url)
+    if db_url.hostname in LOOPBACK:
+        database = db_url.path.lstrip("/") or "stepcast"
+        postgres = LocalPostgres(
+            data_dir / "postgres", db_url.port or 5432, user=db_url.username or "stepcast"
+        )
+        services.append(Service("postgres", postgres, ready=lambda: postgres.create_database(database)))
+        say(f"postgres  {postgres.dsn(database)}  (data: {postgres.data_dir})")
+    redis_url = urlsplit(settings.redis_url)
+    if redis_url.hostname in LOOPBACK:
+        redis = LocalRedis(data_dir / "redis", redis_url.port or 6379)
+        services.append(Service("redis", redis))
+        say(f"redis     {settings.redis_url}  (data: {redis.data_dir})")
+    return services
+
+
+def _apps(settings: Settings, workers: int | None) -> list[Child]:
+    env = os.environ.copy()
+    env["PYTHONUNBUFFERED"] = "1"  # their lines reach the terminal as they are written
+    if "STEPCAST_AUTH" not in env and settings.host in LOOPBACK:
+        # Only this machine can reach it: one user, no keys to juggle.
+        env["STEPCAST_AUTH"] = "single_user"
+        say("auth      single user (loopback only; STEPCAST_AUTH=keys for API keys)")
+    # Each stops within its own grace period after SIGTERM; a margin, then SIGKILL.
+    apps: list[Child] = [
+        Command(
+            "server",
+            [sys.executable, "-m", "server.app"],
+            env,
+            stop_timeout_s=settings.server_shutdown_s + 10,
+        )
+    ]
+    for index, worker_env in enumerate(worker_envs(settings, env, workers)):
+        gpu = worker_env.get("CUDA_VISIBLE_DEVICES") if settings.device == "cuda" else None
+        say(f"worker-{index}  {'GPU ' + gpu if gpu is not None else settings.device}")
+        apps.append(
+            Command(
+                f"worker-{index}",
+                [sys.executable, "-m", "gpu_worker.worker"],
+                worker_env,
+                stop_timeout_s=settings.shutdown_grace_s + 10,
+            )
+        )
+    return apps
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
+            status: int = response.status
+            return status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def run(settings: Settings, *, workers: int | None = None, data_dir: Path = DATA_DIR) -> int:
+    """Run everything until Ctrl-C or SIGTERM (0) or until a child keeps dying (1)."""
+    supervisor = Supervisor([_services(settings, data_dir), _apps(settings, workers)])
+    stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+        if stopping.is_set():
+            supervisor.kill()  # a second Ctrl-C: no more waiting for graceful stops
+        stopping.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    with ExitStack() as stack:
-        db_url = urlsplit(settings.database_url)
-        if db_url.hostname in LOOPBACK:
-            postgres = LocalPostgres(
-                DATA_DIR / "postgres", db_url.port or 5432, user=db_url.username or "stepcast"
-            )
-            postgres.start()
-            stack.callback(postgres.stop)
-            postgres.create_database(db_url.path.lstrip("/") or "stepcast")
-            print(
-                f"postgres  {postgres.dsn(db_url.path.lstrip('/'))}  (data: {postgres.data_dir})", flush=True
-            )
-        redis_url = urlsplit(settings.redis_url)
-        if redis_url.hostname in LOOPBACK:
-            redis = LocalRedis(DATA_DIR / "redis", redis_url.port or 6379)
-            redis.start()
-            stack.callback(redis.stop)
-            print(f"redis     {settings.redis_url}", flush=True)
-
-        env = os.environ.copy()
-        if "STEPCAST_AUTH" not in env and settings.host in LOOPBACK:
-            # Only this machine can reach it: one user, no keys to juggle.
-            env["STEPCAST_AUTH"] = "single_user"
-            print("auth      single user (loopback only; STEPCAST_AUTH=keys for API keys)", flush=True)
-        children: list[subprocess.Popen[bytes]] = []
-        for module in ("server.app", "gpu_worker.worker"):
-            child = subprocess.Popen([sys.executable, "-m", module], env=env)
-            children.append(child)
-            stack.callback(_terminate, child)
-
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervisor.start()
         url = f"http://{settings.host}:{settings.port}"
-        _wait_ready(url, children, timeout_s=120)
-        print(f"\nstepcast is up: {url}   (Ctrl-C stops everything)\n", flush=True)
-        while not stop:
-            for child in children:
-                if child.poll() is not None:
-                    logger.error("%s exited with %s; stopping", child.args, child.returncode)
-                    return 1
-            time.sleep(0.5)
-    return 0
-
-
-def _terminate(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        up = False
+        while not stopping.wait(0.2):
+            supervisor.check()
+            if not up and _ready(url):
+                up = True
+                say(f"\nstepcast is up: {url}   (Ctrl-C stops everything)\n")
+        say("stopping")
+        return 0
+    except ProcessError as exc:
+        print(f"stepcast: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        supervisor.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

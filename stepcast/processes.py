@@ -129,6 +129,10 @@ class LocalPostgres:
         logger.warning("postgres cannot reach %s; keeping its data in %s", wanted, fallback)
         return fallback
 
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "server.log"
+
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
@@ -153,7 +157,7 @@ class LocalPostgres:
         if not self.durable:
             # Test clusters are thrown away: skip the disk flushes.
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        log = self.data_dir / "server.log"
+        log = self.log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 [find_binary("postgres"), "-D", str(self.data_dir), "-p", str(self.port), *options],
@@ -195,6 +199,10 @@ class LocalRedis:
         self.durable = durable
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "redis.log"
+
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
@@ -203,7 +211,7 @@ class LocalRedis:
             raise ProcessError(f"127.0.0.1:{self.port} is taken; set another port or stop what holds it")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes"] if self.durable else ["--appendonly", "no", "--save", ""]
-        log = self.data_dir / "redis.log"
+        log = self.log
         self.process = subprocess.Popen(
             [
                 find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",

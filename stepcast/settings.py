@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     # Worker behaviour.
     worker_id: str | None = None
+    # Worker processes `stepcast run` starts (`--workers` wins; not set and
+    # device "cuda": one per GPU).
+    workers: int = Field(1, ge=1)
     lease_s: float = Field(30.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     job_timeout_s: float = Field(600.0, gt=0)
