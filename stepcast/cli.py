@@ -4,32 +4,66 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
 
 from stepcast import console, liveness, logs
 from stepcast import settings as settings_module
 from stepcast.settings import DATA_DIR, Settings
 
-
-async def _migrate(settings: Settings) -> None:
+if TYPE_CHECKING:
     from stepcast.db import Database
 
-    db = await Database.connect(settings.database_url, max_size=1)
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[Database]:
+    """The configured database, migrated. From a checkout whose ``make run`` is not up, the
+    embedded Postgres is started for the command (its data under ``.data/``) and stopped after."""
+    from stepcast.db import Database
+    from stepcast.embedded import local_postgres
+    from stepcast.processes import ProcessError, port_in_use
+
+    started = None
+    if (local := local_postgres(settings, DATA_DIR)) is not None and not port_in_use(local[0].port):
+        postgres, name = local
+        print(f"(starting the embedded Postgres for this command: {postgres.data_dir})", file=sys.stderr)
+        try:
+            postgres.start()
+            postgres.create_database(name)
+        except ProcessError as exc:
+            postgres.stop()
+            sys.exit(f"stepcast: {exc}")
+        started = postgres
     try:
-        await db.migrate()
+        try:
+            db = await Database.connect(settings.database_url, max_size=1)
+        except (OSError, asyncpg.PostgresError) as exc:
+            sys.exit(f"stepcast: cannot reach the database (STEPCAST_DATABASE_URL): {exc}")
+        try:
+            await db.migrate()
+            yield db
+        finally:
+            await db.close()
     finally:
-        await db.close()
+        if started is not None:
+            started.stop()
+
+
+async def _migrate(settings: Settings) -> None:
+    async with _database(settings):
+        pass
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from stepcast import keys
-    from stepcast.db import Database
 
-    db = await Database.connect(settings.database_url, max_size=1)
-    try:
-        await db.migrate()
+    async with _database(settings) as db:
         if args.keys == "create":
             key = keys.new_key()
             owner = args.owner or keys.new_owner("user")
@@ -53,8 +87,6 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             for row in await db.api_keys():
                 state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
                 print(f"{row['id']}  {row['prefix']}…  {row['owner']}  {row['name'] or '-'}  {state}")
-    finally:
-        await db.close()
     return 0
 
 

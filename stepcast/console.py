@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -56,8 +57,9 @@ def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
         for problem in exc.errors:
             err.print(f"  {problem['field']}: {problem['message']}")
         return 1
-    except OSError as exc:
-        err.print(f"[red]error:[/red] cannot reach the server at {url}: {exc}")
+    except (OSError, httpx.TransportError) as exc:
+        err.print(f"[red]error:[/red] cannot reach the server at {url} ({exc}): is `make run` up?")
+        err.print("  (another server: set STEPCAST_URL, and STEPCAST_API_KEY if it asks for a key)")
         return 1
 
 
@@ -106,8 +108,9 @@ def _save(client: Client, job: Job, output: Path, err: Console) -> int:
 
 def _jobs(client: Client, args: argparse.Namespace) -> None:
     """One line a job, newest first: plain columns that read well and grep well."""
+    page = client.list(status=args.status, limit=args.limit)
     print(f"{'ID':36}  {'STATUS':10}  {'CREATED':16}  {'STEPS':>7}  {'SIZE':>9}  PROMPT")
-    for job in client.list(status=args.status, limit=args.limit).jobs:
+    for job in page.jobs:
         params = job.params
         created = job.raw["created_at"][:16].replace("T", " ")
         steps = f"{job.progress_step}/{job.progress_total}"

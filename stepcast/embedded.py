@@ -6,7 +6,7 @@ as they are. The server and the workers run as child processes too, under a
 :class:`~stepcast.supervisor.Supervisor`: a child that dies is started again
 after a back-off, one that keeps dying stops the run (exit 1). Ctrl-C or
 SIGTERM stops everything, workers and server first (exit 0); a second one
-kills what is left. With ``STEPCAST_DEVICE=cuda`` and no worker count given,
+kills what is left. On CUDA GPUs (``STEPCAST_DEVICE`` auto or cuda) with no worker count given,
 there is one worker per GPU, each seeing only its own.
 """
 
@@ -56,7 +56,7 @@ def worker_envs(settings: Settings, env: Mapping[str, str], workers: int | None)
     On GPUs each worker sees one (round robin); workers get distinct ids (when
     one is configured) and distinct metrics ports (when served).
     """
-    gpus = visible_gpus(env) if settings.device == "cuda" else []
+    gpus = visible_gpus(env) if settings.device in ("auto", "cuda") else []
     if workers is None:
         explicit = "workers" in settings.model_fields_set
         workers = len(gpus) if gpus and not explicit else settings.workers
@@ -73,14 +73,19 @@ def worker_envs(settings: Settings, env: Mapping[str, str], workers: int | None)
     return envs
 
 
+def local_postgres(settings: Settings, data_dir: Path) -> tuple[LocalPostgres, str] | None:
+    """The Postgres this machine runs for ``settings`` (and its database), if its URL is loopback."""
+    db_url = urlsplit(settings.database_url)
+    if db_url.hostname not in LOOPBACK:
+        return None
+    postgres = LocalPostgres(data_dir / "postgres", db_url.port or 5432, user=db_url.username or "stepcast")
+    return postgres, db_url.path.lstrip("/") or "stepcast"
+
+
 def _services(settings: Settings, data_dir: Path) -> list[Child]:
     services: list[Child] = []
-    db_url = urlsplit(settings.database_url)
-    if db_url.hostname in LOOPBACK:
-        database = db_url.path.lstrip("/") or "stepcast"
-        postgres = LocalPostgres(
-            data_dir / "postgres", db_url.port or 5432, user=db_url.username or "stepcast"
-        )
+    if (local := local_postgres(settings, data_dir)) is not None:
+        postgres, database = local
         services.append(Service("postgres", postgres, ready=lambda: postgres.create_database(database)))
         say(f"postgres  {postgres.dsn(database)}  (data: {postgres.data_dir})")
     redis_url = urlsplit(settings.redis_url)
@@ -94,6 +99,9 @@ def _services(settings: Settings, data_dir: Path) -> list[Child]:
 def _apps(settings: Settings, workers: int | None) -> list[Child]:
     env = os.environ.copy()
     env["PYTHONUNBUFFERED"] = "1"  # their lines reach the terminal as they are written
+    if settings.log_format == "auto":
+        # Their output comes through pipes: they log as if they wrote to this terminal.
+        env["STEPCAST_LOG_FORMAT"] = "text" if sys.stderr.isatty() else "json"
     if "STEPCAST_AUTH" not in env and settings.host in LOOPBACK:
         # Only this machine can reach it: one user, no keys to juggle.
         env["STEPCAST_AUTH"] = "single_user"
@@ -108,8 +116,8 @@ def _apps(settings: Settings, workers: int | None) -> list[Child]:
         )
     ]
     for index, worker_env in enumerate(worker_envs(settings, env, workers)):
-        gpu = worker_env.get("CUDA_VISIBLE_DEVICES") if settings.device == "cuda" else None
-        say(f"worker-{index}  {'GPU ' + gpu if gpu is not None else settings.device}")
+        gpu = worker_env.get("CUDA_VISIBLE_DEVICES") if settings.device in ("auto", "cuda") else None
+        say(f"worker-{index}  {'GPU ' + gpu if gpu is not None else 'device ' + settings.device}")
         apps.append(
             Command(
                 f"worker-{index}",
