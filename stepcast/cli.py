@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[Database]:
+async def _database(settings: Settings, data_dir: Path = DATA_DIR) -> AsyncIterator[Database]:
     """The configured database, migrated. From a checkout whose ``make run`` is not up, the
     embedded Postgres is started for the command (its data under ``.data/``) and stopped after."""
     from stepcast.db import Database
@@ -30,7 +30,7 @@ async def _database(settings: Settings) -> AsyncIterator[Database]:
     from stepcast.processes import ProcessError, port_in_use
 
     started = None
-    if (local := local_postgres(settings, DATA_DIR)) is not None and not port_in_use(local[0].port):
+    if (local := local_postgres(settings, data_dir)) is not None and not port_in_use(local[0].port):
         postgres, name = local
         print(f"(starting the embedded Postgres for this command: {postgres.data_dir})", file=sys.stderr)
         try:

@@ -22,7 +22,7 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.embedded import visible_gpus, worker_envs
-from stepcast.processes import LocalPostgres, free_port
+from stepcast.processes import LocalPostgres, free_port, port_in_use
 from stepcast.settings import DATA_DIR, ROOT
 from stepcast.supervisor import Command, GaveUp, RestartPolicy, Supervisor
 
@@ -123,8 +123,10 @@ def test_workers_get_one_gpu_each_distinct_ids_and_metrics_ports() -> None:
     # --workers wins, round robin over the GPUs; so does an explicit STEPCAST_WORKERS.
     assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_envs(on_gpus, env, 3)] == ["3", "5", "3"]
     assert len(worker_envs(settings_module.load(device="cuda", workers=1), env, None)) == 1
+    # STEPCAST_DEVICE=auto (the default) takes the GPUs there are, like cuda.
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_envs(settings_module.load(), env, None)] == ["3", "5"]
     # On the CPU: settings.workers of them, GPUs or not, ids left to each worker.
-    on_cpu = worker_envs(settings_module.load(workers=2), env, None)
+    on_cpu = worker_envs(settings_module.load(device="cpu", workers=2), env, None)
     assert len(on_cpu) == 2 and all(e == env for e in on_cpu)
 
 
@@ -240,3 +242,13 @@ def test_stepcast_run_starts_a_killed_worker_again_and_stops_cleanly_on_ctrl_c(
         assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
     finally:
         run.close()
+
+
+async def test_admin_commands_start_the_embedded_postgres_when_make_run_is_not_up(tmp_path: Path) -> None:
+    from stepcast.cli import _database
+
+    port = free_port()
+    settings = settings_module.load(database_url=f"postgresql://stepcast@127.0.0.1:{port}/stepcast")
+    async with _database(settings, tmp_path) as db:
+        assert await db.api_keys() == []  # migrated: the table is there
+    assert not port_in_use(port)  # stopped again after the command
