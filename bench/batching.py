@@ -18,10 +18,19 @@ import time
 from typing import Any
 
 from bench import stack
-from bench.overhead import PARAMS, job_params
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import ensure
+from stepcast.params import JobParams
 from stepcast.settings import DATA_DIR
+
+PARAMS = {"steps": 20, "width": 64, "height": 64}
+
+
+def job_params(index: int) -> JobParams:
+    return JobParams(
+        prompt=f"fox {index}", negative_prompt=None, model="tiny", guidance_scale=7.5,
+        seed=index, num_images=1, scheduler=None, **PARAMS,
+    )  # fmt: skip
 
 
 def bare(pipeline: DiffusersPipeline, size: int, jobs: int) -> float:

@@ -1,15 +1,22 @@
 """What the serving layer costs next to the model, in one run.
 
-The same stream of jobs (the tiny diffusers model, 64×64, 20 steps, one
-prompt and seed per job) runs
+The same jobs (the tiny diffusers model by default, 64×64, 20 steps, one
+prompt and seed per job) run
 
-(a) in a bare loop calling the diffusers pipeline directly, in this process;
+(a) in the plain loop a user would write without stepcast: a fresh process,
+    ``from_pretrained`` then ``pipe(...)`` per job (:mod:`bench.bare`);
 (b) through the whole system: Postgres, Redis, one server process and one
-    worker process, submitted over a WebSocket, until the `completed` event
-    arrives.
+    worker process, submitted over a WebSocket, until `completed` arrives.
 
 Reported:
 
+- side by side, one job at a time, alternating rounds with the worker idle
+  while (a) runs: the worker's own ``timings.pipeline_s`` against (a)'s time
+  per call, p50, with the minor page faults and kernel CPU per job of each
+  process; first for a fresh worker, then again after the same worker has
+  served large jobs (sizes up to 1024², batches of 4, previews on, cancels
+  mid-job): the model call must not get slower inside the worker, nor stay
+  slower after big allocations;
 - throughput at saturation, (a) and (b), and the ratio (b)/(a), in
   ``--rounds`` alternating rounds (the median ratio is the figure): every job
   of a round is submitted at once and the rate is taken between the first and
@@ -35,6 +42,7 @@ The worker runs with ``STEPCAST_BATCH_SIZE=1`` so that both sides call the
 pipeline once per job (``bench.batching`` measures batching).
 
     python -m bench.overhead --jobs 60
+    python -m bench.overhead --model .data/models/sd15 --jobs 3 --rounds 2 --side-by-side-only
 """
 
 from __future__ import annotations
@@ -42,44 +50,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import httpx
 import websockets
 
 from bench import stack
 from bench.cpu import CpuMeter
-from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import ensure
-from stepcast.params import JobParams
 from stepcast.processes import free_port
-from stepcast.settings import DATA_DIR
+from stepcast.settings import DATA_DIR, ROOT
 
 PARAMS = {"steps": 20, "width": 64, "height": 64}
 
+# What a worker has served before the "after large jobs" rounds: (width, height,
+# images, steps, cancel at this step or None to finish). Previews on for all.
+LARGE_JOBS = {
+    "tiny": [(1024, 1024, 4, 20, 3), (808, 632, 1, 150, 10), (512, 512, 4, 8, None), (1024, 768, 2, 30, 5)],
+    # The full-size architecture on 2 CPU cores: a step at 768² takes tens of seconds.
+    "full": [(512, 512, 2, 20, 1), (768, 768, 1, 20, 1), (512, 384, 4, 2, None)],
+}
 
-def job_params(index: int) -> JobParams:
-    return JobParams(
-        prompt=f"fox {index}", negative_prompt=None, model="tiny", guidance_scale=7.5,
-        seed=index, num_images=1, scheduler=None, **PARAMS,
-    )  # fmt: skip
 
-
-def bare_loop(pipeline: DiffusersPipeline, jobs: int) -> dict[str, Any]:
-    """(a): the pipeline alone, one call per job, as fast as it goes."""
-    durations, done_at = [], []
-    for index in range(jobs):
-        started = time.perf_counter()
-        pipeline.generate([Request(job_params(index), lambda *_: None, lambda: False)])
-        done_at.append(time.perf_counter())
-        durations.append((done_at[-1] - started) * 1000)
+def bare_process(model_dir: Path, jobs: int) -> dict[str, Any]:
+    """(a): a fresh process running the plain loop (bench.bare); its per-call figures."""
+    command = [sys.executable, "-m", "bench.bare", str(model_dir), "--jobs", str(jobs)]
+    command += ["--steps", str(PARAMS["steps"]), "--size", str(PARAMS["width"])]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds = figures["seconds"]
     return {
-        "jobs_per_s": round((jobs - 1) / (done_at[-1] - done_at[0]), 3),
-        "pipeline_ms": stack.summary(durations, 1),
+        "pipeline_ms": stack.summary([s * 1000 for s in seconds], 1),
+        "jobs_per_s": round(len(seconds) / sum(seconds), 3),
+        "minor_faults_per_job": round(statistics.median(figures["minor_faults"])),
+        "kernel_ms_per_job": round(statistics.median(figures["kernel_s"]) * 1000, 1),
     }
+
+
+def process_counters(pid: int) -> tuple[int, float]:
+    """Minor page faults and kernel CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def pipeline_seconds(metrics_url: str) -> float:
@@ -118,12 +137,21 @@ async def saturation(ws_url: str, metrics_url: str, jobs: int, cpu: CpuMeter | N
     return result
 
 
-async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
-    """(b) one job at a time: what the system adds to each."""
-    to_start, overhead, e2e, claimed, after = [], [], [], [], []
+async def one_at_a_time(ws_url: str, jobs: int, worker_pid: int) -> dict[str, Any]:
+    """(b) one job at a time, the worker idle between them: what the system adds to each,
+    and the worker's own pipeline time, page faults and kernel CPU per job."""
+    to_start: list[float] = []
+    overhead: list[float] = []
+    e2e: list[float] = []
+    claimed: list[float] = []
+    after: list[float] = []
+    pipeline: list[float] = []
+    faults: list[int] = []
+    kernel: list[float] = []
     async with websockets.connect(ws_url, max_size=2**22) as ws:
         for index in range(jobs):
             await asyncio.sleep(0.2)  # the worker is idle, as at low load
+            faults_before, kernel_before = process_counters(worker_pid)
             sent = time.perf_counter()
             await submit(ws, index)
             while True:
@@ -134,13 +162,20 @@ async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
                 elif message["type"] == "completed":
                     e2e.append((now - sent) * 1000)
                     timings = message["timings"]
-                    overhead.append(e2e[-1] - timings["pipeline_s"] * 1000)
+                    pipeline.append(timings["pipeline_s"] * 1000)
+                    overhead.append(e2e[-1] - pipeline[-1])
                     claimed.append(timings["queue_s"] * 1000)
                     after.append((timings["run_s"] - timings["pipeline_s"]) * 1000)
                     break
                 elif message["type"] in {"failed", "canceled", "error"}:
                     raise RuntimeError(message)
+            faults_after, kernel_after = process_counters(worker_pid)
+            faults.append(faults_after - faults_before)
+            kernel.append((kernel_after - kernel_before) * 1000)
     return {
+        "pipeline_ms": stack.summary(pipeline, 1),
+        "minor_faults_per_job": round(statistics.median(faults)),
+        "kernel_ms_per_job": round(statistics.median(kernel), 1),
         "submit_to_started_ms": stack.summary(to_start, 1),
         "submit_to_completed_ms": stack.summary(e2e, 1),
         "overhead_ms": stack.summary(overhead, 1),
@@ -151,62 +186,109 @@ async def low_load(ws_url: str, jobs: int) -> dict[str, Any]:
     }
 
 
+def large_jobs(http_url: str, jobs: list[tuple[int, int, int, int, int | None]]) -> list[dict[str, Any]]:
+    """Run each job with previews on, canceling it once it reaches its cancel step."""
+    served = []
+    with httpx.Client(base_url=http_url, timeout=30) as client:
+        for width, height, images, steps, cancel_at in jobs:
+            body = {"prompt": "a large job", "width": width, "height": height, "num_images": images,
+                    "steps": steps, "preview": {"every": 1}}  # fmt: skip
+            started = time.perf_counter()
+            job = client.post("/v1/jobs", json=body).raise_for_status().json()
+            canceled = False
+            while job["status"] not in {"completed", "failed", "canceled"}:
+                time.sleep(0.1)
+                job = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
+                if cancel_at is not None and not canceled and job["progress"]["step"] >= cancel_at:
+                    client.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+                    canceled = True
+            served.append({"size": f"{width}x{height}x{images}", "steps": steps, "status": job["status"],
+                           "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
+            print(json.dumps({"large_job": served[-1]}), flush=True)
+    return served
+
+
+def side_by_side(
+    model_dir: Path, running: stack.Running, rounds: int, jobs: int, phase: str
+) -> dict[str, Any]:
+    """(a) and (b), one job at a time, alternating: the worker's pipeline time over the plain loop's."""
+    worker_pid = running.workers[0].pid
+    legs, ratios = [], []
+    for _ in range(rounds):
+        bare = bare_process(model_dir, jobs)
+        worker = asyncio.run(one_at_a_time(running.ws_url, jobs, worker_pid))
+        ratios.append(round(worker["pipeline_ms"]["p50"] / bare["pipeline_ms"]["p50"], 3))
+        legs.append({"bare": bare, "worker": worker, "ratio": ratios[-1]})
+        print(json.dumps({phase: legs[-1]}), flush=True)
+    return {"rounds": legs, "ratio": statistics.median(ratios)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", type=Path, help="a diffusers directory (default: the tiny model)")
+    parser.add_argument("--side-by-side-only", action="store_true", help="skip the throughput legs")
     args = parser.parse_args()
+    model_dir = args.model or ensure(DATA_DIR / "models" / "tiny")
+    tiny = args.model is None
     metrics_port = free_port()
-    env = {"STEPCAST_BATCH_SIZE": "1", "STEPCAST_WORKER_METRICS_PORT": str(metrics_port)}
+    env = {
+        "STEPCAST_BATCH_SIZE": "1",
+        "STEPCAST_WORKER_METRICS_PORT": str(metrics_port),
+        "STEPCAST_MODEL_DIR": str(model_dir),
+        "STEPCAST_MODEL_NAME": "tiny" if tiny else model_dir.name,
+        "STEPCAST_MAX_SIZE_PX": "1024",
+        "STEPCAST_JOB_TIMEOUT_S": "3600",
+    }
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    pipeline = DiffusersPipeline.load(ensure(DATA_DIR / "models" / "tiny"), name="tiny")
-    bare_loop(pipeline, 3)  # warm up, as the system's worker is
-    rounds: list[dict[str, Any]] = []
+    per_round = (
+        max(3, args.jobs // args.rounds) if args.side_by_side_only else max(8, args.jobs // args.rounds)
+    )
+    result: dict[str, Any] = {"model": str(model_dir), "jobs": args.jobs, **PARAMS}
     with stack.services("overhead") as (postgres, redis):
         with stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running:
-            stack.warm_up(running.http_url, 3, PARAMS)
-            # (a) and (b) take turns, so that a machine whose speed drifts (a
-            # shared VM) slows both alike; the stack idles during (a).
-            per_round = max(8, args.jobs // args.rounds)
-            for _ in range(args.rounds):
-                bare = bare_loop(pipeline, per_round)
-                system = asyncio.run(saturation(running.ws_url, metrics_url, per_round))
-                rounds.append(
-                    {
-                        "bare": bare,
-                        "system": system,
-                        "ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4),
-                    }
-                )
-                print(json.dumps(rounds[-1]), flush=True)
-            light = asyncio.run(low_load(running.ws_url, args.jobs))
-        pipeline_s = statistics.median(r["bare"]["pipeline_ms"]["p50"] for r in rounds) / 1000
-        no_cpu = {
-            **env,
-            "STEPCAST_BACKEND": "simulated",
-            "STEPCAST_SIMULATED_STEP_S": str(pipeline_s / PARAMS["steps"]),
-        }
-        with stack.stepcast("overhead", postgres, redis, workers=1, env=no_cpu) as running:
-            stack.warm_up(running.http_url, 3, PARAMS)
-            # The worker's CPU here is the control plane's alone: the model only sleeps.
-            cpu = CpuMeter(running, postgres, redis)
-            model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs, cpu))
-    result = {
-        "jobs": args.jobs,
-        **PARAMS,
-        "rounds": rounds,
-        "system": {
-            "busy_fraction": statistics.median(r["system"]["busy_fraction"] for r in rounds),
-            **light,
-        },
-        "throughput_ratio": statistics.median(r["ratio"] for r in rounds),
-        "model_without_cpu": {
-            "pipeline_s": pipeline_s,
-            **model_without_cpu,
-            "throughput_ratio": round(model_without_cpu["jobs_per_s"] * pipeline_s, 4),
-        },
-    }
-    stack.write_result("overhead", result)
+            stack.warm_up(running.http_url, 3 if tiny else 1, PARAMS, timeout_s=600)
+            result["fresh"] = side_by_side(model_dir, running, args.rounds, per_round, "fresh")
+            if not args.side_by_side_only:
+                # (a) and (b) take turns, so that a machine whose speed drifts (a
+                # shared VM) slows both alike; the stack idles during (a).
+                rounds: list[dict[str, Any]] = []
+                for _ in range(args.rounds):
+                    bare = bare_process(model_dir, per_round)
+                    system = asyncio.run(saturation(running.ws_url, metrics_url, per_round))
+                    rounds.append(
+                        {"bare": bare, "system": system,
+                         "ratio": round(system["jobs_per_s"] / bare["jobs_per_s"], 4)}
+                    )  # fmt: skip
+                    print(json.dumps({"saturation": rounds[-1]}), flush=True)
+                light = asyncio.run(one_at_a_time(running.ws_url, args.jobs, running.workers[0].pid))
+                result["rounds"] = rounds
+                result["system"] = {
+                    "busy_fraction": statistics.median(r["system"]["busy_fraction"] for r in rounds),
+                    **light,
+                }
+                result["throughput_ratio"] = statistics.median(r["ratio"] for r in rounds)
+            result["large_jobs"] = large_jobs(running.http_url, LARGE_JOBS["tiny" if tiny else "full"])
+            result["after_large_jobs"] = side_by_side(model_dir, running, args.rounds, per_round, "after")
+        if not args.side_by_side_only:
+            pipeline_s = statistics.median(r["bare"]["pipeline_ms"]["p50"] for r in result["rounds"]) / 1000
+            no_cpu = {
+                **env,
+                "STEPCAST_BACKEND": "simulated",
+                "STEPCAST_SIMULATED_STEP_S": str(pipeline_s / PARAMS["steps"]),
+            }
+            with stack.stepcast("overhead", postgres, redis, workers=1, env=no_cpu) as running:
+                stack.warm_up(running.http_url, 3, PARAMS)
+                # The worker's CPU here is the control plane's alone: the model only sleeps.
+                cpu = CpuMeter(running, postgres, redis)
+                model_without_cpu = asyncio.run(saturation(running.ws_url, metrics_url, args.jobs, cpu))
+            result["model_without_cpu"] = {
+                "pipeline_s": pipeline_s,
+                **model_without_cpu,
+                "throughput_ratio": round(model_without_cpu["jobs_per_s"] * pipeline_s, 4),
+            }
+    stack.write_result("overhead" if tiny else f"overhead-{model_dir.name}", result)
 
 
 if __name__ == "__main__":
