@@ -228,15 +228,24 @@ class SimulatedPipeline:
         ]
 
 
-def preview_image(latents: Any, max_px: int) -> Image.Image:
-    """A small RGB picture of noisy latents ``(4, h, w)`` via the linear projection."""
+def preview_pixels(latents: Any) -> Any:
+    """RGB pixels ``(h, w, 3)`` uint8 (numpy) of noisy latents ``(4, h, w)``, by the linear projection.
+
+    Called on the pipeline thread, on the latents' own device: torch run from any
+    other thread starts a thread pool of its own there, whose threads then compete
+    with the pipeline's for the cores (docs/performance.md).
+    """
     import torch
 
     if latents.shape[0] != len(SD_LATENT_RGB):
         raise ValueError(f"no latent->RGB factors for {latents.shape[0]}-channel latents")
-    factors = torch.tensor(SD_LATENT_RGB, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", latents.float().cpu(), factors)
-    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    factors = torch.tensor(SD_LATENT_RGB, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("chw,cr->hwr", latents.float(), factors)
+    return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def preview_image(pixels: Any, max_px: int) -> Image.Image:
+    """The preview picture of :func:`preview_pixels`, at most ``max_px`` on its longer side (no torch)."""
     image = Image.fromarray(pixels)
     scale = max_px / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -44,7 +44,7 @@ from PIL import Image
 
 from gpu_worker import batching
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image
+from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image, preview_pixels
 from stepcast.batched import Gatherer
 from stepcast.db import Completion, Database, retrying
 from stepcast.events import Canceled, Completed, EventLog, Failed, Progress, Started, Terminal
@@ -129,9 +129,9 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def encode_preview(latents: Any, max_px: int) -> str:
+def encode_preview(pixels: Any, max_px: int) -> str:
     buffer = io.BytesIO()
-    preview_image(latents, max_px).save(buffer, format="WEBP", quality=60, method=0)
+    preview_image(pixels, max_px).save(buffer, format="WEBP", quality=60, method=0)
     return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -437,10 +437,14 @@ class JobRunner:
         steps = waiting.steps
 
         def on_step(step: int, total: int, latents: Any) -> None:
-            # Pipeline thread: copy what a preview needs, hand over, return at once.
-            wanted = latents is not None and every and (step % every == 0 or step == total)
-            snapshot = latents.detach().to("cpu", copy=True) if wanted else None
-            loop.call_soon_threadsafe(steps.put_nowait, (step, snapshot, time.perf_counter()))
+            # Pipeline thread: the preview's pixels (torch stays on this thread), then hand over.
+            pixels = None
+            if latents is not None and every and (step % every == 0 or step == total):
+                try:
+                    pixels = preview_pixels(latents)
+                except Exception as exc:  # a preview is a nicety: never let it stop the job
+                    logger.warning("no preview: %s", exc, extra={"job_id": str(waiting.job_id)})
+            loop.call_soon_threadsafe(steps.put_nowait, (step, pixels, time.perf_counter()))
 
         return on_step
 
@@ -515,16 +519,16 @@ class JobRunner:
             else 0
         )
         while (item := await active.steps.get()) is not None:
-            step, latents, done_at = item
+            step, pixels, done_at = item
             if step <= active.step:  # a failed batch re-runs its jobs alone: report only new steps
                 continue
             active.step = step
             self.metrics.steps.inc()
             elapsed = done_at - active.pipeline_started
             preview = None
-            if latents is not None:
+            if pixels is not None:
                 try:
-                    preview = await asyncio.to_thread(encode_preview, latents, preview_px)
+                    preview = await asyncio.to_thread(encode_preview, pixels, preview_px)
                 except Exception as exc:  # a preview is a nicety: never let it stop the events
                     logger.warning("no preview: %s", exc, extra={"job_id": str(active.job.id)})
             eta_s = round(elapsed / step * (params.steps - step), 3)
