@@ -7,6 +7,7 @@ is not counted. Prints one JSON line: each call's seconds, and the minor page
 faults and kernel CPU seconds of the process per call.
 
     python -m bench.bare .data/models/tiny --jobs 6 --steps 20 --size 64
+    python -m bench.bare .data/models/sd15-random --size 512 --device cuda --dtype float16
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    pipe = AutoPipelineForText2Image.from_pretrained(args.model, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    pipe = AutoPipelineForText2Image.from_pretrained(args.model, dtype=getattr(torch, args.dtype))  # type: ignore[no-untyped-call]
+    pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
 
     def call(index: int) -> Any:
@@ -42,12 +46,17 @@ def main() -> None:
             generator=torch.Generator().manual_seed(index),
         ).images[0]
 
+    def synchronize() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     call(-1)
     seconds, faults, kernel_s = [], [], []
     for index in range(args.jobs):
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         call(index)
+        synchronize()
         seconds.append(time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_SELF)
         faults.append(after.ru_minflt - before.ru_minflt)

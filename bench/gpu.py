@@ -8,7 +8,11 @@ model's FLOPs and memory, no download), then reports images/s
   at batch 1 and at ``--batch``;
 - through the whole system (Postgres, Redis, one server, one worker process on
   the GPU), every job submitted at once, with ``STEPCAST_BATCH_SIZE`` 1 and
-  ``--batch``: the worker's throughput and the batching speed-up.
+  ``--batch``: the worker's throughput and the batching speed-up;
+- side by side, one job at a time, alternating (``bench.overhead``'s): the
+  worker's ``timings.pipeline_s`` against the plain loop a user writes
+  (``from_pretrained`` + ``pipe(...)`` in a fresh process, ``bench.bare``),
+  for a fresh worker and again after it has served large jobs.
 
 Meant for a CUDA machine (fp16, SDPA attention, channels-last; ``--compile``
 adds torch.compile). ``--device cpu --dtype float32 --size 256 --steps 2``
@@ -25,7 +29,7 @@ import gc
 import time
 from typing import Any
 
-from bench import stack
+from bench import overhead, stack
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import build
 from stepcast.params import JobParams
@@ -92,12 +96,21 @@ def main() -> None:
         "STEPCAST_JOB_TIMEOUT_S": "3600",
     }
     worker_rates: dict[int, Any] = {}
+    against_bare: dict[str, Any] = {}
+    bare_options = ("--device", args.device, "--dtype", args.dtype)
     with stack.services("gpu") as (postgres, redis):
         for size in sorted({1, args.batch}):
             batch_env = {**env, "STEPCAST_BATCH_SIZE": str(size)}
             with stack.stepcast("gpu", postgres, redis, workers=1, env=batch_env) as running:
                 stack.warm_up(running.http_url, 1, params, timeout_s=1800)
                 worker_rates[size] = asyncio.run(stack.saturate(running.ws_url, args.jobs, params))
+                if size == 1:
+                    for phase in ("fresh", "after_large_jobs"):
+                        if phase != "fresh":
+                            overhead.large_jobs(running.http_url, overhead.LARGE_JOBS["tiny"])
+                        against_bare[phase] = overhead.side_by_side(
+                            MODEL_DIR, running, 3, 6, phase, params, bare_options
+                        )
             print({"batch_size": size, "worker": worker_rates[size]}, flush=True)
     result = {
         **vars(args),
@@ -106,6 +119,8 @@ def main() -> None:
         "worker_vs_bare": {
             size: round(worker_rates[size]["images_per_s"] / bare_rates[size], 3) for size in worker_rates
         },
+        "pipeline_s_vs_plain_loop": {phase: figures["ratio"] for phase, figures in against_bare.items()},
+        "side_by_side": against_bare,
         "batching_speedup": {
             "bare": round(bare_rates[args.batch] / bare_rates[1], 2),
             "worker": round(worker_rates[args.batch]["images_per_s"] / worker_rates[1]["images_per_s"], 2),

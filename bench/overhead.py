@@ -80,10 +80,13 @@ LARGE_JOBS = {
 }
 
 
-def bare_process(model_dir: Path, jobs: int) -> dict[str, Any]:
-    """(a): a fresh process running the plain loop (bench.bare); its per-call figures."""
-    command = [sys.executable, "-m", "bench.bare", str(model_dir), "--jobs", str(jobs)]
-    command += ["--steps", str(PARAMS["steps"]), "--size", str(PARAMS["width"])]
+def bare_process(
+    model_dir: Path, jobs: int, params: dict[str, int] = PARAMS, options: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """(a): a fresh process running the plain loop (bench.bare); its per-call figures.
+    ``options``: more of bench.bare's (``--device``, ``--dtype``)."""
+    command = [sys.executable, "-m", "bench.bare", str(model_dir), "--jobs", str(jobs), *options]
+    command += ["--steps", str(params["steps"]), "--size", str(params["width"])]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     seconds = figures["seconds"]
@@ -109,9 +112,9 @@ def pipeline_seconds(metrics_url: str) -> float:
     return float(match.group(1))
 
 
-async def submit(ws: Any, index: int) -> None:
+async def submit(ws: Any, index: int, params: dict[str, int] = PARAMS) -> None:
     await ws.send(
-        json.dumps({"type": "submit", "params": {"prompt": f"fox {index}", "seed": index, **PARAMS}})
+        json.dumps({"type": "submit", "params": {"prompt": f"fox {index}", "seed": index, **params}})
     )
 
 
@@ -137,7 +140,9 @@ async def saturation(ws_url: str, metrics_url: str, jobs: int, cpu: CpuMeter | N
     return result
 
 
-async def one_at_a_time(ws_url: str, jobs: int, worker_pid: int) -> dict[str, Any]:
+async def one_at_a_time(
+    ws_url: str, jobs: int, worker_pid: int, params: dict[str, int] = PARAMS
+) -> dict[str, Any]:
     """(b) one job at a time, the worker idle between them: what the system adds to each,
     and the worker's own pipeline time, page faults and kernel CPU per job."""
     to_start: list[float] = []
@@ -153,7 +158,7 @@ async def one_at_a_time(ws_url: str, jobs: int, worker_pid: int) -> dict[str, An
             await asyncio.sleep(0.2)  # the worker is idle, as at low load
             faults_before, kernel_before = process_counters(worker_pid)
             sent = time.perf_counter()
-            await submit(ws, index)
+            await submit(ws, index, params)
             while True:
                 message = json.loads(await ws.recv())
                 now = time.perf_counter()
@@ -209,14 +214,20 @@ def large_jobs(http_url: str, jobs: list[tuple[int, int, int, int, int | None]])
 
 
 def side_by_side(
-    model_dir: Path, running: stack.Running, rounds: int, jobs: int, phase: str
+    model_dir: Path,
+    running: stack.Running,
+    rounds: int,
+    jobs: int,
+    phase: str,
+    params: dict[str, int] = PARAMS,
+    options: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """(a) and (b), one job at a time, alternating: the worker's pipeline time over the plain loop's."""
     worker_pid = running.workers[0].pid
     legs, ratios = [], []
     for _ in range(rounds):
-        bare = bare_process(model_dir, jobs)
-        worker = asyncio.run(one_at_a_time(running.ws_url, jobs, worker_pid))
+        bare = bare_process(model_dir, jobs, params, options)
+        worker = asyncio.run(one_at_a_time(running.ws_url, jobs, worker_pid, params))
         ratios.append(round(worker["pipeline_ms"]["p50"] / bare["pipeline_ms"]["p50"], 3))
         legs.append({"bare": bare, "worker": worker, "ratio": ratios[-1]})
         print(json.dumps({phase: legs[-1]}), flush=True)

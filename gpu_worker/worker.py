@@ -42,7 +42,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from gpu_worker import devices, model_source
+from gpu_worker import allocator, devices, model_source
 from gpu_worker.main_thread import MainThreadExecutor, forward_signals
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
@@ -264,7 +264,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
         from gpu_worker.tiny_model import ensure
 
         ensure(source)
-    return DiffusersPipeline.load(
+    pipeline = DiffusersPipeline.load(
         source,
         name=settings.model_name,
         device=placement.device,
@@ -273,6 +273,8 @@ def load_pipeline(settings: Settings) -> Pipeline:
         compile_unet=settings.torch_compile,
         revision=revision,
     )
+    allocator.release_free_memory()  # what loading staged (a GPU model's CPU copies) goes back
+    return pipeline
 
 
 def create_worker(
@@ -361,6 +363,7 @@ def pipeline_thread() -> Executor:
 
 def main() -> None:
     """The worker process: the pipeline on the main thread, the event loop on another."""
+    allocator.keep_freed_memory()  # before the model allocates anything
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level, settings.log_format)
     logs.quiet_libraries()
