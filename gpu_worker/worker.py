@@ -248,13 +248,8 @@ def load_pipeline(settings: Settings) -> Pipeline:
     if settings.backend == "simulated":
         return SimulatedPipeline(settings.simulated_step_s, settings.model_name)
     placement = devices.choose(settings.device, settings.dtype)
-    logger.info(
-        "the model runs on %s in %s (%s)",
-        placement.device,
-        placement.dtype,
-        placement.reason,
-        extra={"device": placement.device, "dtype": placement.dtype, "reason": placement.reason},
-    )
+    # One sentence for a person; a JSON reader finds the same in its "msg".
+    logger.info("the model runs on %s in %s (%s)", placement.device, placement.dtype, placement.reason)
     source = model_source.parse(settings.model_dir)
     revision = None
     if isinstance(source, model_source.ModelId):

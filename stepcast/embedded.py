@@ -117,7 +117,7 @@ def _apps(settings: Settings, workers: int | None) -> list[Child]:
     ]
     for index, worker_env in enumerate(worker_envs(settings, env, workers)):
         gpu = worker_env.get("CUDA_VISIBLE_DEVICES") if settings.device in ("auto", "cuda") else None
-        say(f"worker-{index}  {'GPU ' + gpu if gpu is not None else 'device ' + settings.device}")
+        say(f"worker-{index}  {'GPU ' + gpu if gpu is not None else 'STEPCAST_DEVICE=' + settings.device}")
         apps.append(
             Command(
                 f"worker-{index}",
