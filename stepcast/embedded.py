@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from stepcast.settings import DATA_DIR, Settings
 from stepcast.supervisor import Child, Command, Service, Supervisor, say
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+NOT_READY_WARNING_S = 120.0
 
 
 def visible_gpus(env: Mapping[str, str]) -> list[str]:
@@ -153,11 +155,15 @@ def run(settings: Settings, *, workers: int | None = None, data_dir: Path = DATA
         supervisor.start()
         url = f"http://{settings.host}:{settings.port}"
         up = False
+        slow_at = time.monotonic() + NOT_READY_WARNING_S
         while not stopping.wait(0.2):
             supervisor.check()
             if not up and _ready(url):
                 up = True
                 say(f"\nstepcast is up: {url}   (Ctrl-C stops everything)\n")
+            elif not up and time.monotonic() > slow_at:
+                slow_at = float("inf")  # once: a server that hangs without exiting
+                say(f"the server at {url} is not ready after {NOT_READY_WARNING_S:g} s; still waiting")
         say("stopping")
         return 0
     except ProcessError as exc:
