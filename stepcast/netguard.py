@@ -3,11 +3,27 @@
 Only public unicast addresses, unless the configuration allows private ones
 (``STEPCAST_WEBHOOK_ALLOW_PRIVATE``, for a receiver on the same network). The
 resolved address is what is checked — and then connected to — never the name.
+An IPv6 address that carries an IPv4 one (IPv4-mapped and -compatible, NAT64,
+6to4) is judged by the IPv4 address it reaches.
 """
 
 from __future__ import annotations
 
 import ipaddress
+
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: where the IPv4 address sits varies
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for, if it is one of the forms that carry one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64 or (int(ip) >> 32 == 0 and int(ip) > 1):  # NAT64, or IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def refused(address: str, *, allow_private: bool = False) -> str | None:
@@ -16,8 +32,12 @@ def refused(address: str, *, allow_private: bool = False) -> str | None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return f"{address} is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in LOCAL_NAT64 and not allow_private:
+            return f"{ip} is a local-use NAT64 address (the IPv4 address behind it cannot be told)"
+        if (ipv4 := _embedded_ipv4(ip)) is not None:
+            reason = refused(str(ipv4), allow_private=allow_private)
+            return None if reason is None else f"{ip} carries {ipv4}: {reason}"
     if ip.is_multicast or ip.is_unspecified:
         return f"{ip} is a multicast or unspecified address"
     if allow_private:

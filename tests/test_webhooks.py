@@ -26,6 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from stepcast.db import Database
+from stepcast.netguard import refused
 from stepcast.processes import free_port
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
@@ -197,6 +198,14 @@ def loopback_only(answer: int = 200) -> tuple[httpx.MockTransport, list[httpx.Re
         (["169.254.169.254"], "link-local"),
         (["::1"], "::1 is a loopback address"),
         (["93.184.216.34", "127.0.0.1"], "127.0.0.1 is a loopback address"),  # one bad answer is enough
+        # IPv6 forms that carry an IPv4 address are judged by it.
+        (["64:ff9b::a9fe:a9fe"], "carries 169.254.169.254: 169.254.169.254 is a link-local"),  # NAT64
+        (["64:ff9b::a00:1"], "carries 10.0.0.1: 10.0.0.1 is a private"),
+        (["64:ff9b:1::a00:1"], "local-use NAT64"),  # RFC 8215: where the IPv4 address sits varies
+        (["2002:a9fe:a9fe::1"], "carries 169.254.169.254"),  # 6to4
+        (["2002:7f00:1::"], "carries 127.0.0.1: 127.0.0.1 is a loopback"),
+        (["::127.0.0.1"], "carries 127.0.0.1: 127.0.0.1 is a loopback"),  # IPv4-compatible
+        (["::ffff:169.254.169.254"], "carries 169.254.169.254"),  # IPv4-mapped
     ],
 )
 async def test_names_resolving_to_private_addresses_are_refused_before_connecting(
@@ -254,3 +263,15 @@ async def send_once(
         return await db.pool.fetchrow("SELECT * FROM webhook_deliveries WHERE job_id = $1", uuid.UUID(job_id))
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34", "2606:4700::1111"]
+)
+def test_ipv6_forms_of_public_addresses_may_receive_webhooks(address: str) -> None:
+    assert refused(address) is None
+
+
+def test_a_local_nat64_address_is_allowed_only_where_private_receivers_are() -> None:
+    assert refused("64:ff9b:1::a00:1", allow_private=True) is None
+    assert refused("64:ff9b::a00:1", allow_private=True) is None
