@@ -9,6 +9,7 @@ would not).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -228,6 +229,14 @@ class SimulatedPipeline:
         ]
 
 
+@functools.cache
+def _latent_rgb(device: Any) -> Any:
+    """The projection's factors, made once per device (not a host-to-device copy every step)."""
+    import torch
+
+    return torch.tensor(SD_LATENT_RGB, dtype=torch.float32, device=device)
+
+
 def preview_pixels(latents: Any) -> Any:
     """RGB pixels ``(h, w, 3)`` uint8 (numpy) of noisy latents ``(4, h, w)``, by the linear projection.
 
@@ -239,8 +248,7 @@ def preview_pixels(latents: Any) -> Any:
 
     if latents.shape[0] != len(SD_LATENT_RGB):
         raise ValueError(f"no latent->RGB factors for {latents.shape[0]}-channel latents")
-    factors = torch.tensor(SD_LATENT_RGB, dtype=torch.float32, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents.float(), factors)
+    rgb = torch.einsum("chw,cr->hwr", latents.float(), _latent_rgb(latents.device))
     return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
