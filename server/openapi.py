@@ -22,6 +22,7 @@ from stepcast.params import (
     MAX_GUIDANCE,
     MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_SEED,
+    MAX_SEQ,
     MAX_URL_CHARS,
     PREVIEW_MAX_PX,
     SCHEDULERS,
@@ -31,6 +32,7 @@ from stepcast.settings import Settings
 
 PROBLEM = "application/problem+json"
 NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_SEQ = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -302,8 +304,8 @@ def _paths() -> dict[str, Any]:
                 "summary": "The job's events as Server-Sent Events (docs/protocol.md)",
                 "parameters": [
                     JOB_ID,
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "after_seq", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": _SEQ},
+                    {"name": "after_seq", "in": "query", "schema": _SEQ},
                 ],
                 "responses": {
                     "200": {"description": "An event stream", "content": {"text/event-stream": {}}},

@@ -34,6 +34,7 @@ from stepcast.params import (
     SCHEDULERS,
     parse_body,
     parse_idempotency_key,
+    whole_number,
 )
 from stepcast.storage.local import URL_PREFIX
 
@@ -79,11 +80,11 @@ def _prefer_wait(request: Request) -> int | None:
         name, _, value = preference.partition("=")
         if name.strip().lower() != "wait":
             continue
-        value = value.strip().strip('"')
-        if not value.isdigit() or int(value) > MAX_WAIT_S:
+        seconds = whole_number(value.strip().strip('"'), 0, MAX_WAIT_S)
+        if seconds is None:
             message = f"wait must be a whole number of seconds from 0 to {MAX_WAIT_S}"
             raise InvalidParams.one("Prefer", message)
-        return int(value)
+        return seconds
     return None
 
 
@@ -151,10 +152,11 @@ async def list_jobs(request: Request) -> Response:
             )
     limit = 20
     if "limit" in query:
-        if query["limit"].isdigit() and 1 <= int(query["limit"]) <= MAX_PAGE:
-            limit = int(query["limit"])
-        else:
+        asked = whole_number(query["limit"], 1, MAX_PAGE)
+        if asked is None:
             errors.append(FieldError("limit", f"limit must be an integer between 1 and {MAX_PAGE}"))
+        else:
+            limit = asked
     if errors:
         raise InvalidParams.from_errors(errors)
     page = await services.db.list_jobs(

@@ -19,16 +19,14 @@ from starlette.responses import Response, StreamingResponse
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
 from server.services import Services
-from stepcast.errors import InvalidParams, NotFound
+from stepcast.errors import NotFound
+from stepcast.params import parse_after_seq
 
 
 def _after_seq(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id") or request.query_params.get("after_seq")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise InvalidParams.one("Last-Event-ID", "Last-Event-ID must be a non-negative integer")
-    return int(raw)
+    if header := request.headers.get("last-event-id"):
+        return parse_after_seq(header, "Last-Event-ID", text=True)
+    return parse_after_seq(request.query_params.get("after_seq"), "after_seq", text=True)
 
 
 async def job_events(request: Request) -> Response:

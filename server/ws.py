@@ -31,7 +31,7 @@ from stepcast.errors import (
     Unauthorized,
     Unavailable,
 )
-from stepcast.params import parse_idempotency_key, parse_submission
+from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission
 from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
@@ -89,15 +89,6 @@ def _job_id(message: dict[str, Any]) -> uuid.UUID:
     except ValueError:
         pass
     raise InvalidParams.one("job_id", "job_id must be a job id (a UUID)")
-
-
-def _after_seq(message: dict[str, Any]) -> int | None:
-    value = message.get("after_seq")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidParams.one("after_seq", "after_seq must be a non-negative integer")
-    return value
 
 
 class Connection:
@@ -220,7 +211,9 @@ class Connection:
                     raise InvalidParams.one("scope", 'scope must be "mine"')
                 await self.feed.watch_mine()
             else:
-                await self.feed.watch(_job_id(message), _after_seq(message))
+                await self.feed.watch(
+                    _job_id(message), parse_after_seq(message.get("after_seq"), "after_seq")
+                )
         elif kind == "unsubscribe":
             await self.feed.unwatch(_job_id(message))
         elif kind == "cancel":

@@ -28,6 +28,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 WEBHOOK_EVENTS = ("started", "completed", "failed", "canceled")
 DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "canceled")
 MAX_URL_CHARS = 2048
+MAX_SEQ = 2**63 - 1  # seqs are Postgres bigints; Redis stream ids hold no more
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,28 @@ def parse_idempotency_key(value: Any, field: str) -> str | None:
     ):
         raise InvalidParams.one(field, f"{field} must be 1 to {limit} visible characters without spaces")
     return value
+
+
+def parse_after_seq(value: Any, field: str, *, text: bool = False) -> int | None:
+    """An optional resume point, the last seq the client saw: a JSON integer from 0 to
+    2**63-1, or (``text``: from a header or a query string) one written in ASCII digits."""
+    if value is None:
+        return None
+    if text and isinstance(value, str):
+        value = whole_number(value, 0, MAX_SEQ)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise InvalidParams.one(field, f"{field} must be an integer from 0 to {MAX_SEQ}")
+    return value
+
+
+def whole_number(text: str, low: int, high: int) -> int | None:
+    """``text`` as an integer from ``low`` to ``high`` (``low`` >= 0) when it is one written in
+    ASCII digits, else None. ``str.isdigit`` alone admits "²", which ``int`` refuses, and
+    ``int`` refuses more than 4300 digits: both would be server errors, not answers."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(high)):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
 
 
 def parse_body(body: Any, settings: Settings) -> Submission:

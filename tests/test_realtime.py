@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from server.feed import Outbox, Outgoing, SlowConsumer
 from server.positions import QueueAnnouncer
 from stepcast.settings import Settings
-from tests.conftest import Stack
+from tests.conftest import Stack, assert_problem
 
 TERMINAL = {"completed", "failed", "canceled"}
 
@@ -180,6 +180,10 @@ async def test_owner_feed_sees_jobs_from_elsewhere_and_finished_ones(stack: Stac
         ('{"type": "cancel", "job_id": "00000000-0000-4000-8000-000000000000"}', "not_found", None),
         ('{"type": "subscribe", "job_id": "00000000-0000-4000-8000-000000000000", "after_seq": -1}',
          "invalid_params", "after_seq"),
+        ('{"type": "subscribe", "job_id": "00000000-0000-4000-8000-000000000000",'
+         ' "after_seq": 9223372036854775808}', "invalid_params", "after_seq"),
+        ('{"type": "subscribe", "job_id": "00000000-0000-4000-8000-000000000000", "after_seq": "7"}',
+         "invalid_params", "after_seq"),
     ],
 )  # fmt: skip
 async def test_bad_frames_get_errors_and_the_connection_stays_usable(
@@ -283,8 +287,14 @@ async def test_sse_streams_and_resumes_with_last_event_id(stack: Stack) -> None:
     ids = [int(e["id"]) for e in first[1:] + rest]
     assert ids == list(range(ids[0], ids[-1] + 1))
     assert all(int(e["id"]) == e["seq"] for e in rest)
-    bad = await stack.client.get(url, headers={"Last-Event-ID": "seven"})
-    assert bad.status_code == 422
+    # not a seq at all, beyond a bigint (and a Redis stream id), digits that are not ASCII
+    seq_range = "must be an integer from 0 to 9223372036854775807"
+    for bad_id in ("seven", "-1", "51188732970579781484544", "9223372036854775808"):
+        bad = await stack.client.get(url, headers={"Last-Event-ID": bad_id})
+        assert_problem(bad, 422, {"Last-Event-ID": f"Last-Event-ID {seq_range}"})
+    for bad_seq in ("51188732970579781484544", "\u00b2"):  # "²" is a digit to str.isdigit, not to int()
+        bad = await stack.client.get(url, params={"after_seq": bad_seq})
+        assert_problem(bad, 422, {"after_seq": f"after_seq {seq_range}"})
 
 
 @pytest.fixture

@@ -105,11 +105,13 @@ async def test_history_query_errors_name_the_parameter(client: httpx.AsyncClient
         422,
         {"status": "status must be one of: pending, processing, completed, failed, canceled"},
     )
-    assert_problem(
-        await client.get("/v1/jobs", params={"limit": "0"}),
-        422,
-        {"limit": "limit must be an integer between 1 and 100"},
-    )
+    for limit in ("0", "\u00b2", "9" * 5000):  # "²" passes str.isdigit; int() refuses 5000 digits
+        assert_problem(
+            await client.get("/v1/jobs", params={"limit": limit}),
+            422,
+            {"limit": "limit must be an integer between 1 and 100"},
+        )
+    assert (await client.get("/v1/jobs", params={"limit": "007"})).status_code == 200
     assert_problem(
         await client.get("/v1/jobs", params={"cursor": "!!"}), 422, {"cursor": "cursor is not valid"}
     )
@@ -201,9 +203,12 @@ async def test_prefer_wait_gives_up_with_the_usual_202(client: httpx.AsyncClient
     assert 1 <= time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("value", ["wait=61", "wait=-1", "wait=soon", "wait=1.5"])
+@pytest.mark.parametrize(
+    "value", ["wait=61", "wait=-1", "wait=soon", "wait=1.5", "wait=\u00b2", "wait=" + "9" * 5000]
+)
 async def test_prefer_wait_out_of_range_is_named(client: httpx.AsyncClient, value: str) -> None:
-    response = await client.post("/v1/jobs", json={"prompt": "p"}, headers={"Prefer": value})
+    prefer = value.encode("latin-1")  # HTTP header bytes; the server reads them as Latin-1
+    response = await client.post("/v1/jobs", json={"prompt": "p"}, headers={"Prefer": prefer})
     assert_problem(response, 422, {"Prefer": "wait must be a whole number of seconds from 0 to 60"})
 
 
