@@ -297,7 +297,12 @@ def create_worker(
             loaded = pipeline
         else:  # on the thread that will run it
             loaded = await asyncio.get_running_loop().run_in_executor(executor, load_pipeline, settings)
-        events = EventLog(ctx["redis"], stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
+        events = EventLog(
+            ctx["redis"],
+            stream_max=settings.event_stream_max,
+            ttl_s=settings.event_ttl_s,
+            finished_ttl_s=settings.event_finished_ttl_s,
+        )
         metrics = WorkerMetrics()
         runner = JobRunner(
             settings, db, events, storage, loaded, worker_id, metrics, executor=executor, on_room=worker.wake

@@ -13,10 +13,11 @@ read after the stream, and every event but ``progress`` and ``queued`` is
 recorded in Postgres before it is emitted, so a snapshot shows whatever the
 events it stands for say: it never hides a later event.
 
-Slow clients: the outbound buffer is bounded. When it is full, the oldest
-queued ``progress`` event is dropped (a later one says more); other events are
-never dropped, and a client that lets even those pile up is disconnected so
-that it reconnects and resumes.
+Slow clients: the outbound buffer is bounded in messages and in bytes. When it
+is full, the oldest queued ``progress`` event that carries a preview is dropped
+first (tens of KB each), then the oldest other ``progress`` (a later one says
+more); other events are never dropped, and a client that lets even those pile
+up is disconnected so that it reconnects and resumes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Outgoing:
     job_id: str | None = None
     seq: int | None = None
     terminal: bool = False
+    preview: bool = False  # a progress event with a preview picture: the first to drop
 
 
 @dataclass
@@ -68,29 +70,40 @@ class _Watch:
 
 
 class Outbox:
-    """Messages waiting for one client, bounded; the oldest ``progress`` goes first when full."""
+    """Messages waiting for one client, at most ``max_buffer`` of them and ``max_bytes`` of
+    text (one message, however large, always fits); when over, the oldest ``progress``
+    with a preview goes first, then the oldest other ``progress``."""
 
-    def __init__(self, max_buffer: int, on_drop: Callable[[], object] | None = None) -> None:
+    def __init__(self, max_buffer: int, max_bytes: int, on_drop: Callable[[], object] | None = None) -> None:
         self.max_buffer = max_buffer
+        self.max_bytes = max_bytes
         self.on_drop = on_drop
         self.dropped = 0
+        self.bytes = 0  # of text queued (str length: what JSON text takes, near enough)
         self._queue: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._overflow = False
 
     def push(self, item: Outgoing) -> None:
-        if len(self._queue) >= self.max_buffer:
-            for index, queued in enumerate(self._queue):
-                if queued.type == "progress":
-                    del self._queue[index]
-                    self.dropped += 1
-                    if self.on_drop is not None:
-                        self.on_drop()
-                    break
-            else:
-                self._overflow = True
         self._queue.append(item)
+        self.bytes += len(item.text)
+        while (len(self._queue) > self.max_buffer or self.bytes > self.max_bytes) and len(self._queue) > 1:
+            if not (self._drop(previews=True) or self._drop(previews=False)):
+                self._overflow = True
+                break
         self._ready.set()
+
+    def _drop(self, *, previews: bool) -> bool:
+        """Drop the oldest ``progress`` (with a preview, if ``previews``); was there one?"""
+        for index, queued in enumerate(self._queue):
+            if queued.type == "progress" and (queued.preview or not previews):
+                del self._queue[index]
+                self.bytes -= len(queued.text)
+                self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+                return True
+        return False
 
     @property
     def ready(self) -> bool:
@@ -109,15 +122,24 @@ class Outbox:
                 return None
         if self._overflow:
             raise SlowConsumer
-        return self._queue.popleft()
+        item = self._queue.popleft()
+        self.bytes -= len(item.text)
+        return item
 
 
 class Feed:
-    def __init__(self, services: Services, owner: str, *, max_buffer: int) -> None:
+    def __init__(self, services: Services, owner: str, *, outbox: Outbox | None = None) -> None:
         self.services = services
         self.hub = services.hub
         self.owner = owner
-        self.outbox = Outbox(max_buffer, on_drop=services.metrics.events_dropped.inc)
+        if outbox is None:
+            settings = services.settings
+            outbox = Outbox(
+                settings.feed_buffer_max,
+                settings.feed_buffer_max_bytes,
+                on_drop=services.metrics.events_dropped.inc,
+            )
+        self.outbox = outbox
         self.mine = False
         self._watches: dict[str, _Watch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -248,7 +270,7 @@ class Feed:
             return
         watch.last_seq = watch.delivered = seq
         terminal = event["type"] in TERMINAL_TYPES
-        self.push(Outgoing(text, event["type"], key, seq, terminal=terminal))
+        self.push(Outgoing(text, event["type"], key, seq, terminal=terminal, preview="preview" in event))
         if terminal:
             self._finish(key, watch)
 

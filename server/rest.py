@@ -91,7 +91,7 @@ def _prefer_wait(request: Request) -> int | None:
 async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
     """The job once it is finished, or as it stands after ``wait_s`` (or at shutdown)."""
     services = _services(request)
-    feed = Feed(services, job.owner, max_buffer=services.settings.feed_buffer_max)
+    feed = Feed(services, job.owner)
     draining: asyncio.Event = request.app.state.draining
     deadline = time.monotonic() + wait_s
     try:

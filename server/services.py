@@ -69,7 +69,12 @@ class Services:
             redis = queue.connect(settings.redis_url)
             stack.push_async_callback(redis.aclose, close_connection_pool=True)
             storage = await stack.enter_async_context(open_storage(settings))
-            events = EventLog(redis, stream_max=settings.event_stream_max, ttl_s=settings.event_ttl_s)
+            events = EventLog(
+                redis,
+                stream_max=settings.event_stream_max,
+                ttl_s=settings.event_ttl_s,
+                finished_ttl_s=settings.event_finished_ttl_s,
+            )
             hub = Hub(redis)
             await hub.start()
             stack.push_async_callback(hub.stop)

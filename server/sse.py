@@ -36,7 +36,7 @@ async def job_events(request: Request) -> Response:
     except ValueError:
         raise NotFound(f"no job {request.path_params['job_id']}") from None
     after_seq = _after_seq(request)
-    feed = Feed(services, await owner_of(request), max_buffer=services.settings.feed_buffer_max)
+    feed = Feed(services, await owner_of(request))
     try:
         await feed.watch(job_id, after_seq)
     except BaseException:

@@ -97,7 +97,7 @@ class Connection:
         self.services = services
         self.settings = services.settings
         self.owner = owner
-        self.feed = Feed(services, self.owner, max_buffer=self.settings.feed_buffer_max)
+        self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
 
     async def serve(self) -> None:

@@ -245,10 +245,16 @@ class Stream:
 
 
 class EventLog:
-    def __init__(self, redis: Redis, *, stream_max: int, ttl_s: int) -> None:
+    def __init__(
+        self, redis: Redis, *, stream_max: int, ttl_s: int, finished_ttl_s: int | None = None
+    ) -> None:
+        """A job's stream and counter live ``ttl_s`` after its latest event, and only
+        ``finished_ttl_s`` after its terminal one: a client resuming later gets a snapshot,
+        as after Redis lost them."""
         self.redis = redis
         self.stream_max = stream_max
         self.ttl_s = ttl_s
+        self.finished_ttl_s = ttl_s if finished_ttl_s is None else min(finished_ttl_s, ttl_s)
         self._emit = redis.register_script(_EMIT)
         self._reserve = redis.register_script(_RESERVE)
         self._scripts = BatchedScripts(redis)  # a batch's events of one step: one round trip
@@ -295,7 +301,8 @@ class EventLog:
         head, tail = encode(event.type, job_id, event.fields())
         counter, stream = _keys(job_id)
         keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
-        args: list[Arg] = [attempt, self.ttl_s, seq, head, tail, self.stream_max, int(position_update)]
+        ttl_s = self.finished_ttl_s if event.type in TERMINAL_TYPES else self.ttl_s
+        args: list[Arg] = [attempt, ttl_s, seq, head, tail, self.stream_max, int(position_update)]
         return keys, [*args, block.lo, block.hi]
 
     async def reserve(self, job_id: str, *, attempt: int, block: Block = NO_BLOCK) -> int:

@@ -126,10 +126,16 @@ class Settings(BaseSettings):
     retention_interval_s: float = Field(300.0, gt=0)
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
+    # A finished job's events leave Redis this long after its terminal one; a client
+    # resuming later gets a snapshot from Postgres.
+    event_finished_ttl_s: int = Field(600, ge=10)
 
     # Real-time delivery (WebSocket and SSE).
     queue_update_s: float = Field(1.0, gt=0)
+    # A client that reads slower than events come: what waits for it, at most (previews
+    # then progress are dropped to stay under; then it is closed with 1013 to resume).
     feed_buffer_max: int = Field(256, ge=8)
+    feed_buffer_max_bytes: int = Field(512 * 1024, ge=64 * 1024)
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
     ws_messages_per_s: float = Field(20.0, gt=0)
     ws_burst: int = Field(60, ge=1)

@@ -49,7 +49,7 @@ import server.feed
 import stepcast.db
 import stepcast.lifecycle
 import stepcast.queue
-from server.feed import Feed, Outgoing
+from server.feed import Feed, Outbox, Outgoing
 from server.services import Services
 from stepcast.events import (
     NO_BLOCK,
@@ -543,7 +543,7 @@ class World:
     async def _watch(self, watcher: Watcher, submitter: bool) -> None:
         """Subscribe (again), retrying while the server answers with an error."""
         while True:
-            feed = CheckedFeed(self.services, OWNER, max_buffer=1_000_000)
+            feed = CheckedFeed(self.services, OWNER, outbox=Outbox(10**6, 10**9))  # it checks every event
             feed.watcher, feed.world = watcher, self
             watcher.feed = feed
             try:

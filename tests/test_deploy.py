@@ -37,6 +37,8 @@ def test_compose_validates_and_wires_a_gpu_host() -> None:
     for name in ("postgres", "redis", "minio", "server", "gpu_worker"):
         assert services[name]["healthcheck"]["test"], name
     assert "mc mb" in " ".join(services["minio-bucket"]["command"])  # the bucket is created
+    redis = services["redis"]["command"]  # bounded, and full refuses writes rather than evict
+    assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in redis
 
     worker = services["gpu_worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]

@@ -83,6 +83,19 @@ async def test_an_older_attempt_is_fenced_and_a_log_ends_at_its_terminal_event(l
     assert await kinds(log) == [(1, "started"), (2, "requeued"), (4, "started"), (5, "failed")]
 
 
+async def test_a_finished_jobs_log_leaves_redis_soon_after_its_terminal_event(log: EventLog) -> None:
+    log = EventLog(log.redis, stream_max=100, ttl_s=86_400, finished_ttl_s=600)
+    counter, stream = "stepcast:{j}:seqs", "stepcast:{j}:events"
+    await log.emit("j", "o", STARTED, attempt=1, block=FIRST)
+    await log.emit("j", "o", STEP, attempt=1)
+    assert 86_000 < await log.redis.ttl(stream) <= 86_400  # a running job's log stays for resumes
+    assert await log.emit("j", "o", Canceled(), attempt=1, seq=await log.reserve("j", attempt=1)) == 3
+    assert 0 < await log.redis.ttl(stream) <= 600
+    assert 0 < await log.redis.ttl(counter) <= 600
+    assert await log.emit("j", "o", STEP, attempt=1) == FENCED  # and nothing brings the day back
+    assert await log.redis.ttl(stream) <= 600
+
+
 async def test_a_reservation_fences_no_attempt(log: EventLog) -> None:
     assert await log.emit("j", "o", STARTED, attempt=1, block=FIRST) == 1
     assert await log.reserve("j", attempt=2) == 2  # the recovery pass's; its write may fail

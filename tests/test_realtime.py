@@ -233,7 +233,7 @@ async def test_a_stuck_client_does_not_hold_back_anyone(stack: Stack) -> None:
 
 
 def test_slow_feeds_coalesce_progress_but_keep_everything_else() -> None:
-    feed = Outbox(max_buffer=4)
+    feed = Outbox(max_buffer=4, max_bytes=10**6)
     for step in range(1, 10):
         feed.push(Outgoing("{}", "progress", "j", step))
     feed.push(Outgoing("{}", "completed", "j", 10, terminal=True))
@@ -250,6 +250,32 @@ def test_slow_feeds_coalesce_progress_but_keep_everything_else() -> None:
 
     for index in range(6):  # nothing droppable left: the client is hopeless
         feed.push(Outgoing("{}", "started", f"j{index}", 1))
+    with pytest.raises(SlowConsumer):
+        asyncio.run(drain())
+
+
+def test_a_slow_feed_is_bounded_in_bytes_previews_dropped_first() -> None:
+    preview = '{"type":"progress","preview":"data:image/webp;base64,' + "A" * 30_000 + '"}'
+    feed = Outbox(max_buffer=256, max_bytes=100_000)
+    feed.push(Outgoing("{}", "started", "j", 1))
+    for step in range(2, 40):  # 38 previews of 30 KB: 1.1 MB offered
+        feed.push(Outgoing(preview, "progress", "j", step, preview=True))
+        feed.push(Outgoing('{"type":"progress"}', "progress", "j", step))
+    assert feed.bytes <= 100_000
+    queued = []
+
+    async def drain() -> None:
+        while (item := await feed.next(timeout_s=0)) is not None:
+            queued.append(item)
+
+    asyncio.run(drain())
+    assert queued[0].type == "started"
+    assert sum(item.preview for item in queued) == 3  # the newest previews that fit
+    assert sum(not item.preview for item in queued) == 39  # no plain progress had to go
+    assert feed.bytes == 0
+
+    for index in range(4):  # nothing droppable left and still over: the client is hopeless
+        feed.push(Outgoing("x" * 30_000, "completed", f"j{index}", 9, terminal=True))
     with pytest.raises(SlowConsumer):
         asyncio.run(drain())
 
