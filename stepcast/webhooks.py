@@ -8,6 +8,10 @@ rows with ``FOR UPDATE SKIP LOCKED``, POST ``{"type": "job.<event>",
 secret), and record the outcome: 2xx delivered; network errors, time-outs,
 408, 429 and 5xx retried after ``STEPCAST_WEBHOOK_BACKOFF_S`` (±20% jitter,
 about a day in all); anything else failed at once. Redirects are not followed.
+An attempt is counted when its row is leased, before sending, and only its
+sender may record its outcome (a fence on ``attempts``). Receivers are
+untrusted: each attempt has one deadline, reads a few KiB of the answer at
+most, and runs as its own task under a cap (docs/webhooks.md).
 
 SSRF: the host is resolved here, every address it resolves to must be public
 (``netguard``) unless the configuration allows private ones, and the request
