@@ -160,6 +160,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 COMMENT ON TABLE webhook_deliveries IS 'Webhook deliveries: attempts, outcome and next try (exponential back-off with jitter).';
 COMMENT ON COLUMN webhook_deliveries.status IS 'pending (to send or retry), delivered (2xx), failed (refused, or out of retries).';
 COMMENT ON COLUMN webhook_deliveries.next_attempt_at IS 'When to try next; a sender pushes it forward while it sends (a lease).';
+COMMENT ON COLUMN webhook_deliveries.attempts IS 'Attempts begun: counted when a sender leases the row, before it sends; an outcome is recorded only by the sender of the latest one.';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
 
 -- Admission counts, kept as jobs come, change status and go: pending jobs per

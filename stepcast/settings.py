@@ -161,9 +161,14 @@ class Settings(BaseSettings):
     session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
     # Webhooks (Standard Webhooks): never to private, loopback or link-local
     # addresses unless allowed; retried on network errors, time-outs, 5xx and
-    # 429 after each of these delays (+-20% jitter; about a day in all).
+    # 429 after each of these delays (+-20% jitter; about a day in all). One
+    # deadline bounds a whole attempt (resolve, connect, send, answer); of the
+    # answer's body at most max_response_bytes are read; each server sends at
+    # most max_concurrent at once, each as its own task.
     webhook_allow_private: bool = False
     webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_response_bytes: int = Field(4096, ge=0)
+    webhook_max_concurrent: int = Field(32, ge=1)
     webhook_backoff_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     webhook_poll_s: float = Field(1.0, gt=0)
     # The key the CLI's client commands send.

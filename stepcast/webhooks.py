@@ -8,6 +8,10 @@ rows with ``FOR UPDATE SKIP LOCKED``, POST ``{"type": "job.<event>",
 secret), and record the outcome: 2xx delivered; network errors, time-outs,
 408, 429 and 5xx retried after ``STEPCAST_WEBHOOK_BACKOFF_S`` (±20% jitter,
 about a day in all); anything else failed at once. Redirects are not followed.
+An attempt is counted when its row is leased, before sending, and only its
+sender may record its outcome (a fence on ``attempts``). Receivers are
+untrusted: each attempt has one deadline, reads a few KiB of the answer at
+most, and runs as its own task under a cap (docs/webhooks.md).
 
 SSRF: the host is resolved here, every address it resolves to must be public
 (``netguard``) unless the configuration allows private ones, and the request
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -39,7 +44,6 @@ from stepcast.db import Database
 from stepcast.jobs import timestamp, to_wire
 from stepcast.settings import Settings
 from stepcast.storage import Storage
-from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,15 @@ def sign(secret: str, msg_id: str, sent_at: int, body: str) -> str:
 
 
 class WebhookSender:
+    """Leases due deliveries into free slots and sends each as its own task.
+
+    At most ``webhook_max_concurrent`` attempts run at once; each has one
+    deadline (``webhook_timeout_s``) from resolving the host to the last byte
+    read, and reads at most ``webhook_max_response_bytes`` of the answer's
+    body, so a receiver that hangs, trickles or streams for ever costs one
+    slot for one deadline and a few KiB, and others' deliveries keep flowing.
+    """
+
     def __init__(
         self,
         db: Database,
@@ -82,18 +95,60 @@ class WebhookSender:
         self.resolver = resolver
         self.transport = transport
         self.on_outcome = on_outcome or (lambda outcome: None)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
 
     async def run(self) -> None:
-        await every(self.settings.webhook_poll_s, self.tick, "webhook")
+        """Start due deliveries every ``webhook_poll_s`` (and as slots free up), for ever."""
+        try:
+            while True:
+                self._slot_freed.clear()
+                try:
+                    await self._start_due()
+                except Exception:
+                    logger.exception("webhook pass failed; trying again")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), self.settings.webhook_poll_s)
+        finally:
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def tick(self) -> int:
-        """Send everything due, batch after batch; the number of deliveries attempted."""
-        lease_s = self.settings.webhook_timeout_s * 3 + 30
-        attempted = 0
-        while due := await self.db.due_deliveries(lease_s=lease_s):
-            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
-            attempted += len(due)
-        return attempted
+        """Send everything due and wait for the outcomes; the number of attempts begun."""
+        begun = 0
+        while True:
+            begun += await self._start_due()
+            if not self._in_flight:
+                return begun
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _start_due(self) -> int:
+        free = self.settings.webhook_max_concurrent - len(self._in_flight)
+        if free <= 0:
+            return 0
+        due = await self.db.due_deliveries(
+            lease_s=self.settings.webhook_timeout_s + 30,
+            limit=free,
+            max_attempts=len(self.settings.webhook_backoff_s) + 1,
+        )
+        for delivery in due:
+            if delivery["status"] == "failed":  # its attempts all ended without an outcome
+                log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}
+                logger.warning("webhook failed: %s", delivery["last_error"], extra=log)
+                self.on_outcome("failed")
+                continue
+            task = asyncio.create_task(self._deliver(delivery))
+            self._in_flight.add(task)
+            task.add_done_callback(self._finished)
+        return len(due)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The row stays leased until its lease runs out, then is tried again.
+            logger.error("webhook delivery failed to run", exc_info=exc)
 
     async def _deliver(self, delivery: Any) -> None:
         log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}
@@ -111,16 +166,22 @@ class WebhookSender:
         secret = await self.db.webhook_secret(delivery["owner"], new_secret())
         headers = {
             "content-type": "application/json",
+            "accept-encoding": "identity",
             "user-agent": f"stepcast/{__version__}",
             "webhook-id": msg_id,
             "webhook-timestamp": str(sent_at),
             "webhook-signature": sign(secret, msg_id, sent_at, body),
         }
+        deadline_s = self.settings.webhook_timeout_s
         try:
-            status = await self._post(delivery["url"], body, headers)
+            async with asyncio.timeout(deadline_s):
+                status = await self._post(delivery["url"], body, headers)
         except Refused as exc:
             logger.warning("webhook refused: %s", exc, extra=log)
             await self._record(delivery, "failed", None, str(exc))
+            return
+        except TimeoutError:  # before OSError, of which it is a kind
+            await self._record(delivery, "retry", None, f"no complete answer within {deadline_s:g} s")
             return
         except (httpx.HTTPError, OSError) as exc:
             await self._record(delivery, "retry", None, f"{type(exc).__name__}: {exc}".strip(": "))
@@ -134,6 +195,7 @@ class WebhookSender:
             await self._record(delivery, "failed", status, f"the receiver answered {status}: {why}")
 
     async def _post(self, url: str, body: str, headers: dict[str, str]) -> int:
+        """POST to the checked address; the status once the answer's body (or its first bytes) is in."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -148,25 +210,41 @@ class WebhookSender:
         netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         target = parts._replace(netloc=netloc).geturl()
         extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-        async with httpx.AsyncClient(
-            transport=self.transport, timeout=self.settings.webhook_timeout_s, follow_redirects=False
-        ) as client:
-            response = await client.post(
-                target, content=body, headers={**headers, "host": parts.netloc}, extensions=extensions
-            )
+        async with (
+            httpx.AsyncClient(
+                transport=self.transport, timeout=self.settings.webhook_timeout_s, follow_redirects=False
+            ) as client,
+            client.stream(
+                "POST", target, content=body, headers={**headers, "host": parts.netloc}, extensions=extensions
+            ) as response,
+        ):
+            # Raw bytes (no decompression bomb), read until the body ends or the
+            # limit is reached; leaving the block closes the connection. (An
+            # answer made in memory, as by httpx.MockTransport, is read already.)
+            limit, read = self.settings.webhook_max_response_bytes, 0
+            if limit > 0 and not response.is_stream_consumed:
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read >= limit:
+                        break
         return response.status_code
 
     async def _record(self, delivery: Any, outcome: str, http_status: int | None, error: str | None) -> None:
         retry_in_s = None
         status = outcome
+        attempt = delivery["attempts"]  # this one, counted when it was leased
         if outcome == "retry":
             backoff = self.settings.webhook_backoff_s
-            attempt = delivery["attempts"]  # before this one
-            if attempt < len(backoff):
-                status, retry_in_s = "pending", backoff[attempt] * random.uniform(0.8, 1.2)
+            if attempt <= len(backoff):
+                status, retry_in_s = "pending", backoff[attempt - 1] * random.uniform(0.8, 1.2)
             else:
-                status, error = "failed", f"{error}; gave up after {attempt + 1} attempts"
-        await self.db.record_delivery(
-            delivery["id"], status=status, retry_in_s=retry_in_s, http_status=http_status, error=error
-        )
+                status, error = "failed", f"{error}; gave up after {attempt} attempts"
+        recorded = await self.db.record_delivery(
+            delivery["id"], attempt=attempt, status=status, retry_in_s=retry_in_s, http_status=http_status,
+            error=error,
+        )  # fmt: skip
+        if not recorded:
+            log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}
+            logger.warning("webhook attempt %d outcome dropped: a later attempt holds it", attempt, extra=log)
+            return
         self.on_outcome("retry" if status == "pending" else status)

@@ -10,10 +10,15 @@ were broken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +35,7 @@ from stepcast.netguard import refused
 from stepcast.processes import free_port
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
+from stepcast.tasks import cancel_and_wait
 from stepcast.webhooks import WebhookSender
 from tests.conftest import Stack, assert_problem, eventually
 
@@ -275,3 +281,249 @@ def test_ipv6_forms_of_public_addresses_may_receive_webhooks(address: str) -> No
 def test_a_local_nat64_address_is_allowed_only_where_private_receivers_are() -> None:
     assert refused("64:ff9b:1::a00:1", allow_private=True) is None
     assert refused("64:ff9b::a00:1", allow_private=True) is None
+
+
+# -- hostile receivers ---------------------------------------------------------
+
+FLOOD_BYTES = 256 * 2**20  # what the flooding receiver sends before it stalls; the old sender kept it all
+CHUNK = b"x" * 2**20
+
+
+@dataclass
+class Hostile:
+    """A loopback receiver that misbehaves; what it saw."""
+
+    url: str = ""
+    connected_at: list[float] = field(default_factory=list)
+    open_now: int = 0
+    most_open: int = 0
+    sent_bytes: int = 0
+
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Hostile], Awaitable[None]]
+
+
+async def until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile) -> None:
+    while await reader.read(65536):  # until the sender hangs up
+        pass
+
+
+async def hang_before_answering(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile
+) -> None:
+    await until_closed(reader, writer, state)
+
+
+async def hang_after_headers(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile
+) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+    await until_closed(reader, writer, state)
+
+
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+    while True:  # one byte at a time, each well within any per-read time-out
+        writer.write(b"a")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+
+async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4294967296\r\n\r\n")
+    while state.sent_bytes < FLOOD_BYTES:
+        writer.write(CHUNK)
+        await writer.drain()
+        state.sent_bytes += len(CHUNK)
+    await until_closed(reader, writer, state)
+
+
+async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Hostile) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # a TCP RST instead of an answer
+
+
+@contextlib.asynccontextmanager
+async def hostile(behaviour: Behaviour) -> AsyncIterator[Hostile]:
+    state = Hostile()
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(task := asyncio.current_task())  # type: ignore[arg-type]
+        state.connected_at.append(time.monotonic())
+        state.open_now += 1
+        state.most_open = max(state.most_open, state.open_now)
+        try:
+            await reader.readuntil(b"\r\n\r\n")  # the request's head
+            await behaviour(reader, writer, state)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the sender hung up
+        finally:
+            state.open_now -= 1
+            writer.transport.abort()
+            handlers.discard(task)  # type: ignore[arg-type]
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    try:
+        yield state
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+def memory_mib(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+HOSTILE = {
+    "webhook_allow_private": True,
+    "webhook_timeout_s": 1.0,
+    "webhook_backoff_s": (0.5, 0.5),
+    "webhook_poll_s": 0.1,
+}
+
+
+@pytest.mark.parametrize("settings", [HOSTILE], indirect=True)
+async def test_hostile_receivers_cost_one_slot_for_one_deadline_and_a_few_kib(
+    settings: Settings, spawn: Callable[[str, Settings], Awaitable[Any]], receiver: Receiver
+) -> None:
+    server = await spawn("server.app", settings)
+    pid = server.process.pid
+    async with (
+        httpx.AsyncClient(base_url=server.base_url, timeout=10) as client,
+        hostile(flood) as flooding,
+        hostile(trickle) as trickling,
+        hostile(hang_after_headers) as stalling,
+        hostile(reset) as resetting,
+    ):
+        db = await Database.connect(settings.database_url, max_size=2)
+        try:
+            warm_up = await canceled_job_with_webhook(client, f"{receiver.url}/hook")
+            await eventually(lambda: delivered(db, warm_up))
+            rss_before = memory_mib(pid, "VmRSS")
+
+            bad = {
+                name: await canceled_job_with_webhook(client, receiver.url)
+                for name, receiver in [
+                    ("flood", flooding), ("trickle", trickling), ("stall", stalling), ("reset", resetting)
+                ]
+            }  # fmt: skip
+            await eventually(lambda: asyncio.sleep(0, all(r.connected_at for r in (trickling, stalling))), 10)
+
+            # Another delivery, made while the bad ones are in flight, goes at once.
+            # (The old sender waited for its whole batch: the trickle held it for ever.)
+            good = await canceled_job_with_webhook(client, f"{receiver.url}/hook")
+            await eventually(lambda: delivered(db, good), timeout_s=10)
+            assert (await client.get("/readyz", timeout=2)).status_code == 200
+
+            rows = {name: await settled_row(db, job_id) for name, job_id in bad.items()}
+        finally:
+            await db.close()
+        peak_mib = memory_mib(pid, "VmHWM")
+
+    assert peak_mib - rss_before < 64, f"the server grew from {rss_before:.0f} to {peak_mib:.0f} MiB"
+    flooded = rows.pop("flood")  # a 200 is a 200; the rest of its body is not read
+    assert (flooded["status"], flooded["last_status"]) == ("delivered", 200)
+    assert flooding.sent_bytes < FLOOD_BYTES
+    for name, row in rows.items():  # each attempt recorded, retried per the schedule, then given up
+        assert (row["status"], row["attempts"]) == ("failed", 3), name
+        assert row["last_error"].endswith("; gave up after 3 attempts"), row["last_error"]
+    assert "no complete answer within 1 s" in rows["trickle"]["last_error"]
+    assert "no complete answer within 1 s" in rows["stall"]["last_error"]
+    for state in (trickling, stalling, resetting):
+        assert len(state.connected_at) == 3
+        gaps = [b - a for a, b in zip(state.connected_at, state.connected_at[1:], strict=False)]
+        assert all(gap >= 0.4 for gap in gaps), gaps  # back-off 0.5 s, jitter +-20%
+
+
+async def delivered(db: Database, job_id: str) -> bool:
+    status = await db.pool.fetchval(
+        "SELECT status FROM webhook_deliveries WHERE job_id = $1", uuid.UUID(job_id)
+    )
+    return bool(status == "delivered")
+
+
+async def settled_row(db: Database, job_id: str) -> Any:
+    async def done() -> Any:
+        row = await db.pool.fetchrow("SELECT * FROM webhook_deliveries WHERE job_id = $1", uuid.UUID(job_id))
+        return row if row is not None and row["status"] != "pending" else None
+
+    return await eventually(done, timeout_s=20)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"webhook_poll_s": 3600, "webhook_allow_private": True, "webhook_timeout_s": 0.5,
+      "webhook_backoff_s": (), "webhook_max_concurrent": 2}],
+    indirect=True,
+)  # fmt: skip
+async def test_at_most_max_concurrent_deliveries_are_in_flight(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    async with hostile(hang_before_answering) as hanging:
+        job_ids = [await canceled_job_with_webhook(client, hanging.url) for _ in range(3)]
+        db = await Database.connect(settings.database_url, max_size=2)
+        try:
+            async with open_storage(settings) as storage:
+                assert await WebhookSender(db, storage, settings).tick() == 3
+            rows = [await settled_row(db, job_id) for job_id in job_ids]
+        finally:
+            await db.close()
+    assert hanging.most_open == 2 and len(hanging.connected_at) == 3
+    for row in rows:
+        assert (row["status"], row["attempts"]) == ("failed", 1)
+        assert row["last_error"] == "no complete answer within 0.5 s; gave up after 1 attempts"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "webhook_poll_s": 3600,
+            "webhook_allow_private": True,
+            "webhook_timeout_s": 30,
+            "webhook_backoff_s": (0.1,),
+        }
+    ],
+    indirect=True,
+)
+async def test_an_attempt_counts_before_it_is_sent_so_dying_senders_do_not_loop(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    async with hostile(hang_before_answering) as hanging:
+        job_id = await canceled_job_with_webhook(client, hanging.url)
+        db = await Database.connect(settings.database_url, max_size=4)
+        try:
+            async with open_storage(settings) as storage:
+                for attempt in (1, 2):  # a sender dies (OOM, SIGKILL) in the middle of each attempt
+                    sender = asyncio.create_task(WebhookSender(db, storage, settings).run())
+                    await eventually(lambda n=attempt: asyncio.sleep(0, len(hanging.connected_at) == n))
+                    row = await db.pool.fetchrow(
+                        "SELECT * FROM webhook_deliveries WHERE job_id = $1", uuid.UUID(job_id)
+                    )
+                    assert (row["status"], row["attempts"]) == ("pending", attempt)
+                    await cancel_and_wait(sender)
+                    await db.pool.execute(
+                        "UPDATE webhook_deliveries SET next_attempt_at = now()"
+                    )  # lease over
+                # The first sender's outcome, late, is not recorded over the second attempt.
+                assert not await db.record_delivery(
+                    row["id"], attempt=1, status="delivered", retry_in_s=None, http_status=200, error=None
+                )
+                assert await WebhookSender(db, storage, settings).tick() == 1
+            row = await db.pool.fetchrow(
+                "SELECT * FROM webhook_deliveries WHERE job_id = $1", uuid.UUID(job_id)
+            )
+        finally:
+            await db.close()
+    assert len(hanging.connected_at) == 2  # not sent a third time
+    assert (row["status"], row["attempts"], row["last_status"]) == ("failed", 2, None)
+    assert row["last_error"] == "gave up after 2 attempts (the last one ended without an outcome)"
