@@ -233,7 +233,7 @@ async def test_the_migrate_command_says_what_it_applied_and_keys_want_a_migrated
     env = {"PATH": "/usr/bin:/bin", "STEPCAST_DATABASE_URL": empty_database_url}
     command = [sys.executable, "-m", "stepcast.cli", "migrate"]
     first = await asyncio.to_thread(
-        subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
+        subprocess.run, [*command, "--pre"], env=env, capture_output=True, text=True, timeout=60
     )
     assert first.returncode == 0 and f"applied {BASELINE}" in first.stderr, first.stderr
     again = await asyncio.to_thread(
