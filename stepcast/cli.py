@@ -57,7 +57,7 @@ async def _apply_migrations(settings: Settings, *, pre_only: bool = False) -> No
         applied = await schema.migrate(settings, pre_only=pre_only)
     except SchemaError as exc:
         sys.exit(f"stepcast: {exc}")
-    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError) as exc:
         _unreachable(exc)
     for migration in applied:
         print(f"applied {migration.name}", file=sys.stderr)

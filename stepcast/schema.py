@@ -171,6 +171,10 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, settings: Setti
             )
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 5.0)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                raise
+            raise SchemaError(f"migration {migration.name} failed, and changed nothing: {exc}") from exc
         else:
             logger.info("applied migration %s", migration.name)
             return True

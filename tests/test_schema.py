@@ -250,3 +250,18 @@ async def test_the_migrate_command_says_what_it_applied_and_keys_want_a_migrated
     with pytest.raises(SystemExit, match=f"lacks migration {BASELINE}: run `stepcast migrate`"):
         async with _database(settings):
             pass
+
+
+async def test_a_failing_migration_changes_nothing_and_is_named(settings: Settings) -> None:
+    broken = Migration(2, "pre", "0002_pre_broken", "ALTER TABLE jobs ADD COLUMN note text; SELECT 1 / 0")
+    with pytest.raises(SchemaError, match="migration 0002_pre_broken failed, and changed nothing: division"):
+        await schema.migrate(settings, known=[*schema.load(), broken])
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await schema.applied(conn) == [BASELINE]
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'"
+        )
+        assert "note" not in {row["column_name"] for row in columns}
+    finally:
+        await conn.close()
