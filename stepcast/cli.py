@@ -62,7 +62,7 @@ async def _apply_migrations(settings: Settings, *, pre_only: bool = False) -> No
     for migration in applied:
         print(f"applied {migration.name}", file=sys.stderr)
     if not applied:
-        print("nothing to apply: the schema is up to date", file=sys.stderr)
+        print("nothing to apply", file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
