@@ -7,12 +7,12 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     STEPCAST_STORAGE_DIR=/data/images \
     STEPCAST_MODEL_DIR=/opt/stepcast/models/tiny
 WORKDIR /app
-COPY pyproject.toml README.md schema.sql ./
+COPY pyproject.toml README.md ./
 COPY stepcast stepcast
 COPY server server
 COPY gpu_worker gpu_worker
 COPY web web
-# Editable: schema.sql and web/ are read from /app, next to the packages.
+# Editable: web/ is read from /app, next to the packages.
 RUN pip install --extra-index-url "$TORCH_INDEX" torch==2.13.0 && pip install -e .
 # The embedded tiny model, so the stack runs before a real model is mounted.
 RUN stepcast tiny-model

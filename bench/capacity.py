@@ -31,6 +31,8 @@ import psutil  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
 from bench import stack
+from stepcast import schema
+from stepcast import settings as settings_module
 from stepcast.db import Completion, Database, NewJob
 from stepcast.events import Block, EventLog, Progress
 from stepcast.settings import Settings
@@ -70,8 +72,8 @@ async def flat_out(
 
 
 async def postgres_figures(database_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    await schema.migrate(settings_module.load(database_url=database_url))
     db = await Database.connect(database_url, max_size=concurrency)
-    await db.migrate()
 
     async def submit() -> Any:
         insertion = await db.insert_job(

@@ -118,6 +118,9 @@ def stepcast(
     ports = [free_port() for _ in range(servers)]
     log_path = BENCH_DIR / name / "processes.log"
     with open(log_path, "ab") as log:
+        # As a deployment does before it starts servers and workers.
+        migrate = [sys.executable, "-m", "stepcast.cli", "migrate"]
+        subprocess.run(migrate, env=settings, cwd=ROOT, stdout=log, stderr=log, check=True)
 
         def start(module: str, extra: Mapping[str, str]) -> subprocess.Popen[bytes]:
             return subprocess.Popen(

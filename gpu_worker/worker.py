@@ -47,7 +47,7 @@ from gpu_worker.main_thread import MainThreadExecutor, forward_signals
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
-from stepcast import liveness, logs
+from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
@@ -291,7 +291,7 @@ def create_worker(
         # Claims of a batch, each job's heartbeat and the finishing writes run at once.
         db = await Database.connect(settings.database_url, max_size=4 + 2 * settings.batch_size)
         stack.push_async_callback(db.close)
-        await db.migrate()
+        await schema.wait_until_current(db.pool, settings.schema_wait_s)
         storage = await stack.enter_async_context(open_storage(settings))
         if pipeline is not None:
             loaded = pipeline

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from server.hub import Hub
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
-from stepcast import __version__, queue
+from stepcast import __version__, queue, schema
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
@@ -65,7 +65,7 @@ class Services:
         async with contextlib.AsyncExitStack() as stack:
             db = await Database.connect(settings.database_url, max_size=settings.database_pool_max)
             stack.push_async_callback(db.close)
-            await db.migrate()
+            await schema.wait_until_current(db.pool, settings.schema_wait_s)
             redis = queue.connect(settings.redis_url)
             stack.push_async_callback(redis.aclose, close_connection_pool=True)
             storage = await stack.enter_async_context(open_storage(settings))

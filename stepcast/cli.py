@@ -9,7 +9,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import asyncpg
 
@@ -22,42 +22,77 @@ if TYPE_CHECKING:
 
 
 @contextlib.asynccontextmanager
-async def _database(settings: Settings, data_dir: Path = DATA_DIR) -> AsyncIterator[Database]:
-    """The configured database, migrated. From a checkout whose ``make run`` is not up, the
-    embedded Postgres is started for the command (its data under ``.data/``) and stopped after."""
-    from stepcast.db import Database
+async def _embedded_postgres(settings: Settings, data_dir: Path) -> AsyncIterator[bool]:
+    """From a checkout whose ``make run`` is not up, the embedded Postgres, started for the
+    command (its data under ``.data/``) and stopped after; whether it was started."""
     from stepcast.embedded import local_postgres
     from stepcast.processes import ProcessError, port_in_use
 
-    started = None
-    if (local := local_postgres(settings, data_dir)) is not None and not port_in_use(local[0].port):
-        postgres, name = local
-        print(f"(starting the embedded Postgres for this command: {postgres.data_dir})", file=sys.stderr)
-        try:
-            postgres.start()
-            postgres.create_database(name)
-        except ProcessError as exc:
-            postgres.stop()
-            sys.exit(f"stepcast: {exc}")
-        started = postgres
+    if (local := local_postgres(settings, data_dir)) is None or port_in_use(local[0].port):
+        yield False
+        return
+    postgres, name = local
+    print(f"(starting the embedded Postgres for this command: {postgres.data_dir})", file=sys.stderr)
     try:
+        postgres.start()
+        postgres.create_database(name)
+    except ProcessError as exc:
+        postgres.stop()
+        sys.exit(f"stepcast: {exc}")
+    try:
+        yield True
+    finally:
+        postgres.stop()
+
+
+def _unreachable(exc: Exception) -> NoReturn:
+    sys.exit(f"stepcast: cannot reach the database (STEPCAST_DATABASE_URL): {exc}")
+
+
+async def _apply_migrations(settings: Settings, *, pre_only: bool = False) -> None:
+    from stepcast import schema
+    from stepcast.errors import SchemaError
+
+    try:
+        applied = await schema.migrate(settings, pre_only=pre_only)
+    except SchemaError as exc:
+        sys.exit(f"stepcast: {exc}")
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError) as exc:
+        _unreachable(exc)
+    for migration in applied:
+        print(f"applied {migration.name}", file=sys.stderr)
+    if not applied:
+        print("nothing to apply", file=sys.stderr)
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings, data_dir: Path = DATA_DIR) -> AsyncIterator[Database]:
+    """The configured database, its schema checked (migrated, when the command started the
+    embedded Postgres itself)."""
+    from stepcast import schema
+    from stepcast.db import Database
+    from stepcast.errors import SchemaError
+
+    async with _embedded_postgres(settings, data_dir) as started:
+        if started:
+            await _apply_migrations(settings)
         try:
             db = await Database.connect(settings.database_url, max_size=1)
         except (OSError, asyncpg.PostgresError) as exc:
-            sys.exit(f"stepcast: cannot reach the database (STEPCAST_DATABASE_URL): {exc}")
+            _unreachable(exc)
         try:
-            await db.migrate()
+            try:
+                await schema.wait_until_current(db.pool, 0)
+            except SchemaError as exc:
+                sys.exit(f"stepcast: {exc}")
             yield db
         finally:
             await db.close()
-    finally:
-        if started is not None:
-            started.stop()
 
 
-async def _migrate(settings: Settings) -> None:
-    async with _database(settings):
-        pass
+async def _migrate(settings: Settings, *, pre_only: bool, data_dir: Path = DATA_DIR) -> None:
+    async with _embedded_postgres(settings, data_dir):
+        await _apply_migrations(settings, pre_only=pre_only)
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
@@ -113,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("serve", help="the API server")
     commands.add_parser("worker", help="a GPU worker")
-    commands.add_parser("migrate", help="apply schema.sql to the configured database")
+    migrate = commands.add_parser(
+        "migrate", help="apply the schema migrations the configured database lacks (docs/migrations.md)"
+    )
+    migrate.add_argument(
+        "--pre",
+        action="store_true",
+        help="only the pre steps, which the running version also works with (before a rolling update)",
+    )
     tiny = commands.add_parser("tiny-model", help="build the tiny random-weight model")
     tiny.add_argument("--force", action="store_true", help="rebuild even if present")
     alive = commands.add_parser(
@@ -153,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         work()
     elif args.command == "migrate":
-        asyncio.run(_migrate(settings))
+        asyncio.run(_migrate(settings, pre_only=args.pre))
     elif args.command == "worker-alive":
         if settings.worker_alive_file is None:
             sys.exit("stepcast: set STEPCAST_WORKER_ALIVE_FILE (the worker touches it on every heartbeat)")

@@ -1,4 +1,4 @@
-"""The one module that talks to Postgres.
+"""The one module that queries Postgres (the schema and its migrations: :mod:`stepcast.schema`).
 
 Every write a worker makes is fenced by ``attempt`` (DESIGN §2, invariant 2):
 a worker that lost its job (lease expired, job re-claimed) matches no row and
@@ -24,12 +24,9 @@ import asyncpg
 
 from stepcast.errors import InvalidParams
 from stepcast.jobs import Job, Status
-from stepcast.settings import ROOT
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_PATH = ROOT / "schema.sql"
-_MIGRATION_LOCK = 0x5EC0_57CA  # pg_advisory_lock key serialising schema application
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
 _SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
 
@@ -199,13 +196,6 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def migrate(self) -> None:
-        """Apply schema.sql; safe to run from every process at once."""
-        sql = SCHEMA_PATH.read_text()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute(sql)
-
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 
@@ -258,7 +248,7 @@ class Database:
         ones, counting the jobs before it in the list that were admitted; a key
         the owner used before gives that earlier job. The counts, which give the
         queue position, come back either way. Both are kept in ``job_counts``
-        (schema.sql), not counted: counting would grow with the queue.
+        (the schema: stepcast/migrations), not counted: counting would grow with the queue.
 
         If Postgres refuses the statement, nothing was inserted; with several
         jobs, each is then tried alone, so that a job it refuses fails alone
@@ -534,7 +524,7 @@ class Database:
 
     async def complete(self, completions: Sequence[Completion]) -> list[Job | None]:
         """Record these jobs completed, one statement for each owner among them (so that a
-        statement moves one owner's kept count: schema.sql, job_counts). Each job's row, or
+        statement moves one owner's kept count: the schema's job_counts). Each job's row, or
         None where it moved on (fenced by attempt)."""
         by_owner: dict[str, list[Completion]] = {}
         for completion in completions:

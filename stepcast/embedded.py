@@ -4,7 +4,9 @@ Postgres and Redis are started as child processes when the configured URLs
 point at loopback (data under ``.data/``); URLs that point elsewhere are used
 as they are. The server and the workers run as child processes too, under a
 :class:`~stepcast.supervisor.Supervisor`: a child that dies is started again
-after a back-off, one that keeps dying stops the run (exit 1). Ctrl-C or
+after a back-off, one that keeps dying stops the run (exit 1). The schema
+migrations the database lacks are applied before the server and workers start
+(as `stepcast migrate`), and again whenever the embedded Postgres restarts. Ctrl-C or
 SIGTERM stops everything, workers and server first (exit 0); a second one
 kills what is left. On CUDA GPUs (``STEPCAST_DEVICE`` auto or cuda) with no worker count given,
 there is one worker per GPU, each seeing only its own.
@@ -12,6 +14,7 @@ there is one worker per GPU, each seeing only its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -25,6 +28,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
+
+from stepcast import schema
+from stepcast.errors import SchemaError
 from stepcast.processes import LocalPostgres, LocalRedis, ProcessError
 from stepcast.settings import DATA_DIR, Settings
 from stepcast.supervisor import Child, Command, Service, Supervisor, say
@@ -84,11 +91,26 @@ def local_postgres(settings: Settings, data_dir: Path) -> tuple[LocalPostgres, s
     return postgres, db_url.path.lstrip("/") or "stepcast"
 
 
+def migrate(settings: Settings) -> None:
+    """Apply the migrations the database lacks, as `stepcast migrate` does."""
+    try:
+        applied = asyncio.run(schema.migrate(settings))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SchemaError) as exc:
+        raise ProcessError(f"cannot migrate the database (STEPCAST_DATABASE_URL): {exc}") from exc
+    for migration in applied:
+        say(f"migrated  {migration.name}")
+
+
 def _services(settings: Settings, data_dir: Path) -> list[Child]:
     services: list[Child] = []
     if (local := local_postgres(settings, data_dir)) is not None:
         postgres, database = local
-        services.append(Service("postgres", postgres, ready=lambda: postgres.create_database(database)))
+
+        def ready() -> None:
+            postgres.create_database(database)
+            migrate(settings)
+
+        services.append(Service("postgres", postgres, ready=ready))
         say(f"postgres  {postgres.dsn(database)}  (data: {postgres.data_dir})")
     redis_url = urlsplit(settings.redis_url)
     if redis_url.hostname in LOOPBACK:
@@ -152,6 +174,8 @@ def run(settings: Settings, *, workers: int | None = None, data_dir: Path = DATA
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if local_postgres(settings, data_dir) is None:
+            migrate(settings)  # an embedded Postgres is migrated as it comes up (_services)
         supervisor.start()
         url = f"http://{settings.host}:{settings.port}"
         up = False

@@ -127,3 +127,7 @@ class Unavailable(StepcastError):
 
 class ConfigError(Exception):
     """Invalid configuration; raised at start-up, never shown to clients."""
+
+
+class SchemaError(ConfigError):
+    """The database's schema does not fit this version, or a migration could not be applied."""

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SEQ_BLOCK = 1024  # seqs reserved in Postgres at a time (a new job's first block: schema.sql)
+SEQ_BLOCK = 1024  # seqs reserved in Postgres at a time (a new job's first block: stepcast/migrations)
 TERMINAL_TRIES = 6  # about 6 s of back-off for a Redis blip at the end of a job
 RESTAMPS = 3  # times a terminal event whose seq the log has passed takes a later one
 
@@ -75,7 +75,7 @@ class Lifecycle:
 
     def announce_in(self, pipe: Pipeline, job: Job, event: Queued) -> None:
         """A new job's ``queued``, on ``pipe`` (its enqueue shares the round trip), with the
-        seqs its insert reserved (schema.sql): offered to Redis this once."""
+        seqs its insert reserved (the schema: stepcast/migrations): offered to Redis this once."""
         first = Block(1, job.seq_ceiling)
         self.events.emit_in(
             pipe, str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first

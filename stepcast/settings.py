@@ -30,6 +30,14 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://stepcast@127.0.0.1:54329/stepcast"
     database_pool_max: int = Field(10, ge=1)
+    # Schema migrations (docs/migrations.md). `stepcast migrate` lets a
+    # statement wait at most migrate_lock_timeout_s for a table lock (the
+    # queries behind it wait no longer), gives way and tries again, for up to
+    # migrate_timeout_s. A server or worker only checks that the migrations it
+    # needs are applied, waiting up to schema_wait_s for them.
+    migrate_lock_timeout_s: float = Field(2.0, gt=0)
+    migrate_timeout_s: float = Field(300.0, gt=0)
+    schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
     queue_name: str = "stepcast:queue"
 

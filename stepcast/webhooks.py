@@ -1,7 +1,7 @@
 """Webhook delivery, per the Standard Webhooks spec (standardwebhooks.com).
 
 A job's status change queues a delivery row in Postgres (a trigger, in the
-same transaction; ``schema.sql``). Senders — every server runs one — lease due
+same transaction; ``stepcast/migrations``). Senders — every server runs one — lease due
 rows with ``FOR UPDATE SKIP LOCKED``, POST ``{"type": "job.<event>",
 "timestamp", "data": <job>}`` with ``webhook-id``, ``webhook-timestamp`` and
 ``webhook-signature`` (``v1,`` + HMAC-SHA256 under the owner's ``whsec_``

@@ -31,6 +31,7 @@ from gpu_worker.pipeline import DiffusersPipeline, Pipeline
 from gpu_worker.tiny_model import ensure
 from gpu_worker.worker import create_worker
 from server.app import Server, create_app
+from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
@@ -51,12 +52,7 @@ def postgres() -> Iterator[LocalPostgres]:
         subprocess.run(["psql", server.dsn(), "-qc", f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"'], check=True)
         server.create_database(TEMPLATE_DB)
 
-        async def migrate() -> None:
-            db = await Database.connect(server.dsn(TEMPLATE_DB), max_size=1)
-            await db.migrate()
-            await db.close()
-
-        asyncio.run(migrate())
+        asyncio.run(schema.migrate(settings_module.load(database_url=server.dsn(TEMPLATE_DB))))
         yield server
     finally:
         server.stop()

@@ -48,6 +48,11 @@ def test_compose_validates_and_wires_a_gpu_host() -> None:
     grace = float(worker["environment"]["STEPCAST_SHUTDOWN_GRACE_S"])
     assert seconds(worker["stop_grace_period"]) > grace  # hand-back happens before the kill
 
+    # The schema is migrated once, before any server or worker starts (they only check it).
+    assert services["migrate"]["command"] == ["stepcast", "migrate"]
+    for name in ("server", "gpu_worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+
     server = services["server"]
     assert server["ports"] == [{"published": "8000-8009", "target": 8000}]  # room for --scale server=N
     env = server["environment"]

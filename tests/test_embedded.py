@@ -216,6 +216,9 @@ def test_stepcast_run_starts_a_killed_worker_again_and_stops_cleanly_on_ctrl_c(
     run = Run([sys.executable, "-m", "stepcast.cli", "run", "--data-dir", str(data_dir)], env)
     try:
         run.wait_for(r"stepcast is up: .*", timeout_s=60)
+        # The fresh database was migrated before the server started (which would not).
+        server_started = next(n for n, line in enumerate(run.lines) if line.startswith("started server"))
+        assert run.lines.index("migrated  0001_pre_baseline") < server_started
         started = r"started (worker-\d) \(pid (\d+)\)"
         pids = {m[1]: int(m[2]) for line in run.lines if (m := re.fullmatch(started, line))}
         assert set(pids) == {"worker-0", "worker-1"}

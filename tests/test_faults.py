@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from stepcast import schema
+from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.processes import LocalPostgres, LocalRedis, free_port
 from stepcast.settings import DATA_DIR, Settings
@@ -49,6 +51,7 @@ async def own_postgres() -> AsyncIterator[tuple[LocalPostgres, str]]:
     name = f"faults_{uuid.uuid4().hex[:8]}"
     try:
         await asyncio.to_thread(server.create_database, name)
+        await schema.migrate(settings_module.load(database_url=server.dsn(name)))
         yield server, server.dsn(name)
     finally:
         await asyncio.to_thread(server.stop)

@@ -504,9 +504,11 @@ def test_runs_the_migration_job(target: str) -> None:
         container
         for job in rendered.all("Job")
         for container in job["spec"]["template"]["spec"]["containers"]
-        if container.get("command") == ["stepcast", "migrate"]
+        if container.get("command", [])[:2] == ["stepcast", "migrate"]
     ]
     assert len(migrations) == 1, f"{target}: {len(migrations)} Jobs run `stepcast migrate`, expected one"
+    # Only the pre steps: the old pods of a rolling update still run against the schema.
+    assert migrations[0]["command"] == ["stepcast", "migrate", "--pre"], target
     assert "STEPCAST_DATABASE_URL" in rendered.env(migrations[0]), (
         f"{target}: the migration has no database URL"
     )

@@ -162,29 +162,6 @@ async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
     assert page.status_code == 200 and "<title>stepcast</title>" in page.text
 
 
-async def test_schema_applies_again_and_concurrently(settings: Settings) -> None:
-    """Every process applies schema.sql at start-up: it must be idempotent and race-free."""
-    import asyncio
-
-    from stepcast.db import Database
-
-    dbs = [await Database.connect(settings.database_url, max_size=1) for _ in range(3)]
-    try:
-        # A database made before a column was added is brought up to date.
-        await dbs[0].pool.execute("ALTER TABLE jobs DROP COLUMN images_expired_at, DROP COLUMN handoffs")
-        await asyncio.gather(*(db.migrate() for db in dbs))
-        rows = await dbs[0].pool.fetch(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'"
-        )
-        assert {"id", "owner", "status", "attempt", "handoffs", "images_expired_at", "model_revision"} <= {
-            row["column_name"] for row in rows
-        }
-        assert await dbs[0].pool.fetchval("SELECT count(*) FROM pg_type WHERE typname = 'job_status'") == 1
-    finally:
-        for db in dbs:
-            await db.close()
-
-
 async def test_prefer_wait_answers_201_with_the_finished_job(stack: Stack) -> None:
     response = await stack.client.post(
         "/v1/jobs", json={"prompt": "a quick fox", "steps": 3}, headers={"Prefer": "respond-async, wait=20"}

@@ -1,12 +1,11 @@
--- stepcast schema. Postgres is the source of truth for every job: a row exists
--- before anything is enqueued, and state only moves forward
--- (pending -> processing -> completed | failed | canceled).
+-- stepcast schema, migration 0001: the baseline. Postgres is the source of
+-- truth for every job: a row exists before anything is enqueued, and state only
+-- moves forward (pending -> processing -> completed | failed | canceled).
 --
--- Applied idempotently at start-up (`stepcast migrate`, the server and the
--- worker all run it); every statement here must be safe to run again. The
--- schema only grows: a new column is an `ALTER TABLE … ADD COLUMN IF NOT
--- EXISTS` below the table, never an edit of the CREATE TABLE, so databases
--- made by an older version are brought up to date by the same file.
+-- This is the schema.sql that every process applied at start-up before the
+-- schema had versions (docs/migrations.md). It stays written to run again: it
+-- brings a database made by any earlier schema.sql up to date, as well as an
+-- empty one. Later changes are new numbered files next to it, never edits here.
 
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
@@ -216,8 +215,8 @@ BEGIN
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 
--- Counted afresh on every migration, with job writes held off meanwhile: the
--- counts start exact whatever came before (an older schema, a TRUNCATE).
+-- Counted afresh, with job writes held off meanwhile: the counts start exact
+-- whatever came before (a database made by an older schema.sql).
 LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
 DELETE FROM job_counts;
 INSERT INTO job_counts (kind, key, shard, n)
