@@ -51,7 +51,7 @@ from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
-from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, wake_channel
+from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, deserialize, serialize, wake_channel
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
@@ -353,6 +353,9 @@ def create_worker(
         renew_s=settings.heartbeat_s,
         handle_signals=handle_signals,
         log_results=False,
+        # JSON, not arq's default pickle: Redis holds data, never code (stepcast.queue).
+        job_serializer=serialize,
+        job_deserializer=deserialize,
     )
     return worker
 

@@ -2,7 +2,10 @@
 
 What this process does (HTTP requests, open sockets, events sent and dropped)
 is counted as it happens; what the whole system holds (jobs by status, queue
-depth) is read from Postgres at scrape time, so every server answers the same.
+depth) is read from Postgres, so every server answers the same: from the counts
+kept in ``job_counts`` (a few index rows, never the jobs table), at most once
+per ``metrics_cache_s`` (concurrent scrapes share one read). With
+``metrics_token`` set, only ``Authorization: Bearer <token>`` may scrape.
 Per-job run and queue-wait histograms and denoising steps are the workers'
 (``gpu_worker/metrics.py``, on ``STEPCAST_WORKER_METRICS_PORT``).
 
@@ -11,12 +14,17 @@ One registry per app: tests run many apps in one process.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from stepcast.jobs import Status
+from stepcast.db import Database
+from stepcast.errors import Unauthorized
 
 
 class ServerMetrics:
@@ -51,17 +59,34 @@ class ServerMetrics:
         )
         self.jobs = Gauge("stepcast_jobs", "Jobs in Postgres by status", ["status"], registry=r)
         self.queue_depth = Gauge("stepcast_queue_depth", "Pending jobs by queue", ["queue"], registry=r)
+        self._read_at: float | None = None  # time.monotonic() of the last read of the job figures
+        self._reading = asyncio.Lock()
 
     def count_webhook(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome).inc()
 
+    async def read_jobs(self, db: Database, max_age_s: float) -> None:
+        """Set the job gauges from Postgres's kept counts, unless they were read less than
+        ``max_age_s`` ago."""
+        async with self._reading:
+            if self._read_at is not None and time.monotonic() - self._read_at < max_age_s:
+                return
+            counts = await db.kept_counts()
+            for status, n in counts.by_status.items():
+                self.jobs.labels(status).set(n)
+            for queue, depth in counts.pending_by_queue.items():
+                self.queue_depth.labels(queue).set(depth)
+            self._read_at = time.monotonic()
+
 
 async def endpoint(request: Request) -> Response:
     services = request.state.services
+    settings = services.settings
+    if settings.metrics_token is not None:
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        expected = settings.metrics_token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise Unauthorized("/metrics needs Authorization: Bearer <STEPCAST_METRICS_TOKEN>")
     metrics: ServerMetrics = services.metrics
-    by_status = await services.db.jobs_by_status()
-    for status in Status:
-        metrics.jobs.labels(status.value).set(by_status.get(status.value, 0))
-    for queue, depth in (await services.db.queue_depths()).items():
-        metrics.queue_depth.labels(queue).set(depth)
+    await metrics.read_jobs(services.db, settings.metrics_cache_s)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -338,7 +338,8 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "responses": {
-                    "200": {"description": "Text exposition format", "content": {"text/plain": {}}}
+                    "200": {"description": "Text exposition format", "content": {"text/plain": {}}},
+                    "401": {"description": "STEPCAST_METRICS_TOKEN is set and not sent as Bearer"},
                 },
             }
         },

@@ -163,6 +163,12 @@ class Pace:
 
 
 @dataclass(frozen=True)
+class KeptCounts:
+    by_status: dict[str, int]  # every status, 0 included
+    pending_by_queue: dict[str, int]  # every queue that ever had a pending job, 0 included
+
+
+@dataclass(frozen=True)
 class Page:
     jobs: list[Job]
     next_cursor: str | None
@@ -702,17 +708,79 @@ class Database:
             "UPDATE jobs SET images_expired_at = now() WHERE id = $1 AND images_expired_at IS NULL", job_id
         )
 
+    async def delete_finished_jobs(self, older_than_s: float, *, limit: int) -> int:
+        """Delete up to ``limit`` of the jobs that finished more than ``older_than_s`` ago and
+        have no stored images left (expired, or never made), oldest first; their webhook
+        deliveries go with them. How many went."""
+        return await self._deleted(
+            """
+            DELETE FROM jobs WHERE id IN (
+                SELECT id FROM jobs
+                WHERE status IN ('completed', 'failed', 'canceled')
+                  AND finished_at < now() - make_interval(secs => $1)
+                  AND (result IS NULL OR images_expired_at IS NOT NULL)
+                ORDER BY finished_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            """,
+            older_than_s,
+            limit,
+        )
+
+    async def delete_finished_deliveries(self, older_than_s: float, *, limit: int) -> int:
+        """Delete up to ``limit`` webhook deliveries made more than ``older_than_s`` ago that
+        are over (delivered or failed). How many went."""
+        return await self._deleted(
+            """
+            DELETE FROM webhook_deliveries WHERE id IN (
+                SELECT id FROM webhook_deliveries
+                WHERE status <> 'pending' AND created_at < now() - make_interval(secs => $1)
+                ORDER BY created_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            """,
+            older_than_s,
+            limit,
+        )
+
+    async def delete_unused_anonymous_secrets(self, older_than_s: float, *, limit: int) -> int:
+        """Delete up to ``limit`` webhook secrets of browser sessions' owners (``anon_…``) made
+        more than ``older_than_s`` ago (their session is over) who have no job left. Should
+        such an owner come back, a new secret is made on first use. How many went."""
+        return await self._deleted(
+            """
+            DELETE FROM owner_secrets WHERE owner IN (
+                SELECT owner FROM owner_secrets AS s
+                WHERE starts_with(s.owner, 'anon_') AND s.created_at < now() - make_interval(secs => $1)
+                  AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.owner = s.owner)
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            """,
+            older_than_s,
+            limit,
+        )
+
+    async def _deleted(self, query: str, *args: Any) -> int:
+        status: str = await self.pool.execute(query, *args)  # "DELETE <rows>"
+        return int(status.rpartition(" ")[2])
+
     # -- metrics -------------------------------------------------------------
 
-    async def jobs_by_status(self) -> dict[str, int]:
-        rows = await self.pool.fetch("SELECT status::text, count(*) AS n FROM jobs GROUP BY status")
-        return {row["status"]: int(row["n"]) for row in rows}
-
-    async def queue_depths(self) -> dict[str, int]:
+    async def kept_counts(self) -> KeptCounts:
+        """Jobs by status and pending jobs by queue, as kept in ``job_counts`` (schema.sql):
+        a few index rows, whatever the size of the jobs table."""
         rows = await self.pool.fetch(
-            "SELECT queue, count(*) AS n FROM jobs WHERE status = 'pending' GROUP BY queue"
+            """
+            SELECT kind, key, sum(n)::bigint AS n FROM job_counts
+            WHERE kind IN ('status', 'pending') GROUP BY kind, key
+            """
         )
-        return {row["queue"]: int(row["n"]) for row in rows}
+        counts = KeptCounts({status.value: 0 for status in Status}, {})
+        for row in rows:
+            kept = counts.by_status if row["kind"] == "status" else counts.pending_by_queue
+            kept[row["key"]] = int(row["n"])
+        return counts
 
     # -- API keys --------------------------------------------------------------
 

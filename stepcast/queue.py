@@ -22,10 +22,16 @@ where arq spends two transactions on each job.
 A queued job carries its :class:`Ticket` (its params and preview settings, as
 its row has them), and a take returns it: a worker starts the job on its
 pipeline while the claim in Postgres is in flight, rather than after it.
+
+arq's jobs (and results, were any kept) are JSON, not arq's default pickle
+(:func:`serialize`, :func:`deserialize`): whoever can write to Redis can plant
+data, never code. Anything else in a job key is refused unread; the job is
+then claimed from its row alone, as Postgres is the truth anyway.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import uuid
@@ -35,7 +41,7 @@ from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
-from arq.jobs import Deserializer, Serializer, deserialize_job, serialize_job
+from arq.jobs import deserialize_job, serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
@@ -115,6 +121,20 @@ class Taken(NamedTuple):
     ticket: Ticket | None  # None for a job enqueued without one
 
 
+def serialize(data: dict[str, Any]) -> bytes:
+    """arq's job or result as JSON (its ``job_serializer``): data only."""
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    """arq's ``job_deserializer``: a JSON object, or an error. A pickle (arq's default
+    format, which runs code as it loads) is not JSON, so it is refused, never loaded."""
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("an arq job is a JSON object")
+    return value
+
+
 def wake_channel(queue_name: str) -> str:
     return f"stepcast:wake:{queue_name}"
 
@@ -129,7 +149,7 @@ def connect(redis_url: str) -> ArqRedis:
         socket_keepalive=True,
         socket_keepalive_options=KEEPALIVE,
     )
-    return ArqRedis(pool)
+    return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize)
 
 
 async def enqueue(
@@ -153,7 +173,7 @@ async def enqueue(
         key = str(job_id)
         prefixes = (job_key_prefix, result_key_prefix, in_progress_key_prefix, retry_key_prefix)
         await arq.delete(*(prefix + key for prefix in prefixes))
-    keys, args = _enqueue_call(job_id, queue_name, place, ticket, arq.job_serializer)
+    keys, args = _enqueue_call(job_id, queue_name, place, ticket)
     added = await arq.register_script(_ENQUEUE)(keys=keys, args=args)
     return bool(added)
 
@@ -175,7 +195,7 @@ def enqueue_in(
 ) -> None:
     """:func:`enqueue` queued on ``pipe`` (one of ``arq``'s), to share its round trip (whether
     it was added comes back from ``pipe.execute()``). The script's text goes along."""
-    keys, args = _enqueue_call(job_id, queue_name, None, ticket, arq.job_serializer)
+    keys, args = _enqueue_call(job_id, queue_name, None, ticket)
     pipe.execute_command("EVAL", _ENQUEUE, len(keys), *keys, *args)
 
 
@@ -184,12 +204,11 @@ def _enqueue_call(
     queue_name: str,
     place: datetime | None,
     ticket: Ticket | None,
-    serializer: Serializer | None,
 ) -> tuple[list[str], list[bytes | str | int]]:
     now_ms = timestamp_ms()
     key = str(job_id)
     kwargs = {"params": ticket.params, "preview": ticket.preview} if ticket is not None else {}
-    job = serialize_job(TASK_NAME, (key,), kwargs, None, now_ms, serializer=serializer)
+    job = serialize_job(TASK_NAME, (key,), kwargs, None, now_ms, serializer=serialize)
     score = to_unix_ms(place) if place is not None else now_ms
     expiry_ms = int(ARQ_EXPIRY.total_seconds() * 1000)
     keys = [job_key_prefix + key, result_key_prefix + key, queue_name]
@@ -206,7 +225,6 @@ class Consumer:
         self.queue_name = queue_name
         self.lease_ms = int(lease_s * 1000)
         self._take = arq.register_script(_TAKE)
-        self._deserializer: Deserializer | None = arq.job_deserializer
         self._done = arq.register_script(_DONE)
         self._scripts = BatchedScripts(arq)  # a batch's jobs finish together: one round trip
 
@@ -232,7 +250,7 @@ class Consumer:
         if serialized is None:
             return None
         try:
-            kwargs = deserialize_job(serialized, deserializer=self._deserializer).kwargs
+            kwargs = deserialize_job(serialized, deserializer=deserialize).kwargs
         except Exception as exc:  # the row in Postgres is the truth: the claim reads it
             logger.warning("job %s: unreadable arq job (%s)", job_id.decode(), exc)
             return None

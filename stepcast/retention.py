@@ -1,15 +1,28 @@
-"""Retention: images of finished jobs are deleted after ``retention_days``.
+"""Retention: what finished long ago is deleted, so that storage and tables do not grow forever.
 
 A periodic pass, in one process at a time (a Postgres advisory lock decides;
-it is safe to run in every server and worker), deletes the stored images of
-jobs that finished longer ago than the retention and records when in
-``jobs.images_expired_at``. The row, its params and its result metadata stay:
-history still shows the job, and its image URLs answer 410 Gone.
+it is safe to run in every server and worker):
+
+- the stored images of jobs that finished more than ``retention_days`` ago
+  are deleted, and ``jobs.images_expired_at`` records when (the row stays:
+  history still shows the job, its image URLs answer 410 Gone);
+- the rows of jobs that finished more than ``job_retention_days`` ago and
+  have no images left go, their webhook deliveries with them;
+- delivered or failed webhook deliveries older than ``webhook_retention_days``;
+- the webhook secrets of browser sessions' owners whose session is over
+  (``session_max_age_s``) and who have no job left.
+
+Each delete takes at most ``retention_batch_rows`` rows (a short statement of
+its own, so a backlog never holds long locks) and a pass at most
+``retention_pass_rows`` of each kind; the next pass goes on where it stopped.
+The kept job counts (``job_counts``) follow the deletes (a trigger).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from stepcast.db import Database
 from stepcast.settings import Settings
@@ -21,12 +34,39 @@ logger = logging.getLogger(__name__)
 SECONDS_PER_DAY = 86400
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """What one pass deleted."""
+
+    images: int = 0  # jobs whose images went
+    jobs: int = 0
+    deliveries: int = 0
+    secrets: int = 0
+
+
 class Retention:
-    def __init__(self, db: Database, storage: Storage, *, retention_s: float, interval_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        *,
+        retention_s: float,
+        interval_s: float,
+        job_retention_s: float = 0,
+        webhook_retention_s: float = 0,
+        session_s: float = 0,
+        batch_rows: int = 1000,
+        pass_rows: int = 20000,
+    ) -> None:
         self.db = db
         self.storage = storage
         self.retention_s = retention_s
         self.interval_s = interval_s
+        self.job_retention_s = job_retention_s
+        self.webhook_retention_s = webhook_retention_s
+        self.session_s = session_s
+        self.batch_rows = batch_rows
+        self.pass_rows = pass_rows
 
     @classmethod
     def from_settings(cls, settings: Settings, db: Database, storage: Storage) -> Retention:
@@ -35,26 +75,58 @@ class Retention:
             storage,
             retention_s=settings.retention_days * SECONDS_PER_DAY,
             interval_s=settings.retention_interval_s,
+            job_retention_s=settings.job_retention_days * SECONDS_PER_DAY,
+            webhook_retention_s=settings.webhook_retention_days * SECONDS_PER_DAY,
+            session_s=settings.session_max_age_s,
+            batch_rows=settings.retention_batch_rows,
+            pass_rows=settings.retention_pass_rows,
         )
 
     async def run(self) -> None:
-        if not self.retention_s:
-            return  # images are kept forever
         await every(self.interval_s, self.tick, "retention")
 
-    async def tick(self) -> int | None:
-        """One pass: the number of jobs whose images were deleted (None if another process runs it)."""
+    async def tick(self) -> Pruned | None:
+        """One pass: what it deleted (None if another process runs it)."""
         async with self.db.singleton("retention") as held:
             if not held:
                 return None
-            expired = 0
-            while jobs := await self.db.images_to_expire(self.retention_s):
-                for job in jobs:
-                    for key in job.image_keys:
-                        await self.storage.delete(key)
-                    # Only once every image is gone: a failed delete is tried again next pass.
-                    await self.db.mark_images_expired(job.id)
-                    expired += 1
-            if expired:
-                logger.info("retention deleted the images of %d jobs", expired)
-            return expired
+            pruned = Pruned(
+                images=await self._expire_images() if self.retention_s else 0,
+                jobs=await self._batches(self.db.delete_finished_jobs, self.job_retention_s),
+                deliveries=await self._batches(self.db.delete_finished_deliveries, self.webhook_retention_s),
+                secrets=await self._batches(self.db.delete_unused_anonymous_secrets, self.session_s),
+            )
+            if pruned != Pruned():
+                logger.info(
+                    "retention deleted the images of %d jobs, %d jobs, %d webhook deliveries, %d secrets",
+                    pruned.images, pruned.jobs, pruned.deliveries, pruned.secrets,
+                )  # fmt: skip
+            return pruned
+
+    async def _expire_images(self) -> int:
+        expired = 0
+        while expired < self.pass_rows:
+            limit = min(self.batch_rows, self.pass_rows - expired)
+            jobs = await self.db.images_to_expire(self.retention_s, limit=limit)
+            if not jobs:
+                break
+            for job in jobs:
+                for key in job.image_keys:
+                    await self.storage.delete(key)
+                # Only once every image is gone: a failed delete is tried again next pass.
+                await self.db.mark_images_expired(job.id)
+                expired += 1
+        return expired
+
+    async def _batches(self, delete: Callable[..., Awaitable[int]], older_than_s: float) -> int:
+        """``delete`` in batches until nothing is left or the pass has deleted its most; 0
+        (keep forever) deletes nothing."""
+        if not older_than_s:
+            return 0
+        deleted = 0
+        while deleted < self.pass_rows:
+            batch = await delete(older_than_s, limit=min(self.batch_rows, self.pass_rows - deleted))
+            deleted += batch
+            if batch < self.batch_rows:
+                break
+        return deleted

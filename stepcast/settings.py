@@ -132,6 +132,17 @@ class Settings(BaseSettings):
     # (0: kept forever); the job row stays and records when.
     retention_days: float = Field(7.0, ge=0)
     retention_interval_s: float = Field(300.0, gt=0)
+    # Rows, in the same pass: finished jobs (their webhook deliveries with them)
+    # after job_retention_days, once their images are gone; delivered or failed
+    # webhook deliveries after webhook_retention_days (0: kept forever); the
+    # webhook secrets of browser sessions' owners with no job left, once their
+    # session (session_max_age_s) is over. Each delete statement takes at most
+    # retention_batch_rows rows (short locks), a pass at most retention_pass_rows
+    # of each kind (a backlog goes over several passes).
+    job_retention_days: float = Field(30.0, ge=0)
+    webhook_retention_days: float = Field(7.0, ge=0)
+    retention_batch_rows: int = Field(1000, ge=1)
+    retention_pass_rows: int = Field(20000, ge=1)
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
     # A finished job's events leave Redis this long after its terminal one; a client
@@ -179,6 +190,11 @@ class Settings(BaseSettings):
     webhook_max_concurrent: int = Field(32, ge=1)
     webhook_backoff_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     webhook_poll_s: float = Field(1.0, gt=0)
+    # GET /metrics: with a token, only `Authorization: Bearer <token>` may read
+    # it (unset: anyone who reaches the server's port). The job figures in it
+    # are read from Postgres at most once per metrics_cache_s per process.
+    metrics_token: SecretStr | None = None
+    metrics_cache_s: float = Field(1.0, ge=0)
     # The key the CLI's client commands send.
     api_key: SecretStr | None = None
 

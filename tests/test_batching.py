@@ -324,7 +324,12 @@ async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: St
             )  # fmt: skip
             ids.append(str(insertion.job.id))
             assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
-            assert deserialize_job(await redis.get(job_key_prefix + ids[-1])).kwargs == {}  # no ticket
+            assert (
+                deserialize_job(
+                    await redis.get(job_key_prefix + ids[-1]), deserializer=queue.deserialize
+                ).kwargs
+                == {}
+            )  # no ticket
     finally:
         await redis.aclose(close_connection_pool=True)
     jobs = [await stack.wait(job_id) for job_id in ids]

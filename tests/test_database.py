@@ -40,7 +40,9 @@ async def insert(db: Database, owner: str = "ann", queue: str = "q", **limits: A
 
 async def kept(db: Database) -> tuple[dict[str, int], dict[str, int]]:
     """The kept counts: pending jobs per queue, unfinished per owner (zeros left out)."""
-    rows = await db.pool.fetch("SELECT kind, key, sum(n) AS n FROM job_counts GROUP BY kind, key")
+    rows = await db.pool.fetch(
+        "SELECT kind, key, sum(n) AS n FROM job_counts WHERE kind <> 'status' GROUP BY kind, key"
+    )
     counts: dict[str, dict[str, int]] = {"pending": {}, "unfinished": {}}
     for row in rows:
         if row["n"]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import websockets
@@ -21,7 +22,7 @@ from gpu_worker.metrics import WorkerMetrics
 from stepcast import liveness, logs
 from stepcast.processes import free_port
 from stepcast.settings import Settings
-from tests.conftest import Stack
+from tests.conftest import Stack, assert_problem
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -120,3 +121,34 @@ async def test_metrics_read_queue_depth_from_postgres(client: httpx.AsyncClient,
     metrics = samples((await client.get("/metrics")).text)
     assert metrics[("stepcast_queue_depth", (("queue", settings.queue_name),))] == 2
     assert metrics[("stepcast_jobs", (("status", "pending"),))] == 2
+
+
+@pytest.mark.parametrize("settings", [{"metrics_cache_s": 60}], indirect=True)
+async def test_a_scrape_reads_kept_counts_not_the_jobs_table_and_caches_them(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Before: every scrape counted the whole jobs table (a scrape waited for this lock)."""
+    for _ in range(2):
+        await client.post("/v1/jobs", json={"prompt": "nobody runs me"})
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")  # no reader gets in
+            first = samples((await client.get("/metrics", timeout=5)).text)
+            await conn.execute("LOCK TABLE job_counts IN ACCESS EXCLUSIVE MODE")
+            again = samples((await client.get("/metrics", timeout=5)).text)  # from the cache
+    finally:
+        await conn.close()
+    for metrics in (first, again):
+        assert metrics[("stepcast_queue_depth", (("queue", settings.queue_name),))] == 2
+        statuses = {labels[0][1]: v for (name, labels), v in metrics.items() if name == "stepcast_jobs"}
+        assert statuses == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "canceled": 0}
+
+
+@pytest.mark.parametrize("settings", [{"metrics_token": "scrape-me"}], indirect=True)
+async def test_metrics_can_ask_for_a_token(client: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me"}):
+        refused = assert_problem(await client.get("/metrics", headers=headers), 401)
+        assert "STEPCAST_METRICS_TOKEN" in refused["detail"]
+    allowed = await client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert allowed.status_code == 200 and "stepcast_jobs" in allowed.text

@@ -5,14 +5,17 @@ jobs of a batch together) or released to the next worker."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from arq import func
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import DeserializationError, Job
 from arq.utils import to_unix_ms
 
 from gpu_worker.runner import Released
@@ -20,6 +23,7 @@ from gpu_worker.worker import GpuWorker
 from stepcast import queue
 from stepcast.events import Block, EventLog, Queued
 from stepcast.settings import Settings
+from tests.conftest import Stack
 
 QUEUE = "stepcast:test-queue"
 
@@ -162,3 +166,36 @@ async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_th
         assert not await redis.exists(in_progress_key_prefix + job_id)  # and free at once
     finally:
         await redis.aclose(close_connection_pool=True)
+
+
+class Planted:
+    """A pickle that runs code as it loads: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Path.touch, (self.marker,)
+
+
+async def test_a_pickle_planted_in_redis_is_refused_unread_and_jobs_still_run(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Before: arq's default pickle, so a worker taking the planted job ran its code."""
+    marker = tmp_path / "pwned"
+    arq_job = {"t": None, "f": queue.TASK_NAME, "a": (), "k": {"params": Planted(marker)}, "et": 0}
+    redis = queue.connect(stack.settings.redis_url)
+    try:
+        planted = str(uuid.uuid4())  # ahead of everything in the queue
+        await redis.set(job_key_prefix + planted, pickle.dumps(arq_job))
+        await redis.zadd(stack.settings.queue_name, {planted: 1})
+        job = await stack.wait((await stack.submit(steps=2))["id"])  # taken after the planted one
+        assert job["status"] == "completed"
+        assert await redis.zscore(stack.settings.queue_name, planted) is None  # taken and let go
+        assert not marker.exists(), "the worker ran the planted pickle"
+        await redis.set(job_key_prefix + planted, pickle.dumps(arq_job))
+        with pytest.raises(DeserializationError):  # arq's own reader, on stepcast's pool
+            await Job(planted, redis, _deserializer=redis.job_deserializer).info()
+    finally:
+        await redis.aclose(close_connection_pool=True)
+    assert not marker.exists(), "arq's reader ran the planted pickle"

@@ -317,3 +317,54 @@ BEGIN
     FROM placed LEFT JOIN inserted ON (inserted.job).id = placed.id
     ORDER BY placed.ord;
 END $$;
+
+-- ---------------------------------------------------------------------------
+-- Jobs by status, kept (issue 20; a migration of its own once schema.sql is
+-- split). GET /metrics reads these rows (kind 'status', key the status) instead
+-- of counting the jobs table on every scrape, and retention's deletes of old
+-- finished jobs keep them right. Lock order: a job's status rows are taken
+-- before its queue's and owner's rows above (these triggers' names sort before
+-- jobs_count_*, and Postgres fires a row's triggers in name order), and its
+-- two status rows in the order of their names, so every statement takes them
+-- in one order and none waits for another in a circle.
+ALTER TABLE job_counts DROP CONSTRAINT IF EXISTS job_counts_kind;
+ALTER TABLE job_counts ADD CONSTRAINT job_counts_kind CHECK (kind IN ('pending', 'unfinished', 'status'));
+COMMENT ON COLUMN job_counts.key IS
+    'The queue (kind pending), the owner (kind unfinished) or the status (kind status).';
+
+CREATE OR REPLACE FUNCTION jobs_count_status() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM job_counts_add('status', NEW.status::text, 1);
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM job_counts_add('status', OLD.status::text, -1);
+    ELSIF OLD.status::text < NEW.status::text THEN
+        PERFORM job_counts_add('status', OLD.status::text, -1);
+        PERFORM job_counts_add('status', NEW.status::text, 1);
+    ELSE
+        PERFORM job_counts_add('status', NEW.status::text, 1);
+        PERFORM job_counts_add('status', OLD.status::text, -1);
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+
+-- Counted afresh with the others (job writes are still held off: one transaction).
+INSERT INTO job_counts (kind, key, shard, n)
+    SELECT 'status', status::text, 0, count(*) FROM jobs GROUP BY status;
+DROP TRIGGER IF EXISTS jobs_by_status_new ON jobs;
+CREATE TRIGGER jobs_by_status_new AFTER INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_count_status();
+DROP TRIGGER IF EXISTS jobs_by_status_gone ON jobs;
+CREATE TRIGGER jobs_by_status_gone AFTER DELETE ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_count_status();
+DROP TRIGGER IF EXISTS jobs_by_status_change ON jobs;
+CREATE TRIGGER jobs_by_status_change AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION jobs_count_status();
+
+-- ---------------------------------------------------------------------------
+-- Retention of rows (issue 20; a migration of its own once schema.sql is
+-- split): old finished jobs and finished webhook deliveries are deleted in
+-- bounded batches (stepcast/retention.py), found through these indexes rather
+-- than by reading the tables.
+CREATE INDEX IF NOT EXISTS jobs_finished_idx ON jobs (finished_at)
+    WHERE status IN ('completed', 'failed', 'canceled');
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished_idx ON webhook_deliveries (created_at)
+    WHERE status <> 'pending';
