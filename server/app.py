@@ -80,6 +80,8 @@ class Server(uvicorn.Server):
                 # deflating every frame costs CPU on both ends for a few bytes.
                 ws_per_message_deflate=False,
                 timeout_graceful_shutdown=int(settings.server_shutdown_s),
+                # The client address (per-address limits) comes from X-Forwarded-For only from these.
+                forwarded_allow_ips=settings.forwarded_allow_ips,
             )
         )
         self.draining: asyncio.Event = app.state.draining

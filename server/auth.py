@@ -18,6 +18,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import limits, problems
 from stepcast import keys
 from stepcast.errors import RateLimited, Unauthorized
 
@@ -87,9 +88,18 @@ class BrowserSession:
             await self.app(scope, receive, send)
             return
         secret: bytes = services.session_secret
-        cookie = HTTPConnection(scope).cookies.get(SESSION_COOKIE)
+        connection = HTTPConnection(scope)
+        cookie = connection.cookies.get(SESSION_COOKIE)
         if cookie and keys.session_owner(secret, cookie):
             await self.app(scope, receive, send)
+            return
+        try:
+            limit = services.settings.sessions_per_min_per_address
+            await limits.count_per_minute(
+                services.redis, "new sessions", limits.client_address(connection), limit
+            )
+        except RateLimited as exc:
+            await problems.of_error(exc)(scope, receive, send)
             return
         value = keys.sign_session(secret, keys.new_owner("anon"))
         secure = "; Secure" if scope.get("scheme") == "https" else ""

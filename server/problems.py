@@ -34,10 +34,14 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
-async def stepcast_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StepcastError)
+def of_error(exc: StepcastError) -> JSONResponse:
     errors = [{"field": e.field, "message": e.message} for e in exc.errors]
     return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors, headers=exc.headers or None)
+
+
+async def stepcast_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StepcastError)
+    return of_error(exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

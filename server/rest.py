@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
+from server.limits import client_address
 from server.services import Services
 from stepcast import webhooks
 from stepcast.errors import (
@@ -114,7 +115,9 @@ async def create_job(request: Request) -> Response:
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     wait_s = _prefer_wait(request)
     submission = parse_body(await _json_body(request), services.settings)
-    job, created = await services.submit(await owner_of(request), submission, idempotency_key=key)
+    job, created = await services.submit(
+        await owner_of(request), submission, idempotency_key=key, address=client_address(request)
+    )
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"

@@ -17,10 +17,12 @@ from arq.connections import ArqRedis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
+from server import limits
 from server.hub import Hub
+from server.limits import Sockets
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
-from stepcast import __version__, queue, schema
+from stepcast import __version__, keys, queue, schema
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
@@ -53,8 +55,10 @@ class Services:
     inserts: Gatherer[NewJob, Insertion] = field(init=False)
     pipelined: Pipelined = field(init=False)
     lifecycle: Lifecycle = field(init=False)
+    sockets: Sockets = field(init=False)
 
     def __post_init__(self) -> None:
+        self.sockets = Sockets(self.settings)
         self.inserts = Gatherer(self._insert)
         self.pipelined = Pipelined(self.redis)
         self.lifecycle = Lifecycle(self.db, self.events)
@@ -104,18 +108,28 @@ class Services:
             yield services
 
     async def submit(
-        self, owner: str, submission: Submission, *, idempotency_key: str | None = None
+        self,
+        owner: str,
+        submission: Submission,
+        *,
+        idempotency_key: str | None = None,
+        address: str | None = None,
     ) -> tuple[Job, bool]:
         """Insert the job (Postgres first, always), enqueue it, announce its place.
 
         Returns the job and whether it is new: a repeat of an idempotency key
         returns the owner's first job with that key, and is never refused for
-        a full queue.
+        a full queue. ``address`` is the client's: an anonymous owner's submits
+        are limited per address too.
         """
         if idempotency_key is not None:
             earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return self._replay(earlier, submission), False
+        anonymous = keys.is_anonymous(owner)
+        if anonymous:
+            limit = self.settings.anonymous_submits_per_min_per_address
+            await limits.count_per_minute(self.redis, "anonymous submits", address, limit)
         preview = None
         if submission.preview is not None:
             preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
@@ -130,11 +144,13 @@ class Services:
                 webhook=submission.webhook.to_json() if submission.webhook else None,
                 idempotency_key=idempotency_key,
                 request_hash=submission.fingerprint if idempotency_key else None,
+                anonymous=anonymous,
+                address=address,
             )
         )
         job = insertion.job
         if job is None:
-            self._refuse(insertion, await pace, params.steps)
+            self._refuse(insertion, await pace, params.steps, anonymous=anonymous)
         if not insertion.created:  # a concurrent submit with the same key got there first
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
@@ -166,6 +182,8 @@ class Services:
             queue_ttl_s=settings.queue_ttl_s,
             max_pending=settings.max_queue_depth,
             max_unfinished=settings.max_jobs_per_owner,
+            max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
+            max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
         )
 
     @staticmethod
@@ -177,14 +195,22 @@ class Services:
             )
         return job
 
-    def _refuse(self, insertion: Insertion, pace: Pace, steps: int) -> NoReturn:
+    def _refuse(self, insertion: Insertion, pace: Pace, steps: int, *, anonymous: bool) -> NoReturn:
         """Backpressure: refuse work the queue cannot take, saying when to come back."""
         settings = self.settings
-        total, mine = insertion.pending, insertion.unfinished
+        total, mine, theirs = insertion.pending, insertion.unfinished, insertion.address_unfinished
+        per_owner = settings.max_jobs_per_anonymous_owner if anonymous else settings.max_jobs_per_owner
         if total >= settings.max_queue_depth:
             excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
+        elif mine >= per_owner:
+            excess = mine - per_owner + 1
+            what = f"you have {mine} unfinished jobs"
+            if anonymous:
+                what += " (a browser session's limit; an API key may have more)"
         else:
-            excess, what = mine - settings.max_jobs_per_owner + 1, f"you have {mine} unfinished jobs"
+            assert theirs is not None
+            excess = theirs - settings.max_anonymous_jobs_per_address + 1
+            what = f"browser sessions from your address have {theirs} unfinished jobs"
         drain = pace.drain_s(excess, steps)
         retry_after_s = min(3600, max(1, math.ceil(drain if drain is not None else 5 * excess)))
         raise TooManyRequests(

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
+from server.limits import Socket, client_address
 from server.services import Services
 from stepcast.errors import NotFound
 from stepcast.params import parse_after_seq
@@ -36,10 +39,13 @@ async def job_events(request: Request) -> Response:
     except ValueError:
         raise NotFound(f"no job {request.path_params['job_id']}") from None
     after_seq = _after_seq(request)
-    feed = Feed(services, await owner_of(request))
+    owner = await owner_of(request)
+    socket = services.sockets.open(owner, client_address(request))  # 429 or 503 over a cap
+    feed = Feed(services, owner)
     try:
         await feed.watch(job_id, after_seq)
     except BaseException:
+        socket.close()
         await feed.close()
         raise
 
@@ -73,4 +79,19 @@ async def job_events(request: Request) -> Response:
             await feed.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return _Stream(socket, stream(), media_type="text/event-stream", headers=headers)
+
+
+class _Stream(StreamingResponse):
+    """A stream that gives its socket's place back however it ends, even before its
+    first byte (a client gone at once: the generator's ``finally`` never runs)."""
+
+    def __init__(self, socket: Socket, content: AsyncIterator[str], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.socket = socket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.socket.close()

@@ -21,13 +21,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
+from server.limits import client_address
 from server.services import Services
 from stepcast.errors import (
     FieldError,
     InvalidParams,
     InvalidRequest,
+    ServerBusy,
     StepcastError,
     TooManyRequests,
+    TooManySockets,
     Unauthorized,
     Unavailable,
 )
@@ -38,7 +41,8 @@ from stepcast.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # flooding
-CLOSE_TRY_AGAIN = 1013  # too slow to keep up: reconnect and resume with after_seq
+CLOSE_TRY_AGAIN = 1013  # too slow to keep up, or the server is full: reconnect (later) and resume
+CLOSE_TOO_MANY_SOCKETS = 4029  # the owner's or the address's sockets are at their cap: close one first
 MAX_STRIKES = 50  # rate-limited frames tolerated before the connection is closed
 MAX_REQUEST_ID_CHARS = 128
 
@@ -97,6 +101,7 @@ class Connection:
         self.services = services
         self.settings = services.settings
         self.owner = owner
+        self.address = client_address(websocket)
         self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
 
@@ -228,7 +233,9 @@ class Connection:
             params_field="params",
             webhook=message.get("webhook"),
         )
-        job, created = await self.services.submit(self.owner, submission, idempotency_key=key)
+        job, created = await self.services.submit(
+            self.owner, submission, idempotency_key=key, address=self.address
+        )
         accepted: dict[str, Any] = {"type": "accepted", "request_id": request_id, "job_id": str(job.id)}
         if not created:
             accepted["replayed"] = True
@@ -259,4 +266,25 @@ async def endpoint(websocket: WebSocket) -> None:
     except Unauthorized:
         await websocket.close(CLOSE_POLICY)  # refused before anything is sent: 403
         return
-    await Connection(websocket, services, owner).serve()
+    try:
+        socket = services.sockets.open(owner, client_address(websocket))
+    except (TooManySockets, ServerBusy) as exc:
+        await _refuse(websocket, exc)
+        return
+    try:
+        await Connection(websocket, services, owner).serve()
+    finally:
+        socket.close()
+
+
+async def _refuse(websocket: WebSocket, exc: TooManySockets | ServerBusy) -> None:
+    """Over a socket cap: accepted only to say why (browsers see no status of a refused
+    upgrade), in an ``error`` frame, then closed with 4029 (yours) or 1013 (the server's)."""
+    logger.warning("websocket refused: %s", exc.detail)
+    frame = _error(exc.code, exc.detail)
+    frame["retry_after_s"] = exc.retry_after_s
+    code = CLOSE_TOO_MANY_SOCKETS if isinstance(exc, TooManySockets) else CLOSE_TRY_AGAIN
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.accept()
+        await websocket.send_text(json.dumps(frame))
+        await websocket.close(code, "too many sockets" if code == CLOSE_TOO_MANY_SOCKETS else "server full")

@@ -122,6 +122,7 @@ class Insertion:
     created: bool  # False with a job: the owner's earlier job with this idempotency key
     pending: int  # pending jobs on the queue before it: a new job's place is pending + 1
     unfinished: int  # the owner's pending and processing jobs before it
+    address_unfinished: int | None = None  # an anonymous job's address's unfinished jobs before it
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class NewJob:
     webhook: dict[str, Any] | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # An anonymous owner's (a browser session's): its own smaller limit, and the
+    # client address whose anonymous owners share one cap.
+    anonymous: bool = False
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -246,22 +251,32 @@ class Database:
         queue_ttl_s: float,
         max_pending: int | None = None,
         max_unfinished: int | None = None,
+        max_anonymous_unfinished: int | None = None,
+        max_anonymous_per_address: int | None = None,
     ) -> list[Insertion | BaseException]:
         """Admit and insert jobs, and place them, in one statement (one round trip).
 
         Each job, in order, is inserted unless the queue already holds
-        ``max_pending`` pending jobs or its owner ``max_unfinished`` unfinished
-        ones, counting the jobs before it in the list that were admitted; a key
-        the owner used before gives that earlier job. The counts, which give the
-        queue position, come back either way. Both are kept in ``job_counts``
-        (the schema: stepcast/migrations), not counted: counting would grow with the queue.
+        ``max_pending`` pending jobs, or its owner ``max_unfinished`` unfinished
+        ones (``max_anonymous_unfinished`` for an anonymous owner's job), or its
+        address ``max_anonymous_per_address`` unfinished jobs of anonymous
+        owners (an anonymous job's), counting the jobs before it in the list
+        that were admitted; a key the owner used before gives that earlier job.
+        The counts, which give the queue position, come back either way. The
+        queue's and owners' are kept in ``job_counts`` (the schema:
+        stepcast/migrations), not counted: counting would grow with the queue.
+        An address's are counted: they never grow past its cap.
 
         If Postgres refuses the statement, nothing was inserted; with several
         jobs, each is then tried alone, so that a job it refuses fails alone
         (its error in its place in the list).
         """
+        limits = [max_anonymous_unfinished if job.anonymous else max_unfinished for job in jobs]
+        max_per_address = max_anonymous_per_address
         try:
-            rows = await self._insert_rows(jobs, queue, version, queue_ttl_s, max_pending, max_unfinished)
+            rows = await self._insert_rows(
+                jobs, limits, queue, version, queue_ttl_s, max_pending, max_per_address
+            )
         except asyncpg.PostgresError as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -272,19 +287,27 @@ class Database:
                 queue_ttl_s=queue_ttl_s,
                 max_pending=max_pending,
                 max_unfinished=max_unfinished,
+                max_anonymous_unfinished=max_anonymous_unfinished,
+                max_anonymous_per_address=max_anonymous_per_address,
             )
             return [(await alone([job]))[0] for job in jobs]
         insertions: list[Insertion | BaseException] = []
-        for job, row in zip(jobs, rows, strict=True):
+        for job, limit, row in zip(jobs, limits, rows, strict=True):
             pending, unfinished = int(row["admission_pending"]), int(row["admission_unfinished"])
+            theirs = row["admission_address"]
             insertion = Insertion(
                 job=Job.from_record(row) if row["id"] is not None else None,
                 created=row["id"] is not None,
                 pending=pending,
                 unfinished=unfinished,
+                address_unfinished=None if theirs is None else int(theirs),
             )
-            admitted = (max_pending is None or pending < max_pending) and (
-                max_unfinished is None or unfinished < max_unfinished
+            admitted = (
+                (max_pending is None or pending < max_pending)
+                and (limit is None or unfinished < limit)
+                and (
+                    theirs is None or max_anonymous_per_address is None or theirs < max_anonymous_per_address
+                )
             )
             if not insertion.created and admitted:
                 # A concurrent or earlier submit with the same key won; its row is committed.
@@ -304,23 +327,25 @@ class Database:
     async def _insert_rows(
         self,
         jobs: Sequence[NewJob],
+        limits: list[int | None],
         queue: str,
         version: str,
         queue_ttl_s: float,
         max_pending: int | None,
-        max_unfinished: int | None,
+        max_per_address: int | None,
     ) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self.pool.fetch(
             """
-            SELECT (job).*, admission_pending, admission_unfinished
-            FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            SELECT (job).*, admission_pending, admission_unfinished, admission_address
+            FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
             ORDER BY ord
             """,
             [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params for job in jobs],
             [job.preview for job in jobs], [job.webhook for job in jobs], [job.model_name for job in jobs],
             [job.idempotency_key for job in jobs], [job.request_hash for job in jobs],
             [int(job.params["steps"]) for job in jobs],
-            queue, version, queue_ttl_s, max_pending, max_unfinished,
+            [job.address if job.anonymous else None for job in jobs], limits,
+            queue, version, queue_ttl_s, max_pending, max_per_address,
         )  # fmt: skip
         return rows
 

@@ -119,10 +119,30 @@ class RateLimited(TooManyRequests):
     code = "rate_limited"
 
 
+class TooManySockets(TooManyRequests):
+    """An owner or an address holds as many sockets as it may: close one first."""
+
+    code = "too_many_sockets"
+
+
 class Unavailable(StepcastError):
     code = "unavailable"
     status = 503
     title = "Service unavailable"
+
+
+class ServerBusy(Unavailable):
+    """This server holds as many sockets as it may; another one, or this one later, may not."""
+
+    code = "server_busy"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ConfigError(Exception):

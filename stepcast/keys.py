@@ -30,6 +30,11 @@ def new_owner(kind: str) -> str:
     return f"{kind}_{secrets.token_hex(8)}"
 
 
+def is_anonymous(owner: str) -> bool:
+    """A browser session's owner (made by :func:`new_owner` ``("anon")``), not a key holder."""
+    return owner.startswith("anon_")
+
+
 def _signature(secret: bytes, owner: str) -> str:
     digest = hmac.new(secret, owner.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")

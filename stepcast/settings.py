@@ -128,6 +128,25 @@ class Settings(BaseSettings):
     # REST requests per second per owner (all servers together, counted in
     # Redis); beyond it: 429 rate_limited.
     requests_per_s_per_owner: int = Field(50, ge=1)
+    # Anonymous owners (the page's browser sessions, auth "keys") cost nothing
+    # to make, so they are also limited per client address: new sessions and
+    # their submits a minute (all servers together, counted in Redis), and
+    # unfinished jobs per anonymous owner and of all anonymous owners of one
+    # address together (Postgres). Key holders keep the limits above.
+    sessions_per_min_per_address: int = Field(30, ge=1)
+    anonymous_submits_per_min_per_address: int = Field(60, ge=1)
+    max_jobs_per_anonymous_owner: int = Field(5, ge=1)
+    max_anonymous_jobs_per_address: int = Field(20, ge=1)
+    # Open sockets (WebSocket /v1/ws and SSE streams), counted in each server
+    # process: in all; per owner and, of anonymous owners, per client address
+    # (these two with auth "keys" only).
+    max_sockets_per_process: int = Field(10000, ge=1)
+    max_sockets_per_owner: int = Field(32, ge=1)
+    max_anonymous_sockets_per_address: int = Field(64, ge=1)
+    # The proxies whose X-Forwarded-For (and -Proto) name the client: a
+    # comma-separated list of addresses or networks, "*" for any. From any
+    # other peer these headers are ignored and the peer is the client.
+    forwarded_allow_ips: str = "127.0.0.1,::1"
     # Retention: images of finished jobs are deleted after this many days
     # (0: kept forever); the job row stays and records when.
     retention_days: float = Field(7.0, ge=0)
