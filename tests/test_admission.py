@@ -19,6 +19,7 @@ from stepcast.events import EventLog
 from stepcast.params import parse_submission
 from stepcast.settings import Settings
 from tests.conftest import assert_problem
+from tests.test_auth import bearer, make_key
 
 FOX = {"prompt": "a red fox", "steps": 5}
 
@@ -164,3 +165,72 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
         job, created = await services.submit("dee", submission)  # alone: a list of one
         assert created and statements[-1] == ["dee"]
         assert [e["position"] for e in (await services.events.read(str(job.id))).events] == [4]
+
+
+ANONYMOUS_QUOTA = {
+    "auth": "keys",
+    "session_secret": "test-secret",
+    "max_jobs_per_anonymous_owner": 2,
+    "max_anonymous_jobs_per_address": 3,
+}
+
+
+async def browser(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """A new browser: loads the page, keeps its session cookie."""
+    tab = httpx.AsyncClient(base_url=client.base_url)
+    assert (await tab.get("/")).status_code == 200
+    return tab
+
+
+@pytest.mark.parametrize("settings", [ANONYMOUS_QUOTA], indirect=True)
+async def test_anonymous_sessions_of_one_address_share_one_quota(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    first, second, third = [await browser(client) for _ in range(3)]
+    try:
+        mine = [await first.post("/v1/jobs", json=FOX) for _ in range(3)]
+        assert [r.status_code for r in mine] == [202, 202, 429]
+        assert "you have 2 unfinished jobs (a browser session's limit" in mine[2].json()["detail"]
+        assert (await second.post("/v1/jobs", json=FOX)).status_code == 202
+        # The address holds 3: another session, a new cookie, gets nothing more.
+        for tab in (second, third):
+            refused = await tab.post("/v1/jobs", json=FOX)
+            body = assert_problem(refused, 429)
+            assert "browser sessions from your address have 3 unfinished jobs" in body["detail"]
+            assert int(refused.headers["retry-after"]) >= 1
+        # Many new sessions at once cannot get past it either.
+        tabs = [await browser(client) for _ in range(6)]
+        await first.post(f"/v1/jobs/{mine[0].json()['id']}/cancel")
+        burst = await asyncio.gather(*(tab.post("/v1/jobs", json=FOX) for tab in tabs))
+        assert sorted(r.status_code for r in burst) == [202] + [429] * 5
+        for tab in tabs:
+            await tab.aclose()
+        # A key holder keeps the owner limit of key holders.
+        _, key = await make_key(settings, "alice")
+        keyed = [await client.post("/v1/jobs", json=FOX, headers=bearer(key)) for _ in range(5)]
+        assert [r.status_code for r in keyed] == [202] * 5
+        unfinished = "SELECT count(*) FROM jobs WHERE status = 'pending' AND anonymous_address IS NOT NULL"
+        db = await Database.connect(settings.database_url, max_size=1)
+        try:
+            assert await db.pool.fetchval(unfinished) == 3
+        finally:
+            await db.close()
+    finally:
+        for tab in (first, second, third):
+            await tab.aclose()
+
+
+@pytest.mark.parametrize(
+    "settings", [{**ANONYMOUS_QUOTA, "anonymous_submits_per_min_per_address": 2}], indirect=True
+)
+async def test_anonymous_submits_are_rate_limited_per_address(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    tabs = [await browser(client) for _ in range(3)]
+    answers = [await tab.post("/v1/jobs", json=FOX) for tab in tabs]
+    assert [r.status_code for r in answers] == [202, 202, 429]
+    assert "more than 2 anonymous submits a minute" in assert_problem(answers[2], 429)["detail"]
+    _, key = await make_key(settings, "alice")
+    assert (await client.post("/v1/jobs", json=FOX, headers=bearer(key))).status_code == 202
+    for tab in tabs:
+        await tab.aclose()

@@ -173,3 +173,47 @@ async def test_the_page_gets_a_signed_session_of_its_own(stack: Stack) -> None:
         base_url=stack.client.base_url, cookies={"stepcast_session": forged}
     ) as forger:
         assert (await forger.get("/v1/me")).status_code == 401
+
+
+async def page_loads(base_url: str, forwarded_for: list[str | None]) -> list[httpx.Response]:
+    """Load the page once per entry, each time without a cookie (a new browser, or a script)."""
+    answers = []
+    for address in forwarded_for:
+        headers = {"X-Forwarded-For": address} if address else {}
+        async with httpx.AsyncClient(base_url=base_url) as fresh:
+            answers.append(await fresh.get("/", headers=headers))
+    return answers
+
+
+@pytest.mark.parametrize("settings", [{**KEYS[0], "sessions_per_min_per_address": 3}], indirect=True)
+async def test_cookie_less_page_loads_are_limited_per_address(stack: Stack) -> None:
+    base_url = str(stack.client.base_url)
+    first, *_, refused = await page_loads(base_url, [None] * 4)
+    assert [r.status_code for r in _] == [200, 200]
+    assert first.status_code == 200 and "set-cookie" in first.headers
+    body = assert_problem(refused, 429)
+    assert body["type"].endswith("rate_limited") and "3 new sessions a minute" in body["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60 and "set-cookie" not in refused.headers
+    # A session made before is kept, and a key holder is not limited by it.
+    session = first.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    async with httpx.AsyncClient(base_url=base_url, cookies={"stepcast_session": session}) as tab:
+        assert (await tab.get("/")).status_code == 200
+        assert (await tab.get("/v1/me")).status_code == 200
+    _, key = await make_key(stack.settings, "alice")
+    assert (await stack.client.get("/v1/me", headers=bearer(key))).json()["owner"] == "alice"
+
+
+async def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(
+    make_settings: Any, serve: Any
+) -> None:
+    limited = {**KEYS[0], "sessions_per_min_per_address": 2}
+    # The test's peer is 127.0.0.1: not a trusted proxy here, so its header is a spoof.
+    untrusted = await serve(make_settings(**limited, forwarded_allow_ips="192.0.2.1"))
+    spoofed = await page_loads(untrusted, ["198.51.100.1", "198.51.100.2", "198.51.100.3"])
+    assert [r.status_code for r in spoofed] == [200, 200, 429]
+    # Behind a trusted proxy (loopback, the default) each forwarded client counts alone.
+    trusted = await serve(make_settings(**limited))
+    forwarded = await page_loads(trusted, ["198.51.100.1", "198.51.100.2", "198.51.100.3"])
+    assert [r.status_code for r in forwarded] == [200, 200, 200]
+    again = await page_loads(trusted, ["198.51.100.1", "198.51.100.1"])
+    assert [r.status_code for r in again] == [200, 429]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -18,7 +19,8 @@ from websockets.asyncio.client import ClientConnection
 from server.feed import Outbox, Outgoing, SlowConsumer
 from server.positions import QueueAnnouncer
 from stepcast.settings import Settings
-from tests.conftest import Stack, assert_problem
+from tests.conftest import Stack, assert_problem, eventually
+from tests.test_auth import bearer, make_key
 
 TERMINAL = {"completed", "failed", "canceled"}
 
@@ -390,3 +392,78 @@ def test_far_back_in_a_deep_queue_a_job_hears_of_its_position_less_often() -> No
     assert announcer._due(near, 4, now=101.0)  # near the head: every move
     assert not announcer._due(far, 480, now=101.0)  # position 500: every 50 intervals
     assert announcer._due(far, 300, now=150.0)
+
+
+SOCKET_CAPS = {
+    "auth": "keys",
+    "session_secret": "test-secret",
+    "max_sockets_per_owner": 2,
+    "max_anonymous_sockets_per_address": 3,
+    "max_sockets_per_process": 6,
+}
+
+
+async def refused_socket(url: str, headers: dict[str, str]) -> tuple[int | None, dict[str, Any]]:
+    """Open a socket the server refuses: its close code and the error frame before it."""
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        frame = await recv(ws)
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws)
+        return ws.close_code, frame
+
+
+@pytest.mark.parametrize("settings", [SOCKET_CAPS], indirect=True)
+async def test_sockets_over_each_cap_are_refused_and_the_others_keep_working(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    url = str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+    alice = bearer((await make_key(settings, "alice"))[1])
+    bob = bearer((await make_key(settings, "bob"))[1])
+    job_id = (await client.post("/v1/jobs", json={"prompt": "p"}, headers=alice)).json()["id"]
+
+    async def session() -> dict[str, str]:
+        async with httpx.AsyncClient(base_url=client.base_url) as browser:
+            return {"Cookie": (await browser.get("/")).headers["set-cookie"].split(";")[0]}
+
+    async with contextlib.AsyncExitStack() as held:
+        # An SSE stream is a socket too: alice holds one stream and one WebSocket, her cap.
+        stream = await held.enter_async_context(
+            client.stream("GET", f"/v1/jobs/{job_id}/events", headers=alice)
+        )
+        assert stream.status_code == 200
+        alices = await held.enter_async_context(websockets.connect(url, additional_headers=alice))
+        code, frame = await refused_socket(url, alice)
+        assert code == 4029 and frame["code"] == "too_many_sockets" and frame["retry_after_s"] >= 1
+        over = await client.get(f"/v1/jobs/{job_id}/events", headers=alice)
+        assert assert_problem(over, 429)["type"].endswith("too_many_sockets")
+        assert int(over.headers["retry-after"]) >= 1
+
+        # Browser sessions from one address share a cap, however many cookies they take.
+        first, second = await session(), await session()
+        for headers in (first, first, second):
+            await held.enter_async_context(websockets.connect(url, additional_headers=headers))
+        for headers in (second, await session()):
+            code, frame = await refused_socket(url, headers)
+            assert code == 4029 and "your address" in frame["message"]
+
+        # The process is full (6 sockets): a newcomer is told to try again later.
+        await held.enter_async_context(websockets.connect(url, additional_headers=bob))
+        code, frame = await refused_socket(url, bob)
+        assert code == 1013 and frame["code"] == "server_busy"
+        busy = await client.get(f"/v1/jobs/{job_id}/events", headers=bob)
+        assert assert_problem(busy, 503)["type"].endswith("server_busy")
+        assert int(busy.headers["retry-after"]) >= 1
+
+        await send(alices, {"type": "ping"})  # the sockets already open are not disturbed
+        assert (await recv(alices))["type"] == "pong"
+        await alices.close()
+
+        async def bob_gets_in() -> bool:
+            async with websockets.connect(url, additional_headers=bob) as ws:
+                await send(ws, {"type": "ping"})
+                try:
+                    return (await recv(ws))["type"] == "pong"
+                except websockets.ConnectionClosed:
+                    return False  # refused: the closed one is not given back yet
+
+        assert await eventually(bob_gets_in)  # a closed socket's place is given back
