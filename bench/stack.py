@@ -113,6 +113,9 @@ def stepcast(
         "STEPCAST_REQUESTS_PER_S_PER_OWNER": "100000",
         "STEPCAST_WS_MESSAGES_PER_S": "100000",
         "STEPCAST_WS_BURST": "100000",
+        "STEPCAST_MAX_SOCKETS_PER_PROCESS": "1000000",
+        "STEPCAST_MAX_SOCKETS_PER_OWNER": "1000000",
+        "STEPCAST_MAX_ANONYMOUS_SOCKETS_PER_ADDRESS": "1000000",
         **env,
     }
     ports = [free_port() for _ in range(servers)]
