@@ -121,6 +121,31 @@ async def test_random_websocket_frames_never_break_the_server_or_other_clients(s
     assert (await stack.client.get("/healthz")).status_code == 200
 
 
+async def test_websocket_text_postgres_cannot_store_is_an_error_naming_the_field(
+    client: httpx.AsyncClient,
+) -> None:
+    lone = "must be valid Unicode: \\ud800 is half of a surrogate pair"
+    frames = {  # raw frames: the \\u escapes are JSON's, json.loads gives the lone surrogate
+        '{"type": "submit", "params": {"prompt": "a \\ud800 fox"}}': ("prompt", f"prompt {lone}"),
+        '{"type": "submit", "params": {"prompt": "p"}, "webhook": {"url": "https://a.example/\\u0000"}}': (
+            "webhook.url",
+            "webhook.url must not contain NUL characters",
+        ),
+        '{"type": "ping", "request_id": "\\ud800"}': ("request_id", f"request_id {lone}"),
+        '{"type": "ping", "\\ud800": 1}': ("\\ud800", f"the field name \\ud800 {lone}"),
+    }
+    url = str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url) as socket:
+        for frame, (field, message) in frames.items():
+            await socket.send(frame)
+            answer = json.loads(await asyncio.wait_for(socket.recv(), 10))
+            assert (answer["type"], answer["code"]) == ("error", "invalid_params"), answer
+            assert (answer["field"], answer["message"]) == (field, message)
+        await socket.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(socket.recv(), 10)) == {"type": "pong"}
+    assert (await client.get("/v1/jobs")).json()["items"] == []  # nothing was stored
+
+
 @pytest.mark.parametrize("settings", [{"auth": "keys", "requests_per_s_per_owner": 5}], indirect=True)
 async def test_each_owner_has_a_request_rate_limit(
     client: httpx.AsyncClient, settings: Settings, caplog: pytest.LogCaptureFixture
