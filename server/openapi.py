@@ -4,18 +4,37 @@ Written here rather than inferred: the handlers parse their input by hand (to
 name every bad field), so the document states the contract and the tests keep
 the two together — every route is documented and every documented route
 exists, and real answers validate against these schemas. Limits come from the
-settings, so the document describes this server, not a default one. The
-WebSocket and SSE protocols are in docs/protocol.md.
+settings, so the document describes this server, not a default one. Error
+answers are not listed by hand: each route names the errors it raises, routes
+that find an owner add the stores' and the credentials' ones, and the error
+classes (stepcast/errors.py) give each its status and headers. The WebSocket
+and SSE protocols are in docs/protocol.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stepcast import __version__
+from stepcast.errors import (
+    Conflict,
+    Gone,
+    IdempotencyKeyReused,
+    InvalidParams,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    StepcastError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from stepcast.jobs import Status
 from stepcast.params import (
     DEFAULT_WEBHOOK_EVENTS,
@@ -39,11 +58,16 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    answer: dict[str, Any] = {"description": description, "content": {PROBLEM: {"schema": _ref("Problem")}}}
-    if headers:
-        answer["headers"] = headers
-    return answer
+def _header(description: str, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+HEADERS = {
+    "Retry-After": _header("Seconds to wait before asking again", "integer"),
+    "WWW-Authenticate": _header("How to authenticate: Bearer"),
+}
+RETRY_AFTER = {"Retry-After": HEADERS["Retry-After"]}
+LOCATION = {"Location": _header("The job's URL")}
 
 
 def _job(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -56,12 +80,68 @@ def _job(description: str, headers: dict[str, Any] | None = None) -> dict[str, A
     return answer
 
 
-def _header(description: str, kind: str = "string") -> dict[str, Any]:
-    return {"description": description, "schema": {"type": kind}}
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema or {"type": "object"}}},
+    }
 
+
+# An error a route may raise, and what it means there. Its status and headers come
+# from the error class (stepcast/errors.py), as they do when it is raised.
+Raises = tuple[type[StepcastError], str]
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-NOT_FOUND = _problem("No such job of yours (another owner's job answers the same)")
+NO_JOB: Raises = (NotFound, "No such job of yours (another owner's job answers the same)")
+# Facts true of every route that finds the caller's owner (owner_of): it reads the
+# stores, and with STEPCAST_AUTH=keys it needs credentials and counts the caller's requests.
+OWNED = ("/v1/jobs", "/v1/images", "/v1/me")
+STORES: Raises = (Unavailable, "Postgres or Redis unavailable for a moment (a restart, a failover)")
+CREDENTIALS: tuple[Raises, ...] = (
+    (Unauthorized, "No valid API key or session"),
+    (RateLimited, "More requests in a second than STEPCAST_REQUESTS_PER_S_PER_OWNER"),
+)
+METRICS_TOKEN: Raises = (Unauthorized, "STEPCAST_METRICS_TOKEN is set and not sent as Authorization: Bearer")
+SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"session": []}]
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    answers: dict[str, Any]  # what it answers when it succeeds
+    raises: tuple[Raises, ...] = ()
+    parameters: tuple[dict[str, Any], ...] = ()
+    body: dict[str, Any] | None = None
+
+    def document(self, *, owned: bool, keys: bool) -> dict[str, Any]:
+        raises = [*self.raises, *((STORES,) if owned else ()), *(CREDENTIALS if owned and keys else ())]
+        operation: dict[str, Any] = {
+            "summary": self.summary,
+            "responses": {**self.answers, **_problems(raises)},
+        }
+        if self.parameters:
+            operation["parameters"] = list(self.parameters)
+        if self.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": self.body}},
+            }
+        if owned and keys:
+            operation["security"] = SECURITY
+        return operation
+
+
+def _problems(raises: list[Raises]) -> dict[str, Any]:
+    """One problem+json answer per status, naming every cause of it."""
+    answers: dict[str, Any] = {}
+    for kind, description in sorted(dict.fromkeys(raises), key=lambda raised: raised[0].status):
+        answer = answers.setdefault(
+            str(kind.status), {"description": "", "content": {PROBLEM: {"schema": _ref("Problem")}}}
+        )
+        answer["description"] = "; ".join(filter(None, (answer["description"], description)))
+        for name in kind.header_names:
+            answer.setdefault("headers", {})[name] = HEADERS[name]
+    return answers
 
 
 def _schemas(settings: Settings) -> dict[str, Any]:
@@ -218,15 +298,25 @@ def _schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _paths() -> dict[str, Any]:
-    retry_after = {"Retry-After": _header("Seconds to wait before asking again", "integer")}
-    location = {"Location": _header("The job's URL")}
-    plain = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
+def _operations() -> dict[str, dict[str, Operation]]:
+    plain = {"200": _json("OK")}
     return {
         "/v1/jobs": {
-            "post": {
-                "summary": "Submit a job",
-                "parameters": [
+            "post": Operation(
+                "Submit a job",
+                {
+                    "201": _job("Finished within Prefer: wait", LOCATION),
+                    "202": _job("Accepted (or a replay of an idempotency key)", LOCATION),
+                },
+                raises=(
+                    (InvalidRequest, "Body is not JSON"),
+                    (IdempotencyKeyReused, "Idempotency key reused with other params"),
+                    (PayloadTooLarge, "Body too large"),
+                    (UnsupportedMediaType, "Not application/json"),
+                    (InvalidParams, "Invalid params or headers, one entry per field"),
+                    (TooManyRequests, "Queue full, or your share of it"),
+                ),
+                parameters=(
                     {
                         "name": "Idempotency-Key",
                         "in": "header",
@@ -236,29 +326,18 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "Prefer",
                         "in": "header",
-                        "schema": {"type": "string", "pattern": "wait=\\d+"},
-                        "description": "wait=N (N <= 60): hold the answer until the job ends or N s pass",
+                        "schema": {"type": "string"},
+                        "description": "wait=N (N <= 60): hold the answer until the job ends or N s "
+                        "pass; other preferences are ignored (RFC 7240)",
                     },
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("JobRequest")}},
-                },
-                "responses": {
-                    "201": _job("Finished within Prefer: wait", location),
-                    "202": _job("Accepted (or a replay of an idempotency key)", location),
-                    "400": _problem("Body is not JSON"),
-                    "409": _problem("Idempotency key reused with other params"),
-                    "413": _problem("Body too large"),
-                    "415": _problem("Not application/json"),
-                    "422": _problem("Invalid params, one entry per field"),
-                    "429": _problem("Queue full", retry_after),
-                    "503": _problem("Postgres or Redis unavailable for a moment", retry_after),
-                },
-            },
-            "get": {
-                "summary": "Your jobs, newest first",
-                "parameters": [
+                ),
+                body=_ref("JobRequest"),
+            ),
+            "get": Operation(
+                "Your jobs, newest first",
+                {"200": _json("A page", _ref("JobPage"))},
+                raises=((InvalidParams, "Bad query parameter"),),
+                parameters=(
                     {
                         "name": "status",
                         "in": "query",
@@ -269,97 +348,78 @@ def _paths() -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": {
-                        "description": "A page",
-                        "content": {"application/json": {"schema": _ref("JobPage")}},
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "The previous page's next_cursor, as it was given",
                     },
-                    "422": _problem("Bad query parameter"),
-                },
-            },
+                ),
+            ),
         },
         "/v1/jobs/{job_id}": {
-            "get": {
-                "summary": "One job",
-                "parameters": [JOB_ID],
-                "responses": {"200": _job("The job", retry_after), "404": NOT_FOUND},
-            }
+            "get": Operation(
+                "One job", {"200": _job("The job", RETRY_AFTER)}, raises=(NO_JOB,), parameters=(JOB_ID,)
+            )
         },
         "/v1/jobs/{job_id}/cancel": {
-            "post": {
-                "summary": "Cancel a job in any state",
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": _job("Canceled (it was pending)"),
-                    "202": _job("Stops at its next denoising step"),
-                    "404": NOT_FOUND,
-                    "409": _problem("Already finished"),
-                },
-            }
+            "post": Operation(
+                "Cancel a job in any state",
+                {"200": _job("Canceled (it was pending)"), "202": _job("Stops at its next denoising step")},
+                raises=(NO_JOB, (Conflict, "Already finished")),
+                parameters=(JOB_ID,),
+            )
         },
         "/v1/jobs/{job_id}/events": {
-            "get": {
-                "summary": "The job's events as Server-Sent Events (docs/protocol.md)",
-                "parameters": [
+            "get": Operation(
+                "The job's events as Server-Sent Events (docs/protocol.md)",
+                {"200": {"description": "An event stream", "content": {"text/event-stream": {}}}},
+                raises=(NO_JOB, (InvalidParams, "Bad Last-Event-ID or after_seq")),
+                parameters=(
                     JOB_ID,
                     {"name": "Last-Event-ID", "in": "header", "schema": _SEQ},
                     {"name": "after_seq", "in": "query", "schema": _SEQ},
-                ],
-                "responses": {
-                    "200": {"description": "An event stream", "content": {"text/event-stream": {}}},
-                    "404": NOT_FOUND,
-                    "422": _problem("Bad Last-Event-ID"),
-                },
-            }
+                ),
+            )
         },
         "/v1/images/{key}": {
-            "get": {
-                "summary": "An image (local storage)",
-                "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {
-                    "200": {"description": "The image", "content": {"image/png": {}}},
-                    "404": _problem("No such image of yours"),
-                    "410": _problem("Deleted by retention"),
-                },
-            }
+            "get": Operation(
+                "An image (local storage)",
+                {"200": {"description": "The image", "content": {"image/png": {}}}},
+                raises=((NotFound, "No such image of yours"), (Gone, "Deleted by retention")),
+                parameters=({"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},),
+            )
         },
-        "/v1/me": {"get": {"summary": "Who you are: {owner, auth, webhook_secret}", "responses": plain}},
-        "/v1/limits": {"get": {"summary": "What a job may ask for here", "responses": plain}},
-        "/healthz": {"get": {"summary": "Liveness", "responses": plain}},
+        "/v1/me": {"get": Operation("Who you are: {owner, auth, webhook_secret}", plain)},
+        "/v1/limits": {"get": Operation("What a job may ask for here", plain)},
+        "/healthz": {"get": Operation("Liveness", plain)},
         "/readyz": {
-            "get": {
-                "summary": "Readiness: Postgres and Redis reachable",
-                "responses": {**plain, "503": {"description": "Not ready, naming what is down"}},
-            }
+            "get": Operation(
+                "Readiness: Postgres and Redis reachable",
+                {**plain, "503": _json("Not ready, naming what is down")},
+            )
         },
         "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {"description": "Text exposition format", "content": {"text/plain": {}}},
-                    "401": {"description": "STEPCAST_METRICS_TOKEN is set and not sent as Bearer"},
-                },
-            }
+            "get": Operation(
+                "Prometheus metrics",
+                {"200": {"description": "Text exposition format", "content": {"text/plain": {}}}},
+                # The job gauges are read from Postgres; STEPCAST_METRICS_TOKEN asks for a bearer.
+                raises=(STORES, *([METRICS_TOKEN] if settings.metrics_token is not None else [])),
+            )
         },
-        "/openapi.json": {"get": {"summary": "This document", "responses": plain}},
+        "/openapi.json": {"get": Operation("This document", plain)},
     }
 
 
-# Paths that need an owner (an API key or the page's session) unless STEPCAST_AUTH=single_user.
-OWNED = ("/v1/jobs", "/v1/images", "/v1/me")
-SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"session": []}]
-
-
 def document(settings: Settings) -> dict[str, Any]:
-    paths = _paths()
-    if settings.auth == "keys":
-        for path, item in paths.items():
-            if path.startswith(OWNED):
-                for operation in item.values():
-                    operation["security"] = SECURITY
-                    operation["responses"]["401"] = _problem("No valid API key or session")
+    keys = settings.auth == "keys"
+    paths = {
+        path: {
+            method: operation.document(owned=path.startswith(OWNED), keys=keys)
+            for method, operation in item.items()
+        }
+        for path, item in _operations().items()
+    }
     return {
         "openapi": "3.1.0",
         "info": {

@@ -60,7 +60,7 @@ async def backend_unavailable(request: Request, exc: Exception) -> Response:
     """Postgres or Redis unreachable (a restart, a failover): 503 and when to try again."""
     logger.warning("%s %s: backend unavailable: %r", request.method, request.url.path, exc)
     error = Unavailable("a backing service is unavailable for a moment; try again")
-    return problem(error.status, error.code, error.title, error.detail, headers={"Retry-After": "1"})
+    return await stepcast_error(request, error)
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

@@ -27,9 +27,12 @@ from stepcast.params import parse_after_seq
 
 
 def _after_seq(request: Request) -> int | None:
+    """The resume point: ``Last-Event-ID`` (a reconnecting EventSource sends it), else
+    ``?after_seq=``; a bad one is refused even when the other is sent."""
+    query = parse_after_seq(request.query_params.get("after_seq"), "after_seq", text=True)
     if header := request.headers.get("last-event-id"):
         return parse_after_seq(header, "Last-Event-ID", text=True)
-    return parse_after_seq(request.query_params.get("after_seq"), "after_seq", text=True)
+    return query
 
 
 async def job_events(request: Request) -> Response:

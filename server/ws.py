@@ -34,7 +34,7 @@ from stepcast.errors import (
     Unauthorized,
     Unavailable,
 )
-from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission
+from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission, unstorable_strings
 from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
@@ -53,6 +53,7 @@ _FIELDS = {
     "cancel": {"type", "request_id", "job_id"},
     "ping": {"type", "request_id"},
 }
+_SUBMISSION = {"params", "preview", "webhook"}
 
 
 class _RateLimit:
@@ -197,6 +198,10 @@ class Connection:
         if kind not in _FIELDS:
             known = ", ".join(_FIELDS)
             raise InvalidRequest(f"unknown message type {kind!r}; expected one of: {known}")
+        # The submission's own fields are checked as it is parsed, named as on REST.
+        envelope = {name: value for name, value in message.items() if name not in _SUBMISSION}
+        if unstorable := unstorable_strings(envelope, ""):
+            raise InvalidParams.from_errors(unstorable)
         unknown = sorted(set(message) - _FIELDS[kind])
         if unknown:
             raise InvalidParams.from_errors([FieldError(name, f"unknown field {name!r}") for name in unknown])

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -185,11 +185,18 @@ def _encode_cursor(job: Job) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The ``(created_at, id)`` a page starts after. A cursor comes back from the client, so it
+    may be anything: a time without a zone (which asyncpg would read in the server's own zone)
+    or one that leaves the years 1-9999 on its way to UTC (which asyncpg cannot send) is as
+    invalid as one that is not base64."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, _, job_id = raw.partition("|")
-        return datetime.fromisoformat(created), uuid.UUID(job_id)
-    except ValueError:
+        after = datetime.fromisoformat(created)
+        if after.tzinfo is None:
+            raise ValueError("no time zone")
+        return after.astimezone(UTC), uuid.UUID(job_id)
+    except (ValueError, OverflowError):
         raise InvalidParams.one("cursor", "cursor is not valid") from None
 
 

@@ -22,6 +22,9 @@ class StepcastError(Exception):
     code = "internal_error"
     status = 500
     title = "Internal error"
+    # The names of the headers in ``headers``, known before any error is made (the OpenAPI
+    # document lists them with the status).
+    header_names: tuple[str, ...] = ()
 
     def __init__(self, detail: str, *, errors: list[FieldError] | None = None) -> None:
         super().__init__(detail)
@@ -58,6 +61,7 @@ class Unauthorized(StepcastError):
     code = "unauthorized"
     status = 401
     title = "Unauthorized"
+    header_names = ("WWW-Authenticate",)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -105,6 +109,7 @@ class TooManyRequests(StepcastError):
     code = "queue_full"
     status = 429
     title = "Too many requests"
+    header_names = ("Retry-After",)
 
     def __init__(self, detail: str, *, retry_after_s: int) -> None:
         super().__init__(detail)
@@ -126,9 +131,16 @@ class TooManySockets(TooManyRequests):
 
 
 class Unavailable(StepcastError):
+    """A store (Postgres, Redis) is restarting or failing over: try again in a second."""
+
     code = "unavailable"
     status = 503
     title = "Service unavailable"
+    header_names = ("Retry-After",)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ServerBusy(Unavailable):

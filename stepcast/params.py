@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import secrets
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ WEBHOOK_EVENTS = ("started", "completed", "failed", "canceled")
 DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "canceled")
 MAX_URL_CHARS = 2048
 MAX_SEQ = 2**63 - 1  # seqs are Postgres bigints; Redis stream ids hold no more
+MAX_FIELD_ERRORS = 20  # a body of a thousand bad strings is answered with the first few
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,6 @@ class _Checker:
             self.fail(name, f"{self.label(name)} must not be empty")
         elif len(value) > max_chars:
             self.fail(name, f"{self.label(name)} must be at most {max_chars} characters")
-        elif "\x00" in value:
-            self.fail(name, f"{self.label(name)} must not contain NUL characters")
         else:
             return value
         return None
@@ -234,6 +234,8 @@ def parse_webhook(data: Any, settings: Settings) -> Webhook | None:
 def _webhook_url_problem(url: str, settings: Settings) -> str | None:
     if len(url) > MAX_URL_CHARS:
         return f"url must be at most {MAX_URL_CHARS} characters"
+    if not all(c.isprintable() and not c.isspace() for c in url):
+        return "url must not contain spaces or control characters"
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         return "url must be an absolute http:// or https:// URL"
@@ -250,10 +252,53 @@ def _webhook_url_problem(url: str, settings: Settings) -> str | None:
     return None
 
 
+def _unstorable(text: str) -> str | None:
+    """Why Postgres (text or jsonb) would refuse ``text``, if it would."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            return f"must be valid Unicode: {ascii(text[exc.start])[1:-1]} is half of a surrogate pair"
+    return None
+
+
+def unstorable_strings(value: Any, field: str) -> list[FieldError]:
+    """Every string in a parsed JSON ``value``, keys included, that Postgres cannot store, named
+    by its path from ``field`` ("" for the top level of an object). JSON's ``\\u`` escapes can
+    spell NUL and lone surrogates (``\\ud800``), which ``json.loads`` admits and no UTF-8 text
+    holds: refused here, as they are parsed, they never reach a store or an answer."""
+    errors: list[FieldError] = []
+    pending: deque[tuple[str, Any]] = deque([(field, value)])
+    while pending and len(errors) < MAX_FIELD_ERRORS:
+        path, item = pending.popleft()
+        if isinstance(item, str):
+            if problem := _unstorable(item):
+                errors.append(FieldError(path, f"{path} {problem}"))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if problem := _unstorable(key):
+                    name = f"{path}.{ascii(key)[1:-1]}" if path else ascii(key)[1:-1]
+                    errors.append(FieldError(name, f"the field name {name} {problem}"))
+                else:
+                    pending.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return errors
+
+
 def parse_submission(
     params: Any, preview: Any, settings: Settings, *, params_field: str = "body", webhook: Any = None
 ) -> Submission:
     """Validate the params and the preview request together, reporting every problem at once."""
+    unstorable = [
+        *(unstorable_strings(params, "") if isinstance(params, dict) else []),
+        *unstorable_strings(preview, "preview"),
+        *unstorable_strings(webhook, "webhook"),
+    ]
+    if unstorable:
+        raise InvalidParams.from_errors(unstorable)
     errors: list[FieldError] = []
     parsed = None
     if not isinstance(params, dict):

@@ -66,6 +66,20 @@ def redis_server() -> Iterator[LocalRedis]:
     server.stop()
 
 
+@pytest.fixture
+async def own_postgres() -> AsyncIterator[tuple[LocalPostgres, str]]:
+    """A Postgres cluster only this test uses (initdb once, kept under .data/test), and a fresh database."""
+    server = LocalPostgres(DATA_DIR / "test" / "postgres-faults", free_port(), durable=False)
+    await asyncio.to_thread(server.start)
+    name = f"faults_{uuid.uuid4().hex[:8]}"
+    try:
+        await asyncio.to_thread(server.create_database, name)
+        await schema.migrate(settings_module.load(database_url=server.dsn(name)))
+        yield server, server.dsn(name)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's standalone S3 server: a real HTTP endpoint speaking the S3 protocol."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -41,20 +40,6 @@ def own_redis() -> Iterator[LocalRedis]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def own_postgres() -> AsyncIterator[tuple[LocalPostgres, str]]:
-    """A Postgres cluster only this test uses (initdb once, kept under .data/test), and a fresh database."""
-    server = LocalPostgres(DATA_DIR / "test" / "postgres-faults", free_port(), durable=False)
-    await asyncio.to_thread(server.start)
-    name = f"faults_{uuid.uuid4().hex[:8]}"
-    try:
-        await asyncio.to_thread(server.create_database, name)
-        await schema.migrate(settings_module.load(database_url=server.dsn(name)))
-        yield server, server.dsn(name)
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def get(client: httpx.AsyncClient, job_id: str) -> dict[str, Any] | None:

@@ -1,6 +1,8 @@
 """Hostile input: a property-based fuzz of the REST API from its own OpenAPI
-document (schemathesis) finds no 5xx; random WebSocket frames never crash the
-server or another client's connection; a per-owner request rate limit."""
+document (schemathesis) finds no 5xx and no status or content type the document
+does not give; random WebSocket frames never crash the server or another
+client's connection; text Postgres cannot store is refused by name; a per-owner
+request rate limit."""
 
 from __future__ import annotations
 
@@ -23,14 +25,19 @@ from tests.conftest import Stack, StepcastProcess, assert_problem
 from tests.test_auth import bearer, make_key
 
 
-async def test_fuzzing_the_rest_api_from_its_openapi_document_finds_no_5xx(
+# A caller that goes over its request rate meets the 429 every owned route documents.
+@pytest.mark.parametrize("settings", [{"auth": "keys", "requests_per_s_per_owner": 20}], indirect=True)
+async def test_fuzzing_the_rest_api_from_its_openapi_document_finds_no_5xx_and_no_undocumented_answer(
     settings: Settings, spawn: Callable[[str, Settings], Awaitable[StepcastProcess]], tmp_path: Path
 ) -> None:
     server = await spawn("server.app", settings)
+    _, key = await make_key(settings, "fuzzer")
     command = [
         str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.base_url}/openapi.json",
-        "--checks", "not_a_server_error", "--phases", "coverage,fuzzing",
-        "--max-examples", "5", "--max-time", "10", "--workers", "2", "--seed", "7",
+        "--header", f"Authorization: Bearer {key}",
+        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance",
+        "--phases", "coverage,fuzzing", "--max-examples", "5", "--max-time", "10", "--workers", "2",
+        "--seed", "7",
     ]  # fmt: skip
     run = await asyncio.to_thread(
         subprocess.run, command, capture_output=True, text=True, timeout=120, cwd=tmp_path
@@ -51,7 +58,9 @@ def hostile_frames(rng: random.Random) -> list[str | bytes]:
         if kind == 2:
             return rng.choice([1e308, -1e-308, 3.5, float("inf")])
         if kind == 3:
-            return "".join(chr(rng.choice([0x41, 0x0, 0x202E, 0x1F98A, 0xFFFF, 0x10FFFF])) for _ in range(8))
+            return "".join(
+                chr(rng.choice([0x41, 0x0, 0x202E, 0x1F98A, 0xFFFF, 0x10FFFF, 0xD800])) for _ in range(8)
+            )
         if kind == 4:
             return rng.choice(["submit", "subscribe", "cancel", "ping", "unsubscribe", ""])
         if kind == 5:
@@ -119,6 +128,31 @@ async def test_random_websocket_frames_never_break_the_server_or_other_clients(s
                 break
         assert message["type"] == "completed" and steps == list(range(1, 31))
     assert (await stack.client.get("/healthz")).status_code == 200
+
+
+async def test_websocket_text_postgres_cannot_store_is_an_error_naming_the_field(
+    client: httpx.AsyncClient,
+) -> None:
+    lone = "must be valid Unicode: \\ud800 is half of a surrogate pair"
+    frames = {  # raw frames: the \\u escapes are JSON's, json.loads gives the lone surrogate
+        '{"type": "submit", "params": {"prompt": "a \\ud800 fox"}}': ("prompt", f"prompt {lone}"),
+        '{"type": "submit", "params": {"prompt": "p"}, "webhook": {"url": "https://a.example/\\u0000"}}': (
+            "webhook.url",
+            "webhook.url must not contain NUL characters",
+        ),
+        '{"type": "ping", "request_id": "\\ud800"}': ("request_id", f"request_id {lone}"),
+        '{"type": "ping", "\\ud800": 1}': ("\\ud800", f"the field name \\ud800 {lone}"),
+    }
+    url = str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url) as socket:
+        for frame, (field, message) in frames.items():
+            await socket.send(frame)
+            answer = json.loads(await asyncio.wait_for(socket.recv(), 10))
+            assert (answer["type"], answer["code"]) == ("error", "invalid_params"), answer
+            assert (answer["field"], answer["message"]) == (field, message)
+        await socket.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(socket.recv(), 10)) == {"type": "pong"}
+    assert (await client.get("/v1/jobs")).json()["items"] == []  # nothing was stored
 
 
 @pytest.mark.parametrize("settings", [{"auth": "keys", "requests_per_s_per_owner": 5}], indirect=True)

@@ -8,9 +8,10 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.errors import InvalidParams
-from stepcast.params import parse_body
+from stepcast.params import MAX_FIELD_ERRORS, parse_body
 
 SETTINGS = settings_module.load(default_size_px=64)
+LONE = "must be valid Unicode: \\ud800 is half of a surrogate pair"
 
 
 def fields_of(body: Any) -> dict[str, str]:
@@ -70,10 +71,52 @@ def test_defaults_are_filled_and_seed_is_always_chosen() -> None:
         ({"prompt": "p", "preview": {"size": 1}}, "preview.size", "unknown field 'preview.size'"),
         ({"prompt": "p", "preview": "yes"}, "preview", "preview must be an object"),
         ([1, 2], "body", "request body must be a JSON object"),
+        # What JSON's \\u escapes spell and Postgres cannot store, wherever it is.
+        ({"prompt": "a\ud800b"}, "prompt", f"prompt {LONE}"),
+        (
+            {"prompt": "p", "negative_prompt": "\udfff"},
+            "negative_prompt",
+            f"negative_prompt {LONE.replace('d800', 'dfff')}",
+        ),
+        ({"prompt": "p", "st\ud800eps": 1}, "st\\ud800eps", f"the field name st\\ud800eps {LONE}"),
+        (
+            {"prompt": "p", "preview": {"\x00": 1}},
+            "preview.\\x00",
+            "the field name preview.\\x00 must not contain NUL characters",
+        ),
+        (
+            {"prompt": "p", "webhook": {"url": "https://a.example/\ud800"}},
+            "webhook.url",
+            f"webhook.url {LONE}",
+        ),
+        (
+            {"prompt": "p", "webhook": {"url": "https://a.example/\x00"}},
+            "webhook.url",
+            "webhook.url must not contain NUL characters",
+        ),
+        (
+            {"prompt": "p", "webhook": {"url": "https://a.example/a b"}},
+            "webhook.url",
+            "url must not contain spaces or control characters",
+        ),
+        (
+            {"prompt": "p", "webhook": {"url": "https://a.example/\r\n"}},
+            "webhook.url",
+            "url must not contain spaces or control characters",
+        ),
+        (
+            {"prompt": "p", "webhook": {"url": "https://a.example/", "events": ["\ud800"]}},
+            "webhook.events[0]",
+            f"webhook.events[0] {LONE}",
+        ),
     ],
 )
 def test_each_bad_field_is_named(body: Any, field: str, message: str) -> None:
     assert fields_of(body) == {field: message}
+
+
+def test_a_body_of_bad_strings_is_answered_with_the_first_few() -> None:
+    assert len(fields_of({"prompt": "p", "negative_prompt": ["\x00"] * 1000})) == MAX_FIELD_ERRORS
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -323,6 +323,11 @@ async def test_sse_streams_and_resumes_with_last_event_id(stack: Stack) -> None:
     for bad_seq in ("51188732970579781484544", "\u00b2"):  # "²" is a digit to str.isdigit, not to int()
         bad = await stack.client.get(url, params={"after_seq": bad_seq})
         assert_problem(bad, 422, {"after_seq": f"after_seq {seq_range}"})
+    # a bad one is named even beside a good Last-Event-ID (which wins when both are fine)
+    bad = await stack.client.get(
+        url, params={"after_seq": "9223372036854775808"}, headers={"Last-Event-ID": "0"}
+    )
+    assert_problem(bad, 422, {"after_seq": f"after_seq {seq_range}"})
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,55 @@ async def test_history_query_errors_name_the_parameter(client: httpx.AsyncClient
     assert_problem(
         await client.get("/v1/jobs", params={"sort": "asc"}), 422, {"sort": "unknown query parameter 'sort'"}
     )
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        "9999-12-31T23:59:59-05:00",  # past year 9999 once in UTC
+        "0001-01-01T00:00:00+05:00",  # before year 1 once in UTC
+        "2026-01-01T00:00:00",  # no time zone: asyncpg would read it in the server's own
+    ],
+)
+async def test_a_tampered_cursor_is_a_422(client: httpx.AsyncClient, created: str) -> None:
+    cursor = base64.urlsafe_b64encode(f"{created}|{uuid.uuid4()}".encode()).decode()
+    response = await client.get("/v1/jobs", params={"cursor": cursor})
+    assert_problem(response, 422, {"cursor": "cursor is not valid"})
+
+
+async def test_the_last_possible_cursor_is_a_page(client: httpx.AsyncClient) -> None:
+    job = (await client.post("/v1/jobs", json={"prompt": "p"})).json()
+    cursor = base64.urlsafe_b64encode(f"9999-12-31T23:59:59.999999+00:00|{uuid.uuid4()}".encode()).decode()
+    page = (await client.get("/v1/jobs", params={"cursor": cursor})).json()
+    assert [item["id"] for item in page["items"]] == [job["id"]]
+
+
+# JSON's \u escapes spell text no UTF-8 holds (a lone surrogate) and a NUL: Postgres stores neither.
+LONE = "must be valid Unicode: \\ud800 is half of a surrogate pair"
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        (b'{"prompt": "a \\ud800 fox"}', {"prompt": f"prompt {LONE}"}),
+        (b'{"prompt": "p", "negative_prompt": "\\ud800"}', {"negative_prompt": f"negative_prompt {LONE}"}),
+        (b'{"prompt": "p", "\\ud800": 1}', {"\\ud800": f"the field name \\ud800 {LONE}"}),
+        (
+            b'{"prompt": "p", "webhook": {"url": "https://example.com/\\ud800"}}',
+            {"webhook.url": f"webhook.url {LONE}"},
+        ),
+        (
+            b'{"prompt": "p", "webhook": {"url": "https://example.com/\\u0000"}}',
+            {"webhook.url": "webhook.url must not contain NUL characters"},
+        ),
+    ],
+)
+async def test_text_postgres_cannot_store_is_a_422_naming_the_field(
+    client: httpx.AsyncClient, body: bytes, errors: dict[str, str]
+) -> None:
+    response = await client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert_problem(response, 422, errors)
+    assert (await client.get("/v1/jobs")).json()["items"] == []  # nothing was stored
 
 
 async def test_cancel_pending_job_is_final(client: httpx.AsyncClient, settings: Settings) -> None:
