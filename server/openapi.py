@@ -298,7 +298,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _operations() -> dict[str, dict[str, Operation]]:
+def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
     plain = {"200": _json("OK")}
     return {
         "/v1/jobs": {
@@ -418,7 +418,7 @@ def document(settings: Settings) -> dict[str, Any]:
             method: operation.document(owned=path.startswith(OWNED), keys=keys)
             for method, operation in item.items()
         }
-        for path, item in _operations().items()
+        for path, item in _operations(settings).items()
     }
     return {
         "openapi": "3.1.0",

@@ -18,8 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from stepcast import schema
-from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.processes import LocalPostgres, LocalRedis, free_port
 from stepcast.settings import DATA_DIR, Settings
