@@ -18,6 +18,13 @@ from stepcast.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".data"
 
+# A session secret is refused at start-up when it is shorter than this, has
+# fewer distinct characters than that (`aaaa…`, `secretsecret…`), or carries a
+# template's placeholder: `openssl rand -hex 32` passes all three.
+MIN_SECRET_BYTES = 32
+MIN_SECRET_DISTINCT_CHARS = 10
+PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "yoursecret", "example")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEPCAST_", frozen=True, extra="forbid")
@@ -175,7 +182,8 @@ class Settings(BaseSettings):
     auth: Literal["keys", "single_user"] = "keys"
     anonymous_owner: str = "anonymous"
     # Signs browser session cookies; every server of a deployment needs the
-    # same one. Unset: a random one per process (sessions end on restart).
+    # same one. Unset: a random one per process (sessions end on restart). A
+    # weak or placeholder one stops the process (MIN_SECRET_BYTES above).
     session_secret: SecretStr | None = None
     session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
     # Webhooks (Standard Webhooks): never to private, loopback or link-local
@@ -208,6 +216,22 @@ class Settings(BaseSettings):
         """A blank optional setting (``STEPCAST_S3_ENDPOINT_URL=``, a template's empty line) means not set."""
         if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
             return None
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        folded = "".join(char for char in text.lower() if char.isalnum())
+        make = "use `openssl rand -hex 32`"
+        if marker := next((word for word in PLACEHOLDERS if word in folded), None):
+            raise ValueError(f"holds a placeholder ({marker!r}); {make}")
+        if (size := len(text.encode())) < MIN_SECRET_BYTES:
+            raise ValueError(f"is {size} bytes, fewer than {MIN_SECRET_BYTES}; {make}")
+        if (distinct := len(set(text))) < MIN_SECRET_DISTINCT_CHARS:
+            raise ValueError(f"has only {distinct} distinct characters, not random; {make}")
         return value
 
     @model_validator(mode="after")

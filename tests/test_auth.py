@@ -21,7 +21,8 @@ from websockets.exceptions import InvalidStatus
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem
 
-KEYS = [{"auth": "keys", "session_secret": "test-secret"}]
+SESSION_SECRET = "9c1f4e7a2b8d06f3" * 4  # 64 hex characters, like `openssl rand -hex 32`
+KEYS = [{"auth": "keys", "session_secret": SESSION_SECRET}]
 
 
 def stepcast_keys(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
