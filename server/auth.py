@@ -91,7 +91,7 @@ class BrowserSession:
         if cookie and keys.session_owner(secret, cookie):
             await self.app(scope, receive, send)
             return
-        value = keys.sign_session(secret, keys.new_owner("anon"))
+        value = keys.new_session(secret, services.settings.session_max_age_s)
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         max_age = services.settings.session_max_age_s
         set_cookie = f"{SESSION_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"

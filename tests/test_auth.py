@@ -7,10 +7,14 @@ not found anywhere (404, like a job that does not exist)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -18,6 +22,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from stepcast import keys
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem
 
@@ -174,3 +179,38 @@ async def test_the_page_gets_a_signed_session_of_its_own(stack: Stack) -> None:
         base_url=stack.client.base_url, cookies={"stepcast_session": forged}
     ) as forger:
         assert (await forger.get("/v1/me")).status_code == 401
+
+
+def session_of(response: httpx.Response) -> str:
+    """The session cookie a page load set."""
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("stepcast_session="), cookie
+    return cookie.split(";")[0].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_a_session_carries_a_signed_expiry(client: httpx.AsyncClient, settings: Settings) -> None:
+    def cookie(session: str) -> dict[str, bytes]:
+        return {"Cookie": f"stepcast_session={session}".encode()}  # bytes: any UTF-8 gets through
+
+    async def me(session: str) -> httpx.Response:
+        return await client.get("/v1/me", headers=cookie(session))
+
+    async def page(session: str) -> httpx.Response:
+        return await client.get("/", headers=cookie(session))
+
+    session = session_of(await client.get("/"))
+    owner, expires_at, _ = session.split(".")
+    assert abs(int(expires_at) - (time.time() + settings.session_max_age_s)) < 60
+    assert (await me(session)).json()["owner"] == owner
+
+    secret = SESSION_SECRET.encode()
+    expired = keys.sign_session(secret, owner, expires_at=int(time.time()) - 1)
+    stretched = f"{owner}.{int(expires_at) + 10**6}.{session.split('.')[2]}"  # a later expiry, same signature
+    digest = hmac.new(secret, owner.encode(), hashlib.sha256).digest()
+    old_form = f"{owner}." + base64.urlsafe_b64encode(digest).decode().rstrip("=")  # no expiry inside
+    for refused in (expired, stretched, old_form, "anon_x.1.\u00e9"):
+        assert "no credentials" in assert_problem(await me(refused), 401)["detail"], refused
+        renewed = session_of(await page(refused))  # the page hands out a new session at once
+        assert renewed.split(".")[0] != owner and (await me(renewed)).status_code == 200
+    assert "set-cookie" not in (await page(session)).headers  # a valid session is kept
