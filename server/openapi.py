@@ -62,6 +62,7 @@ def _header(description: str, kind: str = "string") -> dict[str, Any]:
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 NOT_FOUND = _problem("No such job of yours (another owner's job answers the same)")
+CROSS_SITE = _problem("Sent without a key from another site's page (its Origin is not allowed)")
 
 
 def _schemas(settings: Settings) -> dict[str, Any]:
@@ -248,9 +249,10 @@ def _paths() -> dict[str, Any]:
                     "201": _job("Finished within Prefer: wait", location),
                     "202": _job("Accepted (or a replay of an idempotency key)", location),
                     "400": _problem("Body is not JSON"),
+                    "403": CROSS_SITE,
                     "409": _problem("Idempotency key reused with other params"),
                     "413": _problem("Body too large"),
-                    "415": _problem("Not application/json"),
+                    "415": _problem("Content-Type not application/json (or +json)"),
                     "422": _problem("Invalid params, one entry per field"),
                     "429": _problem("Queue full", retry_after),
                     "503": _problem("Postgres or Redis unavailable for a moment", retry_after),
@@ -294,6 +296,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _job("Canceled (it was pending)"),
                     "202": _job("Stops at its next denoising step"),
+                    "403": CROSS_SITE,
                     "404": NOT_FOUND,
                     "409": _problem("Already finished"),
                 },

@@ -15,11 +15,10 @@ import logging
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server.auth import owner_of
+from server.auth import origin_allowed, owner_of
 from server.feed import Feed, SlowConsumer
 from server.services import Services
 from stepcast.errors import (
@@ -32,7 +31,6 @@ from stepcast.errors import (
     Unavailable,
 )
 from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission
-from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -238,14 +236,6 @@ class Connection:
             await self.feed.watch(job.id, 0, new=job)
         else:
             await self.feed.watch(job.id, None)
-
-
-def origin_allowed(websocket: WebSocket, settings: Settings) -> bool:
-    """Browsers always send Origin: it must be this server or an allowed one."""
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True  # not a browser
-    return origin in settings.allowed_origins or urlsplit(origin).netloc == websocket.headers.get("host")
 
 
 async def endpoint(websocket: WebSocket) -> None:

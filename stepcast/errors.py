@@ -64,6 +64,12 @@ class Unauthorized(StepcastError):
         return {"WWW-Authenticate": 'Bearer realm="stepcast"'}
 
 
+class Forbidden(StepcastError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
 class PayloadTooLarge(StepcastError):
     code = "payload_too_large"
     status = 413
