@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from server import openapi, rest, sse, ws
 from server.auth import BrowserSession
+from server.hosts import HostCheck
 from server.metrics import ServerMetrics
 from server.metrics import endpoint as metrics_endpoint
 from server.middleware import RequestContext
@@ -51,7 +52,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestContext), Middleware(BrowserSession)],
+        middleware=[Middleware(RequestContext), Middleware(HostCheck), Middleware(BrowserSession)],
     )
     # Set when the server starts shutting down: long-lived streams end then.
     app.state.draining = asyncio.Event()
@@ -80,6 +81,9 @@ class Server(uvicorn.Server):
                 # deflating every frame costs CPU on both ends for a few bytes.
                 ws_per_message_deflate=False,
                 timeout_graceful_shutdown=int(settings.server_shutdown_s),
+                # X-Forwarded-Proto and -For are believed from these only: the
+                # scheme decides whether the session cookie is Secure.
+                forwarded_allow_ips=list(settings.trusted_proxies),
             )
         )
         self.draining: asyncio.Event = app.state.draining

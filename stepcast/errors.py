@@ -54,6 +54,12 @@ class InvalidRequest(StepcastError):
     title = "Malformed request"
 
 
+class HostNotAllowed(StepcastError):
+    code = "host_not_allowed"
+    status = 400
+    title = "Host not allowed"
+
+
 class Unauthorized(StepcastError):
     code = "unauthorized"
     status = 401

@@ -173,6 +173,15 @@ class Settings(BaseSettings):
     # list, e.g. '["https://app.example.com"]'); guards against cross-site
     # WebSocket hijacking.
     allowed_origins: tuple[str, ...] = ()
+    # Host names the server answers to (a JSON list; "*.example.com" matches its
+    # subdomains, "*" any name): closes DNS rebinding. Unset: loopback names
+    # only with auth single_user, any name with keys. /healthz, /readyz and
+    # /metrics answer any name (probes and scrapers use a pod's IP).
+    allowed_hosts: tuple[str, ...] | None = None
+    # Proxies (addresses or networks, "*": any) whose X-Forwarded-Proto and
+    # X-Forwarded-For are believed: behind a TLS-terminating one the scheme is
+    # https, and the session cookie Secure.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
     # Who may do what. "keys": programmatic clients send `Authorization: Bearer
     # <key>` (`stepcast keys create`), the page gets an anonymous session of its
