@@ -57,7 +57,7 @@ async def owner_of(connection: HTTPConnection) -> str:
         owner = keys.session_owner(services.session_secret, cookie) if cookie else None
         if owner is None:
             raise Unauthorized(f"no credentials: {HOW_TO}")
-    if getattr(state, "key_hash", None) is None:
+    if key_hash_of(connection) is None:
         _check_origin(connection, settings)
     state.owner = owner
     if connection.scope["type"] == "http" and settings.auth == "keys":
@@ -83,6 +83,12 @@ def _check_origin(connection: HTTPConnection, settings: Settings) -> None:
         origin = connection.headers["origin"]
         message = f"Origin {origin} may not change anything here (STEPCAST_ALLOWED_ORIGINS lists others)"
         raise Forbidden(message, errors=[FieldError("Origin", message)])
+
+
+def key_hash_of(connection: HTTPConnection) -> str | None:
+    """The hash of the API key :func:`owner_of` took the caller's word from, if a key."""
+    key_hash: str | None = getattr(connection.state, "key_hash", None)
+    return key_hash
 
 
 async def _count_request(services: Any, owner: str) -> None:

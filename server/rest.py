@@ -106,7 +106,7 @@ async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
     try:
         await feed.watch(job.id, 0)
         while (left := deadline - time.monotonic()) > 0:
-            item = await feed.next_unless(draining, left)
+            item = await feed.next_unless(draining, timeout_s=left)
             if item is None or item.terminal:
                 break
     except SlowConsumer:

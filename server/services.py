@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from server.hub import Hub
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
+from server.revocations import Revocations
 from stepcast import __version__, queue, schema
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
@@ -53,9 +54,12 @@ class Services:
     inserts: Gatherer[NewJob, Insertion] = field(init=False)
     pipelined: Pipelined = field(init=False)
     lifecycle: Lifecycle = field(init=False)
+    # Ends the open streams of revoked API keys.
+    revocations: Revocations = field(init=False)
 
     def __post_init__(self) -> None:
         self.inserts = Gatherer(self._insert)
+        self.revocations = Revocations(self.db, self.settings.key_check_s)
         self.pipelined = Pipelined(self.redis)
         self.lifecycle = Lifecycle(self.db, self.events)
 
@@ -91,6 +95,7 @@ class Services:
             services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
+                services.revocations.run(),
                 Recovery.from_settings(settings, db, events, redis).run(),
                 Retention.from_settings(settings, db, storage).run(),
                 WebhookSender(

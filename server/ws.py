@@ -3,7 +3,8 @@
 Every client frame is one JSON object with a ``type``. A bad frame gets an
 ``error`` frame and the connection stays usable; only abuse closes it: a
 client that keeps sending faster than its rate limit (1008), or one that
-stops reading while events pile up (1013, reconnect and resume).
+stops reading while events pile up (1013, reconnect and resume); and a
+connection opened with an API key that is then revoked (4401).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server.auth import origin_allowed, owner_of
+from server.auth import key_hash_of, origin_allowed, owner_of
 from server.feed import Feed, SlowConsumer
 from server.services import Services
 from stepcast.errors import (
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # flooding
 CLOSE_TRY_AGAIN = 1013  # too slow to keep up: reconnect and resume with after_seq
+CLOSE_REVOKED = 4401  # the API key the connection was opened with was revoked (like HTTP 401)
 MAX_STRIKES = 50  # rate-limited frames tolerated before the connection is closed
 MAX_REQUEST_ID_CHARS = 128
 
@@ -98,17 +100,24 @@ class Connection:
         self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
 
-    async def serve(self) -> None:
+    async def serve(self, revoked: asyncio.Event) -> None:
         await self.websocket.accept()
         metrics = self.services.metrics
         metrics.sockets.inc()
         writer = asyncio.create_task(self._write())
+        guard = asyncio.create_task(self._close_once(revoked, CLOSE_REVOKED, "API key revoked"))
         try:
             await self._read()
         finally:
             metrics.sockets.dec()
             await self.feed.close()
             await cancel_and_wait(writer)
+            await cancel_and_wait(guard)
+
+    async def _close_once(self, event: asyncio.Event, code: int, reason: str) -> None:
+        await event.wait()
+        logger.info("closing a connection: %s", reason, extra={"owner": self.owner})
+        await self._close(code, reason)
 
     async def _write(self) -> None:
         sent = self.services.metrics.events_sent.labels("websocket")
@@ -249,4 +258,5 @@ async def endpoint(websocket: WebSocket) -> None:
     except Unauthorized:
         await websocket.close(CLOSE_POLICY)  # refused before anything is sent: 403
         return
-    await Connection(websocket, services, owner).serve()
+    with services.revocations.watch(key_hash_of(websocket)) as revoked:
+        await Connection(websocket, services, owner).serve(revoked)

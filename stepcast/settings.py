@@ -166,6 +166,10 @@ class Settings(BaseSettings):
     ws_messages_per_s: float = Field(20.0, gt=0)
     ws_burst: int = Field(60, ge=1)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # How often a server asks Postgres whether the API keys its open WebSockets
+    # and SSE streams were opened with are still active: a revoked key's
+    # streams end within about this long.
+    key_check_s: float = Field(2.0, gt=0)
     # SIGTERM: sockets are closed at once with 1012 (reconnect elsewhere), then
     # requests still running get this long before the server stops.
     server_shutdown_s: float = Field(10.0, ge=0)

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from stepcast import keys
 from stepcast.settings import Settings
@@ -214,3 +214,43 @@ async def test_a_session_carries_a_signed_expiry(client: httpx.AsyncClient, sett
         renewed = session_of(await page(refused))  # the page hands out a new session at once
         assert renewed.split(".")[0] != owner and (await me(renewed)).status_code == 200
     assert "set-cookie" not in (await page(session)).headers  # a valid session is kept
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_revoking_a_key_ends_its_open_sockets_and_streams(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    carol_id, carol = await make_key(settings, "carol")
+    _, dave = await make_key(settings, "dave")
+    submitted = await client.post("/v1/jobs", json={"prompt": "p", "steps": 2}, headers=bearer(carol))
+    job_id = submitted.json()["id"]  # no worker here: it stays pending, its streams stay open
+    url = str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+    async with (
+        websockets.connect(url, additional_headers=bearer(carol)) as ws,
+        websockets.connect(url, additional_headers=bearer(dave)) as bystander,
+        client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(carol)) as sse,
+    ):
+        await ws.send(json.dumps({"type": "subscribe", "job_id": job_id}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+        lines = sse.aiter_lines()
+        while await asyncio.wait_for(anext(lines), 10) != "event: snapshot":
+            pass
+
+        revoked = await asyncio.to_thread(stepcast_keys, settings, "revoke", carol_id)
+        assert revoked.returncode == 0, revoked.stderr
+        revoked_at = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:  # queue updates may come first
+                await asyncio.wait_for(ws.recv(), 15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert closed.value.rcvd.reason == "API key revoked"
+        rest = [line async for line in lines]  # the stream ends
+        assert time.monotonic() - revoked_at < 6  # STEPCAST_KEY_CHECK_S is 2 s
+        error = json.loads(rest[rest.index("event: error") + 1].removeprefix("data: "))
+        assert (error["type"], error["code"]) == ("error", "unauthorized") and "revoked" in error["message"]
+
+        await bystander.send(json.dumps({"type": "ping"}))  # another key's socket lives on
+        assert json.loads(await asyncio.wait_for(bystander.recv(), 10)) == {"type": "pong"}
+    with pytest.raises(InvalidStatus):  # and the revoked key opens no new one
+        async with websockets.connect(url, additional_headers=bearer(carol)):
+            pass
