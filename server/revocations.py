@@ -23,9 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class Revocations:
-    def __init__(self, db: Database, interval_s: float) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.interval_s = interval_s
         self._streams: dict[str, set[asyncio.Event]] = {}
 
     @contextlib.contextmanager
@@ -54,9 +53,9 @@ class Revocations:
             for revoked in self._streams[key_hash]:
                 revoked.set()
 
-    async def run(self) -> None:
+    async def run(self, interval_s: float) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(interval_s)
             try:
                 await self.check()
             except TRANSIENT_ERRORS as exc:

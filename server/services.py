@@ -59,7 +59,7 @@ class Services:
 
     def __post_init__(self) -> None:
         self.inserts = Gatherer(self._insert)
-        self.revocations = Revocations(self.db, self.settings.key_check_s)
+        self.revocations = Revocations(self.db)
         self.pipelined = Pipelined(self.redis)
         self.lifecycle = Lifecycle(self.db, self.events)
 
@@ -95,7 +95,7 @@ class Services:
             services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
-                services.revocations.run(),
+                services.revocations.run(settings.key_check_s),
                 Recovery.from_settings(settings, db, events, redis).run(),
                 Retention.from_settings(settings, db, storage).run(),
                 WebhookSender(
