@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from server import openapi, rest, sse, ws
 from server.auth import BrowserSession
+from server.hosts import HostCheck
 from server.metrics import ServerMetrics
 from server.metrics import endpoint as metrics_endpoint
 from server.middleware import RequestContext
@@ -51,7 +52,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestContext), Middleware(BrowserSession)],
+        middleware=[Middleware(RequestContext), Middleware(HostCheck), Middleware(BrowserSession)],
     )
     # Set when the server starts shutting down: long-lived streams end then.
     app.state.draining = asyncio.Event()
@@ -80,8 +81,9 @@ class Server(uvicorn.Server):
                 # deflating every frame costs CPU on both ends for a few bytes.
                 ws_per_message_deflate=False,
                 timeout_graceful_shutdown=int(settings.server_shutdown_s),
-                # The client address (per-address limits) comes from X-Forwarded-For only from these.
-                forwarded_allow_ips=settings.forwarded_allow_ips,
+                # X-Forwarded-For and -Proto are believed from these only: the client
+                # address (per-address limits) and whether the session cookie is Secure.
+                forwarded_allow_ips=list(settings.trusted_proxies),
             )
         )
         self.draining: asyncio.Event = app.state.draining

@@ -6,12 +6,17 @@ With ``STEPCAST_AUTH=keys`` (the default) a request is a key holder's
 (``Authorization: Bearer sk_…``) or a browser session's (a signed HttpOnly,
 SameSite cookie the page gets when it is loaded), or it is refused with 401.
 ``single_user`` makes every request ``STEPCAST_ANONYMOUS_OWNER``'s.
+
+A request that changes something without a key (a session cookie, or no
+credentials in ``single_user`` mode) must not come from another site's page:
+its ``Origin``, when it sends one, must be this server's or an allowed one.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
@@ -20,10 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import limits, problems
 from stepcast import keys
-from stepcast.errors import RateLimited, Unauthorized
+from stepcast.errors import FieldError, Forbidden, RateLimited, Unauthorized
+from stepcast.settings import Settings
 
 SESSION_COOKIE = "stepcast_session"
 PAGE_PATHS = {"/", "/index.html"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 HOW_TO = "send Authorization: Bearer <api key> (`stepcast keys create` makes one), or use the page"
 
 
@@ -41,18 +48,48 @@ async def owner_of(connection: HTTPConnection) -> str:
         scheme, _, token = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized(f"the Authorization header must be 'Bearer <api key>'; {HOW_TO}")
-        owner = await services.db.owner_of_key(keys.hash_key(token.strip()))
+        key_hash = keys.hash_key(token.strip())
+        owner = await services.db.owner_of_key(key_hash)
         if owner is None:
             raise Unauthorized("this API key is unknown or revoked")
+        state.key_hash = key_hash
     else:
         cookie = connection.cookies.get(SESSION_COOKIE)
         owner = keys.session_owner(services.session_secret, cookie) if cookie else None
         if owner is None:
             raise Unauthorized(f"no credentials: {HOW_TO}")
+    if key_hash_of(connection) is None:
+        _check_origin(connection, settings)
     state.owner = owner
     if connection.scope["type"] == "http" and settings.auth == "keys":
         await _count_request(services, owner)
     return owner
+
+
+def origin_allowed(connection: HTTPConnection, settings: Settings) -> bool:
+    """A browser's ``Origin`` must be this server or an allowed one (programs send none)."""
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return True  # not a browser
+    return origin in settings.allowed_origins or urlsplit(origin).netloc == connection.headers.get("host")
+
+
+def _check_origin(connection: HTTPConnection, settings: Settings) -> None:
+    """Cross-site request forgery: a browser attaches the session cookie (or, in
+    ``single_user`` mode, nothing is needed at all) to a form or a no-CORS fetch that
+    another site makes it send; such a request carries that site's ``Origin``."""
+    if connection.scope["type"] != "http" or connection.scope["method"] in SAFE_METHODS:
+        return
+    if not origin_allowed(connection, settings):
+        origin = connection.headers["origin"]
+        message = f"Origin {origin} may not change anything here (STEPCAST_ALLOWED_ORIGINS lists others)"
+        raise Forbidden(message, errors=[FieldError("Origin", message)])
+
+
+def key_hash_of(connection: HTTPConnection) -> str | None:
+    """The hash of the API key :func:`owner_of` took the caller's word from, if a key."""
+    key_hash: str | None = getattr(connection.state, "key_hash", None)
+    return key_hash
 
 
 async def _count_request(services: Any, owner: str) -> None:
@@ -101,7 +138,7 @@ class BrowserSession:
         except RateLimited as exc:
             await problems.of_error(exc)(scope, receive, send)
             return
-        value = keys.sign_session(secret, keys.new_owner("anon"))
+        value = keys.new_session(secret, services.settings.session_max_age_s)
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         max_age = services.settings.session_max_age_s
         set_cookie = f"{SESSION_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"

@@ -154,18 +154,20 @@ class Feed:
     async def next(self, timeout_s: float | None = None) -> Outgoing | None:
         return await self.outbox.next(timeout_s)
 
-    async def next_unless(self, stop: asyncio.Event, timeout_s: float | None = None) -> Outgoing | None:
-        """:meth:`next`, but None at once when ``stop`` is set (the server is shutting down)."""
-        if stop.is_set():
+    async def next_unless(self, *stops: asyncio.Event, timeout_s: float | None = None) -> Outgoing | None:
+        """:meth:`next`, but None at once when one of ``stops`` is set (the server is shutting
+        down, the stream's key was revoked)."""
+        if any(stop.is_set() for stop in stops):
             return None
         if self.outbox.ready:  # the common case under load: no need to race anything
             return await self.next()
         waiting = asyncio.ensure_future(self.next(timeout_s))
-        stopping = asyncio.ensure_future(stop.wait())
+        stopping = [asyncio.ensure_future(stop.wait()) for stop in stops]
         try:
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, *stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancel_and_wait(stopping)
+            for task in stopping:
+                await cancel_and_wait(task)
         if not waiting.done():
             await cancel_and_wait(waiting)
             return None

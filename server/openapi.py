@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from stepcast import __version__
 from stepcast.errors import (
     Conflict,
+    Forbidden,
     Gone,
     IdempotencyKeyReused,
     InvalidParams,
@@ -93,6 +94,7 @@ Raises = tuple[type[StepcastError], str]
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 NO_JOB: Raises = (NotFound, "No such job of yours (another owner's job answers the same)")
+CROSS_SITE: Raises = (Forbidden, "Sent without a key from another site's page (its Origin is not allowed)")
 # Facts true of every route that finds the caller's owner (owner_of): it reads the
 # stores, and with STEPCAST_AUTH=keys it needs credentials and counts the caller's requests.
 OWNED = ("/v1/jobs", "/v1/images", "/v1/me")
@@ -312,7 +314,8 @@ def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
                     (InvalidRequest, "Body is not JSON"),
                     (IdempotencyKeyReused, "Idempotency key reused with other params"),
                     (PayloadTooLarge, "Body too large"),
-                    (UnsupportedMediaType, "Not application/json"),
+                    (UnsupportedMediaType, "Content-Type not application/json (or +json)"),
+                    CROSS_SITE,
                     (InvalidParams, "Invalid params or headers, one entry per field"),
                     (TooManyRequests, "Queue full, or your share of it"),
                 ),
@@ -366,7 +369,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
             "post": Operation(
                 "Cancel a job in any state",
                 {"200": _job("Canceled (it was pending)"), "202": _job("Stops at its next denoising step")},
-                raises=(NO_JOB, (Conflict, "Already finished")),
+                raises=(NO_JOB, (Conflict, "Already finished"), CROSS_SITE),
                 parameters=(JOB_ID,),
             )
         },

@@ -58,10 +58,19 @@ def _job_id(request: Request) -> uuid.UUID:
         raise NotFound(f"no job {request.path_params['job_id']}") from None
 
 
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 async def _json_body(request: Request) -> Any:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip() not in {"application/json", ""}:
-        raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
+    """The JSON body, declared as such: a browser sends a body of any other type (or of
+    none) across sites without asking first, so only JSON is read (no simple-request CSRF)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or not _is_json(content_type):
+        sent = "none" if content_type is None else repr(content_type)
+        message = f"Content-Type must be application/json (or a +json type); this request sent {sent}"
+        raise UnsupportedMediaType(message, errors=[FieldError("Content-Type", message)])
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -98,7 +107,7 @@ async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
     try:
         await feed.watch(job.id, 0)
         while (left := deadline - time.monotonic()) > 0:
-            item = await feed.next_unless(draining, left)
+            item = await feed.next_unless(draining, timeout_s=left)
             if item is None or item.terminal:
                 break
     except SlowConsumer:

@@ -22,6 +22,7 @@ from server.hub import Hub
 from server.limits import Sockets
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
+from server.revocations import Revocations
 from stepcast import __version__, keys, queue, schema
 from stepcast.batched import Gatherer, Pipelined
 from stepcast.db import Database, Insertion, NewJob, Pace
@@ -56,10 +57,13 @@ class Services:
     pipelined: Pipelined = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     sockets: Sockets = field(init=False)
+    # Ends the open streams of revoked API keys.
+    revocations: Revocations = field(init=False)
 
     def __post_init__(self) -> None:
         self.sockets = Sockets(self.settings)
         self.inserts = Gatherer(self._insert)
+        self.revocations = Revocations(self.db)
         self.pipelined = Pipelined(self.redis)
         self.lifecycle = Lifecycle(self.db, self.events)
 
@@ -95,6 +99,7 @@ class Services:
             services = cls(settings, db, redis, events, storage, hub, metrics, session_secret, eta)
             for background in (
                 QueueAnnouncer(services, interval_s=settings.queue_update_s).run(),
+                services.revocations.run(settings.key_check_s),
                 Recovery.from_settings(settings, db, events, redis).run(),
                 Retention.from_settings(settings, db, storage).run(),
                 WebhookSender(

@@ -4,12 +4,14 @@ The same events as the WebSocket, each as ``id: <seq>``, ``event: <type>``,
 ``data: <json>``. ``Last-Event-ID`` (or ``?after_seq=``) resumes after that
 seq; without it the stream opens with a ``snapshot``. The stream ends after
 the job's terminal event, or when the server shuts down (the client
-reconnects, to another server if there is one, and resumes).
+reconnects, to another server if there is one, and resumes), or after an
+``error`` event when the API key it was opened with is revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,12 +20,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.auth import owner_of
+from server.auth import key_hash_of, owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import Socket, client_address
 from server.services import Services
 from stepcast.errors import NotFound
 from stepcast.params import parse_after_seq
+
+# The last event of a stream whose API key was revoked (the WebSocket's `error` frame).
+REVOKED = json.dumps(
+    {"type": "error", "code": "unauthorized", "message": "this stream's API key was revoked"}
+)
 
 
 def _after_seq(request: Request) -> int | None:
@@ -56,24 +63,29 @@ async def job_events(request: Request) -> Response:
 
     metrics = services.metrics
     sent = metrics.events_sent.labels("sse")
+    keepalive_s = services.settings.sse_keepalive_s
 
     async def stream() -> AsyncIterator[str]:
         metrics.sse_streams.inc()
         try:
-            yield "retry: 1000\n\n"
-            while True:
-                item = await feed.next_unless(draining, services.settings.sse_keepalive_s)
-                if draining.is_set():
-                    return  # the client reconnects (elsewhere) with Last-Event-ID and resumes
-                if item is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                seq = f"id: {item.seq}\n" if item.seq is not None else ""
-                yield f"{seq}event: {item.type}\ndata: {item.text}\n\n"
-                if item.seq is not None:
-                    sent.inc()
-                if item.terminal:
-                    return
+            with services.revocations.watch(key_hash_of(request)) as revoked:
+                yield "retry: 1000\n\n"
+                while True:
+                    item = await feed.next_unless(draining, revoked, timeout_s=keepalive_s)
+                    if revoked.is_set():
+                        yield f"event: error\ndata: {REVOKED}\n\n"
+                        return  # a reconnect with the revoked key gets 401
+                    if draining.is_set():
+                        return  # the client reconnects (elsewhere) with Last-Event-ID and resumes
+                    if item is None:
+                        yield ": keep-alive\n\n"
+                        continue
+                    seq = f"id: {item.seq}\n" if item.seq is not None else ""
+                    yield f"{seq}event: {item.type}\ndata: {item.text}\n\n"
+                    if item.seq is not None:
+                        sent.inc()
+                    if item.terminal:
+                        return
         except SlowConsumer:
             metrics.slow_clients.inc()
             return  # the client reconnects with Last-Event-ID and resumes

@@ -3,7 +3,8 @@
 Every client frame is one JSON object with a ``type``. A bad frame gets an
 ``error`` frame and the connection stays usable; only abuse closes it: a
 client that keeps sending faster than its rate limit (1008), or one that
-stops reading while events pile up (1013, reconnect and resume).
+stops reading while events pile up (1013, reconnect and resume); and a
+connection opened with an API key that is then revoked (4401).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import logging
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server.auth import owner_of
+from server.auth import key_hash_of, origin_allowed, owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
 from server.services import Services
@@ -35,7 +35,6 @@ from stepcast.errors import (
     Unavailable,
 )
 from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission, unstorable_strings
-from stepcast.settings import Settings
 from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -43,6 +42,7 @@ logger = logging.getLogger(__name__)
 CLOSE_POLICY = 1008  # flooding
 CLOSE_TRY_AGAIN = 1013  # too slow to keep up, or the server is full: reconnect (later) and resume
 CLOSE_TOO_MANY_SOCKETS = 4029  # the owner's or the address's sockets are at their cap: close one first
+CLOSE_REVOKED = 4401  # the API key the connection was opened with was revoked (like HTTP 401)
 MAX_STRIKES = 50  # rate-limited frames tolerated before the connection is closed
 MAX_REQUEST_ID_CHARS = 128
 
@@ -106,17 +106,24 @@ class Connection:
         self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
 
-    async def serve(self) -> None:
+    async def serve(self, revoked: asyncio.Event) -> None:
         await self.websocket.accept()
         metrics = self.services.metrics
         metrics.sockets.inc()
         writer = asyncio.create_task(self._write())
+        guard = asyncio.create_task(self._close_once(revoked, CLOSE_REVOKED, "API key revoked"))
         try:
             await self._read()
         finally:
             metrics.sockets.dec()
             await self.feed.close()
             await cancel_and_wait(writer)
+            await cancel_and_wait(guard)
+
+    async def _close_once(self, event: asyncio.Event, code: int, reason: str) -> None:
+        await event.wait()
+        logger.info("closing a connection: %s", reason, extra={"owner": self.owner})
+        await self._close(code, reason)
 
     async def _write(self) -> None:
         sent = self.services.metrics.events_sent.labels("websocket")
@@ -252,14 +259,6 @@ class Connection:
             await self.feed.watch(job.id, None)
 
 
-def origin_allowed(websocket: WebSocket, settings: Settings) -> bool:
-    """Browsers always send Origin: it must be this server or an allowed one."""
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True  # not a browser
-    return origin in settings.allowed_origins or urlsplit(origin).netloc == websocket.headers.get("host")
-
-
 async def endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.state.services
     if not origin_allowed(websocket, services.settings):
@@ -277,7 +276,8 @@ async def endpoint(websocket: WebSocket) -> None:
         await _refuse(websocket, exc)
         return
     try:
-        await Connection(websocket, services, owner).serve()
+        with services.revocations.watch(key_hash_of(websocket)) as revoked:
+            await Connection(websocket, services, owner).serve(revoked)
     finally:
         socket.close()
 

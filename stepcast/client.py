@@ -210,7 +210,13 @@ class AsyncClient:
                         yield event
                         if event.terminal:
                             return
-            except (ConnectionClosed, OSError, InvalidStatus):
+            except (ConnectionClosed, OSError, InvalidStatus) as exc:
+                # Refused for good: the key was revoked (close 4401), or is not accepted at all.
+                if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 4401:
+                    raise ApiError(401, "unauthorized", exc.rcvd.reason or "API key revoked") from None
+                if isinstance(exc, InvalidStatus) and exc.response.status_code in {401, 403}:
+                    status = exc.response.status_code
+                    raise ApiError(status, "unauthorized", "the server refused the connection") from None
                 # The server went away (restart, deploy, network): come back and resume.
                 await asyncio.sleep(delay_s * (0.5 + random.random()))
                 delay_s = min(delay_s * 2, RECONNECT_MAX_S)

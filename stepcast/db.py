@@ -829,6 +829,14 @@ class Database:
         )
         return owner
 
+    async def active_keys(self, key_hashes: list[str]) -> set[str]:
+        """Which of these key hashes belong to keys not revoked (one query for them all)."""
+        rows = await self.pool.fetch(
+            "SELECT key_hash FROM api_keys WHERE key_hash = ANY($1::text[]) AND revoked_at IS NULL",
+            key_hashes,
+        )
+        return {row["key_hash"] for row in rows}
+
     async def revoke_api_key(self, key_id: uuid.UUID) -> bool:
         revoked = await self.pool.fetchval(
             "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id", key_id

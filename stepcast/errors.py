@@ -57,6 +57,12 @@ class InvalidRequest(StepcastError):
     title = "Malformed request"
 
 
+class HostNotAllowed(StepcastError):
+    code = "host_not_allowed"
+    status = 400
+    title = "Host not allowed"
+
+
 class Unauthorized(StepcastError):
     code = "unauthorized"
     status = 401
@@ -66,6 +72,12 @@ class Unauthorized(StepcastError):
     @property
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="stepcast"'}
+
+
+class Forbidden(StepcastError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
 
 
 class PayloadTooLarge(StepcastError):

@@ -18,6 +18,13 @@ from stepcast.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".data"
 
+# A session secret is refused at start-up when it is shorter than this, has
+# fewer distinct characters than that (`aaaa…`, `secretsecret…`), or carries a
+# template's placeholder: `openssl rand -hex 32` passes all three.
+MIN_SECRET_BYTES = 32
+MIN_SECRET_DISTINCT_CHARS = 10
+PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "yoursecret", "example")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEPCAST_", frozen=True, extra="forbid")
@@ -143,10 +150,6 @@ class Settings(BaseSettings):
     max_sockets_per_process: int = Field(10000, ge=1)
     max_sockets_per_owner: int = Field(32, ge=1)
     max_anonymous_sockets_per_address: int = Field(64, ge=1)
-    # The proxies whose X-Forwarded-For (and -Proto) name the client: a
-    # comma-separated list of addresses or networks, "*" for any. From any
-    # other peer these headers are ignored and the peer is the client.
-    forwarded_allow_ips: str = "127.0.0.1,::1"
     # Retention: images of finished jobs are deleted after this many days
     # (0: kept forever); the job row stays and records when.
     retention_days: float = Field(7.0, ge=0)
@@ -178,6 +181,10 @@ class Settings(BaseSettings):
     ws_messages_per_s: float = Field(20.0, gt=0)
     ws_burst: int = Field(60, ge=1)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # How often a server asks Postgres whether the API keys its open WebSockets
+    # and SSE streams were opened with are still active: a revoked key's
+    # streams end within about this long.
+    key_check_s: float = Field(2.0, gt=0)
     # SIGTERM: sockets are closed at once with 1012 (reconnect elsewhere), then
     # requests still running get this long before the server stops.
     server_shutdown_s: float = Field(10.0, ge=0)
@@ -185,6 +192,17 @@ class Settings(BaseSettings):
     # list, e.g. '["https://app.example.com"]'); guards against cross-site
     # WebSocket hijacking.
     allowed_origins: tuple[str, ...] = ()
+    # Host names the server answers to (a JSON list; "*.example.com" matches its
+    # subdomains, "*" any name): closes DNS rebinding. Unset: loopback names
+    # only with auth single_user, any name with keys. /healthz, /readyz and
+    # /metrics answer any name (probes and scrapers use a pod's IP).
+    allowed_hosts: tuple[str, ...] | None = None
+    # Proxies (addresses or networks, "*": any) whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed: from them the client (per-address limits)
+    # is the nearest untrusted address in X-Forwarded-For, and behind a
+    # TLS-terminating one the scheme is https and the session cookie Secure.
+    # From any other peer these headers are ignored and the peer is the client.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
     # Who may do what. "keys": programmatic clients send `Authorization: Bearer
     # <key>` (`stepcast keys create`), the page gets an anonymous session of its
@@ -194,7 +212,8 @@ class Settings(BaseSettings):
     auth: Literal["keys", "single_user"] = "keys"
     anonymous_owner: str = "anonymous"
     # Signs browser session cookies; every server of a deployment needs the
-    # same one. Unset: a random one per process (sessions end on restart).
+    # same one. Unset: a random one per process (sessions end on restart). A
+    # weak or placeholder one stops the process (MIN_SECRET_BYTES above).
     session_secret: SecretStr | None = None
     session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
     # Webhooks (Standard Webhooks): never to private, loopback or link-local
@@ -227,6 +246,22 @@ class Settings(BaseSettings):
         """A blank optional setting (``STEPCAST_S3_ENDPOINT_URL=``, a template's empty line) means not set."""
         if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
             return None
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        folded = "".join(char for char in text.lower() if char.isalnum())
+        make = "use `openssl rand -hex 32`"
+        if marker := next((word for word in PLACEHOLDERS if word in folded), None):
+            raise ValueError(f"holds a placeholder ({marker!r}); {make}")
+        if (size := len(text.encode())) < MIN_SECRET_BYTES:
+            raise ValueError(f"is {size} bytes, fewer than {MIN_SECRET_BYTES}; {make}")
+        if (distinct := len(set(text))) < MIN_SECRET_DISTINCT_CHARS:
+            raise ValueError(f"has only {distinct} distinct characters, not random; {make}")
         return value
 
     @model_validator(mode="after")

@@ -7,21 +7,27 @@ not found anywhere (404, like a job that does not exist)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
 import pytest
 import websockets
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from stepcast import keys
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem
 
-KEYS = [{"auth": "keys", "session_secret": "test-secret"}]
+SESSION_SECRET = "9c1f4e7a2b8d06f3" * 4  # 64 hex characters, like `openssl rand -hex 32`
+KEYS = [{"auth": "keys", "session_secret": SESSION_SECRET}]
 
 
 def stepcast_keys(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -208,7 +214,7 @@ async def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(
 ) -> None:
     limited = {**KEYS[0], "sessions_per_min_per_address": 2}
     # The test's peer is 127.0.0.1: not a trusted proxy here, so its header is a spoof.
-    untrusted = await serve(make_settings(**limited, forwarded_allow_ips="192.0.2.1"))
+    untrusted = await serve(make_settings(**limited, trusted_proxies=("192.0.2.1",)))
     spoofed = await page_loads(untrusted, ["198.51.100.1", "198.51.100.2", "198.51.100.3"])
     assert [r.status_code for r in spoofed] == [200, 200, 429]
     # Behind a trusted proxy (loopback, the default) each forwarded client counts alone.
@@ -217,3 +223,78 @@ async def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(
     assert [r.status_code for r in forwarded] == [200, 200, 200]
     again = await page_loads(trusted, ["198.51.100.1", "198.51.100.1"])
     assert [r.status_code for r in again] == [200, 429]
+
+
+def session_of(response: httpx.Response) -> str:
+    """The session cookie a page load set."""
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("stepcast_session="), cookie
+    return cookie.split(";")[0].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_a_session_carries_a_signed_expiry(client: httpx.AsyncClient, settings: Settings) -> None:
+    def cookie(session: str) -> dict[str, bytes]:
+        return {"Cookie": f"stepcast_session={session}".encode()}  # bytes: any UTF-8 gets through
+
+    async def me(session: str) -> httpx.Response:
+        return await client.get("/v1/me", headers=cookie(session))
+
+    async def page(session: str) -> httpx.Response:
+        return await client.get("/", headers=cookie(session))
+
+    session = session_of(await client.get("/"))
+    owner, expires_at, _ = session.split(".")
+    assert abs(int(expires_at) - (time.time() + settings.session_max_age_s)) < 60
+    assert (await me(session)).json()["owner"] == owner
+
+    secret = SESSION_SECRET.encode()
+    expired = keys.sign_session(secret, owner, expires_at=int(time.time()) - 1)
+    stretched = f"{owner}.{int(expires_at) + 10**6}.{session.split('.')[2]}"  # a later expiry, same signature
+    digest = hmac.new(secret, owner.encode(), hashlib.sha256).digest()
+    old_form = f"{owner}." + base64.urlsafe_b64encode(digest).decode().rstrip("=")  # no expiry inside
+    for refused in (expired, stretched, old_form, "anon_x.1.\u00e9"):
+        assert "no credentials" in assert_problem(await me(refused), 401)["detail"], refused
+        renewed = session_of(await page(refused))  # the page hands out a new session at once
+        assert renewed.split(".")[0] != owner and (await me(renewed)).status_code == 200
+    assert "set-cookie" not in (await page(session)).headers  # a valid session is kept
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_revoking_a_key_ends_its_open_sockets_and_streams(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    carol_id, carol = await make_key(settings, "carol")
+    _, dave = await make_key(settings, "dave")
+    submitted = await client.post("/v1/jobs", json={"prompt": "p", "steps": 2}, headers=bearer(carol))
+    job_id = submitted.json()["id"]  # no worker here: it stays pending, its streams stay open
+    url = str(client.base_url).replace("http://", "ws://") + "/v1/ws"
+    async with (
+        websockets.connect(url, additional_headers=bearer(carol)) as ws,
+        websockets.connect(url, additional_headers=bearer(dave)) as bystander,
+        client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(carol)) as sse,
+    ):
+        await ws.send(json.dumps({"type": "subscribe", "job_id": job_id}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+        lines = sse.aiter_lines()
+        while await asyncio.wait_for(anext(lines), 10) != "event: snapshot":
+            pass
+
+        revoked = await asyncio.to_thread(stepcast_keys, settings, "revoke", carol_id)
+        assert revoked.returncode == 0, revoked.stderr
+        revoked_at = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:  # queue updates may come first
+                await asyncio.wait_for(ws.recv(), 15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert closed.value.rcvd.reason == "API key revoked"
+        rest = [line async for line in lines]  # the stream ends
+        assert time.monotonic() - revoked_at < 6  # STEPCAST_KEY_CHECK_S is 2 s
+        error = json.loads(rest[rest.index("event: error") + 1].removeprefix("data: "))
+        assert (error["type"], error["code"]) == ("error", "unauthorized") and "revoked" in error["message"]
+
+        await bystander.send(json.dumps({"type": "ping"}))  # another key's socket lives on
+        assert json.loads(await asyncio.wait_for(bystander.recv(), 10)) == {"type": "pong"}
+    with pytest.raises(InvalidStatus):  # and the revoked key opens no new one
+        async with websockets.connect(url, additional_headers=bearer(carol)):
+            pass

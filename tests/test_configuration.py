@@ -67,3 +67,29 @@ def test_a_blank_optional_setting_is_unset(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("STEPCAST_WORKER_ALIVE_FILE", "")
     loaded = settings_module.load()
     assert loaded.s3_endpoint_url is None and loaded.worker_alive_file is None
+
+
+@pytest.mark.parametrize(
+    ("secret", "complaint"),
+    [
+        ("REPLACE_ME", "placeholder"),  # deploy/k8s/base/secret.yaml as shipped
+        ("changeme-changeme-changeme-changeme", "placeholder"),
+        ("secret", "is 6 bytes, fewer than 32"),
+        ("s3cret-s3cret-s3cret-s3cret-s3cret", "distinct characters"),
+    ],
+)
+def test_a_weak_or_placeholder_session_secret_stops_the_process(secret: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=rf"STEPCAST_SESSION_SECRET: .*{complaint}"):
+        settings_module.load(session_secret=secret)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.app"],
+        env={"PATH": "/usr/bin:/bin", "STEPCAST_SESSION_SECRET": secret},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert run.returncode != 0 and "STEPCAST_SESSION_SECRET" in run.stderr and complaint in run.stderr
+    assert "Traceback" not in run.stderr and secret not in run.stderr  # the secret itself is never shown
+    strong = settings_module.load(session_secret="9c1f4e7a2b8d06f3" * 4)
+    assert strong.session_secret is not None

@@ -15,6 +15,7 @@ import base64
 import functools
 import math
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import yaml
 
 from stepcast import settings as settings_module
 from stepcast.db import Database
+from stepcast.errors import ConfigError
 from stepcast.settings import ROOT, Settings
 
 K8S = ROOT / "deploy" / "k8s"
@@ -45,6 +47,7 @@ CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "Trig
 # The oldest and the newest Kubernetes the manifests must validate against.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 PLACEHOLDER = "REPLACE_ME"
+FILLED = secrets.token_hex(32)  # what an operator puts in place of each placeholder
 
 Obj = dict[str, Any]
 
@@ -100,10 +103,11 @@ class Rendered:
                 env[variable["name"]] = "<from the pod>"
         return env
 
-    def settings(self, container: Obj) -> Settings:
-        """The settings the container's process would start with (an invalid value fails here)."""
+    def settings(self, container: Obj, *, filled: bool = True) -> Settings:
+        """The settings the container's process would start with (an invalid value fails here),
+        once every placeholder is filled in (``filled=False``: as they stand)."""
         overrides = {
-            name.removeprefix("STEPCAST_").lower(): value
+            name.removeprefix("STEPCAST_").lower(): value.replace(PLACEHOLDER, FILLED) if filled else value
             for name, value in self.env(container).items()
             if name.startswith("STEPCAST_")
         }
@@ -495,6 +499,13 @@ def test_secrets_are_marked_placeholders(target: str) -> None:
     for secret in render(target).all("Secret"):
         for key, value in secret_values(secret).items():
             assert PLACEHOLDER in value, f"{target}: Secret key {key} holds a value not marked {PLACEHOLDER}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_server_applied_with_its_placeholders_refuses_to_start(target: str) -> None:
+    rendered = render(target)
+    with pytest.raises(ConfigError, match=r"STEPCAST_SESSION_SECRET: .*placeholder"):
+        rendered.settings(only_container(rendered.workload("server")), filled=False)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -1,0 +1,62 @@
+"""Streams opened with an API key end within seconds of ``stepcast keys revoke``.
+
+A key is checked when a WebSocket or SSE stream opens; revoking it writes
+Postgres only. So each server process keeps the hashes of the keys its open
+streams were opened with and, every ``STEPCAST_KEY_CHECK_S``, asks Postgres in
+one query which of them are still active (one query per process, however many
+streams). The streams of any other are told, and end: the WebSocket is closed
+with 4401, the SSE stream ends after an ``error`` event. While Postgres does
+not answer, nothing is ended: a key is taken for revoked only when Postgres
+says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from stepcast.db import TRANSIENT_ERRORS, Database
+
+logger = logging.getLogger(__name__)
+
+
+class Revocations:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._streams: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, key_hash: str | None) -> Iterator[asyncio.Event]:
+        """An event set once the key is revoked (never, for ``None``: a session or single user)."""
+        revoked = asyncio.Event()
+        if key_hash is None:
+            yield revoked
+            return
+        self._streams.setdefault(key_hash, set()).add(revoked)
+        try:
+            yield revoked
+        finally:
+            streams = self._streams[key_hash]
+            streams.discard(revoked)
+            if not streams:
+                del self._streams[key_hash]
+
+    async def check(self) -> None:
+        """Tell the streams of every watched key that is no longer active."""
+        if not self._streams:
+            return
+        active = await self.db.active_keys(list(self._streams))
+        for key_hash in set(self._streams) - active:
+            logger.info("closing %d stream(s) of a revoked API key", len(self._streams[key_hash]))
+            for revoked in self._streams[key_hash]:
+                revoked.set()
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.check()
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("could not check open streams' API keys: %r", exc)
