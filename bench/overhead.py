@@ -16,7 +16,11 @@ Reported:
   process; first for a fresh worker, then again after the same worker has
   served large jobs (sizes up to 1024², batches of 4, previews on, cancels
   mid-job): the model call must not get slower inside the worker, nor stay
-  slower after big allocations;
+  slower after big allocations. Each round runs (b) twice: polled over REST
+  as its ``Retry-After`` says (``ratio``: nothing else wants the cores while
+  the model runs, as with a client on another machine), and watched step by
+  step over a WebSocket from this process (``watched_ratio``: the server,
+  Redis and this client then take CPU at every step, from the same cores);
 - throughput at saturation, (a) and (b), and the ratio (b)/(a), in
   ``--rounds`` alternating rounds (the median ratio is the figure): every job
   of a round is submitted at once and the rate is taken between the first and

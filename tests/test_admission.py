@@ -19,7 +19,7 @@ from stepcast.events import EventLog
 from stepcast.params import parse_submission
 from stepcast.settings import Settings
 from tests.conftest import assert_problem
-from tests.test_auth import bearer, make_key
+from tests.test_auth import SESSION_SECRET, bearer, make_key
 
 FOX = {"prompt": "a red fox", "steps": 5}
 
@@ -169,7 +169,7 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
 
 ANONYMOUS_QUOTA = {
     "auth": "keys",
-    "session_secret": "test-secret",
+    "session_secret": SESSION_SECRET,
     "max_jobs_per_anonymous_owner": 2,
     "max_anonymous_jobs_per_address": 3,
 }

@@ -20,7 +20,7 @@ from server.feed import Outbox, Outgoing, SlowConsumer
 from server.positions import QueueAnnouncer
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem, eventually
-from tests.test_auth import bearer, make_key
+from tests.test_auth import SESSION_SECRET, bearer, make_key
 
 TERMINAL = {"completed", "failed", "canceled"}
 
@@ -401,7 +401,7 @@ def test_far_back_in_a_deep_queue_a_job_hears_of_its_position_less_often() -> No
 
 SOCKET_CAPS = {
     "auth": "keys",
-    "session_secret": "test-secret",
+    "session_secret": SESSION_SECRET,
     "max_sockets_per_owner": 2,
     "max_anonymous_sockets_per_address": 3,
     "max_sockets_per_process": 6,
