@@ -108,6 +108,30 @@ def process_counters(pid: int) -> tuple[int, float]:
     return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+class WorkerCosts:
+    """The worker process's minor page faults and kernel CPU, job by job."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.faults: list[int] = []
+        self.kernel_ms: list[float] = []
+        self._before = (0, 0.0)
+
+    def start(self) -> None:
+        self._before = process_counters(self.pid)
+
+    def stop(self) -> None:
+        faults, kernel_s = process_counters(self.pid)
+        self.faults.append(faults - self._before[0])
+        self.kernel_ms.append((kernel_s - self._before[1]) * 1000)
+
+    def per_job(self) -> dict[str, float]:
+        return {
+            "minor_faults_per_job": round(statistics.median(self.faults)),
+            "kernel_ms_per_job": round(statistics.median(self.kernel_ms), 1),
+        }
+
+
 def pipeline_seconds(metrics_url: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     match = re.search(r"^stepcast_worker_pipeline_seconds_total ([0-9.e+-]+)$", text, re.MULTILINE)
@@ -155,12 +179,11 @@ async def one_at_a_time(
     claimed: list[float] = []
     after: list[float] = []
     pipeline: list[float] = []
-    faults: list[int] = []
-    kernel: list[float] = []
+    costs = WorkerCosts(worker_pid)
     async with websockets.connect(ws_url, max_size=2**22) as ws:
         for index in range(jobs):
             await asyncio.sleep(0.2)  # the worker is idle, as at low load
-            faults_before, kernel_before = process_counters(worker_pid)
+            costs.start()
             sent = time.perf_counter()
             await submit(ws, index, params)
             while True:
@@ -178,13 +201,10 @@ async def one_at_a_time(
                     break
                 elif message["type"] in {"failed", "canceled", "error"}:
                     raise RuntimeError(message)
-            faults_after, kernel_after = process_counters(worker_pid)
-            faults.append(faults_after - faults_before)
-            kernel.append((kernel_after - kernel_before) * 1000)
+            costs.stop()
     return {
         "pipeline_ms": stack.summary(pipeline, 1),
-        "minor_faults_per_job": round(statistics.median(faults)),
-        "kernel_ms_per_job": round(statistics.median(kernel), 1),
+        **costs.per_job(),
         "submit_to_started_ms": stack.summary(to_start, 1),
         "submit_to_completed_ms": stack.summary(e2e, 1),
         "overhead_ms": stack.summary(overhead, 1),
@@ -200,12 +220,11 @@ def polled(http_url: str, jobs: int, worker_pid: int, params: dict[str, int] = P
     watches its steps (as the issue measured): the worker's pipeline time, page faults and
     kernel CPU per job, with nothing else asking for the cores while the model runs."""
     pipeline: list[float] = []
-    faults: list[int] = []
-    kernel: list[float] = []
+    costs = WorkerCosts(worker_pid)
     with httpx.Client(base_url=http_url, timeout=30) as client:
         for index in range(jobs):
             time.sleep(0.2)  # the worker is idle, as at low load
-            faults_before, kernel_before = process_counters(worker_pid)
+            costs.start()
             body = {"prompt": f"fox {index}", "seed": index, **params}
             response = client.post("/v1/jobs", json=body).raise_for_status()
             job = response.json()
@@ -215,14 +234,11 @@ def polled(http_url: str, jobs: int, worker_pid: int, params: dict[str, int] = P
                 job = response.json()
             if job["status"] != "completed":
                 raise RuntimeError(job)
-            faults_after, kernel_after = process_counters(worker_pid)
+            costs.stop()
             pipeline.append(job["timings"]["pipeline_s"] * 1000)
-            faults.append(faults_after - faults_before)
-            kernel.append((kernel_after - kernel_before) * 1000)
     return {
         "pipeline_ms": stack.summary(pipeline, 1),
-        "minor_faults_per_job": round(statistics.median(faults)),
-        "kernel_ms_per_job": round(statistics.median(kernel), 1),
+        **costs.per_job(),
     }
 
 
