@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -40,12 +41,17 @@ BLOCK = Block(1, 2**40)
 
 async def watch(
     url: str, job_id: str, on_event: Callable[[dict[str, Any]], None], ready: asyncio.Event
-) -> None:
+) -> str:
+    """Watch until cancelled; if the connection ends first, how it ended."""
     async with websockets.connect(url, max_size=2**22, open_timeout=60) as ws:
         await ws.send(json.dumps({"type": "subscribe", "job_id": job_id, "after_seq": 0}))
-        ready.set()
-        async for raw in ws:
-            on_event(json.loads(raw))
+        try:
+            async for raw in ws:
+                ready.set()  # the first answer (a snapshot or a replay): the job is watched
+                on_event(json.loads(raw))
+        except websockets.ConnectionClosed:
+            pass
+        return f"{ws.close_code} {ws.close_reason}".strip()
 
 
 async def measure(running: stack.Running, sockets: int, rates: list[int], seconds: float) -> dict[str, Any]:
@@ -55,6 +61,7 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
     ]
     server = psutil.Process(running.server_pid)
     rss_before = rss_kib(running.server_pid)
+    print(json.dumps({"jobs_waiting": len(jobs), "server_rss_kib": rss_before}), flush=True)
     sent: dict[tuple[str, int], float] = {}
     latencies: list[float] = []
 
@@ -65,13 +72,19 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
                 latencies.append((time.perf_counter() - at) * 1000)
 
     readies = [asyncio.Event() for _ in jobs]
+    subscribing = time.perf_counter()
     clients = [
         asyncio.create_task(watch(running.ws_url, job_id, on_event, ready))
         for (job_id, _), ready in zip(jobs, readies, strict=True)
     ]
     await asyncio.gather(*(ready.wait() for ready in readies))
-    await asyncio.sleep(2)  # snapshots delivered, sockets idle
+    subscribe_s = time.perf_counter() - subscribing
+    await asyncio.sleep(2)  # sockets idle
     rss_idle = rss_kib(running.server_pid)
+    idle_cpu = sum(server.cpu_times()[:2])
+    await asyncio.sleep(5)
+    idle_core_share = round((sum(server.cpu_times()[:2]) - idle_cpu) / 5, 3)
+    print(json.dumps({"sockets_watching": sockets, "subscribe_s": round(subscribe_s, 1)}), flush=True)
     redis = Redis.from_url(running.redis_url)
     events = EventLog(redis, stream_max=1000, ttl_s=3600)
     rows = []
@@ -100,13 +113,18 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    # Every socket stays open to the end: one the server (or the client) closed misses events.
+    closed = Counter(client.result() for client in clients if client.done() and not client.exception())
     for client in clients:
         client.cancel()
     await asyncio.gather(*clients, return_exceptions=True)
     await redis.aclose()
     return {
         "sockets": sockets,
+        "connect_and_subscribe_s": round(subscribe_s, 1),
+        "closed_early": dict(closed),
         "server_kib_per_idle_socket": round((rss_idle - rss_before) / sockets, 1),
+        "server_idle_core_share": idle_core_share,
         "rates": rows,
     }
 

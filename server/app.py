@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/jobs/{job_id}/events", sse.job_events, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
-        WebSocketRoute("/v1/ws", ws.endpoint),
+        WebSocketRoute("/v1/ws", ws.Endpoint()),
         Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
     ]
     app = Starlette(

@@ -15,6 +15,7 @@ its ``Origin``, when it sends one, must be this server's or an allowed one.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -114,7 +115,9 @@ class BrowserSession:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Passing a request on returns the app's awaitable: no frame of ours stays on the
+        # stack a WebSocket holds for its whole life.
         services = (scope.get("state") or {}).get("services")
         if (
             scope["type"] != "http"
@@ -122,8 +125,10 @@ class BrowserSession:
             or services is None
             or services.settings.auth != "keys"
         ):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._page(scope, receive, send, services)
+
+    async def _page(self, scope: Scope, receive: Receive, send: Send, services: Any) -> None:
         secret: bytes = services.session_secret
         connection = HTTPConnection(scope)
         cookie = connection.cookies.get(SESSION_COOKIE)

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import uuid
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,16 +71,22 @@ class _Watch:
 class Outbox:
     """Messages waiting for one client, at most ``max_buffer`` of them and ``max_bytes`` of
     text (one message, however large, always fits); when over, the oldest ``progress``
-    with a preview goes first, then the oldest other ``progress``."""
+    with a preview goes first, then the oldest other ``progress``.
+
+    An idle outbox holds no more than it must (a server holds thousands): an empty list,
+    and a future only while someone waits in :meth:`next`. ``on_push``, if set, is called
+    after each message is queued (a WebSocket starts its writer then).
+    """
 
     def __init__(self, max_buffer: int, max_bytes: int, on_drop: Callable[[], object] | None = None) -> None:
         self.max_buffer = max_buffer
         self.max_bytes = max_bytes
         self.on_drop = on_drop
+        self.on_push: Callable[[], object] | None = None
         self.dropped = 0
         self.bytes = 0  # of text queued (str length: what JSON text takes, near enough)
-        self._queue: deque[Outgoing] = deque()
-        self._ready = asyncio.Event()
+        self._queue: list[Outgoing] = []  # a few hundred at most: a list is smaller than a deque
+        self._waiter: asyncio.Future[None] | None = None
         self._overflow = False
 
     def push(self, item: Outgoing) -> None:
@@ -91,7 +96,10 @@ class Outbox:
             if not (self._drop(previews=True) or self._drop(previews=False)):
                 self._overflow = True
                 break
-        self._ready.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self.on_push is not None:
+            self.on_push()
 
     def _drop(self, *, previews: bool) -> bool:
         """Drop the oldest ``progress`` (with a preview, if ``previews``); was there one?"""
@@ -110,21 +118,29 @@ class Outbox:
         """Is a message waiting (or an overflow to report)?"""
         return bool(self._queue) or self._overflow
 
-    async def next(self, timeout_s: float | None = None) -> Outgoing | None:
-        """The next message to send; None after ``timeout_s`` of silence."""
-        while not self._queue:
-            if self._overflow:
-                raise SlowConsumer
-            self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
-            except TimeoutError:
-                return None
+    def pop(self) -> Outgoing | None:
+        """The next message to send, or None when there is none yet.
+
+        Raises :class:`SlowConsumer` once the client fell too far behind."""
         if self._overflow:
             raise SlowConsumer
-        item = self._queue.popleft()
+        if not self._queue:
+            return None
+        item = self._queue.pop(0)
         self.bytes -= len(item.text)
         return item
+
+    async def next(self, timeout_s: float | None = None) -> Outgoing | None:
+        """The next message to send; None after ``timeout_s`` of silence."""
+        while not self.ready:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout_s)
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+        return self.pop()
 
 
 class Feed:
@@ -142,7 +158,7 @@ class Feed:
         self.outbox = outbox
         self.mine = False
         self._watches: dict[str, _Watch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # re-syncs running (rare: made when needed)
         self._closed = False
 
     def push(self, item: Outgoing) -> None:
@@ -215,7 +231,7 @@ class Feed:
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
         for key in list(self._watches):
             self.hub.remove(job_channel(key), self)
@@ -338,6 +354,8 @@ class Feed:
             coroutine.close()
             return
         task = asyncio.create_task(coroutine)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -11,6 +11,8 @@ else runs. Probes and scrapers reach a pod by its IP, and ``/healthz``,
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,16 +55,18 @@ class HostCheck:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Passing a request on returns the app's awaitable: no frame of ours stays on the
+        # stack a WebSocket holds for its whole life.
         services = (scope.get("state") or {}).get("services")
         if scope["type"] not in {"http", "websocket"} or services is None or scope["path"] in ANY_HOST_PATHS:
-            await self.app(scope, receive, send)
-            return
-        patterns = allowed_hosts(services.settings)
+            return self.app(scope, receive, send)
         host = Headers(scope=scope).get("host", "")
-        if host_allowed(host, patterns):
-            await self.app(scope, receive, send)
-            return
+        if host_allowed(host, allowed_hosts(services.settings)):
+            return self.app(scope, receive, send)
+        return self._refuse(scope, receive, send, host)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, host: str) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accept: 403
             return

@@ -40,7 +40,10 @@ class Hub:
         self.redis = redis
         self._channels: dict[str, set[Listener]] = {}  # wanted, with who wants them
         self._subscribed: set[str] = set()  # as sent to Redis
-        self._confirmed: dict[str, asyncio.Event] = {}  # wanted or subscribed: Redis confirmed it
+        self._known: set[str] = set()  # wanted, or subscribed
+        self._confirmed: set[str] = set()  # of those, what Redis confirmed since it (re)connected
+        # Only while someone waits for Redis to confirm: thousands of idle sockets hold none.
+        self._waiting: dict[str, asyncio.Event] = {}
         self._changed: set[str] = set()  # since the last flush
         self._flushing: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None
@@ -63,11 +66,11 @@ class Hub:
         """Deliver the channel's messages to ``listener``, from when Redis confirms it on."""
         group = self._channels.setdefault(channel, set())
         group.add(listener)
-        confirmed = self._confirmed.get(channel)
-        if confirmed is None:
-            confirmed = self._confirmed[channel] = asyncio.Event()
+        if channel not in self._known:
+            self._known.add(channel)
             self._change(channel)
-        if not confirmed.is_set():  # else: subscribed (a flush drops what is no longer wanted)
+        if channel not in self._confirmed:  # else: subscribed (a flush drops what is no longer wanted)
+            confirmed = self._waiting.setdefault(channel, asyncio.Event())
             await asyncio.wait_for(confirmed.wait(), timeout_s)
 
     def remove(self, channel: str, listener: Listener) -> None:
@@ -93,7 +96,9 @@ class Hub:
                     changed, self._changed = self._changed, set()
                     dropped = [c for c in changed if c not in self._channels]
                     for channel in dropped:  # wanted again, it waits for a new confirmation
-                        self._confirmed.pop(channel, None)
+                        self._known.discard(channel)
+                        self._confirmed.discard(channel)
+                        self._waiting.pop(channel, None)
                     if self._pubsub is None or not self.connected.is_set():
                         continue  # the (re)connect subscribes every wanted channel
                     subscribe = [c for c in changed if c in self._channels and c not in self._subscribed]
@@ -111,10 +116,10 @@ class Hub:
     async def _connect(self) -> PubSub:
         pubsub = self.redis.pubsub()
         async with self._lock:
-            for channel in [c for c in self._confirmed if c not in self._channels]:
-                del self._confirmed[channel]
-            for event in self._confirmed.values():
-                event.clear()
+            for channel in [c for c in self._waiting if c not in self._channels]:
+                del self._waiting[channel]
+            self._known = set(self._channels)
+            self._confirmed.clear()
             self._subscribed = set(self._channels)
             self._changed.clear()
             await pubsub.subscribe(HUB_CHANNEL, *self._channels)
@@ -146,10 +151,9 @@ class Hub:
 
     async def _announce_reconnect(self) -> None:
         """Once Redis confirmed every subscription again, tell each feed to re-sync."""
+        unconfirmed = [self._waiting.setdefault(c, asyncio.Event()) for c in self._known - self._confirmed]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*(event.wait() for event in list(self._confirmed.values()))), 10
-            )
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in unconfirmed)), 10)
         logger.warning("event hub reconnected to Redis; re-syncing feeds")
         for listener in {member for group in self._channels.values() for member in group}:
             listener.on_reconnect()
@@ -157,7 +161,9 @@ class Hub:
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
         if message["type"] == "subscribe":
-            confirmed = self._confirmed.get(channel)
+            if channel in self._known:
+                self._confirmed.add(channel)
+            confirmed = self._waiting.pop(channel, None)
             if confirmed is not None:
                 confirmed.set()
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,10 +33,16 @@ class RequestContext:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in {"http", "websocket"}:
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            return self._http(scope, receive, send)
+        if scope["type"] == "websocket":
+            # Set for the connection's task, whose context ends with it: nothing is left to
+            # do after, so no frame of ours stays on the stack a socket holds for its life.
+            logs.request_id.set(_request_id(scope))
+        return self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = _request_id(scope)
         token = logs.request_id.set(request_id)
         status = 500
@@ -52,8 +59,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
-            if scope["type"] == "http":
-                self._count(scope, status, time.perf_counter() - started)
+            self._count(scope, status, time.perf_counter() - started)
 
     @staticmethod
     def _count(scope: Scope, status: int, seconds: float) -> None:

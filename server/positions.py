@@ -2,10 +2,11 @@
 
 One server at a time does it (a Postgres advisory lock elects it; another
 takes over when it dies), once a second, and only for jobs whose position
-changed. Near the head (position 10 or less) every change goes out; further
-back a job hears at most every ``position / 10`` intervals (position 500:
-every 50 s), so a deep queue moving fast costs tens of events a second, not
-one per waiting job. ETAs scale measured seconds per step for the job's size
+changed. Near the head (position 10 or less) a job's position is read every
+second; further back, about every ``position / 10`` seconds (positions 11-20
+every 2 s, 21-40 every 4 s, ... 5,121-10,240 every 1,024 s), each job on turns
+of its own, so a pass reads a few dozen rows however deep the queue, and a
+position told is always the true one when read. ETAs scale measured seconds per step for the job's size
 by the number of workers recently busy on its queue (:class:`EtaEstimator`,
 which the submits share).
 """
@@ -13,6 +14,7 @@ which the submits share).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import uuid
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EVERY_CHANGE_UP_TO = 10  # positions that hear of every move
+EVERY_CHANGE_UP_TO = 10  # positions read every pass
+# Where each band of positions starts: band b (from 10 * 2**(b-1) + 1) is read every 2**b passes.
+BANDS = tuple(EVERY_CHANGE_UP_TO * 2**band + 1 for band in range(40))
 UNKNOWN_PACE = Pace(per_step_s=None, workers=1)
 
 
@@ -78,10 +82,14 @@ class EtaEstimator:
 
 
 class QueueAnnouncer:
+    # Every this many passes, forget jobs not read for longer than their band's period.
+    FORGET_EVERY = 64
+
     def __init__(self, services: Services, *, interval_s: float) -> None:
         self.services = services
         self.interval_s = interval_s
-        self._announced: dict[uuid.UUID, tuple[int, float]] = {}  # position, when
+        self._turn = 0
+        self._announced: dict[uuid.UUID, tuple[int, int]] = {}  # position, the turn it was read
 
     async def run(self) -> None:
         while True:
@@ -99,27 +107,26 @@ class QueueAnnouncer:
                 self._announced.clear()
                 await asyncio.sleep(self.interval_s)
 
-    def _due(self, job_id: uuid.UUID, position: int, now: float) -> bool:
-        if job_id not in self._announced:
-            return True
-        last_position, last_at = self._announced[job_id]
-        if position == last_position:
-            return False
-        if position <= EVERY_CHANGE_UP_TO:
-            return True
-        return now - last_at >= self.interval_s * position / EVERY_CHANGE_UP_TO
-
     async def tick(self) -> None:
-        db, lifecycle = self.services.db, self.services.lifecycle
-        pending = await db.pending_positions()
-        estimator = self.services.eta
-        now = time.monotonic()
-        for job, position in pending:
-            if not self._due(job.id, position, now):
-                continue
-            queued = Queued(position=position, eta_s=await estimator.eta_s(job, position))
-            await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
-            self._announced[job.id] = (position, now)
-        live = {job.id for job, _ in pending}
-        for job_id in [j for j in self._announced if j not in live]:
-            del self._announced[job_id]
+        db, lifecycle, estimator = self.services.db, self.services.lifecycle, self.services.eta
+        self._turn += 1
+        for job, position in await db.positions_due(self._turn, BANDS):
+            told = self._announced.get(job.id)
+            if told is None or told[0] != position:
+                queued = Queued(position=position, eta_s=await estimator.eta_s(job, position))
+                await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
+            self._announced[job.id] = (position, self._turn)
+        if self._turn % self.FORGET_EVERY == 0:
+            self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Drop the jobs that left the queue: those not read for twice their band's period
+        (one still waiting that is dropped is only told its position again)."""
+        for job_id, (position, turn) in list(self._announced.items()):
+            if self._turn - turn > 2 * period(position) + self.FORGET_EVERY:
+                del self._announced[job_id]
+
+
+def period(position: int) -> int:
+    """Every how many passes a job at ``position`` is read."""
+    return 1 << bisect.bisect_right(BANDS, position)

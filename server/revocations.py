@@ -13,35 +13,25 @@ says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from stepcast.db import TRANSIENT_ERRORS, Database
 
 logger = logging.getLogger(__name__)
 
+Revoked = Callable[[], object]  # told once a stream's key is revoked
+
 
 class Revocations:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._streams: dict[str, set[asyncio.Event]] = {}
+        self._streams: dict[str, set[Revoked]] = {}
 
-    @contextlib.contextmanager
-    def watch(self, key_hash: str | None) -> Iterator[asyncio.Event]:
-        """An event set once the key is revoked (never, for ``None``: a session or single user)."""
-        revoked = asyncio.Event()
-        if key_hash is None:
-            yield revoked
-            return
-        self._streams.setdefault(key_hash, set()).add(revoked)
-        try:
-            yield revoked
-        finally:
-            streams = self._streams[key_hash]
-            streams.discard(revoked)
-            if not streams:
-                del self._streams[key_hash]
+    def watch(self, key_hash: str | None, revoked: Revoked) -> _Watching:
+        """Call ``revoked()`` once the key is revoked (never, for ``None``: a session or a
+        single user), while inside."""
+        return _Watching(self._streams, key_hash, revoked)
 
     async def check(self) -> None:
         """Tell the streams of every watched key that is no longer active."""
@@ -50,8 +40,8 @@ class Revocations:
         active = await self.db.active_keys(list(self._streams))
         for key_hash in set(self._streams) - active:
             logger.info("closing %d stream(s) of a revoked API key", len(self._streams[key_hash]))
-            for revoked in self._streams[key_hash]:
-                revoked.set()
+            for revoked in list(self._streams[key_hash]):
+                revoked()
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -60,3 +50,24 @@ class Revocations:
                 await self.check()
             except TRANSIENT_ERRORS as exc:
                 logger.warning("could not check open streams' API keys: %r", exc)
+
+
+class _Watching:
+    """:meth:`Revocations.watch`'s context: a few slots (a server holds thousands)."""
+
+    __slots__ = ("key_hash", "revoked", "streams")
+
+    def __init__(self, streams: dict[str, set[Revoked]], key_hash: str | None, revoked: Revoked) -> None:
+        self.streams, self.key_hash, self.revoked = streams, key_hash, revoked
+
+    def __enter__(self) -> None:
+        if self.key_hash is not None:
+            self.streams.setdefault(self.key_hash, set()).add(self.revoked)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.key_hash is None:
+            return
+        streams = self.streams[self.key_hash]
+        streams.discard(self.revoked)
+        if not streams:
+            del self.streams[self.key_hash]

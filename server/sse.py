@@ -68,7 +68,8 @@ async def job_events(request: Request) -> Response:
     async def stream() -> AsyncIterator[str]:
         metrics.sse_streams.inc()
         try:
-            with services.revocations.watch(key_hash_of(request)) as revoked:
+            revoked = asyncio.Event()
+            with services.revocations.watch(key_hash_of(request), revoked.set):
                 yield "retry: 1000\n\n"
                 while True:
                     item = await feed.next_unless(draining, revoked, timeout_s=keepalive_s)

@@ -15,8 +15,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.auth import key_hash_of, origin_allowed, owner_of
@@ -105,67 +107,76 @@ class Connection:
         self.address = client_address(websocket)
         self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
-    async def serve(self, revoked: asyncio.Event) -> None:
+    async def serve(self) -> None:
+        """Read the client's frames until it goes; events go out from a writer task that
+        runs only while the outbox holds something (an idle connection holds no task)."""
         await self.websocket.accept()
         metrics = self.services.metrics
         metrics.sockets.inc()
-        writer = asyncio.create_task(self._write())
-        guard = asyncio.create_task(self._close_once(revoked, CLOSE_REVOKED, "API key revoked"))
+        self.feed.outbox.on_push = self._start_writer
         try:
-            await self._read()
+            while (message := await self.websocket.receive())["type"] != "websocket.disconnect":
+                if not await self._receive(message):
+                    return
         finally:
             metrics.sockets.dec()
+            self.feed.outbox.on_push = None
             await self.feed.close()
-            await cancel_and_wait(writer)
-            await cancel_and_wait(guard)
+            for task in (self._writer, self._closing):
+                if task is not None:
+                    await cancel_and_wait(task)
 
-    async def _close_once(self, event: asyncio.Event, code: int, reason: str) -> None:
-        await event.wait()
-        logger.info("closing a connection: %s", reason, extra={"owner": self.owner})
-        await self._close(code, reason)
+    def revoked(self) -> None:
+        """The API key the connection was opened with was revoked: close it (4401)."""
+        if self._closing is None:
+            logger.info("closing a connection: API key revoked", extra={"owner": self.owner})
+            self._closing = asyncio.create_task(self._close(CLOSE_REVOKED, "API key revoked"))
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
         sent = self.services.metrics.events_sent.labels("websocket")
         try:
-            while True:
-                item = await self.feed.next()
-                if item is not None:
-                    await self.websocket.send_text(item.text)
-                    if item.seq is not None:
-                        sent.inc()
+            while (item := self.feed.outbox.pop()) is not None:
+                await self.websocket.send_text(item.text)
+                if item.seq is not None:
+                    sent.inc()
         except SlowConsumer:
             logger.warning("closing a connection that does not keep up", extra={"owner": self.owner})
             self.services.metrics.slow_clients.inc()
             await self._close(CLOSE_TRY_AGAIN, "too slow: reconnect and resume with after_seq")
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the reader sees the disconnect too
+        finally:
+            self._writer = None
 
     async def _close(self, code: int, reason: str) -> None:
         if self.websocket.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(RuntimeError, OSError):
                 await self.websocket.close(code, reason)
 
-    async def _read(self) -> None:
-        while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            if not self.limit.allow():
-                if self.limit.strikes > MAX_STRIKES:
-                    await self._close(CLOSE_POLICY, "too many messages")
-                    return
-                self.feed.push_message(_error("rate_limited", "too many messages; slow down"))
-                continue
-            text = message.get("text")
-            if text is None:
-                self.feed.push_message(_error("invalid_frame", "frames must be JSON text, not binary"))
-                continue
-            if len(text.encode()) > self.settings.ws_max_message_bytes:
-                limit = self.settings.ws_max_message_bytes
-                self.feed.push_message(_error("message_too_large", f"messages must be at most {limit} bytes"))
-                continue
+    async def _receive(self, message: Message) -> bool:
+        """Act on one frame from the client; False once the connection was closed for abuse."""
+        if not self.limit.allow():
+            if self.limit.strikes > MAX_STRIKES:
+                await self._close(CLOSE_POLICY, "too many messages")
+                return False
+            self.feed.push_message(_error("rate_limited", "too many messages; slow down"))
+            return True
+        text = message.get("text")
+        if text is None:
+            self.feed.push_message(_error("invalid_frame", "frames must be JSON text, not binary"))
+        elif len(text.encode()) > self.settings.ws_max_message_bytes:
+            limit = self.settings.ws_max_message_bytes
+            self.feed.push_message(_error("message_too_large", f"messages must be at most {limit} bytes"))
+        else:
             await self._handle(text)
+        return True
 
     async def _handle(self, text: str) -> None:
         try:
@@ -259,6 +270,14 @@ class Connection:
             await self.feed.watch(job.id, None)
 
 
+class Endpoint:
+    """``/v1/ws`` as a plain ASGI app. Starlette wraps a function endpoint in two more
+    frames, which each of thousands of sockets would hold for its whole life."""
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return endpoint(WebSocket(scope, receive=receive, send=send))
+
+
 async def endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.state.services
     if not origin_allowed(websocket, services.settings):
@@ -276,8 +295,9 @@ async def endpoint(websocket: WebSocket) -> None:
         await _refuse(websocket, exc)
         return
     try:
-        with services.revocations.watch(key_hash_of(websocket)) as revoked:
-            await Connection(websocket, services, owner).serve(revoked)
+        connection = Connection(websocket, services, owner)
+        with services.revocations.watch(key_hash_of(websocket), connection.revoked):
+            await connection.serve()
     finally:
         socket.close()
 

@@ -407,13 +407,34 @@ class Database:
         )
         return [Job.from_record(row) for row in rows]
 
-    async def pending_positions(self) -> list[tuple[Job, int]]:
-        """Every pending job with its queue position (1 = next to start)."""
+    async def positions_due(self, turn: int, bands: Sequence[int]) -> list[tuple[Job, int]]:
+        """Pending jobs whose queue position (1 = next to start) is to be read at ``turn``.
+
+        ``bands`` are ascending positions: a job before ``bands[0]`` is read every turn; one
+        from ``bands[b - 1]`` up to ``bands[b]`` every ``2**b`` turns, on the turns that agree
+        with its id's hash in their last ``b`` bits. So a turn reads a few rows per band,
+        however deep the queue; a job is read at least once in every ``2**b`` turns while it
+        stays in band ``b`` or nearer the head, and every position read is true at that turn.
+        The ranks are counted over the pending index alone; whole rows are read for the jobs
+        due only.
+        """
         rows = await self.pool.fetch(
             """
-            SELECT *, row_number() OVER (PARTITION BY queue ORDER BY created_at, id) AS position
-            FROM jobs WHERE status = 'pending'
-            """
+            WITH ranked AS (
+                SELECT id, row_number() OVER (PARTITION BY queue ORDER BY created_at, id) AS position
+                FROM jobs WHERE status = 'pending'
+            ), banded AS (
+                SELECT id, position, (1::bigint << width_bucket(position, $2::bigint[])) - 1 AS mask
+                FROM ranked
+            ), due AS (
+                SELECT id, position FROM banded
+                WHERE (hashtext(id::text)::bigint & mask) = ($1::bigint & mask)
+            )
+            SELECT jobs.*, due.position FROM due JOIN jobs USING (id)
+            WHERE jobs.status = 'pending'
+            """,
+            turn,
+            list(bands),
         )
         return [(Job.from_record(row), int(row["position"])) for row in rows]
 
@@ -699,13 +720,21 @@ class Database:
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
-    async def pending_older_than(self, seconds: float, *, limit: int = 1000) -> list[Job]:
+    async def pending_after(
+        self, seconds: float, after: tuple[datetime, uuid.UUID] | None, *, limit: int
+    ) -> list[Job]:
+        """Up to ``limit`` jobs pending for over ``seconds``, in queue order from just after
+        ``after`` (a job's ``(created_at, id)``; None: from the oldest): a page of a sweep."""
         rows = await self.pool.fetch(
             """
-            SELECT * FROM jobs WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
-            ORDER BY created_at LIMIT $2
+            SELECT * FROM jobs
+            WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+              AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+            ORDER BY created_at, id LIMIT $4
             """,
             seconds,
+            after[0] if after else None,
+            after[1] if after else None,
             limit,
         )
         return [Job.from_record(row) for row in rows]

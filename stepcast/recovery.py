@@ -9,7 +9,9 @@ decides; it is safe to run in every server and worker):
   whose cancel was asked for is canceled instead;
 - a pending job that the queue does not hold (the enqueue failed, Redis lost
   its data: judged by the queue's own membership) is enqueued again under the
-  same id;
+  same id. Each pass checks the next ``SWEEP_ROWS`` pending jobs, in queue
+  order, and starts again from the oldest after the last: a deep queue costs a
+  pass no more, and is swept in ``depth / SWEEP_ROWS`` passes;
 - a pending job past its queue TTL fails with code ``expired`` (workers refuse
   to claim it already).
 
@@ -23,6 +25,8 @@ events (:mod:`stepcast.lifecycle`).
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import datetime
 
 from arq.connections import ArqRedis
 
@@ -38,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 class Recovery:
+    SWEEP_ROWS = 250  # pending jobs checked against the queue per pass
+
     def __init__(
         self,
         db: Database,
@@ -54,6 +60,7 @@ class Recovery:
         self.max_attempts = max_attempts
         self.interval_s = interval_s
         self.enqueue_grace_s = enqueue_grace_s
+        self._swept_to: tuple[datetime, uuid.UUID] | None = None  # the last job checked
 
     @classmethod
     def from_settings(cls, settings: Settings, db: Database, events: EventLog, arq: ArqRedis) -> Recovery:
@@ -78,7 +85,9 @@ class Recovery:
                 await self._expired(job)
             for job in await self.db.expired_in_queue():
                 await self._expired_in_queue(job)
-            waiting = await self.db.pending_older_than(self.enqueue_grace_s)
+            waiting = await self.db.pending_after(self.enqueue_grace_s, self._swept_to, limit=self.SWEEP_ROWS)
+            full = len(waiting) == self.SWEEP_ROWS
+            self._swept_to = (waiting[-1].created_at, waiting[-1].id) if full else None  # else: the head
             queued = await queue.held(self.arq, waiting)
             for job in waiting:
                 if job.id not in queued:

@@ -49,7 +49,7 @@ import server.feed
 import stepcast.db
 import stepcast.lifecycle
 import stepcast.queue
-from server.feed import Feed, Outbox, Outgoing
+from server.feed import Feed, Outbox
 from server.services import Services
 from stepcast.events import (
     NO_BLOCK,
@@ -200,8 +200,8 @@ class SimDatabase:
     async def expired_in_queue(self) -> list[Job]:
         return []
 
-    async def pending_older_than(self, seconds: float) -> list[Job]:
-        row = await self._read("pending_older_than")
+    async def pending_after(self, seconds: float, after: Any, *, limit: int) -> list[Job]:
+        row = await self._read("pending_after")
         return [row] if row.status is Status.PENDING else []
 
     async def finish_expired(
@@ -614,7 +614,8 @@ class World:
         if feed is None:
             return
         while feed.outbox.ready:
-            item: Outgoing = feed.outbox._queue.popleft()
+            item = feed.outbox.pop()
+            assert item is not None
             self._receive(watcher, json.loads(item.text))
 
     def _receive(self, watcher: Watcher, message: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.positions import UNKNOWN_PACE, EtaEstimator
+from server.positions import BANDS, UNKNOWN_PACE, EtaEstimator, period
 from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.db import Completion, Database, NewJob, Pace
@@ -345,3 +345,31 @@ async def test_a_terminal_event_is_restamped_only_from_the_seq_it_had(db: Databa
     assert not await db.restamp(job.id, 3, 9)  # fenced by the seq it replaces
     assert not await db.restamp(job.id, 8, 5)  # and only forward
     assert (await db.get_job(job.id)).last_seq == 8  # type: ignore[union-attr]
+
+
+async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a_period(db: Database) -> None:
+    inserted = await insert_all(db, [new(f"o{i}") for i in range(300)])
+    order = [insertion.job.id for insertion in inserted]  # positions 1..300: bands 0..5
+    other = (await insert(db, queue="r")).job  # another queue counts its own places
+    reads: dict[uuid.UUID, int] = {}
+    for turn in range(1, 33):  # band 5's period
+        due = await db.positions_due(turn, BANDS)
+        for job, position in due:
+            assert position == (1 if job.id == other.id else order.index(job.id) + 1)
+            reads[job.id] = reads.get(job.id, 0) + 1
+        assert all(job.status is Status.PENDING for job, _ in due)
+    # Each job is read exactly once per period of its band: the head every pass, position
+    # 300 once in 32; a pass reads 34 rows on average here, not 301.
+    assert {job_id: 32 // period(order.index(job_id) + 1) for job_id in order} | {other.id: 32} == reads
+    assert sum(reads.values()) == 32 * 10 + 4 * 160 + 140 + 32
+
+    # The queue moves: 15 jobs start. Positions read are the new ones, in every band.
+    await db.pool.execute("UPDATE jobs SET status = 'processing' WHERE id = ANY($1)", order[:15])
+    waiting = order[15:]
+    seen = set()
+    for turn in range(33, 65):
+        for job, position in await db.positions_due(turn, BANDS):
+            if job.id != other.id:
+                assert position == waiting.index(job.id) + 1
+                seen.add(job.id)
+    assert seen == set(waiting)

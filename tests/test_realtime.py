@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 from server.feed import Outbox, Outgoing, SlowConsumer
-from server.positions import QueueAnnouncer
+from server.positions import EVERY_CHANGE_UP_TO, period
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem, eventually
 from tests.test_auth import SESSION_SECRET, bearer, make_key
@@ -389,14 +388,10 @@ async def test_cross_site_pages_cannot_open_the_socket(stack: Stack) -> None:
 
 
 def test_far_back_in_a_deep_queue_a_job_hears_of_its_position_less_often() -> None:
-    announcer = QueueAnnouncer(cast(Any, None), interval_s=1.0)
-    near, far = uuid.uuid4(), uuid.uuid4()
-    assert announcer._due(near, 5, now=100.0) and announcer._due(far, 500, now=100.0)  # first: always
-    announcer._announced = {near: (5, 100.0), far: (500, 100.0)}
-    assert not announcer._due(near, 5, now=101.0)  # no change, nothing to say
-    assert announcer._due(near, 4, now=101.0)  # near the head: every move
-    assert not announcer._due(far, 480, now=101.0)  # position 500: every 50 intervals
-    assert announcer._due(far, 300, now=150.0)
+    assert [period(p) for p in (1, 10, 11, 20, 21, 40, 41, 500, 5_120, 5_121, 10_240)] == [
+        1, 1, 2, 2, 4, 4, 8, 64, 512, 1_024, 1_024,
+    ]  # fmt: skip
+    assert all(period(p) * EVERY_CHANGE_UP_TO >= p for p in range(1, 100_000))  # never more often
 
 
 SOCKET_CAPS = {

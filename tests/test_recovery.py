@@ -150,6 +150,28 @@ async def test_a_job_is_judged_lost_by_the_queues_own_membership(
         await arq.aclose(close_connection_pool=True)
 
 
+@pytest.mark.parametrize("settings", [{"recovery_interval_s": 3600, "enqueue_grace_s": 0}], indirect=True)
+async def test_a_deep_queue_is_checked_a_page_a_pass_to_its_end_and_again(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Recovery, "SWEEP_ROWS", 3)
+    ids = [(await client.post("/v1/jobs", json={"prompt": "p", "steps": 3})).json()["id"] for _ in range(7)]
+    arq = queue.connect(settings.redis_url)
+    db = await Database.connect(settings.database_url, max_size=2)
+    try:
+        await arq.zrem(settings.queue_name, *ids)  # the queue lost them all
+        recovery = Recovery.from_settings(settings, db, EventLog(arq, stream_max=100, ttl_s=60), arq)
+        held = []
+        for _ in range(4):
+            assert await recovery.tick()
+            scores = [await arq.zscore(settings.queue_name, job_id) for job_id in ids]
+            held.append(sum(score is not None for score in scores))
+        assert held == [3, 6, 7, 7]  # a page a pass, oldest first, then from the head again
+    finally:
+        await db.close()
+        await arq.aclose(close_connection_pool=True)
+
+
 @pytest.mark.parametrize("settings", [FAST_RECOVERY], indirect=True)
 async def test_a_seq_a_watcher_saw_is_never_reused_after_redis_lost_its_data(
     settings: Settings,
