@@ -23,7 +23,7 @@ import contextlib
 import gc
 import json
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -45,15 +45,18 @@ async def watch(
     url: str, job_id: str, on_event: Callable[[dict[str, Any]], None], ready: asyncio.Event
 ) -> str:
     """Watch until cancelled; if the connection ends first, how it ended."""
-    async with websockets.connect(url, max_size=2**22, open_timeout=60) as ws:
-        await ws.send(json.dumps({"type": "subscribe", "job_id": job_id, "after_seq": 0}))
-        try:
-            async for raw in ws:
-                ready.set()  # the first answer (a snapshot or a replay): the job is watched
-                on_event(json.loads(raw))
-        except websockets.ConnectionClosed:
-            pass
-        return f"{ws.close_code} {ws.close_reason}".strip()
+    try:
+        async with websockets.connect(url, max_size=2**22, open_timeout=60) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "job_id": job_id, "after_seq": 0}))
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for raw in ws:
+                    ready.set()  # the first answer (a snapshot or a replay): the job is watched
+                    on_event(json.loads(raw))
+    except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+        return type(exc).__name__
+    finally:
+        ready.set()  # ended before any answer: the bench goes on, and reports it
+    return f"{ws.close_code} {ws.close_reason}".strip()
 
 
 async def measure(running: stack.Running, sockets: int, rates: list[int], seconds: float) -> dict[str, Any]:
@@ -64,18 +67,27 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
     server = psutil.Process(running.server_pid)
     rss_before = rss_kib(running.server_pid)
     print(json.dumps({"jobs_waiting": len(jobs), "server_rss_kib": rss_before}), flush=True)
-    # When each job's progress events were sent, oldest first: an event may reach its socket
-    # before the publishing call returns here, so the time is taken before the call.
-    sent: dict[str, deque[float]] = defaultdict(deque)
+    # When each event was published, by (job, seq); one may reach its socket before the
+    # publishing call returns here with its seq: then its arrival waits in `early`.
+    sent: dict[tuple[str, int], float] = {}
+    early: dict[tuple[str, int], float] = {}
     latencies: list[float] = []
     expected = [0]  # events this rate sends, once all are sent
     all_in = asyncio.Event()
 
+    def arrived(latency_s: float) -> None:
+        latencies.append(latency_s * 1000)
+        if len(latencies) >= expected[0]:
+            all_in.set()
+
     def on_event(message: dict[str, Any]) -> None:
-        if message.get("type") == "progress" and (times := sent.get(message["job_id"])):
-            latencies.append((time.perf_counter() - times.popleft()) * 1000)
-            if len(latencies) >= expected[0]:
-                all_in.set()
+        if message.get("type") == "progress":
+            key = (message["job_id"], message["seq"])
+            at = sent.pop(key, None)
+            if at is None:
+                early[key] = time.perf_counter()
+            else:
+                arrived(time.perf_counter() - at)
 
     readies = [asyncio.Event() for _ in jobs]
     subscribing = time.perf_counter()
@@ -100,6 +112,8 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
     rows = []
     for rate in rates:
         latencies.clear()
+        sent.clear()
+        early.clear()
         expected[0] = 2**62
         cpu_before = sum(server.cpu_times()[:2])
         began = time.perf_counter()
@@ -107,8 +121,12 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
         for index in range(count):
             job_id, owner = jobs[index % len(jobs)]
             await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
-            sent[job_id].append(time.perf_counter())
-            await events.emit(job_id, owner, PROGRESS, attempt=1, block=BLOCK)
+            emitting = time.perf_counter()
+            key = (job_id, await events.emit(job_id, owner, PROGRESS, attempt=1, block=BLOCK))
+            if (at := early.pop(key, None)) is not None:
+                arrived(at - emitting)
+            else:
+                sent[key] = emitting
         sent_s = time.perf_counter() - began
         # The last events arrive: wait for every one, up to 10 s (one still missing then is lost).
         expected[0] = count

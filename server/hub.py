@@ -98,7 +98,8 @@ class Hub:
                     for channel in dropped:  # wanted again, it waits for a new confirmation
                         self._known.discard(channel)
                         self._confirmed.discard(channel)
-                        self._waiting.pop(channel, None)
+                        if (waiting := self._waiting.pop(channel, None)) is not None:
+                            waiting.set()  # none waits for it now but a reconnect's announcement
                     if self._pubsub is None or not self.connected.is_set():
                         continue  # the (re)connect subscribes every wanted channel
                     subscribe = [c for c in changed if c in self._channels and c not in self._subscribed]
@@ -117,7 +118,7 @@ class Hub:
         pubsub = self.redis.pubsub()
         async with self._lock:
             for channel in [c for c in self._waiting if c not in self._channels]:
-                del self._waiting[channel]
+                self._waiting.pop(channel).set()  # no longer wanted: nothing to wait for
             self._known = set(self._channels)
             self._confirmed.clear()
             self._subscribed = set(self._channels)

@@ -3,10 +3,11 @@
 One server at a time does it (a Postgres advisory lock elects it; another
 takes over when it dies), once a second, and only for jobs whose position
 changed. Near the head (position 10 or less) a job's position is read every
-second; further back, about every ``position / 10`` seconds (positions 11-20
-every 2 s, 21-40 every 4 s, ... 5,121-10,240 every 1,024 s), each job on turns
-of its own, so a pass reads a few dozen rows however deep the queue, and a
-position told is always the true one when read. ETAs scale measured seconds per step for the job's size
+pass; further back, every ``position / 10`` to ``position / 5`` passes
+(positions 11-20 every 2, 21-40 every 4, ... 5,121-10,240 every 1,024), each
+job on turns of its own, so a pass reads a few dozen rows however deep the
+queue, and a position told is always the true one when read. ETAs scale
+measured seconds per step for the job's size
 by the number of workers recently busy on its queue (:class:`EtaEstimator`,
 which the submits share).
 """
@@ -82,7 +83,7 @@ class EtaEstimator:
 
 
 class QueueAnnouncer:
-    # Every this many passes, forget jobs not read for longer than their band's period.
+    # Every this many passes, forget the jobs not read for twice their band's period (and more).
     FORGET_EVERY = 64
 
     def __init__(self, services: Services, *, interval_s: float) -> None:
@@ -121,7 +122,8 @@ class QueueAnnouncer:
 
     def _forget_gone(self) -> None:
         """Drop the jobs that left the queue: those not read for twice their band's period
-        (one still waiting that is dropped is only told its position again)."""
+        and ``FORGET_EVERY`` passes more (one still waiting that is dropped, because its
+        position went up, is only told its position again)."""
         for job_id, (position, turn) in list(self._announced.items()):
             if self._turn - turn > 2 * period(position) + self.FORGET_EVERY:
                 del self._announced[job_id]

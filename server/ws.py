@@ -109,6 +109,7 @@ class Connection:
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
         self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._revoked = False
 
     async def serve(self) -> None:
         """Read the client's frames until it goes; events go out from a writer task that
@@ -117,6 +118,8 @@ class Connection:
         metrics = self.services.metrics
         metrics.sockets.inc()
         self.feed.outbox.on_push = self._start_writer
+        if self._revoked:  # while the upgrade was being accepted
+            self.revoked()
         try:
             while (message := await self.websocket.receive())["type"] != "websocket.disconnect":
                 if not await self._receive(message):
@@ -131,7 +134,8 @@ class Connection:
 
     def revoked(self) -> None:
         """The API key the connection was opened with was revoked: close it (4401)."""
-        if self._closing is None:
+        self._revoked = True
+        if self._closing is None and self.websocket.application_state is WebSocketState.CONNECTED:
             logger.info("closing a connection: API key revoked", extra={"owner": self.owner})
             self._closing = asyncio.create_task(self._close(CLOSE_REVOKED, "API key revoked"))
 
@@ -156,6 +160,7 @@ class Connection:
             self._writer = None
 
     async def _close(self, code: int, reason: str) -> None:
+        self.feed.outbox.on_push = None  # closing: nothing more is sent, no writer starts again
         if self.websocket.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(RuntimeError, OSError):
                 await self.websocket.close(code, reason)

@@ -9,9 +9,10 @@ decides; it is safe to run in every server and worker):
   whose cancel was asked for is canceled instead;
 - a pending job that the queue does not hold (the enqueue failed, Redis lost
   its data: judged by the queue's own membership) is enqueued again under the
-  same id. Each pass checks the next ``SWEEP_ROWS`` pending jobs, in queue
-  order, and starts again from the oldest after the last: a deep queue costs a
-  pass no more, and is swept in ``depth / SWEEP_ROWS`` passes;
+  same id. Each pass checks the ``HEAD_ROWS`` oldest pending jobs (the next to
+  run) and the next ``SWEEP_ROWS`` after them, in queue order, starting again
+  after the head once past the last: a deep queue costs a pass no more, and is
+  swept in ``depth / SWEEP_ROWS`` passes;
 - a pending job past its queue TTL fails with code ``expired`` (workers refuse
   to claim it already).
 
@@ -42,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 class Recovery:
-    SWEEP_ROWS = 250  # pending jobs checked against the queue per pass
+    HEAD_ROWS = 100  # the oldest pending jobs, checked against the queue every pass
+    SWEEP_ROWS = 250  # and this many more per pass, sweeping the rest of the queue
 
     def __init__(
         self,
@@ -85,9 +87,7 @@ class Recovery:
                 await self._expired(job)
             for job in await self.db.expired_in_queue():
                 await self._expired_in_queue(job)
-            waiting = await self.db.pending_after(self.enqueue_grace_s, self._swept_to, limit=self.SWEEP_ROWS)
-            full = len(waiting) == self.SWEEP_ROWS
-            self._swept_to = (waiting[-1].created_at, waiting[-1].id) if full else None  # else: the head
+            waiting = await self._pending_to_check()
             queued = await queue.held(self.arq, waiting)
             for job in waiting:
                 if job.id not in queued:
@@ -102,6 +102,18 @@ class Recovery:
                         afresh=True,
                     )
             return True
+
+    async def _pending_to_check(self) -> list[Job]:
+        """The head of the queue (the next to run) and the next page of the sweep after it."""
+        grace_s = self.enqueue_grace_s
+        head = await self.db.pending_after(grace_s, None, limit=self.HEAD_ROWS)
+        if len(head) < self.HEAD_ROWS:  # the head is the whole queue
+            self._swept_to = None
+            return head
+        start = self._swept_to or (head[-1].created_at, head[-1].id)
+        page = await self.db.pending_after(grace_s, start, limit=self.SWEEP_ROWS)
+        self._swept_to = (page[-1].created_at, page[-1].id) if len(page) == self.SWEEP_ROWS else None
+        return head + page
 
     async def _expired(self, job: Job) -> None:
         log = {"job_id": str(job.id), "attempt": job.attempt}

@@ -154,6 +154,7 @@ async def test_a_job_is_judged_lost_by_the_queues_own_membership(
 async def test_a_deep_queue_is_checked_a_page_a_pass_to_its_end_and_again(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(Recovery, "HEAD_ROWS", 2)
     monkeypatch.setattr(Recovery, "SWEEP_ROWS", 3)
     ids = [(await client.post("/v1/jobs", json={"prompt": "p", "steps": 3})).json()["id"] for _ in range(7)]
     arq = queue.connect(settings.redis_url)
@@ -162,11 +163,20 @@ async def test_a_deep_queue_is_checked_a_page_a_pass_to_its_end_and_again(
         await arq.zrem(settings.queue_name, *ids)  # the queue lost them all
         recovery = Recovery.from_settings(settings, db, EventLog(arq, stream_max=100, ttl_s=60), arq)
         held = []
-        for _ in range(4):
+        for lost in ([], ids[:2], ids[5:6], []):  # each pass, the queue loses some again
+            if lost:
+                await arq.zrem(settings.queue_name, *lost)
             assert await recovery.tick()
             scores = [await arq.zscore(settings.queue_name, job_id) for job_id in ids]
-            held.append(sum(score is not None for score in scores))
-        assert held == [3, 6, 7, 7]  # a page a pass, oldest first, then from the head again
+            held.append([score is not None for score in scores])
+        # The head (2) every pass, and a page of the sweep (3) after it, from the head again
+        # once past the last.
+        assert held == [
+            [True] * 5 + [False] * 2,
+            [True] * 7,
+            [True] * 5 + [False] + [True],  # lost again, behind the sweep: found next time round
+            [True] * 7,
+        ]
     finally:
         await db.close()
         await arq.aclose(close_connection_pool=True)
