@@ -5,7 +5,8 @@ returns only once Redis has confirmed the subscription, so a feed that reads
 the job's stream after ``add`` cannot miss an event between the two. The
 channels added and removed in one pass of the event loop go to Redis together,
 in one SUBSCRIBE and one UNSUBSCRIBE: under load, jobs start and finish many
-at a time, and each watches a channel of its own. After a lost connection the
+at a time, and each watches a channel of its own. A channel dropped and wanted
+again waits for its new SUBSCRIBE's answer, not for an older one's. After a lost connection the
 hub reconnects, subscribes everything again and asks every feed to re-sync
 from its last seq (pub/sub keeps nothing for the absent).
 """
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -40,6 +42,8 @@ class Hub:
         self.redis = redis
         self._channels: dict[str, set[Listener]] = {}  # wanted, with who wants them
         self._subscribed: set[str] = set()  # as sent to Redis
+        # UNSUBSCRIBEs sent and not yet answered: a SUBSCRIBE answered meanwhile is an old one.
+        self._unsubscribing: Counter[str] = Counter()
         self._known: set[str] = set()  # wanted, or subscribed
         self._confirmed: set[str] = set()  # of those, what Redis confirmed since it (re)connected
         # Only while someone waits for Redis to confirm: thousands of idle sockets hold none.
@@ -110,6 +114,7 @@ class Hub:
                         if subscribe:
                             await self._pubsub.subscribe(*subscribe)
                         if unsubscribe:
+                            self._unsubscribing.update(unsubscribe)
                             await self._pubsub.unsubscribe(*unsubscribe)
         finally:
             self._flushing = None
@@ -123,6 +128,7 @@ class Hub:
             self._confirmed.clear()
             self._subscribed = set(self._channels)
             self._changed.clear()
+            self._unsubscribing.clear()
             await pubsub.subscribe(HUB_CHANNEL, *self._channels)
         return pubsub
 
@@ -161,7 +167,17 @@ class Hub:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
+        if message["type"] == "unsubscribe":
+            if self._unsubscribing[channel] > 1:
+                self._unsubscribing[channel] -= 1
+            else:
+                self._unsubscribing.pop(channel, None)
+            return
         if message["type"] == "subscribe":
+            if self._unsubscribing[channel]:
+                # Answers come in order: this SUBSCRIBE came before an UNSUBSCRIBE not yet
+                # answered, so Redis has dropped the channel since; a new SUBSCRIBE follows.
+                return
             if channel in self._known:
                 self._confirmed.add(channel)
             confirmed = self._waiting.pop(channel, None)

@@ -73,3 +73,38 @@ async def test_channels_added_or_dropped_together_go_to_redis_in_one_command(red
     finally:
         await hub.stop()
         await redis.aclose(close_connection_pool=True)
+
+
+async def test_a_channel_wanted_again_waits_for_its_new_subscribe_not_the_old_ones_answer(
+    redis_url: str, monkeypatch: Any
+) -> None:
+    redis = Redis.from_url(redis_url)
+    hub = Hub(redis)
+    await hub.start()
+    held: list[dict[str, Any]] = []  # Redis' answers on the channel, handed over one by one
+    dispatch = hub._dispatch
+
+    def hold(message: dict[str, Any]) -> None:
+        held.append(message) if message["channel"] == b"stepcast:test:again" else dispatch(message)
+
+    monkeypatch.setattr(hub, "_dispatch", hold)
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        first, second = Heard(), Heard()
+        adding = asyncio.create_task(hub.add("stepcast:test:again", first))
+        await eventually(lambda: asyncio.sleep(0, len(held) == 1))  # SUBSCRIBE answered
+        hub.remove("stepcast:test:again", first)
+        await eventually(lambda: asyncio.sleep(0, len(held) == 2))  # UNSUBSCRIBE answered
+        again = asyncio.create_task(hub.add("stepcast:test:again", second))
+        await eventually(lambda: asyncio.sleep(0, len(held) == 3))  # SUBSCRIBE again
+        assert [m["type"] for m in held] == ["subscribe", "unsubscribe", "subscribe"]
+        dispatch(held[0])  # the first SUBSCRIBE's answer: Redis has since dropped the channel
+        await asyncio.sleep(0.05)
+        assert not again.done()  # it would read the job's log while nothing is subscribed
+        for message in held[1:]:
+            dispatch(message)
+        await asyncio.wait_for(again, 5)
+        adding.cancel()
+    finally:
+        await hub.stop()
+        await redis.aclose(close_connection_pool=True)
