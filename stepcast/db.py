@@ -431,7 +431,6 @@ class Database:
                 WHERE (hashtext(id::text)::bigint & mask) = ($1::bigint & mask)
             )
             SELECT jobs.*, due.position FROM due JOIN jobs USING (id)
-            WHERE jobs.status = 'pending'
             """,
             turn,
             list(bands),
