@@ -108,8 +108,8 @@ def main() -> None:
                     for phase in ("fresh", "after_large_jobs"):
                         if phase != "fresh":
                             overhead.large_jobs(running.http_url, overhead.LARGE_JOBS["tiny"])
-                        against_bare[phase] = overhead.side_by_side(
-                            MODEL_DIR, running, 3, 6, phase, params, bare_options
+                        against_bare[phase] = asyncio.run(
+                            overhead.side_by_side(MODEL_DIR, running, 18, phase, params, bare_options)
                         )
             print({"batch_size": size, "worker": worker_rates[size]}, flush=True)
     result = {

@@ -10,17 +10,18 @@ prompt and seed per job) run
 
 Reported:
 
-- side by side, one job at a time, alternating rounds with the worker idle
-  while (a) runs: the worker's own ``timings.pipeline_s`` against (a)'s time
-  per call, p50, with the minor page faults and kernel CPU per job of each
-  process; first for a fresh worker, then again after the same worker has
-  served large jobs (sizes up to 1024², batches of 4, previews on, cancels
-  mid-job): the model call must not get slower inside the worker, nor stay
-  slower after big allocations. Each round runs (b) twice: polled over REST
-  as its ``Retry-After`` says (``ratio``: nothing else wants the cores while
-  the model runs, as with a client on another machine), and watched step by
-  step over a WebSocket from this process (``watched_ratio``: the server,
-  Redis and this client then take CPU at every step, from the same cores);
+- side by side, one job at a time, alternating job by job (``--pairs`` of
+  them), each side idle while the other runs: the worker's own
+  ``timings.pipeline_s`` against (a)'s time per call, p50, with the minor page
+  faults and kernel CPU per job of each process; first for a fresh worker,
+  then again after the same worker has served large jobs (sizes up to 1024²,
+  batches of 4, previews on, cancels mid-job) next to a new plain loop: the
+  model call must not get slower inside the worker, nor stay slower after big
+  allocations. Each job runs in (b) twice: polled over REST as its
+  ``Retry-After`` says (``ratio``: nothing else wants the cores while the
+  model runs, as with a client on another machine), and watched step by step
+  over a WebSocket from this process (``watched_ratio``: the server, Redis
+  and this client then take CPU at every step, from the same cores);
 - throughput at saturation, (a) and (b), and the ratio (b)/(a), in
   ``--rounds`` alternating rounds (the median ratio is the figure): every job
   of a round is submitted at once and the rate is taken between the first and
@@ -46,7 +47,7 @@ The worker runs with ``STEPCAST_BATCH_SIZE=1`` so that both sides call the
 pipeline once per job (``bench.batching`` measures batching).
 
     python -m bench.overhead --jobs 60
-    python -m bench.overhead --model .data/models/sd15 --jobs 3 --rounds 2 --side-by-side-only
+    python -m bench.overhead --model .data/models/sd15 --pairs 6 --side-by-side-only
 """
 
 from __future__ import annotations
@@ -87,19 +88,57 @@ LARGE_JOBS = {
 def bare_process(
     model_dir: Path, jobs: int, params: dict[str, int] = PARAMS, options: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """(a): a fresh process running the plain loop (bench.bare); its per-call figures.
-    ``options``: more of bench.bare's (``--device``, ``--dtype``)."""
-    command = [sys.executable, "-m", "bench.bare", str(model_dir), "--jobs", str(jobs), *options]
-    command += ["--steps", str(params["steps"]), "--size", str(params["width"])]
+    """(a): a fresh process running the plain loop (bench.bare) ``jobs`` times; its rate."""
+    command = [*plain_loop_command(model_dir, params, options), "--jobs", str(jobs)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    seconds = figures["seconds"]
+    calls = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    seconds = [call["seconds"] for call in calls]
     return {
         "pipeline_ms": stack.summary([s * 1000 for s in seconds], 1),
         "jobs_per_s": round(len(seconds) / sum(seconds), 3),
-        "minor_faults_per_job": round(statistics.median(figures["minor_faults"])),
-        "kernel_ms_per_job": round(statistics.median(figures["kernel_s"]) * 1000, 1),
     }
+
+
+def plain_loop_command(model_dir: Path, params: dict[str, int], options: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "bench.bare", str(model_dir), "--steps", str(params["steps"]),
+            "--size", str(params["width"]), *options]  # fmt: skip
+
+
+class PlainLoop:
+    """(a) job by job: a fresh ``bench.bare --serve`` process, one call per :meth:`call`."""
+
+    def __init__(self, model_dir: Path, params: dict[str, int], options: tuple[str, ...]) -> None:
+        command = [*plain_loop_command(model_dir, params, options), "--serve"]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        if json.loads(self._line()) != {"ready": True}:
+            raise RuntimeError("bench.bare did not start")
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.bare exited with {self.process.wait()}")
+        return line
+
+    def call(self, index: int) -> dict[str, float]:
+        """One ``pipe(...)`` call: its seconds, minor page faults and kernel CPU seconds."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{index}\n")
+        self.process.stdin.flush()
+        figures: dict[str, float] = json.loads(self._line())
+        return figures
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(30)
 
 
 def process_counters(pid: int) -> tuple[int, float]:
@@ -168,77 +207,74 @@ async def saturation(ws_url: str, metrics_url: str, jobs: int, cpu: CpuMeter | N
     return result
 
 
+async def watched_job(ws: Any, index: int, params: dict[str, int]) -> dict[str, float]:
+    """One job submitted over a WebSocket and watched step by step until `completed`: its
+    pipeline time and what the system added around it, in ms."""
+    sent = time.perf_counter()
+    await submit(ws, index, params)
+    to_start = 0.0
+    while True:
+        message = json.loads(await ws.recv())
+        now = time.perf_counter()
+        if message["type"] == "started":
+            to_start = (now - sent) * 1000
+        elif message["type"] == "completed":
+            timings = message["timings"]
+            e2e = (now - sent) * 1000
+            return {
+                "pipeline": timings["pipeline_s"] * 1000,
+                "to_start": to_start,
+                "e2e": e2e,
+                "overhead": e2e - timings["pipeline_s"] * 1000,
+                "claimed": timings["queue_s"] * 1000,
+                "after": (timings["run_s"] - timings["pipeline_s"]) * 1000,
+            }
+        elif message["type"] in {"failed", "canceled", "error"}:
+            raise RuntimeError(message)
+
+
+async def polled_job(client: httpx.AsyncClient, index: int, params: dict[str, int]) -> float:
+    """One job over REST, polled as its ``Retry-After`` says, so that no one watches its
+    steps (as the issue measured): its pipeline time in ms."""
+    body = {"prompt": f"fox {index}", "seed": index, **params}
+    response = (await client.post("/v1/jobs", json=body)).raise_for_status()
+    job = response.json()
+    while job["status"] not in {"completed", "failed", "canceled"}:
+        await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+        response = (await client.get(f"/v1/jobs/{job['id']}")).raise_for_status()
+        job = response.json()
+    if job["status"] != "completed":
+        raise RuntimeError(job)
+    return float(job["timings"]["pipeline_s"]) * 1000
+
+
 async def one_at_a_time(
     ws_url: str, jobs: int, worker_pid: int, params: dict[str, int] = PARAMS
 ) -> dict[str, Any]:
     """(b) one job at a time, the worker idle between them: what the system adds to each,
     and the worker's own pipeline time, page faults and kernel CPU per job."""
-    to_start: list[float] = []
-    overhead: list[float] = []
-    e2e: list[float] = []
-    claimed: list[float] = []
-    after: list[float] = []
-    pipeline: list[float] = []
+    runs: list[dict[str, float]] = []
     costs = WorkerCosts(worker_pid)
     async with websockets.connect(ws_url, max_size=2**22) as ws:
         for index in range(jobs):
             await asyncio.sleep(0.2)  # the worker is idle, as at low load
             costs.start()
-            sent = time.perf_counter()
-            await submit(ws, index, params)
-            while True:
-                message = json.loads(await ws.recv())
-                now = time.perf_counter()
-                if message["type"] == "started":
-                    to_start.append((now - sent) * 1000)
-                elif message["type"] == "completed":
-                    e2e.append((now - sent) * 1000)
-                    timings = message["timings"]
-                    pipeline.append(timings["pipeline_s"] * 1000)
-                    overhead.append(e2e[-1] - pipeline[-1])
-                    claimed.append(timings["queue_s"] * 1000)
-                    after.append((timings["run_s"] - timings["pipeline_s"]) * 1000)
-                    break
-                elif message["type"] in {"failed", "canceled", "error"}:
-                    raise RuntimeError(message)
+            runs.append(await watched_job(ws, index, params))
             costs.stop()
+
+    def figures(name: str) -> dict[str, float] | None:
+        return stack.summary([run[name] for run in runs], 1)
+
     return {
-        "pipeline_ms": stack.summary(pipeline, 1),
+        "pipeline_ms": figures("pipeline"),
         **costs.per_job(),
-        "submit_to_started_ms": stack.summary(to_start, 1),
-        "submit_to_completed_ms": stack.summary(e2e, 1),
-        "overhead_ms": stack.summary(overhead, 1),
+        "submit_to_started_ms": figures("to_start"),
+        "submit_to_completed_ms": figures("e2e"),
+        "overhead_ms": figures("overhead"),
         # Where it goes: row created -> claimed (Postgres clock), and the part of
         # the run outside the pipeline (claim -> terminal write, minus the pipeline).
-        "insert_to_claim_ms": stack.summary(claimed, 1),
-        "run_outside_pipeline_ms": stack.summary(after, 1),
-    }
-
-
-def polled(http_url: str, jobs: int, worker_pid: int, params: dict[str, int] = PARAMS) -> dict[str, Any]:
-    """(b) one job at a time over REST, polled as its ``Retry-After`` says, so that no one
-    watches its steps (as the issue measured): the worker's pipeline time, page faults and
-    kernel CPU per job, with nothing else asking for the cores while the model runs."""
-    pipeline: list[float] = []
-    costs = WorkerCosts(worker_pid)
-    with httpx.Client(base_url=http_url, timeout=30) as client:
-        for index in range(jobs):
-            time.sleep(0.2)  # the worker is idle, as at low load
-            costs.start()
-            body = {"prompt": f"fox {index}", "seed": index, **params}
-            response = client.post("/v1/jobs", json=body).raise_for_status()
-            job = response.json()
-            while job["status"] not in {"completed", "failed", "canceled"}:
-                time.sleep(float(response.headers.get("retry-after", "1")))
-                response = client.get(f"/v1/jobs/{job['id']}").raise_for_status()
-                job = response.json()
-            if job["status"] != "completed":
-                raise RuntimeError(job)
-            costs.stop()
-            pipeline.append(job["timings"]["pipeline_s"] * 1000)
-    return {
-        "pipeline_ms": stack.summary(pipeline, 1),
-        **costs.per_job(),
+        "insert_to_claim_ms": figures("claimed"),
+        "run_outside_pipeline_ms": figures("after"),
     }
 
 
@@ -264,36 +300,65 @@ def large_jobs(http_url: str, jobs: list[tuple[int, int, int, int, int | None]])
     return served
 
 
-def side_by_side(
+async def side_by_side(
     model_dir: Path,
     running: stack.Running,
-    rounds: int,
     jobs: int,
     phase: str,
     params: dict[str, int] = PARAMS,
     options: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """(a) and (b), one job at a time, alternating: the worker's pipeline time over the plain
-    loop's, with the jobs polled over REST (``ratio``) and watched step by step over a
-    WebSocket (``watched_ratio``: the server, Redis and the client then take CPU every step)."""
-    worker_pid = running.workers[0].pid
-    legs, ratios, watched_ratios = [], [], []
-    for _ in range(rounds):
-        bare = bare_process(model_dir, jobs, params, options)
-        worker = polled(running.http_url, jobs, worker_pid, params)
-        watched = asyncio.run(one_at_a_time(running.ws_url, jobs, worker_pid, params))
-        ratios.append(round(worker["pipeline_ms"]["p50"] / bare["pipeline_ms"]["p50"], 3))
-        watched_ratios.append(round(watched["pipeline_ms"]["p50"] / bare["pipeline_ms"]["p50"], 3))
-        legs.append(
-            {"bare": bare, "worker": worker, "watched": watched,
-             "ratio": ratios[-1], "watched_ratio": watched_ratios[-1]}
-        )  # fmt: skip
-        print(json.dumps({phase: legs[-1]}), flush=True)
-    return {
-        "rounds": legs,
-        "ratio": statistics.median(ratios),
-        "watched_ratio": statistics.median(watched_ratios),
+    """(a) and (b) alternating job by job, each idle while the other runs, so that a machine
+    whose speed drifts (a shared VM) slows both alike: a plain loop in a fresh process makes
+    one call, then the worker runs the same job polled over REST (``ratio``: nothing else
+    wants the cores while the model runs), then watched step by step over a WebSocket
+    (``watched_ratio``: the server, Redis and this client then take CPU every step, from the
+    same cores). Ratios of the p50s; ``*_pair_ratio``: the p50 of the job-by-job ratios."""
+    plain = PlainLoop(model_dir, params, options)
+    bare: list[dict[str, float]] = []
+    polled: list[float] = []
+    watched: list[float] = []
+    costs = WorkerCosts(running.workers[0].pid)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=running.http_url, timeout=30) as client,
+            websockets.connect(running.ws_url, max_size=2**22) as ws,
+        ):
+            for index in range(jobs):
+                await asyncio.sleep(0.2)
+                bare.append(await asyncio.to_thread(plain.call, index))
+                await asyncio.sleep(0.2)
+                costs.start()
+                polled.append(await polled_job(client, index, params))
+                costs.stop()
+                await asyncio.sleep(0.2)
+                watched.append((await watched_job(ws, index, params))["pipeline"])
+    finally:
+        plain.close()
+    bare_ms = [call["seconds"] * 1000 for call in bare]
+
+    def ratios(worker: list[float]) -> tuple[float, float]:
+        of_p50s = statistics.median(worker) / statistics.median(bare_ms)
+        of_pairs = statistics.median(w / b for w, b in zip(worker, bare_ms, strict=True))
+        return round(of_p50s, 3), round(of_pairs, 3)
+
+    (ratio, pair_ratio), (watched_ratio, watched_pair_ratio) = ratios(polled), ratios(watched)
+    result = {
+        "plain_loop": {
+            "pipeline_ms": stack.summary(bare_ms, 1),
+            "minor_faults_per_job": round(statistics.median(call["minor_faults"] for call in bare)),
+            "kernel_ms_per_job": round(statistics.median(call["kernel_s"] for call in bare) * 1000, 1),
+        },
+        "worker_polled": {"pipeline_ms": stack.summary(polled, 1), **costs.per_job()},
+        "worker_watched": {"pipeline_ms": stack.summary(watched, 1)},
+        "ratio": ratio,
+        "pair_ratio": pair_ratio,
+        "watched_ratio": watched_ratio,
+        "watched_pair_ratio": watched_pair_ratio,
+        "jobs_ms": {"plain_loop": bare_ms, "worker_polled": polled, "worker_watched": watched},
     }
+    print(json.dumps({phase: {k: v for k, v in result.items() if k != "jobs_ms"}}), flush=True)
+    return result
 
 
 def main() -> None:
@@ -301,6 +366,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, help="a diffusers directory (default: the tiny model)")
+    parser.add_argument("--pairs", type=int, default=30, help="jobs a side by side phase alternates")
     parser.add_argument("--side-by-side-only", action="store_true", help="skip the throughput legs")
     args = parser.parse_args()
     model_dir = args.model or ensure(DATA_DIR / "models" / "tiny")
@@ -315,14 +381,12 @@ def main() -> None:
         "STEPCAST_JOB_TIMEOUT_S": "3600",
     }
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    per_round = (
-        max(3, args.jobs // args.rounds) if args.side_by_side_only else max(8, args.jobs // args.rounds)
-    )
+    per_round = max(8, args.jobs // args.rounds)
     result: dict[str, Any] = {"model": str(model_dir), "jobs": args.jobs, **PARAMS}
     with stack.services("overhead") as (postgres, redis):
         with stack.stepcast("overhead", postgres, redis, workers=1, env=env) as running:
             stack.warm_up(running.http_url, 3 if tiny else 1, PARAMS, timeout_s=600)
-            result["fresh"] = side_by_side(model_dir, running, args.rounds, per_round, "fresh")
+            result["fresh"] = asyncio.run(side_by_side(model_dir, running, args.pairs, "fresh"))
             if not args.side_by_side_only:
                 # (a) and (b) take turns, so that a machine whose speed drifts (a
                 # shared VM) slows both alike; the stack idles during (a).
@@ -343,7 +407,7 @@ def main() -> None:
                 }
                 result["throughput_ratio"] = statistics.median(r["ratio"] for r in rounds)
             result["large_jobs"] = large_jobs(running.http_url, LARGE_JOBS["tiny" if tiny else "full"])
-            result["after_large_jobs"] = side_by_side(model_dir, running, args.rounds, per_round, "after")
+            result["after_large_jobs"] = asyncio.run(side_by_side(model_dir, running, args.pairs, "after"))
         if not args.side_by_side_only:
             pipeline_s = statistics.median(r["bare"]["pipeline_ms"]["p50"] for r in result["rounds"]) / 1000
             no_cpu = {
