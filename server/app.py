@@ -16,15 +16,18 @@ from starlette.staticfiles import StaticFiles
 
 from server import openapi, rest, sse, ws
 from server.auth import BrowserSession
+from server.collector import Collector
 from server.hosts import HostCheck
 from server.metrics import ServerMetrics
 from server.metrics import endpoint as metrics_endpoint
 from server.middleware import RequestContext
 from server.problems import EXCEPTION_HANDLERS
+from server.protocols import HttpProtocol, WebSocketProtocol
 from server.services import Services
 from stepcast import logs
 from stepcast import settings as settings_module
 from stepcast.settings import ROOT, Settings
+from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,12 @@ class Server(uvicorn.Server):
     restart: reconnect, to another server if there is one), and waits for
     requests in flight; SSE streams never finish on their own, so the app ends
     them when ``draining`` is set, and clients resume with Last-Event-ID.
+
+    With a ``collector``, the process's garbage collection keeps to its schedule while the
+    server runs (``python -m server.app``; not for a server started inside another program).
     """
 
-    def __init__(self, app: Starlette, settings: Settings) -> None:
+    def __init__(self, app: Starlette, settings: Settings, *, collector: Collector | None = None) -> None:
         super().__init__(
             uvicorn.Config(
                 app,
@@ -76,6 +82,8 @@ class Server(uvicorn.Server):
                 port=settings.port,
                 log_config=None,
                 lifespan="on",
+                http=HttpProtocol,
+                ws=WebSocketProtocol,
                 ws_max_size=settings.ws_max_message_bytes * 4,
                 # Events are small JSON and previews already-compressed WebP:
                 # deflating every frame costs CPU on both ends for a few bytes.
@@ -87,6 +95,16 @@ class Server(uvicorn.Server):
             )
         )
         self.draining: asyncio.Event = app.state.draining
+        self.collector = collector
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.collector is None:
+            return await super().serve(sockets)
+        collecting = asyncio.create_task(self.collector.run())
+        try:
+            await super().serve(sockets)
+        finally:
+            await cancel_and_wait(collecting)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.draining.set()
@@ -96,7 +114,7 @@ class Server(uvicorn.Server):
 def main() -> None:
     settings = settings_module.load_or_exit()
     logs.configure(settings.log_level, settings.log_format)
-    Server(create_app(settings), settings).run()
+    Server(create_app(settings), settings, collector=Collector(sweep_every_s=settings.gc_sweep_s)).run()
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     # and SSE streams were opened with are still active: a revoked key's
     # streams end within about this long.
     key_check_s: float = Field(2.0, gt=0)
+    # A server process collects all its garbage this often (server/collector.py): the one
+    # pause that grows with its sockets (about 90 ms per 1,000), in exchange for none
+    # between. Cyclic garbage among long-lived objects waits this long to be freed.
+    gc_sweep_s: float = Field(600.0, gt=0)
     # SIGTERM: sockets are closed at once with 1012 (reconnect elsewhere), then
     # requests still running get this long before the server stops.
     server_shutdown_s: float = Field(10.0, ge=0)
