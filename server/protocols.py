@@ -2,7 +2,7 @@
 
 Each lets go of what only a connection's start needs, so that an open
 WebSocket holds less memory and leaves no cyclic garbage behind for a full
-collection to find (server/collector.py; tests/test_sockets.py counts both).
+collection to find (server/collector.py; tests/test_memory.py checks both).
 """
 
 from __future__ import annotations
