@@ -11,10 +11,12 @@ threshold unseen). Either stalls every socket of the process.
 
 So the server's process keeps to this schedule (:class:`Collector`):
 
-- every ``freeze_every_s`` (a second): collect the young generations (they
-  hold at most a second's survivors: a millisecond or two), then freeze what
-  survived. Frozen objects are out of every later collection, so the
-  automatic ones only ever scan what is younger than a second;
+- every ``freeze_every_s`` (0.1 s): collect the young generations (they
+  hold at most 0.1 s of survivors: a millisecond or two), then freeze what
+  survived; and freeze after every collection CPython starts on its own too,
+  since a loop busy for seconds (a connect storm) runs no timer. Frozen
+  objects are out of every later collection, so no collection rescans the
+  sockets;
 - every ``sweep_every_s`` (``STEPCAST_GC_SWEEP_S``): unfreeze, collect
   everything, freeze again. This frees cyclic garbage among objects that were
   frozen while alive. It is the one pause that grows with the sockets, so it
