@@ -7,13 +7,8 @@ collection to find (server/collector.py; tests/test_memory.py checks both).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-
-if TYPE_CHECKING:
-    from uvicorn._types import ASGISendEvent
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -29,9 +24,10 @@ class HttpProtocol(HttpToolsProtocol):
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, which lets go of the handshake's request and response
-    (their headers: about 2 KiB) once the socket is accepted; only the handshake reads them."""
+    (their headers: about 2 KiB) once the socket is accepted; only the handshake reads them.
+    uvicorn starts the keepalive once, right after the accepting response is sent: the send
+    path that every event takes stays uvicorn's own."""
 
-    async def send(self, message: ASGISendEvent) -> None:
-        await super().send(message)
-        if message["type"] == "websocket.accept":
-            self.request = self.response = None  # type: ignore[assignment]
+    def start_keepalive(self) -> None:
+        super().start_keepalive()
+        self.request = self.response = None  # type: ignore[assignment]
