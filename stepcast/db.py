@@ -27,6 +27,8 @@ from stepcast.jobs import Job, Status
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 10.0  # how long a close waits for connections in use
+
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
 _SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
 
@@ -211,8 +213,13 @@ class Database:
         )
         return cls(pool)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close every connection once it is released; after ``timeout_s``, close those still in
+        use as well (a query that never returns must not hold a shutdown for ever)."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_s)  # (a time-out terminates the pool)
+        except TimeoutError:
+            logger.warning("Postgres connections still in use after %g s: closed anyway", timeout_s)
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

@@ -10,6 +10,7 @@ arq worker driving the tiny diffusers model (loaded once per session).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -161,6 +162,24 @@ async def eventually(probe: Callable[[], Awaitable[Any]], timeout_s: float = 30)
     raise AssertionError(f"not true after {timeout_s} s")
 
 
+async def finish_within(awaitable: Awaitable[Any], timeout_s: float, what: str) -> None:
+    """Await a fixture's step (a start, a teardown), at most ``timeout_s``. One that hangs fails
+    the test with the stacks of the loop's tasks (where it hung), and is cancelled: the tests
+    after it share this event loop and must not inherit a server or worker still running."""
+    step = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({step}, timeout=timeout_s)
+    if done:
+        step.result()
+        return
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(limit=12, file=stacks)
+    step.cancel()
+    await asyncio.wait({step}, timeout=5)
+    raise AssertionError(f"{what} still running after {timeout_s} s; the tasks:\n{stacks.getvalue()}")
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -196,17 +215,22 @@ async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
     async def start(settings: Settings) -> str:
         server = Server(create_app(settings), settings)
         task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
         servers.append((server, task))
+
+        async def started() -> None:
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+
+        await finish_within(started(), 30, f"the server's start on port {settings.port}")
         return f"http://127.0.0.1:{settings.port}"
 
     yield start
-    for server, task in servers:
+    for server, _ in servers:
         server.should_exit = True
-        await task
+    for server, task in servers:
+        await finish_within(task, 30, f"the server on port {server.config.port}")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -287,8 +311,8 @@ async def run_worker(pipeline: Pipeline) -> AsyncIterator[Callable[..., Awaitabl
 
     yield start
     for worker, task in workers:
-        await worker.close()
-        await asyncio.gather(task, return_exceptions=True)
+        await finish_within(worker.close(), 30, "a worker's close")
+        await finish_within(asyncio.gather(task, return_exceptions=True), 10, "a worker")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ without a reset."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -229,6 +230,20 @@ async def test_a_singleton_lock_is_one_process_at_a_time_and_never_left_on_a_poo
             assert held
     finally:
         await other.close()
+
+
+async def test_a_close_does_not_wait_for_ever_on_a_connection_in_use(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = await Database.connect(database_url, max_size=2)
+    stuck = asyncio.create_task(db.pool.fetchval("SELECT pg_sleep(60)"))
+    await asyncio.sleep(0.2)  # the query is running
+    started = time.monotonic()
+    await db.close(timeout_s=0.5)
+    assert time.monotonic() - started < 5 and db.pool.is_closing()
+    assert "still in use after 0.5 s" in caplog.text
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await stuck  # its connection was closed under it
 
 
 async def test_a_batch_completes_in_one_call_each_job_fenced_by_its_attempt(db: Database) -> None:
