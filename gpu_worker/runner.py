@@ -38,11 +38,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from PIL import Image
 
 from gpu_worker import batching
+from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image, preview_pixels
 from stepcast.batched import Gatherer
@@ -69,6 +70,14 @@ class Released(Exception):
     """The worker is shutting down before the job got the pipeline: it was never claimed."""
 
 
+class Step(NamedTuple):
+    """A step the pipeline thread reports: its preview's pixels if it has one, and when it ended."""
+
+    step: int
+    pixels: Any
+    done_at: float  # perf_counter
+
+
 @dataclass
 class _Waiting:
     """A job arq handed over, not yet claimed: it waits for a place in a batch.
@@ -82,10 +91,10 @@ class _Waiting:
 
     job_id: uuid.UUID
     claimed: asyncio.Future[_Active | None]
+    steps: Mailbox[Step]  # from the pipeline thread
     params: JobParams | None = None
     preview: dict[str, Any] | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
-    steps: asyncio.Queue[tuple[int, Any, float] | None] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -96,7 +105,7 @@ class _Active:
     params: JobParams
     last_seq: int
     stop: threading.Event  # its _Waiting's
-    steps: asyncio.Queue[tuple[int, Any, float] | None]
+    steps: Mailbox[Step]  # its _Waiting's
     batch: list[_Active] = field(default_factory=list)
     outcome: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -133,6 +142,21 @@ def encode_preview(pixels: Any, max_px: int) -> str:
     buffer = io.BytesIO()
     preview_image(pixels, max_px).save(buffer, format="WEBP", quality=60, method=0)
     return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def encode_previews(steps: list[Step], max_px: int, job_id: str) -> list[str | None]:
+    """The previews of the steps that carry pixels (None for the others, and for one that fails:
+    a preview is a nicety, never a reason to stop the events)."""
+    previews: list[str | None] = []
+    for step in steps:
+        preview = None
+        if step.pixels is not None:
+            try:
+                preview = encode_preview(step.pixels, max_px)
+            except Exception as exc:
+                logger.warning("no preview: %s", exc, extra={"job_id": job_id})
+        previews.append(preview)
+    return previews
 
 
 class JobRunner:
@@ -237,7 +261,9 @@ class JobRunner:
         try:
             if self._releasing:
                 raise Released()
-            waiting = _Waiting(job_id, asyncio.get_running_loop().create_future())
+            loop = asyncio.get_running_loop()
+            steps: Mailbox[Step] = Mailbox(loop, self.settings.progress_interval_s)
+            waiting = _Waiting(job_id, loop.create_future(), steps)
             if ticket is not None:
                 try:
                     waiting.params, waiting.preview = JobParams.from_json(ticket.params), ticket.preview
@@ -444,7 +470,7 @@ class JobRunner:
                     pixels = preview_pixels(latents)
                 except Exception as exc:  # a preview is a nicety: never let it stop the job
                     logger.warning("no preview: %s", exc, extra={"job_id": str(waiting.job_id)})
-            loop.call_soon_threadsafe(steps.put_nowait, (step, pixels, time.perf_counter()))
+            steps.post(Step(step, pixels, time.perf_counter()))
 
         return on_step
 
@@ -473,7 +499,7 @@ class JobRunner:
                 outcome = await self._outcome(active)
         finally:
             let_go()
-            active.steps.put_nowait(None)
+            active.steps.close()
             try:
                 await publisher
             finally:
@@ -518,21 +544,25 @@ class JobRunner:
             if active.job.preview
             else 0
         )
-        while (item := await active.steps.get()) is not None:
-            step, pixels, done_at = item
-            if step <= active.step:  # a failed batch re-runs its jobs alone: report only new steps
+        # Steps that came close together arrive together (the mailbox), and go out in one send.
+        while (bunch := await active.steps.get()) is not None:
+            new = []
+            for item in bunch:
+                if item.step > active.step:  # (a failed batch re-runs its jobs alone: only new steps)
+                    active.step = item.step
+                    new.append(item)
+            if not new:
                 continue
-            active.step = step
-            self.metrics.steps.inc()
-            elapsed = done_at - active.pipeline_started
-            preview = None
-            if pixels is not None:
-                try:
-                    preview = await asyncio.to_thread(encode_preview, pixels, preview_px)
-                except Exception as exc:  # a preview is a nicety: never let it stop the events
-                    logger.warning("no preview: %s", exc, extra={"job_id": str(active.job.id)})
-            eta_s = round(elapsed / step * (params.steps - step), 3)
-            await self._emit(active, Progress(step=step, total=params.steps, eta_s=eta_s, preview=preview))
+            self.metrics.steps.inc(len(new))
+            previews: list[str | None] = [None] * len(new)
+            if any(item.pixels is not None for item in new):
+                previews = await asyncio.to_thread(encode_previews, new, preview_px, str(active.job.id))
+            events = []
+            for item, preview in zip(new, previews, strict=True):
+                seconds_a_step = (item.done_at - active.pipeline_started) / item.step
+                eta_s = round(seconds_a_step * (params.steps - item.step), 3)
+                events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
+            await self._emit(active, *events)
 
     async def _heartbeat(self, active: _Active) -> None:
         job = active.job
@@ -653,8 +683,8 @@ class JobRunner:
         if done.queue_s is not None:
             self.metrics.queue_seconds.observe(done.queue_s)
 
-    async def _emit(self, active: _Active, event: Started | Progress) -> None:
+    async def _emit(self, active: _Active, *events: Started | Progress) -> None:
         job = active.job
-        published = await self.lifecycle.emit(job.id, job.owner, event, Speaker.running(job))
+        published = await self.lifecycle.emit_all(job.id, job.owner, events, Speaker.running(job))
         if published is not None:
             active.last_seq = published

@@ -111,35 +111,56 @@ class Gatherer(Generic[I, R]):
 
 
 @dataclass
-class _Call:
-    script: AsyncScript
-    keys: list[str]
-    args: list[Arg]
+class _Calls:
+    """Calls of one script, to be made in this order."""
 
-    async def alone(self) -> Any:
-        return await self.script(keys=self.keys, args=self.args)
+    script: AsyncScript
+    each: list[tuple[list[str], list[Arg]]]
 
 
 class BatchedScripts:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._calls: Gatherer[_Call, Any] = Gatherer(self._pipelined, one=_Call.alone)
+        self._calls: Gatherer[_Calls, list[Any]] = Gatherer(self._pipelined, one=self._alone)
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Arg]) -> Any:
         """``script(keys, args)``, sent with the other calls of this loop pass."""
-        return await self._calls(_Call(script, keys, args))
+        (result,) = await self.call_all(script, [(keys, args)])
+        return result
 
-    async def _pipelined(self, calls: list[_Call]) -> list[Any]:
+    async def call_all(self, script: AsyncScript, calls: list[tuple[list[str], list[Arg]]]) -> list[Any]:
+        """``script(keys, args)`` for each of ``calls``, run by Redis in this order and sent with
+        the other calls of this loop pass; their results. The first error is raised."""
+        return await self._calls(_Calls(script, calls))
+
+    async def _alone(self, calls: _Calls) -> list[Any]:
+        if len(calls.each) == 1:  # a plain call: redis-py loads the script if Redis lost it
+            keys, args = calls.each[0]
+            return [await calls.script(keys=keys, args=args)]
+        (results,) = await self._pipelined([calls])
+        if isinstance(results, BaseException):
+            raise results
+        return results
+
+    async def _pipelined(self, groups: list[_Calls]) -> list[list[Any] | BaseException]:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        for index, (call, result) in enumerate(zip(calls, results, strict=True)):
-            if isinstance(result, NoScriptError):  # Redis restarted: load the script, call again
-                try:
-                    results[index] = await call.alone()
-                except Exception as exc:
-                    results[index] = exc
+            for group in groups:
+                for keys, args in group.each:
+                    pipe.execute_command("EVALSHA", group.script.sha, len(keys), *keys, *args)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        results: list[list[Any] | BaseException] = []
+        for group in groups:
+            mine = []
+            for keys, args in group.each:
+                reply = next(replies)
+                if isinstance(reply, NoScriptError):  # Redis restarted: load the script, call again
+                    try:
+                        reply = await group.script(keys=keys, args=args)
+                    except Exception as exc:
+                        reply = exc
+                mine.append(reply)
+            error = next((reply for reply in mine if isinstance(reply, BaseException)), None)
+            results.append(error if error is not None else mine)
         return results
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -277,8 +278,30 @@ class EventLog:
         ``block`` is used only if the counter needs one. A ``position_update`` is appended
         only while the job waits and it says something new.
         """
-        keys, args = self._emit_call(job_id, owner, event, attempt, seq, block, position_update)
-        return int(await self._scripts.call(self._emit, keys, args))
+        (answer,) = await self.emit_all(
+            job_id, owner, [event], attempt=attempt, seq=seq, block=block, position_update=position_update
+        )
+        return answer
+
+    async def emit_all(
+        self,
+        job_id: str,
+        owner: str,
+        events: Sequence[Event],
+        *,
+        attempt: int,
+        seq: int = 0,
+        block: Block = NO_BLOCK,
+        position_update: bool = False,
+    ) -> list[int]:
+        """:meth:`emit` for each of ``events``, in this order and one round trip; what each
+        got. (A reserved ``seq`` is one event's.)"""
+        if not events:
+            return []
+        calls = [
+            self._emit_call(job_id, owner, event, attempt, seq, block, position_update) for event in events
+        ]
+        return [int(answer) for answer in await self._scripts.call_all(self._emit, calls)]
 
     def emit_in(
         self, pipe: Pipeline, job_id: str, owner: str, event: Event, *, attempt: int, block: Block

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -67,6 +67,11 @@ class Speaker:
         return cls(job.attempt, worker=True)
 
 
+def _last_published(answers: list[int]) -> int | None:
+    """The seq of the last event published, from what the log answered for each."""
+    return max((answer for answer in answers if answer > 0), default=None)
+
+
 class Lifecycle:
     def __init__(self, db: Database, events: EventLog, *, db_retry_s: float = 0.0) -> None:
         self.db = db
@@ -93,53 +98,65 @@ class Lifecycle:
     ) -> int | None:
         """Emit an event with the next seq; that seq, or None if it was not published (fenced,
         nothing new, or Redis unreachable ``tries`` times: a watcher gets a snapshot)."""
-        published = await self._emit(job_id, owner, event, speaker, 0, position_update, tries)
-        return published if published is not None and published > 0 else None
+        answers = await self._emit(job_id, owner, [event], speaker, 0, position_update, tries)
+        return _last_published(answers)
+
+    async def emit_all(
+        self, job_id: uuid.UUID, owner: str, events: Sequence[Event], speaker: Speaker
+    ) -> int | None:
+        """:meth:`emit` for each of ``events``, in this order and one round trip (two when the
+        job needs a fresh block of seqs on the way); the seq of the last one published."""
+        return _last_published(await self._emit(job_id, owner, events, speaker, 0, False, 1))
 
     async def _emit(
         self,
         job_id: uuid.UUID,
         owner: str,
-        event: Event,
+        events: Sequence[Event],
         speaker: Speaker,
         seq: int,
         position_update: bool,
         tries: int,
-    ) -> int | None:
-        """What the log answered (a seq or one of its codes); None if Redis was unreachable.
-        ``seq``: a reserved one, or 0 for the next."""
+    ) -> list[int]:
+        """What the log answered for each event (a seq or one of its codes), in order; nothing
+        if Redis was unreachable. ``seq``: a reserved one (of a single event), or 0 for the next."""
         key = str(job_id)
         for attempt in range(tries):
             try:
-                published = await self.events.emit(
-                    key, owner, event, attempt=speaker.attempt, seq=seq, position_update=position_update
+                answers = await self.events.emit_all(
+                    key, owner, events, attempt=speaker.attempt, seq=seq, position_update=position_update
                 )
-                if published == NEED_BLOCK and not position_update:
+                if NEED_BLOCK in answers and not position_update:
+                    # The counter's block ran out at this event (or Redis lost it): from this
+                    # event on, they go with a fresh one, in order.
+                    first = answers.index(NEED_BLOCK)
                     try:
                         fresh = await self._block(job_id, speaker)
                     except TRANSIENT_ERRORS:  # Postgres away too: not published, a snapshot later
                         logger.warning(
-                            "no seqs for %s: Postgres unreachable", event.type, extra={"job_id": key}
+                            "no seqs for %s: Postgres unreachable", events[first].type, extra={"job_id": key}
                         )
-                        return None
+                        return answers
                     if fresh is None:
-                        return None
-                    published = await self.events.emit(
-                        key, owner, event, attempt=speaker.attempt, seq=seq, block=fresh
+                        return answers
+                    answers[first:] = await self.events.emit_all(
+                        key, owner, events[first:], attempt=speaker.attempt, seq=seq, block=fresh
                     )
             except RedisError:
-                logger.warning("could not publish %s", event.type, extra={"job_id": key}, exc_info=True)
+                kinds = ", ".join(sorted({event.type for event in events}))
+                logger.warning("could not publish %s", kinds, extra={"job_id": key}, exc_info=True)
                 if attempt + 1 < tries:
                     await asyncio.sleep(0.1 * 2**attempt)
                 continue
-            if published == FENCED:
-                logger.info(
-                    "%s not published: a newer attempt or the end came first",
-                    event.type,
-                    extra={"job_id": key},
-                )
-            return published
-        return None
+            for event, answer in zip(events, answers, strict=True):
+                if answer == FENCED:
+                    logger.info(
+                        "%s not published: a newer attempt or the end came first",
+                        event.type,
+                        extra={"job_id": key},
+                    )
+            return answers
+        return []
 
     async def reserve(self, job_id: uuid.UUID, speaker: Speaker) -> int | None:
         """A seq for an event recorded in Postgres before it is emitted; None if the job has
@@ -201,8 +218,8 @@ class Lifecycle:
             done = current
         emitted = event if isinstance(event, Event) else await event(done)
         for _ in range(RESTAMPS):
-            published = await self._emit(job.id, job.owner, emitted, speaker, seq, False, TERMINAL_TRIES)
-            if published != BEHIND:
+            answers = await self._emit(job.id, job.owner, [emitted], speaker, seq, False, TERMINAL_TRIES)
+            if answers != [BEHIND]:
                 break
             # Events came after the seq was reserved (the write waited long): a later seq,
             # recorded in place of the first (fenced by it), so that the log does not end

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     lease_s: float = Field(30.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
+    # Steps that come faster than this go out together, at most one send per
+    # interval (each send costs the model CPU); a step after a quiet interval
+    # goes at once. 0: every step at once.
+    progress_interval_s: float = Field(0.05, ge=0, le=1)
     job_timeout_s: float = Field(600.0, gt=0)
     # A submit wakes idle workers at once (Redis pub/sub); without a wake-up
     # (one lost in a reconnect) they look at the queue this often anyway.

@@ -35,7 +35,7 @@ import logging
 import random
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -228,12 +228,15 @@ class SimEventLog(EventLog):
         super().__init__(redis, stream_max=1000, ttl_s=3600)
         self.world = world
 
-    async def emit(self, job_id: str, owner: str, event: Event, *, attempt: int, **kwargs: Any) -> int:
-        await self.world.io(f"redis emit {event.type}")
-        seq = await super().emit(job_id, owner, event, attempt=attempt, **kwargs)
-        if seq > 0:
-            self.world.emitted_by[seq] = attempt
-        return seq
+    async def emit_all(
+        self, job_id: str, owner: str, events: Sequence[Event], *, attempt: int, **kwargs: Any
+    ) -> list[int]:
+        await self.world.io(f"redis emit {'+'.join(event.type for event in events)}")
+        answers = await super().emit_all(job_id, owner, events, attempt=attempt, **kwargs)
+        for seq in answers:
+            if seq > 0:
+                self.world.emitted_by[seq] = attempt
+        return answers
 
     async def reserve(self, job_id: str, *, attempt: int, block: Block = NO_BLOCK) -> int:
         await self.world.io("redis reserve")
@@ -519,8 +522,11 @@ class World:
         speaker = Speaker.running(job)
         await lifecycle.emit(self.job_id, OWNER, Started(attempt=job.attempt, worker=name), speaker)
         total = self.bounds.steps
-        for step in range(1, total + 1):
-            await lifecycle.emit(self.job_id, OWNER, Progress(step=step, total=total, eta_s=0.1), speaker)
+        steps = [Progress(step=step, total=total, eta_s=0.1) for step in range(1, total + 1)]
+        # The first step goes alone (after a quiet interval), those close behind it together.
+        for bunch in (steps[:1], steps[1:]):
+            if bunch:
+                await lifecycle.emit_all(self.job_id, OWNER, bunch, speaker)
         current = await self.db.get_job(self.job_id)  # its heartbeat: a cancel asked for?
         canceled = current is not None and current.cancel_requested
         status = Status.CANCELED if canceled else Status.COMPLETED

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from stepcast.batched import Pipelined
+from stepcast.db import Database
 from stepcast.events import (
     BEHIND,
     FENCED,
@@ -28,7 +29,9 @@ from stepcast.events import (
     Started,
     encode,
 )
+from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.processes import free_port
+from tests.test_database import insert
 
 
 @pytest.fixture
@@ -187,6 +190,39 @@ async def test_a_batchs_events_of_one_step_share_a_round_trip_and_survive_a_scri
     assert len(pipelines) == 2
     for job in jobs:
         assert await kinds(log, job) == [(1, "started"), (2, "progress")]
+
+
+async def test_a_jobs_steps_sent_together_keep_their_order_in_one_round_trip(
+    log: EventLog, pipelines: list[dict[str, Any]]
+) -> None:
+    await log.emit("j", "o", STARTED, attempt=1, block=FIRST)
+    steps = [Progress(step=step, total=6, eta_s=0.1) for step in range(1, 7)]
+    assert await log.emit_all("j", "o", steps[:3], attempt=1) == [2, 3, 4]
+    assert len(pipelines) == 1
+    await log.redis.script_flush()  # as after a Redis restart: loaded again, still in order
+    assert await log.emit_all("j", "o", steps[3:], attempt=1) == [5, 6, 7]
+    assert [(event["seq"], event.get("step")) for event in (await log.read("j")).events] == [
+        (1, None), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 6)
+    ]  # fmt: skip
+
+
+async def test_steps_sent_together_keep_their_order_across_a_fresh_block(
+    log: EventLog, database_url: str
+) -> None:
+    db = await Database.connect(database_url, max_size=1)
+    try:
+        job = (await insert(db)).job
+        key = str(job.id)
+        # The counter has two seqs left (2 and 3) when five steps come together.
+        await log.emit(key, job.owner, STARTED, attempt=1, block=Block(1, 3))
+        steps = [Progress(step=step, total=5, eta_s=0.1) for step in range(1, 6)]
+        last = await Lifecycle(db, log).emit_all(job.id, job.owner, steps, Speaker.waiting(job))
+    finally:
+        await db.close()
+    events = (await log.read(key)).events
+    assert [event.get("step") for event in events] == [None, 1, 2, 3, 4, 5]
+    seqs = [event["seq"] for event in events]
+    assert seqs[:3] == [1, 2, 3] and seqs == sorted(set(seqs)) and last == seqs[-1] > 1024
 
 
 async def test_logs_read_together_share_a_round_trip(log: EventLog, pipelines: list[dict[str, Any]]) -> None:
