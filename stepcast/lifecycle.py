@@ -127,21 +127,23 @@ class Lifecycle:
                     key, owner, events, attempt=speaker.attempt, seq=seq, position_update=position_update
                 )
                 if NEED_BLOCK in answers and not position_update:
-                    # The counter's block ran out at this event (or Redis lost it): from this
-                    # event on, they go with a fresh one, in order.
-                    first = answers.index(NEED_BLOCK)
+                    # The counter's block ran out (or Redis lost it): those events go again, in
+                    # order, with a fresh block. Only those: another emitter may have given the
+                    # counter a block between two of ours, and what went out must not repeat.
+                    again = [index for index, answer in enumerate(answers) if answer == NEED_BLOCK]
                     try:
                         fresh = await self._block(job_id, speaker)
                     except TRANSIENT_ERRORS:  # Postgres away too: not published, a snapshot later
-                        logger.warning(
-                            "no seqs for %s: Postgres unreachable", events[first].type, extra={"job_id": key}
-                        )
+                        kind = events[again[0]].type
+                        logger.warning("no seqs for %s: Postgres unreachable", kind, extra={"job_id": key})
                         return answers
                     if fresh is None:
                         return answers
-                    answers[first:] = await self.events.emit_all(
-                        key, owner, events[first:], attempt=speaker.attempt, seq=seq, block=fresh
+                    retried = await self.events.emit_all(
+                        key, owner, [events[i] for i in again], attempt=speaker.attempt, seq=seq, block=fresh
                     )
+                    for index, answer in zip(again, retried, strict=True):
+                        answers[index] = answer
             except RedisError:
                 kinds = ", ".join(sorted({event.type for event in events}))
                 logger.warning("could not publish %s", kinds, extra={"job_id": key}, exc_info=True)
