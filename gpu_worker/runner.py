@@ -12,7 +12,9 @@ previews, PNG encoding, upload, the terminal write) happens on the event loop
 while the next batch runs, so the GPU does not wait for the control plane.
 
 The pipeline thread does nothing but denoise: each step hands the step number
-(and, when a preview is due, a copy of the latents) to the event loop. A
+(and, when a preview is due, a copy of the latents) to the event loop, through
+a :class:`~gpu_worker.mailbox.Mailbox` (steps that come faster than
+``progress_interval_s`` go together, in one send). A
 cancel, a lost lease, a time-out or a shutdown stops a job at once: it is
 recorded and published without waiting for its batch-mates, and the pipeline
 stops at the next step when no job in the batch still wants it.
@@ -415,7 +417,7 @@ class JobRunner:
         requests = []
         for waiting in batch:
             assert waiting.params is not None  # from its ticket, its row, or the claim of a job alone
-            requests.append(Request(waiting.params, self._step_reporter(waiting, loop), waiting.stop.is_set))
+            requests.append(Request(waiting.params, self._step_reporter(waiting), waiting.stop.is_set))
         self._busy = True
         self.metrics.busy.set(1)
         started = time.perf_counter()
@@ -456,9 +458,7 @@ class JobRunner:
                 mine.pipeline_s = round(elapsed, 4)
                 mine.outcome.set_result(outcome)
 
-    def _step_reporter(
-        self, waiting: _Waiting, loop: asyncio.AbstractEventLoop
-    ) -> Callable[[int, int, Any], None]:
+    def _step_reporter(self, waiting: _Waiting) -> Callable[[int, int, Any], None]:
         every = int(waiting.preview["every"]) if waiting.preview else 0
         steps = waiting.steps
 
