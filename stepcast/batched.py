@@ -43,6 +43,11 @@ def _each(exc: BaseException) -> BaseException:
     return twin
 
 
+def _first_error_or(replies: list[Any]) -> list[Any] | BaseException:
+    """One caller's replies, or the first of them that is an error."""
+    return next((reply for reply in replies if isinstance(reply, BaseException)), replies)
+
+
 class Gatherer(Generic[I, R]):
     """``await gatherer(item)``: ``many(items)`` with the calls made in the same loop pass (it
     returns a result or an exception per item, in order); alone, ``one(item)`` if given, else
@@ -159,8 +164,7 @@ class BatchedScripts:
                     except Exception as exc:
                         reply = exc
                 mine.append(reply)
-            error = next((reply for reply in mine if isinstance(reply, BaseException)), None)
-            results.append(error if error is not None else mine)
+            results.append(_first_error_or(mine))
         return results
 
 
@@ -188,6 +192,5 @@ class Pipelined:
         for end in ends:
             mine = replies[start:end]
             start = end
-            error = next((reply for reply in mine if isinstance(reply, BaseException)), None)
-            results.append(error if error is not None else mine)
+            results.append(_first_error_or(mine))
         return results

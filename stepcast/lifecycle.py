@@ -150,13 +150,13 @@ class Lifecycle:
                 if attempt + 1 < tries:
                     await asyncio.sleep(0.1 * 2**attempt)
                 continue
-            for event, answer in zip(events, answers, strict=True):
-                if answer == FENCED:
-                    logger.info(
-                        "%s not published: a newer attempt or the end came first",
-                        event.type,
-                        extra={"job_id": key},
-                    )
+            fenced = [event.type for event, answer in zip(events, answers, strict=True) if answer == FENCED]
+            if fenced:
+                logger.info(
+                    "%s not published: a newer attempt or the end came first",
+                    ", ".join(fenced),
+                    extra={"job_id": key},
+                )
             return answers
         return []
 
