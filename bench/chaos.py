@@ -50,8 +50,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench import stack
+from stepcast.cli.processes import LocalPostgres, LocalRedis
 from stepcast.client import TERMINAL
-from stepcast.processes import LocalPostgres, LocalRedis
 
 STEPS = 10
 FAULTS = ("kill_server", "kill_worker", "flush_redis", "restart_redis", "restart_postgres")

@@ -40,7 +40,7 @@ from arq.connections import RedisSettings
 
 from bench import stack
 from bench.cpu import CpuMeter
-from stepcast.processes import LocalRedis
+from stepcast.cli.processes import LocalRedis
 from stepcast.settings import ROOT, Settings
 
 PARAMS = {"steps": 1, "width": 64, "height": 64}

@@ -12,7 +12,7 @@ import time
 import psutil  # type: ignore[import-untyped]
 
 from bench import stack
-from stepcast.processes import LocalPostgres, LocalRedis
+from stepcast.cli.processes import LocalPostgres, LocalRedis
 
 POSTGRES = "postgres (all backends)"
 

@@ -71,7 +71,7 @@ import websockets
 from bench import stack
 from bench.cpu import CpuMeter
 from gpu_worker.tiny_model import ensure
-from stepcast.processes import free_port
+from stepcast.cli.processes import free_port
 from stepcast.settings import DATA_DIR, ROOT
 
 PARAMS = {"steps": 20, "width": 64, "height": 64}

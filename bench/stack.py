@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import websockets
 
-from stepcast.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
+from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
 from stepcast.settings import DATA_DIR, ROOT
 
 BENCH_DIR = DATA_DIR / "bench"

@@ -48,16 +48,16 @@ from gpu_worker import batching
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image, preview_pixels
-from stepcast.batched import Gatherer
+from stepcast.background import cancel_and_wait
 from stepcast.db import Completion, Database, retrying
 from stepcast.events import Canceled, Completed, EventLog, Failed, Progress, Started, Terminal
 from stepcast.jobs import Job, Status
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import JobParams
 from stepcast.queue import Ticket
+from stepcast.round_trips import Gatherer
 from stepcast.settings import Settings
 from stepcast.storage import Put, Storage, image_key
-from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

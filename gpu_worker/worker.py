@@ -49,6 +49,7 @@ from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
 from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
+from stepcast.background import cancel_and_wait
 from stepcast.db import Database
 from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, deserialize, serialize, wake_channel
@@ -56,7 +57,6 @@ from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
-from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from server.protocols import HttpProtocol, WebSocketProtocol
 from server.services import Services
 from stepcast import logs
 from stepcast import settings as settings_module
+from stepcast.background import cancel_and_wait
 from stepcast.settings import ROOT, Settings
-from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

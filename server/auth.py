@@ -25,7 +25,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import limits, problems
-from stepcast import keys
+from stepcast import credentials
 from stepcast.errors import FieldError, Forbidden, RateLimited, Unauthorized
 from stepcast.settings import Settings
 
@@ -49,14 +49,14 @@ async def owner_of(connection: HTTPConnection) -> str:
         scheme, _, token = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized(f"the Authorization header must be 'Bearer <api key>'; {HOW_TO}")
-        key_hash = keys.hash_key(token.strip())
+        key_hash = credentials.hash_key(token.strip())
         owner = await services.db.owner_of_key(key_hash)
         if owner is None:
             raise Unauthorized("this API key is unknown or revoked")
         state.key_hash = key_hash
     else:
         cookie = connection.cookies.get(SESSION_COOKIE)
-        owner = keys.session_owner(services.session_secret, cookie) if cookie else None
+        owner = credentials.session_owner(services.session_secret, cookie) if cookie else None
         if owner is None:
             raise Unauthorized(f"no credentials: {HOW_TO}")
     if key_hash_of(connection) is None:
@@ -132,7 +132,7 @@ class BrowserSession:
         secret: bytes = services.session_secret
         connection = HTTPConnection(scope)
         cookie = connection.cookies.get(SESSION_COOKIE)
-        if cookie and keys.session_owner(secret, cookie):
+        if cookie and credentials.session_owner(secret, cookie):
             await self.app(scope, receive, send)
             return
         try:
@@ -143,7 +143,7 @@ class BrowserSession:
         except RateLimited as exc:
             await problems.of_error(exc)(scope, receive, send)
             return
-        value = keys.new_session(secret, services.settings.session_max_age_s)
+        value = credentials.new_session(secret, services.settings.session_max_age_s)
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         max_age = services.settings.session_max_age_s
         set_cookie = f"{SESSION_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"

@@ -30,10 +30,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from stepcast.background import cancel_and_wait
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, Stream, job_channel, owner_channel
 from stepcast.jobs import Job, Status
-from stepcast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from server.services import Services

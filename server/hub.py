@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from stepcast.tasks import cancel_and_wait
+from stepcast.background import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.requests import HTTPConnection
 
-from stepcast import keys
+from stepcast import credentials
 from stepcast.errors import RateLimited, ServerBusy, TooManySockets
 from stepcast.settings import Settings
 
@@ -106,7 +106,7 @@ class Sockets:
                     "close one first (one WebSocket can watch many jobs)",
                     retry_after_s=SOCKET_RETRY_AFTER_S,
                 )
-            if not keys.is_anonymous(owner):
+            if not credentials.is_anonymous(owner):
                 address = None  # key holders are counted as owners only
             elif (
                 address is not None and self.by_address[address] >= settings.max_anonymous_sockets_per_address

@@ -23,8 +23,8 @@ from server.limits import Sockets
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator, QueueAnnouncer
 from server.revocations import Revocations
-from stepcast import __version__, keys, queue, schema
-from stepcast.batched import Gatherer, Pipelined
+from stepcast import __version__, credentials, queue, schema
+from stepcast.background import cancel_and_wait
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
 from stepcast.events import CANCEL_CHANNEL, Canceled, EventLog, Queued
@@ -33,9 +33,9 @@ from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
+from stepcast.round_trips import GatheredCommands, Gatherer
 from stepcast.settings import Settings
 from stepcast.storage import Storage, open_storage
-from stepcast.tasks import cancel_and_wait
 from stepcast.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Services:
     eta: EtaEstimator
     # The submits of one loop pass are inserted in one statement, announced in one round trip.
     inserts: Gatherer[NewJob, Insertion] = field(init=False)
-    pipelined: Pipelined = field(init=False)
+    pipelined: GatheredCommands = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     sockets: Sockets = field(init=False)
     # Ends the open streams of revoked API keys.
@@ -64,7 +64,7 @@ class Services:
         self.sockets = Sockets(self.settings)
         self.inserts = Gatherer(self._insert)
         self.revocations = Revocations(self.db)
-        self.pipelined = Pipelined(self.redis)
+        self.pipelined = GatheredCommands(self.redis)
         self.lifecycle = Lifecycle(self.db, self.events)
 
     @classmethod
@@ -131,7 +131,7 @@ class Services:
             earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return self._replay(earlier, submission), False
-        anonymous = keys.is_anonymous(owner)
+        anonymous = credentials.is_anonymous(owner)
         if anonymous:
             limit = self.settings.anonymous_submits_per_min_per_address
             await limits.count_per_minute(self.redis, "anonymous submits", address, limit)

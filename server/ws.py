@@ -25,6 +25,7 @@ from server.auth import key_hash_of, origin_allowed, owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
 from server.services import Services
+from stepcast.background import cancel_and_wait
 from stepcast.errors import (
     FieldError,
     InvalidParams,
@@ -37,7 +38,6 @@ from stepcast.errors import (
     Unavailable,
 )
 from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission, unstorable_strings
-from stepcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

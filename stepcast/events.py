@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from stepcast.batched import Arg, BatchedScripts, Pipelined
+from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ class EventLog:
         self.finished_ttl_s = ttl_s if finished_ttl_s is None else min(finished_ttl_s, ttl_s)
         self._emit = redis.register_script(_EMIT)
         self._reserve = redis.register_script(_RESERVE)
-        self._scripts = BatchedScripts(redis)  # a batch's events of one step: one round trip
-        self._reads = Pipelined(redis)  # the jobs a server starts watching together: one round trip
+        self._scripts = GatheredScripts(redis)  # a batch's events of one step: one round trip
+        self._reads = GatheredCommands(redis)  # the jobs a server starts watching together: one round trip
 
     async def emit(
         self,

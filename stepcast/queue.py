@@ -46,8 +46,8 @@ from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
 
-from stepcast.batched import BatchedScripts
 from stepcast.jobs import Job
+from stepcast.round_trips import GatheredScripts
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class Consumer:
         self.lease_ms = int(lease_s * 1000)
         self._take = arq.register_script(_TAKE)
         self._done = arq.register_script(_DONE)
-        self._scripts = BatchedScripts(arq)  # a batch's jobs finish together: one round trip
+        self._scripts = GatheredScripts(arq)  # a batch's jobs finish together: one round trip
 
     async def take(self, count: int) -> list[Taken]:
         """Up to ``count`` due jobs, oldest first, that no worker holds: now held by this

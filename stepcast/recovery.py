@@ -32,12 +32,12 @@ from datetime import datetime
 from arq.connections import ArqRedis
 
 from stepcast import queue
+from stepcast.background import every
 from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
 from stepcast.jobs import Job, Status
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.settings import Settings
-from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 

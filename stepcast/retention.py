@@ -24,10 +24,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from stepcast.background import every
 from stepcast.db import Database
 from stepcast.settings import Settings
 from stepcast.storage import Storage
-from stepcast.tasks import every
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from gpu_worker.worker import create_worker
 from server.app import Server, create_app
 from stepcast import schema
 from stepcast import settings as settings_module
+from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.db import Database
-from stepcast.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.settings import DATA_DIR, ROOT, Settings
 
 TEMPLATE_DB = "stepcast_template"

@@ -22,7 +22,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from stepcast import keys
+from stepcast import credentials
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem
 
@@ -249,7 +249,7 @@ async def test_a_session_carries_a_signed_expiry(client: httpx.AsyncClient, sett
     assert (await me(session)).json()["owner"] == owner
 
     secret = SESSION_SECRET.encode()
-    expired = keys.sign_session(secret, owner, expires_at=int(time.time()) - 1)
+    expired = credentials.sign_session(secret, owner, expires_at=int(time.time()) - 1)
     stretched = f"{owner}.{int(expires_at) + 10**6}.{session.split('.')[2]}"  # a later expiry, same signature
     digest = hmac.new(secret, owner.encode(), hashlib.sha256).digest()
     old_form = f"{owner}." + base64.urlsafe_b64encode(digest).decode().rstrip("=")  # no expiry inside

@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 from stepcast import settings as settings_module
-from stepcast.embedded import visible_gpus, worker_envs
-from stepcast.processes import LocalPostgres, free_port, port_in_use
+from stepcast.cli.embedded import visible_gpus, worker_envs
+from stepcast.cli.processes import LocalPostgres, free_port, port_in_use
+from stepcast.cli.supervisor import Command, GaveUp, RestartPolicy, Supervisor
 from stepcast.settings import DATA_DIR, ROOT
-from stepcast.supervisor import Command, GaveUp, RestartPolicy, Supervisor
 
 FAST = RestartPolicy(first_s=0.1, cap_s=0.4, max_exits=5, window_s=60)
 
@@ -248,7 +248,7 @@ def test_stepcast_run_starts_a_killed_worker_again_and_stops_cleanly_on_ctrl_c(
 
 
 async def test_admin_commands_start_the_embedded_postgres_when_make_run_is_not_up(tmp_path: Path) -> None:
-    from stepcast.cli import _database
+    from stepcast.cli.main import _database
 
     port = free_port()
     settings = settings_module.load(database_url=f"postgresql://stepcast@127.0.0.1:{port}/stepcast")

@@ -12,7 +12,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from stepcast.batched import Pipelined
+from stepcast.cli.processes import free_port
 from stepcast.db import Database
 from stepcast.events import (
     BEHIND,
@@ -30,7 +30,7 @@ from stepcast.events import (
     encode,
 )
 from stepcast.lifecycle import Lifecycle, Speaker
-from stepcast.processes import free_port
+from stepcast.round_trips import GatheredCommands
 from tests.test_database import insert
 
 
@@ -237,7 +237,7 @@ async def test_logs_read_together_share_a_round_trip(log: EventLog, pipelines: l
 
 async def test_pipelined_calls_get_their_own_replies_and_their_own_errors(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
-    pipelined = Pipelined(redis)
+    pipelined = GatheredCommands(redis)
     await redis.set("p:text", "not a number")
 
     def count(key: str) -> Callable[[Pipeline], object]:

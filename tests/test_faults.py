@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port
 from stepcast.db import Database
-from stepcast.processes import LocalPostgres, LocalRedis, free_port
 from stepcast.settings import DATA_DIR, Settings
 from tests.conftest import StepcastProcess
 

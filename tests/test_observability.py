@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_worker.metrics import WorkerMetrics
 from stepcast import liveness, logs
-from stepcast.processes import free_port
+from stepcast.cli.processes import free_port
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem
 

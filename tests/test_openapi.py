@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from server.app import create_app
 from server.openapi import document
-from stepcast.processes import LocalPostgres
+from stepcast.cli.processes import LocalPostgres
 from stepcast.settings import Settings
 from tests.conftest import Stack
 from tests.test_auth import bearer, make_key

@@ -196,7 +196,7 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
 async def test_readiness_fails_when_redis_is_unreachable(
     make_settings: Callable[..., Settings], serve: Callable[[Settings], Awaitable[str]]
 ) -> None:
-    from stepcast.processes import free_port
+    from stepcast.cli.processes import free_port
 
     # Nothing listens on this loopback port: Redis is "down" for this server.
     base_url = await serve(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))

@@ -25,10 +25,10 @@ from gpu_worker.pipeline import Pipeline
 from gpu_worker.worker import create_worker
 from stepcast import schema
 from stepcast import settings as settings_module
-from stepcast.cli import _database
+from stepcast.cli.main import _database
+from stepcast.cli.processes import LocalPostgres, free_port
 from stepcast.db import Database
 from stepcast.errors import SchemaError
-from stepcast.processes import LocalPostgres, free_port
 from stepcast.schema import Migration
 from stepcast.settings import ROOT, Settings
 from tests.conftest import StepcastProcess, settings_env

@@ -30,12 +30,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from stepcast.background import cancel_and_wait
+from stepcast.cli.processes import free_port
 from stepcast.db import Database
 from stepcast.netguard import refused
-from stepcast.processes import free_port
 from stepcast.settings import Settings
 from stepcast.storage import open_storage
-from stepcast.tasks import cancel_and_wait
 from stepcast.webhooks import WebhookSender
 from tests.conftest import Stack, assert_problem, eventually
 

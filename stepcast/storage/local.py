@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from stepcast.storage import Data, Put
+from stepcast.storage.base import Data, Put
 
 URL_PREFIX = "/v1/images/"
 

@@ -12,7 +12,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from stepcast.settings import Settings
-from stepcast.storage import Data, Put
+from stepcast.storage.base import Data, Put
 
 
 class S3Storage:

@@ -9,9 +9,9 @@ calls of one loop pass together.
 The first call of a pass leads: it yields to the loop once, and the calls made
 meanwhile join it. Alone, it goes as a plain call, with no task; with company,
 a task sends them all, so that a caller cancelled meanwhile never holds back
-the others. :class:`BatchedScripts` gathers Redis script calls into a
+the others. :class:`GatheredScripts` gathers Redis script calls into a
 pipeline (a call whose script Redis lost is sent again as a plain call);
-:class:`Pipelined` gathers any Redis commands, a caller's in its own order.
+:class:`GatheredCommands` gathers any Redis commands, a caller's in its own order.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class _Calls:
     each: list[tuple[list[str], list[Arg]]]
 
 
-class BatchedScripts:
+class GatheredScripts:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._calls: Gatherer[_Calls, list[Any]] = Gatherer(self._pipelined, one=self._alone)
@@ -168,7 +168,7 @@ class BatchedScripts:
         return results
 
 
-class Pipelined:
+class GatheredCommands:
     """``await pipelined(fill)``: the commands ``fill`` queues on a pipeline, sent in one
     round trip with those of the other calls of this loop pass; their replies, in order.
     The first reply that is an error is raised."""

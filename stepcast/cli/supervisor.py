@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from stepcast.processes import LocalPostgres, LocalRedis, ProcessError
+from stepcast.cli.processes import LocalPostgres, LocalRedis, ProcessError
 
 logger = logging.getLogger(__name__)
 

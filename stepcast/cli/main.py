@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 import asyncpg
 
-from stepcast import console, liveness, logs
+from stepcast import liveness, logs
 from stepcast import settings as settings_module
+from stepcast.cli import console
 from stepcast.settings import DATA_DIR, Settings
 
 if TYPE_CHECKING:
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
 async def _embedded_postgres(settings: Settings, data_dir: Path) -> AsyncIterator[bool]:
     """From a checkout whose ``make run`` is not up, the embedded Postgres, started for the
     command (its data under ``.data/``) and stopped after; whether it was started."""
-    from stepcast.embedded import local_postgres
-    from stepcast.processes import ProcessError, port_in_use
+    from stepcast.cli.embedded import local_postgres
+    from stepcast.cli.processes import ProcessError, port_in_use
 
     if (local := local_postgres(settings, data_dir)) is None or port_in_use(local[0].port):
         yield False
@@ -96,17 +97,17 @@ async def _migrate(settings: Settings, *, pre_only: bool, data_dir: Path = DATA_
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from stepcast import keys
+    from stepcast import credentials
 
     async with _database(settings) as db:
         if args.keys == "create":
-            key = keys.new_key()
-            owner = args.owner or keys.new_owner("user")
+            key = credentials.new_key()
+            owner = args.owner or credentials.new_owner("user")
             key_id = await db.create_api_key(
                 owner=owner,
                 name=args.name,
-                key_hash=keys.hash_key(key),
-                prefix=key[: keys.SHOWN_PREFIX_CHARS],
+                key_hash=credentials.hash_key(key),
+                prefix=key[: credentials.SHOWN_PREFIX_CHARS],
             )
             print(f"key id  {key_id}\nowner   {owner}\nkey     {key}")
             print("(the key is shown only now: keep it; stepcast stores a hash of it)", file=sys.stderr)
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return asyncio.run(_keys(settings, args))
     if args.command == "run":
-        from stepcast.embedded import run
+        from stepcast.cli.embedded import run
 
         return run(settings, workers=args.workers, data_dir=args.data_dir)
     if args.command == "serve":

@@ -3,7 +3,7 @@
 Postgres and Redis are started as child processes when the configured URLs
 point at loopback (data under ``.data/``); URLs that point elsewhere are used
 as they are. The server and the workers run as child processes too, under a
-:class:`~stepcast.supervisor.Supervisor`: a child that dies is started again
+:class:`~stepcast.cli.supervisor.Supervisor`: a child that dies is started again
 after a back-off, one that keeps dying stops the run (exit 1). The schema
 migrations the database lacks are applied before the server and workers start
 (as `stepcast migrate`), and again whenever the embedded Postgres restarts. Ctrl-C or
@@ -31,10 +31,10 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from stepcast import schema
+from stepcast.cli.processes import LocalPostgres, LocalRedis, ProcessError
+from stepcast.cli.supervisor import Child, Command, Service, Supervisor, say
 from stepcast.errors import SchemaError
-from stepcast.processes import LocalPostgres, LocalRedis, ProcessError
 from stepcast.settings import DATA_DIR, Settings
-from stepcast.supervisor import Child, Command, Service, Supervisor, say
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 NOT_READY_WARNING_S = 120.0

@@ -1,0 +1,3 @@
+from stepcast.cli.main import main
+
+main()
