@@ -1,3 +1,3 @@
 from stepcast.cli.main import main
 
-main()
+raise SystemExit(main())

@@ -210,6 +210,3 @@ def main(argv: list[str] | None = None) -> int:
         print(build(model_dir) if args.force else ensure(model_dir))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
