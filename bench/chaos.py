@@ -51,7 +51,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench import stack
 from stepcast.cli.processes import LocalPostgres, LocalRedis
-from stepcast.client import TERMINAL
+from stepcast.status import TERMINAL
 
 STEPS = 10
 FAULTS = ("kill_server", "kill_worker", "flush_redis", "restart_redis", "restart_postgres")

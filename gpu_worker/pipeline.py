@@ -21,18 +21,9 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from stepcast.params import JobParams
+from stepcast.params import SCHEDULERS, JobParams
 
 logger = logging.getLogger(__name__)
-
-# Wire name -> diffusers scheduler class; each runs exactly ``steps`` denoising steps.
-SCHEDULER_CLASSES = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 # Linear latent -> RGB projection for Stable Diffusion 1.x/2.x latents: a cheap
 # preview of the noisy x_t, no VAE decode (factors as used by ComfyUI/A1111).
@@ -154,7 +145,7 @@ class DiffusersPipeline:
         if name not in self._schedulers:
             import diffusers
 
-            scheduler_cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+            scheduler_cls = getattr(diffusers, SCHEDULERS[name])
             self._schedulers[name] = scheduler_cls.from_config(self._default_scheduler.config)
         return self._schedulers[name]
 

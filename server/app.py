@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import AsyncIterator
 
@@ -18,20 +19,92 @@ from server import openapi, rest, sse, ws
 from server.auth import BrowserSession
 from server.collector import Collector
 from server.hosts import HostCheck
+from server.hub import Hub
+from server.job_service import JobService
+from server.limits import Sockets
 from server.metrics import ServerMetrics
 from server.metrics import endpoint as metrics_endpoint
 from server.middleware import RequestContext
+from server.positions import EtaEstimator, QueueAnnouncer
 from server.problems import EXCEPTION_HANDLERS
 from server.protocols import HttpProtocol, WebSocketProtocol
+from server.revocations import Revocations
 from server.services import Services
-from stepcast import logs
+from stepcast import logs, queue, schema
 from stepcast import settings as settings_module
 from stepcast.background import cancel_and_wait
+from stepcast.db import Database
+from stepcast.events import EventLog
+from stepcast.lifecycle import Lifecycle
+from stepcast.recovery import Recovery
+from stepcast.retention import Retention
 from stepcast.settings import ROOT, Settings
+from stepcast.storage import open_storage
+from stepcast.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
 WEB_DIR = ROOT / "web"
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, metrics: ServerMetrics) -> AsyncIterator[Services]:
+    """Everything a server process holds, opened in order and closed in reverse, with the
+    background passes it runs (queue positions, key revocations, recovery, retention, webhooks)."""
+    async with contextlib.AsyncExitStack() as stack:
+        db = await Database.connect(settings.database_url, max_size=settings.database_pool_max)
+        stack.push_async_callback(db.close)
+        await schema.wait_until_current(db.pool, settings.schema_wait_s)
+        redis = queue.connect(settings.redis_url)
+        stack.push_async_callback(redis.aclose, close_connection_pool=True)
+        storage = await stack.enter_async_context(open_storage(settings))
+        events = EventLog(
+            redis,
+            stream_max=settings.event_stream_max,
+            ttl_s=settings.event_ttl_s,
+            finished_ttl_s=settings.event_finished_ttl_s,
+        )
+        hub = Hub(redis)
+        await hub.start()
+        stack.push_async_callback(hub.stop)
+        if settings.session_secret is not None:
+            session_secret = settings.session_secret.get_secret_value().encode()
+        else:
+            session_secret = secrets.token_bytes(32)
+            if settings.auth == "keys":
+                logger.warning(
+                    "STEPCAST_SESSION_SECRET is not set: browser sessions end when this process does "
+                    "and do not carry over to other servers"
+                )
+        eta = EtaEstimator(db, max_age_s=settings.queue_update_s)
+        lifecycle = Lifecycle(db, events)
+        services = Services(
+            settings=settings,
+            db=db,
+            redis=redis,
+            events=events,
+            storage=storage,
+            hub=hub,
+            metrics=metrics,
+            session_secret=session_secret,
+            jobs=JobService(settings, db, redis, lifecycle, eta, storage, metrics),
+            sockets=Sockets(settings),
+            revocations=Revocations(db),
+        )
+        for background in (
+            QueueAnnouncer(db, lifecycle, eta, interval_s=settings.queue_update_s).run(),
+            services.revocations.run(settings.key_check_s),
+            Recovery.from_settings(settings, db, events, redis).run(),
+            Retention.from_settings(settings, db, storage).run(),
+            WebhookSender(
+                db,
+                storage,
+                settings,
+                on_outcome=lambda outcome: metrics.webhook_deliveries.labels(outcome).inc(),
+            ).run(),
+        ):
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
+        yield services
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -39,7 +112,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        async with Services.open(settings, metrics) as services:
+        async with open_services(settings, metrics) as services:
             logger.info("server ready", extra={"host": settings.host, "port": settings.port})
             yield {"services": services}
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from server import frames
 from stepcast.background import cancel_and_wait
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, Stream, job_channel, owner_channel
@@ -199,7 +200,7 @@ class Feed:
         """
         key = str(job_id)
         if new is None:
-            await self.services.get(self.owner, job_id)  # NotFound for strangers' jobs
+            await self.services.jobs.get(self.owner, job_id)  # NotFound for strangers' jobs
         watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
         try:
@@ -245,13 +246,13 @@ class Feed:
         watch.buffer.clear()  # whatever arrived before the read below is in the stream
         stream = await self.services.events.read(key, after_seq=after_seq or 0)
         # After the stream (see the module doc); a new job's row as inserted is enough for a replay.
-        job = new if new is not None else await self.services.get(self.owner, uuid.UUID(key))
+        job = new if new is not None else await self.services.jobs.get(self.owner, uuid.UUID(key))
         if after_seq is not None and _covers(stream, after_seq, job.last_seq):
             for event in stream.events:
                 self._deliver(key, watch, event, json.dumps(event, separators=(",", ":")))
         else:
             if new is not None:  # a snapshot shows the job as it is now
-                job = await self.services.get(self.owner, uuid.UUID(key))
+                job = await self.services.jobs.get(self.owner, uuid.UUID(key))
             await self._snapshot(key, watch, job, stream.events[-1] if stream.events else None)
         buffered, watch.buffer = watch.buffer, []
         watch.syncing = False
@@ -268,7 +269,7 @@ class Feed:
             self._resync(key, watch)
 
     async def _snapshot(self, key: str, watch: _Watch, job: Job, latest: dict[str, Any] | None) -> None:
-        wire = await self.services.render(job)
+        wire = await self.services.jobs.render(job)
         # The row was read after the stream, so it shows what every event there says
         # but progress, which Postgres has only as of the last heartbeat.
         if latest is not None and latest["seq"] > wire["last_seq"]:
@@ -277,7 +278,7 @@ class Feed:
                 wire["progress"] = {"step": latest["step"], "total": latest["total"]}
         watch.last_seq = wire["last_seq"]
         terminal = job.status.terminal
-        text = json.dumps({"type": "snapshot", "job_id": key, "job": wire}, separators=(",", ":"))
+        text = json.dumps(frames.snapshot(key, wire), separators=(",", ":"))
         self.push(Outgoing(text, "snapshot", key, watch.last_seq, terminal=terminal))
         if terminal:
             self._finish(key, watch)

@@ -36,7 +36,6 @@ from stepcast.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from stepcast.jobs import Status
 from stepcast.params import (
     DEFAULT_WEBHOOK_EVENTS,
     MAX_GUIDANCE,
@@ -49,6 +48,7 @@ from stepcast.params import (
     WEBHOOK_EVENTS,
 )
 from stepcast.settings import Settings
+from stepcast.status import Status
 
 PROBLEM = "application/problem+json"
 NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}

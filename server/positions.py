@@ -19,15 +19,11 @@ import bisect
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from stepcast.db import Database, Pace
 from stepcast.events import Queued
 from stepcast.jobs import Job
-from stepcast.lifecycle import Speaker
-
-if TYPE_CHECKING:
-    from server.services import Services
+from stepcast.lifecycle import Lifecycle, Speaker
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +82,10 @@ class QueueAnnouncer:
     # Every this many passes, forget the jobs not read for twice their band's period (and more).
     FORGET_EVERY = 64
 
-    def __init__(self, services: Services, *, interval_s: float) -> None:
-        self.services = services
+    def __init__(self, db: Database, lifecycle: Lifecycle, eta: EtaEstimator, *, interval_s: float) -> None:
+        self.db = db
+        self.lifecycle = lifecycle
+        self.eta = eta
         self.interval_s = interval_s
         self._turn = 0
         self._announced: dict[uuid.UUID, tuple[int, int]] = {}  # position, the turn it was read
@@ -96,7 +94,7 @@ class QueueAnnouncer:
         while True:
             try:
                 # While another server announces, poll for the lock (it frees on that server's exit).
-                async with self.services.db.singleton("queue_announcer") as leader:
+                async with self.db.singleton("queue_announcer") as leader:
                     while leader:
                         await self.tick()
                         await asyncio.sleep(self.interval_s)
@@ -109,7 +107,7 @@ class QueueAnnouncer:
                 await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
-        db, lifecycle, estimator = self.services.db, self.services.lifecycle, self.services.eta
+        db, lifecycle, estimator = self.db, self.lifecycle, self.eta
         self._turn += 1
         for job, position in await db.positions_due(self._turn, BANDS):
             told = self._announced.get(job.id)

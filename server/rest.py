@@ -114,7 +114,7 @@ async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
         pass  # only progress piles up here; the row below says where the job is
     finally:
         await feed.close()
-    return await services.get(job.owner, job.id)
+    return await services.jobs.get(job.owner, job.id)
 
 
 async def create_job(request: Request) -> Response:
@@ -124,7 +124,7 @@ async def create_job(request: Request) -> Response:
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     wait_s = _prefer_wait(request)
     submission = parse_body(await _json_body(request), services.settings)
-    job, created = await services.submit(
+    job, created = await services.jobs.submit(
         await owner_of(request), submission, idempotency_key=key, address=client_address(request)
     )
     headers = {"Location": f"/v1/jobs/{job.id}"}
@@ -136,14 +136,14 @@ async def create_job(request: Request) -> Response:
         if not job.status.terminal:
             job = await _outcome(request, job, wait_s)
         status = 201 if job.status.terminal else 202
-    return JSONResponse(await services.render(job), status_code=status, headers=headers)
+    return JSONResponse(await services.jobs.render(job), status_code=status, headers=headers)
 
 
 async def get_job(request: Request) -> Response:
     services = _services(request)
-    job = await services.get(await owner_of(request), _job_id(request))
+    job = await services.jobs.get(await owner_of(request), _job_id(request))
     headers = {"Retry-After": RETRY_AFTER_S[job.status]} if not job.status.terminal else None
-    return JSONResponse(await services.render(job), headers=headers)
+    return JSONResponse(await services.jobs.render(job), headers=headers)
 
 
 async def list_jobs(request: Request) -> Response:
@@ -174,14 +174,14 @@ async def list_jobs(request: Request) -> Response:
     page = await services.db.list_jobs(
         await owner_of(request), status=status, limit=limit, cursor=query.get("cursor")
     )
-    items = [await services.render(job) for job in page.jobs]
+    items = [await services.jobs.render(job) for job in page.jobs]
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
 
 
 async def cancel_job(request: Request) -> Response:
     services = _services(request)
-    job = await services.cancel(await owner_of(request), _job_id(request))
-    return JSONResponse(await services.render(job), status_code=202 if not job.status.terminal else 200)
+    job = await services.jobs.cancel(await owner_of(request), _job_id(request))
+    return JSONResponse(await services.jobs.render(job), status_code=202 if not job.status.terminal else 200)
 
 
 async def get_image(request: Request) -> Response:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server import frames
 from server.auth import key_hash_of, owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import Socket, client_address
@@ -28,9 +29,7 @@ from stepcast.errors import NotFound
 from stepcast.params import parse_after_seq
 
 # The last event of a stream whose API key was revoked (the WebSocket's `error` frame).
-REVOKED = json.dumps(
-    {"type": "error", "code": "unauthorized", "message": "this stream's API key was revoked"}
-)
+REVOKED = json.dumps(frames.error("unauthorized", "this stream's API key was revoked"))
 
 
 def _after_seq(request: Request) -> int | None:

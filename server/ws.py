@@ -21,6 +21,7 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from server import frames
 from server.auth import key_hash_of, origin_allowed, owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
@@ -32,7 +33,6 @@ from stepcast.errors import (
     InvalidRequest,
     ServerBusy,
     StepcastError,
-    TooManyRequests,
     TooManySockets,
     Unauthorized,
     Unavailable,
@@ -76,17 +76,6 @@ class _RateLimit:
             return True
         self.strikes += 1
         return False
-
-
-def _error(code: str, message: str, *, request_id: Any = None, field: str | None = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "error"}
-    if isinstance(request_id, str):
-        frame["request_id"] = request_id
-    frame["code"] = code
-    if field is not None:
-        frame["field"] = field
-    frame["message"] = message
-    return frame
 
 
 def _job_id(message: dict[str, Any]) -> uuid.UUID:
@@ -171,14 +160,16 @@ class Connection:
             if self.limit.strikes > MAX_STRIKES:
                 await self._close(CLOSE_POLICY, "too many messages")
                 return False
-            self.feed.push_message(_error("rate_limited", "too many messages; slow down"))
+            self.feed.push_message(frames.error("rate_limited", "too many messages; slow down"))
             return True
         text = message.get("text")
         if text is None:
-            self.feed.push_message(_error("invalid_frame", "frames must be JSON text, not binary"))
+            self.feed.push_message(frames.error("invalid_frame", "frames must be JSON text, not binary"))
         elif len(text.encode()) > self.settings.ws_max_message_bytes:
             limit = self.settings.ws_max_message_bytes
-            self.feed.push_message(_error("message_too_large", f"messages must be at most {limit} bytes"))
+            self.feed.push_message(
+                frames.error("message_too_large", f"messages must be at most {limit} bytes")
+            )
         else:
             await self._handle(text)
         return True
@@ -187,34 +178,24 @@ class Connection:
         try:
             message = json.loads(text)
         except ValueError as exc:
-            self.feed.push_message(_error("invalid_json", f"not valid JSON: {exc}"))
+            self.feed.push_message(frames.error("invalid_json", f"not valid JSON: {exc}"))
             return
         except RecursionError:
-            self.feed.push_message(_error("invalid_json", "not valid JSON: nested too deeply"))
+            self.feed.push_message(frames.error("invalid_json", "not valid JSON: nested too deeply"))
             return
         if not isinstance(message, dict):
-            self.feed.push_message(_error("invalid_message", "a message must be a JSON object"))
+            self.feed.push_message(frames.error("invalid_message", "a message must be a JSON object"))
             return
         request_id = message.get("request_id")
         try:
             await self._dispatch(message)
-        except InvalidParams as exc:
-            first = exc.errors[0] if exc.errors else None
-            message = first.message if first is not None and len(exc.errors) == 1 else exc.detail
-            frame = _error(exc.code, message, request_id=request_id, field=first.field if first else None)
-            if len(exc.errors) > 1:
-                frame["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
-            self.feed.push_message(frame)
         except StepcastError as exc:
-            frame = _error(exc.code, exc.detail, request_id=request_id)
-            if isinstance(exc, TooManyRequests):
-                frame["retry_after_s"] = exc.retry_after_s
-            self.feed.push_message(frame)
+            self.feed.push_message(frames.of_error(exc, request_id=request_id))
         except Exception:
             # Redis or Postgres unreachable (or a bug): this request fails, the connection lives on.
             logger.exception("websocket request failed", extra={"owner": self.owner})
             error = Unavailable("the service could not complete this request; try again")
-            self.feed.push_message(_error(error.code, error.detail, request_id=request_id))
+            self.feed.push_message(frames.of_error(error, request_id=request_id))
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -235,7 +216,7 @@ class Connection:
             limit = MAX_REQUEST_ID_CHARS
             raise InvalidParams.one("request_id", f"request_id must be a string of at most {limit} chars")
         if kind == "ping":
-            self.feed.push_message({"type": "pong", **({"request_id": request_id} if request_id else {})})
+            self.feed.push_message(frames.pong(request_id))
         elif kind == "submit":
             await self._submit(message, request_id)
         elif kind == "subscribe":
@@ -250,7 +231,7 @@ class Connection:
         elif kind == "unsubscribe":
             await self.feed.unwatch(_job_id(message))
         elif kind == "cancel":
-            await self.services.cancel(self.owner, _job_id(message))
+            await self.services.jobs.cancel(self.owner, _job_id(message))
 
     async def _submit(self, message: dict[str, Any], request_id: str | None) -> None:
         key = parse_idempotency_key(message.get("idempotency_key"), "idempotency_key")
@@ -261,13 +242,10 @@ class Connection:
             params_field="params",
             webhook=message.get("webhook"),
         )
-        job, created = await self.services.submit(
+        job, created = await self.services.jobs.submit(
             self.owner, submission, idempotency_key=key, address=self.address
         )
-        accepted: dict[str, Any] = {"type": "accepted", "request_id": request_id, "job_id": str(job.id)}
-        if not created:
-            accepted["replayed"] = True
-        self.feed.push_message(accepted)
+        self.feed.push_message(frames.accepted(request_id, str(job.id), replayed=not created))
         # A new job is watched from its first event; a replayed one from a snapshot.
         if created:
             await self.feed.watch(job.id, 0, new=job)
@@ -311,8 +289,7 @@ async def _refuse(websocket: WebSocket, exc: TooManySockets | ServerBusy) -> Non
     """Over a socket cap: accepted only to say why (browsers see no status of a refused
     upgrade), in an ``error`` frame, then closed with 4029 (yours) or 1013 (the server's)."""
     logger.warning("websocket refused: %s", exc.detail)
-    frame = _error(exc.code, exc.detail)
-    frame["retry_after_s"] = exc.retry_after_s
+    frame = frames.of_error(exc)
     code = CLOSE_TOO_MANY_SOCKETS if isinstance(exc, TooManySockets) else CLOSE_TRY_AGAIN
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.accept()

@@ -27,7 +27,8 @@ import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-TERMINAL = frozenset({"completed", "failed", "canceled"})
+from stepcast.status import TERMINAL
+
 RECONNECT_MAX_S = 5.0
 
 

@@ -30,10 +30,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
+from stepcast.status import TERMINAL
 
 logger = logging.getLogger(__name__)
 
-TERMINAL_TYPES = frozenset({"completed", "failed", "canceled"})
+TERMINAL_TYPES = frozenset(status.value for status in TERMINAL)
 CANCEL_CHANNEL = "stepcast:cancel"
 
 # What the scripts answer besides a seq.

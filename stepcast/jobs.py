@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -10,22 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from stepcast.params import PARAM_FIELDS
+from stepcast.status import TERMINAL as TERMINAL
+from stepcast.status import Status as Status
 from stepcast.storage.local import URL_PREFIX
-
-
-class Status(enum.StrEnum):
-    PENDING = "pending"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})
 
 
 @dataclass(frozen=True)

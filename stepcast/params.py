@@ -12,6 +12,7 @@ import json
 import math
 import secrets
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,14 @@ from stepcast.errors import FieldError, InvalidParams
 from stepcast.settings import Settings
 
 # Scheduler names on the wire; the worker maps each to a diffusers class.
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "unipc")
+# Wire name -> the diffusers scheduler class the worker builds; each runs exactly ``steps`` steps.
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_GUIDANCE = 50.0
 PREVIEW_MAX_PX = 256
@@ -144,7 +152,7 @@ class _Checker:
             self.fail(name, f"{self.label(name)} must be a multiple of 8")
         return value
 
-    def choice(self, name: str, options: tuple[str, ...]) -> str | None:
+    def choice(self, name: str, options: Iterable[str]) -> str | None:
         value = self.data.get(name)
         if value is None:
             return None

@@ -50,6 +50,7 @@ import stepcast.db
 import stepcast.lifecycle
 import stepcast.queue
 from server.feed import Feed, Outbox
+from server.job_service import JobService
 from server.services import Services
 from stepcast.events import (
     NO_BLOCK,
@@ -327,6 +328,16 @@ class World:
         self.events = SimEventLog(self, self.redis)
         self.hub = SimHub(self)
         self.db = SimDatabase(self, _new_job(self.job_id))
+        lifecycle = Lifecycle(self.db, self.events)  # type: ignore[arg-type]
+        jobs = JobService(
+            None,  # type: ignore[arg-type]
+            self.db,  # type: ignore[arg-type]
+            self.redis,  # type: ignore[arg-type]
+            lifecycle,
+            None,  # type: ignore[arg-type]
+            _Storage(),  # type: ignore[arg-type]
+            _Metrics(),  # type: ignore[arg-type]
+        )
         self.services = Services(
             settings=None,  # type: ignore[arg-type]
             db=self.db,  # type: ignore[arg-type]
@@ -336,7 +347,9 @@ class World:
             hub=self.hub,  # type: ignore[arg-type]
             metrics=_Metrics(),  # type: ignore[arg-type]
             session_secret=b"",
-            eta=None,  # type: ignore[arg-type]
+            jobs=jobs,
+            sockets=None,  # type: ignore[arg-type]
+            revocations=None,  # type: ignore[arg-type]
         )
         self.recovery = Recovery(
             self.db,  # type: ignore[arg-type]
@@ -484,7 +497,7 @@ class World:
             yield f"recovery {self.recoveries + 1}", True, self._recover
 
     async def _submit(self) -> None:
-        # As Services.submit: Lifecycle.announce_in (its first block, offered once), then the
+        # As JobService.submit: Lifecycle.announce_in (its first block, offered once), then the
         # enqueue, in one round trip.
         row = self.db.row
         with contextlib.suppress(RedisConnectionError):
@@ -539,7 +552,7 @@ class World:
 
     async def _cancel(self) -> None:
         with contextlib.suppress(Exception):
-            await self.services.cancel(OWNER, self.job_id)
+            await self.services.jobs.cancel(OWNER, self.job_id)
 
     async def _recover(self) -> None:
         self.recoveries += 1

@@ -12,8 +12,8 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
+from server.app import open_services
 from server.metrics import ServerMetrics
-from server.services import Services
 from stepcast.db import Database, NewJob
 from stepcast.events import EventLog
 from stepcast.params import parse_submission
@@ -142,18 +142,18 @@ async def test_the_global_queue_depth_is_enforced(client: httpx.AsyncClient) -> 
 async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_announced(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with Services.open(settings, ServerMetrics()) as services:
+    async with open_services(settings, ServerMetrics()) as services:
         statements = []
-        insert_jobs = services.db.insert_jobs
+        insert_jobs = services.jobs.db.insert_jobs
 
         async def counted(jobs: list[NewJob], **limits: Any) -> Any:
             statements.append([job.owner for job in jobs])
             return await insert_jobs(jobs, **limits)
 
-        monkeypatch.setattr(services.db, "insert_jobs", counted)
+        monkeypatch.setattr(services.jobs.db, "insert_jobs", counted)
         submission = parse_submission(FOX, None, settings)
         owners = ["ann", "bob", "cy"]
-        submitted = await asyncio.gather(*(services.submit(owner, submission) for owner in owners))
+        submitted = await asyncio.gather(*(services.jobs.submit(owner, submission) for owner in owners))
         assert statements == [owners]
         jobs = [job for job, created in submitted if created]
         assert [job.owner for job in jobs] == owners
@@ -162,7 +162,7 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
             assert [(e["type"], e["position"]) for e in events] == [("queued", place)]
         queued = await services.redis.zrange(settings.queue_name, 0, -1)
         assert sorted(queued) == sorted(str(job.id).encode() for job in jobs)
-        job, created = await services.submit("dee", submission)  # alone: a list of one
+        job, created = await services.jobs.submit("dee", submission)  # alone: a list of one
         assert created and statements[-1] == ["dee"]
         assert [e["position"] for e in (await services.events.read(str(job.id))).events] == [4]
 

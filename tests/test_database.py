@@ -19,7 +19,7 @@ from server.positions import BANDS, UNKNOWN_PACE, EtaEstimator, period
 from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.db import Completion, Database, NewJob, Pace
-from stepcast.jobs import Status
+from stepcast.status import Status
 
 PARAMS = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
           "num_images": 1, "guidance_scale": 7.5, "model": "tiny"}  # fmt: skip

@@ -57,7 +57,7 @@ def _row_before_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     async def sync(self: Feed, key: str, watch: Any, after_seq: int | None, new: Any = None) -> None:
         watch.syncing, watch.stale = True, False
         watch.buffer.clear()
-        job = await self.services.get(self.owner, uuid.UUID(key))
+        job = await self.services.jobs.get(self.owner, uuid.UUID(key))
         stream = await self.services.events.read(key, after_seq=after_seq or 0)
         if after_seq is not None and _covers(stream, after_seq, job.last_seq):
             for event in stream.events:

@@ -116,9 +116,14 @@ async def test_lost_stream_falls_back_to_a_snapshot(stack: Stack) -> None:
     async with websockets.connect(ws_url(stack)) as ws:
         await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
         seen = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 3)
-    await asyncio.sleep(0.1)  # events the client has not seen pile up in the stream…
     redis = Redis.from_url(stack.settings.redis_url)
-    await redis.delete(f"stepcast:{{{job_id}}}:events")  # …and are lost: expired, capped or wiped
+    stream = f"stepcast:{{{job_id}}}:events"
+    for _ in range(500):  # events the client has not seen pile up in the stream (ids are seq-0)…
+        newest = await redis.xrevrange(stream, count=1)
+        if newest and int(newest[0][0].split(b"-")[0]) > seen[-1]["seq"] + 1:
+            break
+        await asyncio.sleep(0.01)
+    await redis.delete(stream)  # …and are lost: expired, capped or wiped
     await redis.aclose()
     async with websockets.connect(ws_url(stack)) as ws:
         await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": seen[-1]["seq"]})

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stepcast.client import ApiError, Client, Job
-from stepcast.jobs import Status
+from stepcast.status import Status
 
 PARAM_OPTIONS = {
     "steps": int,

@@ -1,0 +1,206 @@
+"""The job operations every interface shares: REST, WebSocket and SSE submit, read and cancel
+a job the same way, through one :class:`JobService`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import uuid
+from typing import Any, NoReturn
+
+from arq.connections import ArqRedis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from server import limits
+from server.metrics import ServerMetrics
+from server.positions import EtaEstimator
+from stepcast import __version__, credentials, queue
+from stepcast.db import Database, Insertion, NewJob, Pace
+from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
+from stepcast.events import CANCEL_CHANNEL, Canceled, Queued
+from stepcast.jobs import Job, Status, to_wire
+from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.params import Submission
+from stepcast.round_trips import GatheredCommands, Gatherer
+from stepcast.settings import Settings
+from stepcast.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        redis: ArqRedis,
+        lifecycle: Lifecycle,
+        eta: EtaEstimator,
+        storage: Storage,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis
+        self.lifecycle = lifecycle
+        self.eta = eta
+        self.storage = storage
+        self.metrics = metrics
+        # The submits of one loop pass are inserted in one statement, announced in one round trip.
+        self.inserts: Gatherer[NewJob, Insertion] = Gatherer(self._insert)
+        self.pipelined = GatheredCommands(redis)
+
+    async def submit(
+        self,
+        owner: str,
+        submission: Submission,
+        *,
+        idempotency_key: str | None = None,
+        address: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert the job (Postgres first, always), enqueue it, announce its place.
+
+        Returns the job and whether it is new: a repeat of an idempotency key
+        returns the owner's first job with that key, and is never refused for
+        a full queue. ``address`` is the client's: an anonymous owner's submits
+        are limited per address too.
+        """
+        if idempotency_key is not None:
+            earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
+            if earlier is not None:
+                return self._replay(earlier, submission), False
+        anonymous = credentials.is_anonymous(owner)
+        if anonymous:
+            limit = self.settings.anonymous_submits_per_min_per_address
+            await limits.count_per_minute(self.redis, "anonymous submits", address, limit)
+        preview = None
+        if submission.preview is not None:
+            preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
+        settings, params = self.settings, submission.params
+        pace = self.eta.pace(settings.queue_name, params.width, params.height)  # read meanwhile if stale
+        insertion = await self.inserts(
+            NewJob(
+                owner=owner,
+                params=params.to_json(),
+                model_name=params.model,
+                preview=preview,
+                webhook=submission.webhook.to_json() if submission.webhook else None,
+                idempotency_key=idempotency_key,
+                request_hash=submission.fingerprint if idempotency_key else None,
+                anonymous=anonymous,
+                address=address,
+            )
+        )
+        job = insertion.job
+        if job is None:
+            self._refuse(insertion, await pace, params.steps, anonymous=anonymous)
+        if not insertion.created:  # a concurrent submit with the same key got there first
+            return self._replay(job, submission), False
+        log = {"job_id": str(job.id), "owner": owner}
+        position = insertion.pending + 1  # behind every job pending when it was inserted
+        queued = Queued(position=position, eta_s=(await pace).drain_s(position, params.steps))
+
+        def announce(pipe: Pipeline) -> None:
+            # Announce before enqueueing: a worker may start the job at once, and
+            # `queued` must come before `started` in the job's log.
+            self.lifecycle.announce_in(pipe, job, queued)
+            queue.enqueue_in(pipe, self.redis, job.id, job.queue, ticket=queue.Ticket.of(job))
+
+        try:
+            await self.pipelined(announce)
+        except RedisError:
+            # The row is the truth; the job stays pending and is enqueued again
+            # once Redis is back.
+            logger.exception("enqueue failed; job left pending", extra=log)
+        logger.info("job accepted", extra=log)
+        self.metrics.jobs_submitted.inc()
+        return job, True
+
+    async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
+        settings = self.settings
+        return await self.db.insert_jobs(
+            jobs,
+            queue=settings.queue_name,
+            version=__version__,
+            queue_ttl_s=settings.queue_ttl_s,
+            max_pending=settings.max_queue_depth,
+            max_unfinished=settings.max_jobs_per_owner,
+            max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
+            max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
+        )
+
+    @staticmethod
+    def _replay(job: Job, submission: Submission) -> Job:
+        if job.request_hash != submission.fingerprint:
+            raise IdempotencyKeyReused(
+                f"this idempotency key was used for job {job.id} with different parameters; "
+                "use a new key for a different request"
+            )
+        return job
+
+    def _refuse(self, insertion: Insertion, pace: Pace, steps: int, *, anonymous: bool) -> NoReturn:
+        """Backpressure: refuse work the queue cannot take, saying when to come back."""
+        settings = self.settings
+        total, mine, theirs = insertion.pending, insertion.unfinished, insertion.address_unfinished
+        per_owner = settings.max_jobs_per_anonymous_owner if anonymous else settings.max_jobs_per_owner
+        if total >= settings.max_queue_depth:
+            excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
+        elif mine >= per_owner:
+            excess = mine - per_owner + 1
+            what = f"you have {mine} unfinished jobs"
+            if anonymous:
+                what += " (a browser session's limit; an API key may have more)"
+        else:
+            assert theirs is not None
+            excess = theirs - settings.max_anonymous_jobs_per_address + 1
+            what = f"browser sessions from your address have {theirs} unfinished jobs"
+        drain = pace.drain_s(excess, steps)
+        retry_after_s = min(3600, max(1, math.ceil(drain if drain is not None else 5 * excess)))
+        raise TooManyRequests(
+            f"{what}, the most accepted; try again in {retry_after_s} s", retry_after_s=retry_after_s
+        )
+
+    async def get(self, owner: str, job_id: uuid.UUID) -> Job:
+        job = await self.db.get_job(job_id, owner)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    async def cancel(self, owner: str, job_id: uuid.UUID) -> Job:
+        """Pending jobs are canceled here and never start; processing jobs stop at their next step."""
+        job = await self.get(owner, job_id)
+        if job.status is Status.PENDING:
+            # Without Redis the seq comes from Postgres: watchers learn of it in a snapshot.
+            canceled = await self.lifecycle.finish(
+                job,
+                Status.CANCELED,
+                Speaker.waiting(job),
+                lambda seq: self.db.finish_pending(job.id, status=Status.CANCELED, seq=seq),
+                Canceled(),
+            )
+            if canceled is not None:
+                logger.info("job canceled while pending", extra={"job_id": str(job.id)})
+                return canceled
+            job = await self.get(owner, job_id)  # claimed meanwhile: cancel it as processing
+            if job.status is Status.PENDING:  # Postgres did not answer the write
+                raise Unavailable("the cancel could not be recorded just now; send it again")
+        if job.status is Status.PROCESSING:
+            requested = await self.db.request_cancel(job.id)
+            if requested is not None:
+                # The worker hears at once; without Redis its next heartbeat reads the flag.
+                with contextlib.suppress(RedisError):
+                    await self.redis.publish(CANCEL_CHANNEL, str(job.id))
+                logger.info("cancel requested", extra={"job_id": str(job.id)})
+                return requested
+            job = await self.get(owner, job_id)
+        if job.status is Status.CANCELED:
+            return job
+        raise Conflict(f"job {job_id} is already {job.status.value}")
+
+    async def render(self, job: Job) -> dict[str, Any]:
+        position = None
+        if job.status is Status.PENDING:
+            position = await self.db.queue_position(job)
+        return await to_wire(job, self.storage.url, queue_position=position)
