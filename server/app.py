@@ -27,14 +27,14 @@ from server.services import Services
 from stepcast import logs
 from stepcast import settings as settings_module
 from stepcast.background import cancel_and_wait
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import ROOT, ServerSettings
 
 logger = logging.getLogger(__name__)
 
 WEB_DIR = ROOT / "web"
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: ServerSettings) -> Starlette:
     metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
@@ -74,7 +74,9 @@ class Server(uvicorn.Server):
     server runs (``python -m server.app``; not for a server started inside another program).
     """
 
-    def __init__(self, app: Starlette, settings: Settings, *, collector: Collector | None = None) -> None:
+    def __init__(
+        self, app: Starlette, settings: ServerSettings, *, collector: Collector | None = None
+    ) -> None:
         super().__init__(
             uvicorn.Config(
                 app,
@@ -112,7 +114,7 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
-    settings = settings_module.load_or_exit()
+    settings = settings_module.load_or_exit(ServerSettings)
     logs.configure(settings.log_level, settings.log_format)
     Server(create_app(settings), settings, collector=Collector(sweep_every_s=settings.gc_sweep_s)).run()
 

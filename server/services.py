@@ -34,7 +34,7 @@ from stepcast.params import Submission
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
 from stepcast.round_trips import GatheredCommands, Gatherer
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 from stepcast.storage import Storage, open_storage
 from stepcast.webhooks import WebhookSender
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Services:
-    settings: Settings
+    settings: ServerSettings
     db: Database
     redis: ArqRedis
     events: EventLog
@@ -69,7 +69,7 @@ class Services:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[Services]:
+    async def open(cls, settings: ServerSettings, metrics: ServerMetrics) -> AsyncIterator[Services]:
         async with contextlib.AsyncExitStack() as stack:
             db = await Database.connect(settings.database_url, max_size=settings.database_pool_max)
             stack.push_async_callback(db.close)
