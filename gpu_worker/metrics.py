@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from stepcast.settings import Settings
+from stepcast.settings import WorkerSettings
 
 # Seconds: from sub-second tiny jobs to minutes-long SDXL batches.
 BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -40,7 +40,7 @@ class WorkerMetrics:
             registry=r,
         )
 
-    def serve(self, settings: Settings) -> Callable[[], None]:
+    def serve(self, settings: WorkerSettings) -> Callable[[], None]:
         """Serve /metrics if a port is set; returns what stops it."""
         if not settings.worker_metrics_port:
             return lambda: None

@@ -56,7 +56,7 @@ from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import JobParams
 from stepcast.queue import Ticket
 from stepcast.round_trips import Gatherer
-from stepcast.settings import Settings
+from stepcast.settings import WorkerSettings
 from stepcast.storage import Put, Storage, image_key
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def encode_previews(steps: list[Step], max_px: int, job_id: str) -> list[str | N
 class JobRunner:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         db: Database,
         events: EventLog,
         storage: Storage,

@@ -55,7 +55,7 @@ from stepcast.events import CANCEL_CHANNEL, EventLog
 from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, deserialize, serialize, wake_channel
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
-from stepcast.settings import Settings
+from stepcast.settings import WorkerSettings
 from stepcast.storage import open_storage
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], que
             await asyncio.sleep(1)
 
 
-def load_pipeline(settings: Settings) -> Pipeline:
+def load_pipeline(settings: WorkerSettings) -> Pipeline:
     if settings.backend == "simulated":
         return SimulatedPipeline(settings.simulated_step_s, settings.model_name)
     placement = devices.choose(settings.device, settings.dtype)
@@ -273,7 +273,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
 
 
 def create_worker(
-    settings: Settings,
+    settings: WorkerSettings,
     *,
     pipeline: Pipeline | None = None,
     executor: Executor | None = None,
@@ -367,7 +367,7 @@ def pipeline_thread() -> Executor:
 def main() -> None:
     """The worker process: the pipeline on the main thread, the event loop on another."""
     allocator.keep_freed_memory()  # before the model allocates anything
-    settings = settings_module.load_or_exit()
+    settings = settings_module.load_or_exit(WorkerSettings)
     logs.configure(settings.log_level, settings.log_format)
     logs.quiet_libraries()
     on_main = MainThreadExecutor()

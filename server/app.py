@@ -38,7 +38,7 @@ from stepcast.events import EventLog
 from stepcast.lifecycle import Lifecycle
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import ROOT, ServerSettings
 from stepcast.storage import open_storage
 from stepcast.webhooks import WebhookSender
 
@@ -48,7 +48,7 @@ WEB_DIR = ROOT / "web"
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, metrics: ServerMetrics) -> AsyncIterator[Services]:
+async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> AsyncIterator[Services]:
     """Everything a server process holds, opened in order and closed in reverse, with the
     background passes it runs (queue positions, key revocations, recovery, retention, webhooks)."""
     async with contextlib.AsyncExitStack() as stack:
@@ -107,7 +107,7 @@ async def open_services(settings: Settings, metrics: ServerMetrics) -> AsyncIter
         yield services
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: ServerSettings) -> Starlette:
     metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
@@ -147,7 +147,9 @@ class Server(uvicorn.Server):
     server runs (``python -m server.app``; not for a server started inside another program).
     """
 
-    def __init__(self, app: Starlette, settings: Settings, *, collector: Collector | None = None) -> None:
+    def __init__(
+        self, app: Starlette, settings: ServerSettings, *, collector: Collector | None = None
+    ) -> None:
         super().__init__(
             uvicorn.Config(
                 app,
@@ -185,7 +187,7 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
-    settings = settings_module.load_or_exit()
+    settings = settings_module.load_or_exit(ServerSettings)
     logs.configure(settings.log_level, settings.log_format)
     Server(create_app(settings), settings, collector=Collector(sweep_every_s=settings.gc_sweep_s)).run()
 

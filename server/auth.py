@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import limits, problems
 from stepcast import credentials
 from stepcast.errors import FieldError, Forbidden, RateLimited, Unauthorized
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 
 SESSION_COOKIE = "stepcast_session"
 PAGE_PATHS = {"/", "/index.html"}
@@ -67,7 +67,7 @@ async def owner_of(connection: HTTPConnection) -> str:
     return owner
 
 
-def origin_allowed(connection: HTTPConnection, settings: Settings) -> bool:
+def origin_allowed(connection: HTTPConnection, settings: ServerSettings) -> bool:
     """A browser's ``Origin`` must be this server or an allowed one (programs send none)."""
     origin = connection.headers.get("origin")
     if origin is None:
@@ -75,7 +75,7 @@ def origin_allowed(connection: HTTPConnection, settings: Settings) -> bool:
     return origin in settings.allowed_origins or urlsplit(origin).netloc == connection.headers.get("host")
 
 
-def _check_origin(connection: HTTPConnection, settings: Settings) -> None:
+def _check_origin(connection: HTTPConnection, settings: ServerSettings) -> None:
     """Cross-site request forgery: a browser attaches the session cookie (or, in
     ``single_user`` mode, nothing is needed at all) to a form or a no-CORS fetch that
     another site makes it send; such a request carries that site's ``Origin``."""

@@ -19,13 +19,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.problems import stepcast_error
 from stepcast.errors import FieldError, HostNotAllowed
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 ANY_HOST_PATHS = {"/healthz", "/readyz", "/metrics"}
 
 
-def allowed_hosts(settings: Settings) -> tuple[str, ...]:
+def allowed_hosts(settings: ServerSettings) -> tuple[str, ...]:
     """``STEPCAST_ALLOWED_HOSTS``, or by default: loopback names in ``single_user`` mode
     (no credentials to protect it), any name with keys (the cookie is the browser's own)."""
     if settings.allowed_hosts is not None:

@@ -24,7 +24,7 @@ from stepcast.jobs import Job, Status, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
 from stepcast.round_trips import GatheredCommands, Gatherer
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 from stepcast.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class JobService:
     def __init__(
         self,
-        settings: Settings,
+        settings: ServerSettings,
         db: Database,
         redis: ArqRedis,
         lifecycle: Lifecycle,

@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 
 from stepcast import credentials
 from stepcast.errors import RateLimited, ServerBusy, TooManySockets
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 
 WINDOW_S = 60
 SOCKET_RETRY_AFTER_S = 5
@@ -83,7 +83,7 @@ class Socket:
 class Sockets:
     """The sockets this process holds open, in all, per owner and per anonymous address."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.total = 0
         self.by_owner: Counter[str] = Counter()

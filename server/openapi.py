@@ -47,7 +47,7 @@ from stepcast.params import (
     SCHEDULERS,
     WEBHOOK_EVENTS,
 )
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 from stepcast.status import Status
 
 PROBLEM = "application/problem+json"
@@ -146,7 +146,7 @@ def _problems(raises: list[Raises]) -> dict[str, Any]:
     return answers
 
 
-def _schemas(settings: Settings) -> dict[str, Any]:
+def _schemas(settings: ServerSettings) -> dict[str, Any]:
     size = {
         "type": "integer",
         "minimum": settings.min_size_px,
@@ -300,7 +300,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
+def _operations(settings: ServerSettings) -> dict[str, dict[str, Operation]]:
     plain = {"200": _json("OK")}
     return {
         "/v1/jobs": {
@@ -414,7 +414,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
     }
 
 
-def document(settings: Settings) -> dict[str, Any]:
+def document(settings: ServerSettings) -> dict[str, Any]:
     keys = settings.auth == "keys"
     paths = {
         path: {

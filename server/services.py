@@ -14,13 +14,13 @@ from server.metrics import ServerMetrics
 from server.revocations import Revocations
 from stepcast.db import Database
 from stepcast.events import EventLog
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 from stepcast.storage import Storage
 
 
 @dataclass
 class Services:
-    settings: Settings
+    settings: ServerSettings
     db: Database
     redis: ArqRedis
     events: EventLog

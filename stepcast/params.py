@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from stepcast import netguard
 from stepcast.errors import FieldError, InvalidParams
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 
 # Scheduler names on the wire; the worker maps each to a diffusers class.
 # Wire name -> the diffusers scheduler class the worker builds; each runs exactly ``steps`` steps.
@@ -146,7 +146,7 @@ class _Checker:
             return float(value)
         return default
 
-    def size(self, name: str, settings: Settings) -> int:
+    def size(self, name: str, settings: ServerSettings) -> int:
         value = self.integer(name, settings.default_size_px, settings.min_size_px, settings.max_size_px)
         if value % 8:
             self.fail(name, f"{self.label(name)} must be a multiple of 8")
@@ -166,7 +166,7 @@ class _Checker:
             self.fail(name, f"unknown field {self.label(name)!r}")
 
 
-def parse_params(data: dict[str, Any], settings: Settings, *, prefix: str = "") -> JobParams:
+def parse_params(data: dict[str, Any], settings: ServerSettings, *, prefix: str = "") -> JobParams:
     """Validate client-supplied params; raise InvalidParams naming every bad field."""
     check = _Checker(data, prefix)
     check.unknown(set(PARAM_FIELDS))
@@ -196,7 +196,7 @@ def parse_params(data: dict[str, Any], settings: Settings, *, prefix: str = "") 
     )
 
 
-def parse_preview(data: Any, settings: Settings) -> Preview | None:
+def parse_preview(data: Any, settings: ServerSettings) -> Preview | None:
     if data is None or data is False:
         return None
     if data is True:
@@ -212,7 +212,7 @@ def parse_preview(data: Any, settings: Settings) -> Preview | None:
     return Preview(every=every, max_px=max_px)
 
 
-def parse_webhook(data: Any, settings: Settings) -> Webhook | None:
+def parse_webhook(data: Any, settings: ServerSettings) -> Webhook | None:
     """``{url, events}``: an absolute http(s) URL, events among WEBHOOK_EVENTS."""
     if data is None:
         return None
@@ -239,7 +239,7 @@ def parse_webhook(data: Any, settings: Settings) -> Webhook | None:
     return Webhook(url=str(url), events=tuple(dict.fromkeys(events)))
 
 
-def _webhook_url_problem(url: str, settings: Settings) -> str | None:
+def _webhook_url_problem(url: str, settings: ServerSettings) -> str | None:
     if len(url) > MAX_URL_CHARS:
         return f"url must be at most {MAX_URL_CHARS} characters"
     if not all(c.isprintable() and not c.isspace() for c in url):
@@ -297,7 +297,7 @@ def unstorable_strings(value: Any, field: str) -> list[FieldError]:
 
 
 def parse_submission(
-    params: Any, preview: Any, settings: Settings, *, params_field: str = "body", webhook: Any = None
+    params: Any, preview: Any, settings: ServerSettings, *, params_field: str = "body", webhook: Any = None
 ) -> Submission:
     """Validate the params and the preview request together, reporting every problem at once."""
     unstorable = [
@@ -376,7 +376,7 @@ def whole_number(text: str, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
-def parse_body(body: Any, settings: Settings) -> Submission:
+def parse_body(body: Any, settings: ServerSettings) -> Submission:
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
         raise InvalidParams.one("body", "request body must be a JSON object")

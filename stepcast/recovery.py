@@ -37,7 +37,7 @@ from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
 from stepcast.jobs import Job, Status
 from stepcast.lifecycle import Lifecycle, Speaker
-from stepcast.settings import Settings
+from stepcast.settings import SharedSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class Recovery:
         self._swept_to: tuple[datetime, uuid.UUID] | None = None  # the last job checked
 
     @classmethod
-    def from_settings(cls, settings: Settings, db: Database, events: EventLog, arq: ArqRedis) -> Recovery:
+    def from_settings(
+        cls, settings: SharedSettings, db: Database, events: EventLog, arq: ArqRedis
+    ) -> Recovery:
         return cls(
             db,
             events,

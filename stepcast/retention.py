@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from stepcast.background import every
 from stepcast.db import Database
-from stepcast.settings import Settings
+from stepcast.settings import SharedSettings
 from stepcast.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Retention:
         self.pass_rows = pass_rows
 
     @classmethod
-    def from_settings(cls, settings: Settings, db: Database, storage: Storage) -> Retention:
+    def from_settings(cls, settings: SharedSettings, db: Database, storage: Storage) -> Retention:
         return cls(
             db,
             storage,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar, overload
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,24 +26,16 @@ MIN_SECRET_DISTINCT_CHARS = 10
 PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "yoursecret", "example")
 
 
-class Settings(BaseSettings):
+class SharedSettings(BaseSettings):
+    """What the server and the worker both read, and the background passes (recovery,
+    retention) that run in either. A process loads its own role's class: the variables of
+    another role (one config for all) are not read, so neither checked."""
+
     model_config = SettingsConfigDict(env_prefix="STEPCAST_", frozen=True, extra="forbid")
 
-    # Where the server listens (the embedded run prints http://host:port).
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    # Where the CLI's client commands (generate, jobs, cancel) find a server.
-    url: str = "http://127.0.0.1:8000"
-
     database_url: str = "postgresql://stepcast@127.0.0.1:54329/stepcast"
-    database_pool_max: int = Field(10, ge=1)
-    # Schema migrations (docs/migrations.md). `stepcast migrate` lets a
-    # statement wait at most migrate_lock_timeout_s for a table lock (the
-    # queries behind it wait no longer), gives way and tries again, for up to
-    # migrate_timeout_s. A server or worker only checks that the migrations it
-    # needs are applied, waiting up to schema_wait_s for them.
-    migrate_lock_timeout_s: float = Field(2.0, gt=0)
-    migrate_timeout_s: float = Field(300.0, gt=0)
+    # A server or worker only checks that the schema migrations it needs are
+    # applied (docs/migrations.md), waiting up to schema_wait_s for them.
     schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
     queue_name: str = "stepcast:queue"
@@ -60,30 +52,63 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
     s3_presign_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
-    # The model a worker serves: a local diffusers directory, or a Hugging Face
-    # model id (org/name, org/name@revision) found in the Hugging Face cache
-    # (HF_HOME / HF_HUB_CACHE; downloaded into it unless HF_HUB_OFFLINE=1). The
-    # embedded default is the tiny random-weight pipeline built on demand.
+    # The model a worker serves, and the only one a job may ask for.
     model_name: str = "tiny"
-    model_dir: str = str(DATA_DIR / "models" / "tiny")
-    # "simulated" is for benchmarks of the control plane only: it sleeps
-    # simulated_step_s per step and emits the same events; never the default.
-    backend: Literal["diffusers", "simulated"] = "diffusers"
-    simulated_step_s: float = Field(0.0, ge=0)
-    # "auto": CUDA, else Apple MPS, else the CPU; the dtype that suits the
-    # device (float16 on CUDA, float32 elsewhere). Set either to pin it.
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # GPU speed-ups: channels-last memory format for the UNet and VAE, and
-    # torch.compile of the UNet (a slow first job, faster steps after it).
-    channels_last: bool = False
-    torch_compile: bool = False
-    # Dynamic batching: compatible waiting jobs (same size, steps, scheduler,
-    # guidance) share one pipeline call of up to batch_size images. A worker
-    # with fewer waiting waits up to batch_wait_s for more (0: never waits,
-    # so batches form only when jobs queue up anyway).
-    batch_size: int = Field(4, ge=1, le=64)
-    batch_wait_s: float = Field(0.0, ge=0, le=10)
+
+    event_stream_max: int = Field(1000, ge=10)
+    event_ttl_s: int = Field(24 * 3600, ge=60)
+    # A finished job's events leave Redis this long after its terminal one; a client
+    # resuming later gets a snapshot from Postgres.
+    event_finished_ttl_s: int = Field(600, ge=10)
+
+    # Recovery: jobs of dead workers go back to the queue, at most max_attempts
+    # claims in all; pending jobs the queue lost are enqueued again.
+    max_attempts: int = Field(3, ge=1)
+    recovery_interval_s: float = Field(2.0, gt=0)
+    enqueue_grace_s: float = Field(5.0, ge=0)
+    # Retention: images of finished jobs are deleted after this many days
+    # (0: kept forever); the job row stays and records when.
+    retention_days: float = Field(7.0, ge=0)
+    retention_interval_s: float = Field(300.0, gt=0)
+    # Rows, in the same pass: finished jobs (their webhook deliveries with them)
+    # after job_retention_days, once their images are gone; delivered or failed
+    # webhook deliveries after webhook_retention_days (0: kept forever); the
+    # webhook secrets of browser sessions' owners with no job left, once their
+    # session (session_max_age_s) is over. Each delete statement takes at most
+    # retention_batch_rows rows (short locks), a pass at most retention_pass_rows
+    # of each kind (a backlog goes over several passes).
+    job_retention_days: float = Field(30.0, ge=0)
+    webhook_retention_days: float = Field(7.0, ge=0)
+    retention_batch_rows: int = Field(1000, ge=1)
+    retention_pass_rows: int = Field(20000, ge=1)
+    session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
+
+    log_level: str = "INFO"
+    # auto: short lines for a person when stderr is a terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """A blank optional setting (``STEPCAST_S3_ENDPOINT_URL=``, a template's empty line) means not set."""
+        if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> SharedSettings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("STEPCAST_S3_BUCKET is required when STEPCAST_STORAGE=s3")
+        return self
+
+
+class ServerSettings(SharedSettings):
+    """The API server's: listening, admission, limits, sockets, auth, webhook delivery, metrics."""
+
+    # Where the server listens (the embedded run prints http://host:port).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    database_pool_max: int = Field(10, ge=1)
 
     # Limits every job is validated against.
     max_prompt_chars: int = Field(2000, ge=1)
@@ -95,39 +120,6 @@ class Settings(BaseSettings):
     default_guidance_scale: float = 7.5
     max_images: int = Field(4, ge=1)
 
-    # Worker behaviour.
-    worker_id: str | None = None
-    # Worker processes `stepcast run` starts (`--workers` wins; not set and
-    # device "cuda": one per GPU).
-    workers: int = Field(1, ge=1)
-    lease_s: float = Field(30.0, gt=0)
-    heartbeat_s: float = Field(1.0, gt=0)
-    # Steps that come faster than this go out together, at most one send per
-    # interval (each send costs the model CPU); a step after a quiet interval
-    # goes at once. 0: every step at once.
-    progress_interval_s: float = Field(0.05, ge=0, le=1)
-    job_timeout_s: float = Field(600.0, gt=0)
-    # A submit wakes idle workers at once (Redis pub/sub); without a wake-up
-    # (one lost in a reconnect) they look at the queue this often anyway.
-    poll_delay_s: float = Field(0.5, gt=0)
-    # SIGTERM: a worker stops taking jobs and lets the running one finish for
-    # this long; then it stops it at the next step and hands it back to the
-    # queue (not counted as a failed attempt).
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    # How long a worker keeps retrying a Postgres write (a restart, a failover)
-    # before leaving the job to its lease and the recovery pass.
-    db_retry_s: float = Field(60.0, ge=0)
-    # A file the worker touches on every heartbeat from its event loop;
-    # `stepcast worker-alive` (a container liveness probe) checks its age.
-    worker_alive_file: Path | None = None
-    # Prometheus metrics of a worker (0: not served).
-    worker_metrics_host: str = "127.0.0.1"
-    worker_metrics_port: int = Field(0, ge=0, le=65535)
-    # Recovery: jobs of dead workers go back to the queue, at most max_attempts
-    # claims in all; pending jobs the queue lost are enqueued again.
-    max_attempts: int = Field(3, ge=1)
-    recovery_interval_s: float = Field(2.0, gt=0)
-    enqueue_grace_s: float = Field(5.0, ge=0)
     # A job still waiting in the queue after this long fails with code
     # "expired" (0: wait forever).
     queue_ttl_s: float = Field(3600.0, ge=0)
@@ -154,26 +146,6 @@ class Settings(BaseSettings):
     max_sockets_per_process: int = Field(10000, ge=1)
     max_sockets_per_owner: int = Field(32, ge=1)
     max_anonymous_sockets_per_address: int = Field(64, ge=1)
-    # Retention: images of finished jobs are deleted after this many days
-    # (0: kept forever); the job row stays and records when.
-    retention_days: float = Field(7.0, ge=0)
-    retention_interval_s: float = Field(300.0, gt=0)
-    # Rows, in the same pass: finished jobs (their webhook deliveries with them)
-    # after job_retention_days, once their images are gone; delivered or failed
-    # webhook deliveries after webhook_retention_days (0: kept forever); the
-    # webhook secrets of browser sessions' owners with no job left, once their
-    # session (session_max_age_s) is over. Each delete statement takes at most
-    # retention_batch_rows rows (short locks), a pass at most retention_pass_rows
-    # of each kind (a backlog goes over several passes).
-    job_retention_days: float = Field(30.0, ge=0)
-    webhook_retention_days: float = Field(7.0, ge=0)
-    retention_batch_rows: int = Field(1000, ge=1)
-    retention_pass_rows: int = Field(20000, ge=1)
-    event_stream_max: int = Field(1000, ge=10)
-    event_ttl_s: int = Field(24 * 3600, ge=60)
-    # A finished job's events leave Redis this long after its terminal one; a client
-    # resuming later gets a snapshot from Postgres.
-    event_finished_ttl_s: int = Field(600, ge=10)
 
     # Real-time delivery (WebSocket and SSE).
     queue_update_s: float = Field(1.0, gt=0)
@@ -219,11 +191,11 @@ class Settings(BaseSettings):
     # install on a trusted machine (`make run` on loopback uses it).
     auth: Literal["keys", "single_user"] = "keys"
     anonymous_owner: str = "anonymous"
-    # Signs browser session cookies; every server of a deployment needs the
-    # same one. Unset: a random one per process (sessions end on restart). A
-    # weak or placeholder one stops the process (MIN_SECRET_BYTES above).
+    # Signs browser session cookies (valid session_max_age_s); every server of a
+    # deployment needs the same one. Unset: a random one per process (sessions
+    # end on restart). A weak or placeholder one stops the process
+    # (MIN_SECRET_BYTES above).
     session_secret: SecretStr | None = None
-    session_max_age_s: int = Field(30 * 24 * 3600, ge=60)
     # Webhooks (Standard Webhooks): never to private, loopback or link-local
     # addresses unless allowed; retried on network errors, time-outs, 5xx and
     # 429 after each of these delays (+-20% jitter; about a day in all). One
@@ -241,20 +213,6 @@ class Settings(BaseSettings):
     # are read from Postgres at most once per metrics_cache_s per process.
     metrics_token: SecretStr | None = None
     metrics_cache_s: float = Field(1.0, ge=0)
-    # The key the CLI's client commands send.
-    api_key: SecretStr | None = None
-
-    log_level: str = "INFO"
-    # auto: short lines for a person when stderr is a terminal, JSON otherwise.
-    log_format: Literal["auto", "json", "text"] = "auto"
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
-        """A blank optional setting (``STEPCAST_S3_ENDPOINT_URL=``, a template's empty line) means not set."""
-        if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
-            return None
-        return value
 
     @field_validator("session_secret")
     @classmethod
@@ -273,7 +231,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_sizes(self) -> Settings:
+    def _check_sizes(self) -> ServerSettings:
         for name in ("min_size_px", "max_size_px", "default_size_px"):
             if getattr(self, name) % 8:
                 raise ValueError(f"STEPCAST_{name.upper()} must be a multiple of 8")
@@ -283,15 +241,92 @@ class Settings(BaseSettings):
             )
         if self.default_steps > self.max_steps:
             raise ValueError("STEPCAST_DEFAULT_STEPS must not exceed STEPCAST_MAX_STEPS")
-        if self.storage == "s3" and not self.s3_bucket:
-            raise ValueError("STEPCAST_S3_BUCKET is required when STEPCAST_STORAGE=s3")
         return self
 
 
-def load(**overrides: object) -> Settings:
-    """Read the environment (plus explicit overrides); fail naming the variable."""
+class WorkerSettings(SharedSettings):
+    """A GPU worker's: its model and device, batching, its lease and heartbeat, its metrics."""
+
+    # The model's weights: a local diffusers directory, or a Hugging Face model
+    # id (org/name, org/name@revision) found in the Hugging Face cache
+    # (HF_HOME / HF_HUB_CACHE; downloaded into it unless HF_HUB_OFFLINE=1). The
+    # embedded default is the tiny random-weight pipeline built on demand.
+    model_dir: str = str(DATA_DIR / "models" / "tiny")
+    # "simulated" is for benchmarks of the control plane only: it sleeps
+    # simulated_step_s per step and emits the same events; never the default.
+    backend: Literal["diffusers", "simulated"] = "diffusers"
+    simulated_step_s: float = Field(0.0, ge=0)
+    # "auto": CUDA, else Apple MPS, else the CPU; the dtype that suits the
+    # device (float16 on CUDA, float32 elsewhere). Set either to pin it.
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # GPU speed-ups: channels-last memory format for the UNet and VAE, and
+    # torch.compile of the UNet (a slow first job, faster steps after it).
+    channels_last: bool = False
+    torch_compile: bool = False
+    # Dynamic batching: compatible waiting jobs (same size, steps, scheduler,
+    # guidance) share one pipeline call of up to batch_size images. A worker
+    # with fewer waiting waits up to batch_wait_s for more (0: never waits,
+    # so batches form only when jobs queue up anyway).
+    batch_size: int = Field(4, ge=1, le=64)
+    batch_wait_s: float = Field(0.0, ge=0, le=10)
+
+    worker_id: str | None = None
+    lease_s: float = Field(30.0, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0)
+    # Steps that come faster than this go out together, at most one send per
+    # interval (each send costs the model CPU); a step after a quiet interval
+    # goes at once. 0: every step at once.
+    progress_interval_s: float = Field(0.05, ge=0, le=1)
+    job_timeout_s: float = Field(600.0, gt=0)
+    # A submit wakes idle workers at once (Redis pub/sub); without a wake-up
+    # (one lost in a reconnect) they look at the queue this often anyway.
+    poll_delay_s: float = Field(0.5, gt=0)
+    # SIGTERM: a worker stops taking jobs and lets the running one finish for
+    # this long; then it stops it at the next step and hands it back to the
+    # queue (not counted as a failed attempt).
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # How long a worker keeps retrying a Postgres write (a restart, a failover)
+    # before leaving the job to its lease and the recovery pass.
+    db_retry_s: float = Field(60.0, ge=0)
+    # A file the worker touches on every heartbeat from its event loop;
+    # `stepcast worker-alive` (a container liveness probe) checks its age.
+    worker_alive_file: Path | None = None
+    # Prometheus metrics of a worker (0: not served).
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+
+
+class Settings(ServerSettings, WorkerSettings):
+    """Every setting: the ``stepcast`` command's, which starts both roles (``run``), migrates
+    the schema and talks to a server, plus the few only it reads."""
+
+    # Where the CLI's client commands (generate, jobs, cancel) find a server,
+    # and the key they send.
+    url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = None
+    # Worker processes `stepcast run` starts (`--workers` wins; not set and
+    # device "cuda": one per GPU).
+    workers: int = Field(1, ge=1)
+    # `stepcast migrate` (docs/migrations.md) lets a statement wait at most
+    # migrate_lock_timeout_s for a table lock (the queries behind it wait no
+    # longer), gives way and tries again, for up to migrate_timeout_s.
+    migrate_lock_timeout_s: float = Field(2.0, gt=0)
+    migrate_timeout_s: float = Field(300.0, gt=0)
+
+
+AnySettings = TypeVar("AnySettings", bound=SharedSettings)
+
+
+@overload
+def load(**overrides: object) -> Settings: ...
+@overload
+def load(kind: type[AnySettings], /, **overrides: object) -> AnySettings: ...
+def load(kind: type[SharedSettings] = Settings, /, **overrides: object) -> SharedSettings:
+    """One role's settings (every setting by default), read from the environment plus explicit
+    overrides; fail naming the variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return kind(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -301,9 +336,9 @@ def load(**overrides: object) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
-def load_or_exit() -> Settings:
+def load_or_exit(kind: type[AnySettings]) -> AnySettings:
     """:func:`load` for a process entry point: a bad setting ends it with its name."""
     try:
-        return load()
+        return load(kind)
     except ConfigError as exc:
         sys.exit(f"stepcast: {exc}")

@@ -42,7 +42,7 @@ import httpx
 from stepcast import __version__, netguard
 from stepcast.db import Database
 from stepcast.jobs import timestamp, to_wire
-from stepcast.settings import Settings
+from stepcast.settings import ServerSettings
 from stepcast.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class WebhookSender:
         self,
         db: Database,
         storage: Storage,
-        settings: Settings,
+        settings: ServerSettings,
         *,
         resolver: Resolver = system_resolver,
         transport: httpx.AsyncBaseTransport | None = None,

@@ -11,17 +11,33 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.errors import ConfigError
-from stepcast.settings import DATA_DIR, ROOT, Settings
+from stepcast.settings import DATA_DIR, ROOT, ServerSettings, Settings, SharedSettings, WorkerSettings
 
 ROW = re.compile(r"^\| `STEPCAST_(?P<name>[A-Z0-9_]+)` \| (?P<default>[^|]+) \|")
+# docs/configuration.md's section for each role's own settings.
+SECTIONS = {
+    "Server and worker": SharedSettings,
+    "Server": ServerSettings,
+    "Worker": WorkerSettings,
+    "The `stepcast` command": Settings,
+}
 
 
-def documented() -> dict[str, str]:
-    rows = {}
+def documented() -> dict[str, dict[str, str]]:
+    """Each section's rows: the settings it names and their defaults."""
+    sections: dict[str, dict[str, str]] = {}
+    section = ""
     for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
-        if match := ROW.match(line):
-            rows[match["name"].lower()] = match["default"].strip()
-    return rows
+        if line.startswith("## "):
+            section = line.removeprefix("## ")
+        elif match := ROW.match(line):
+            sections.setdefault(section, {})[match["name"].lower()] = match["default"].strip()
+    return sections
+
+
+def own_fields(role: type[SharedSettings]) -> set[str]:
+    """The settings a role's class adds to those of the classes it extends."""
+    return set(role.model_fields).difference(*(base.model_fields for base in role.__bases__))
 
 
 def shown(value: object) -> str:
@@ -37,11 +53,35 @@ def shown(value: object) -> str:
     return f"`{value}`"
 
 
-def test_every_setting_is_in_the_table_with_its_default() -> None:
-    table = documented()
+def test_every_setting_is_in_its_roles_table_with_its_default() -> None:
+    sections = documented()
+    assert set(sections) == set(SECTIONS)
+    for section, role in SECTIONS.items():
+        assert set(sections[section]) == own_fields(role), section
+    table = {name: default for rows in sections.values() for name, default in rows.items()}
     assert set(table) == set(Settings.model_fields)
     for name, field in Settings.model_fields.items():
         assert table[name] == shown(field.default), name
+
+
+def test_a_process_checks_its_own_roles_settings_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One config holds both roles' variables (deploy/k8s/base/config.env): a server neither reads
+    nor checks a worker's, nor a worker a server's; a shared one and the command check them all."""
+    monkeypatch.setenv("STEPCAST_BATCH_SIZE", "0")  # a worker's, out of range
+    assert isinstance(settings_module.load(ServerSettings), ServerSettings)
+    with pytest.raises(ConfigError, match="STEPCAST_BATCH_SIZE"):
+        settings_module.load(WorkerSettings)
+    monkeypatch.setenv("STEPCAST_BATCH_SIZE", "4")
+    monkeypatch.setenv("STEPCAST_MAX_STEPS", "0")  # a server's
+    assert isinstance(settings_module.load(WorkerSettings), WorkerSettings)
+    for role in (ServerSettings, Settings):
+        with pytest.raises(ConfigError, match="STEPCAST_MAX_STEPS"):
+            settings_module.load(role)
+    monkeypatch.setenv("STEPCAST_MAX_STEPS", "150")
+    monkeypatch.setenv("STEPCAST_LOG_FORMAT", "xml")  # both roles'
+    for role in (ServerSettings, WorkerSettings):
+        with pytest.raises(ConfigError, match="STEPCAST_LOG_FORMAT"):
+            settings_module.load(role)
 
 
 @pytest.mark.parametrize(

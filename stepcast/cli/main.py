@@ -16,7 +16,7 @@ import asyncpg
 from stepcast import liveness, logs
 from stepcast import settings as settings_module
 from stepcast.cli import console
-from stepcast.settings import DATA_DIR, Settings
+from stepcast.settings import DATA_DIR, Settings, WorkerSettings
 
 if TYPE_CHECKING:
     from stepcast.db import Database
@@ -173,7 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     console.add_commands(commands)
     args = parser.parse_args(argv)
 
-    settings = settings_module.load_or_exit()
+    # The server and the worker load their own role's settings; the commands below, every setting.
+    if args.command == "serve":
+        from server.app import main as serve
+
+        serve()
+        return 0
+    if args.command == "worker":
+        from gpu_worker.worker import main as work
+
+        work()
+        return 0
+    if args.command in {"worker-alive", "tiny-model"}:
+        return _on_a_worker(args, settings_module.load_or_exit(WorkerSettings))
+
+    settings = settings_module.load_or_exit(Settings)
     client_side = args.command in {"generate", "jobs", "cancel", "keys"}
     # A client command talks to a terminal, not a log pipeline.
     logs.configure("WARNING" if client_side else settings.log_level, settings.log_format)
@@ -187,17 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         from stepcast.cli.embedded import run
 
         return run(settings, workers=args.workers, data_dir=args.data_dir)
-    if args.command == "serve":
-        from server.app import main as serve
-
-        serve()
-    elif args.command == "worker":
-        from gpu_worker.worker import main as work
-
-        work()
-    elif args.command == "migrate":
+    if args.command == "migrate":
         asyncio.run(_migrate(settings, pre_only=args.pre))
-    elif args.command == "worker-alive":
+    return 0
+
+
+def _on_a_worker(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    """``worker-alive`` (a worker's liveness probe) and ``tiny-model``."""
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "worker-alive":
         if settings.worker_alive_file is None:
             sys.exit("stepcast: set STEPCAST_WORKER_ALIVE_FILE (the worker touches it on every heartbeat)")
         if not liveness.alive(settings.worker_alive_file, args.max_age):

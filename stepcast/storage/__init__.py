@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from stepcast.settings import Settings
+from stepcast.settings import SharedSettings
 from stepcast.storage.base import Data, Put, Storage, image_key
 
 __all__ = ["Data", "Put", "Storage", "image_key", "open_storage"]
 
 
 @contextlib.asynccontextmanager
-async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+async def open_storage(settings: SharedSettings) -> AsyncIterator[Storage]:
     """The configured backend, owning its connections for the context's lifetime."""
     if settings.storage == "s3":
         from stepcast.storage.s3 import S3Storage

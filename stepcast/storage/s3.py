@@ -11,7 +11,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
-from stepcast.settings import Settings
+from stepcast.settings import SharedSettings
 from stepcast.storage.base import Data, Put
 
 
@@ -23,7 +23,7 @@ class S3Storage:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[S3Storage]:
+    async def open(cls, settings: SharedSettings) -> AsyncIterator[S3Storage]:
         session = get_session()
         async with session.create_client(
             "s3",
