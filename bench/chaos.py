@@ -66,7 +66,8 @@ class Refused(Exception):
 
 
 class Ledger:
-    """Every event any watcher received, and every break of DESIGN §3 seen on the way."""
+    """Every event any watcher received, and every break of the event rules seen on the way
+    (docs/design.md, "Events")."""
 
     def __init__(self) -> None:
         self.contents: defaultdict[tuple[str, int], list[str]] = defaultdict(list)

@@ -1,16 +1,9 @@
 """glibc's allocator, set up for a process that runs a model.
 
-glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns
-it to the kernel when freed: a CPU model whose kernels take big scratch
-buffers on every call (oneDNN's weight reorders: SD 1.5's UNet asks for
-tens of them a step) then faults every page in again, millions a job, and
-spends more time in the kernel than in the model (docs/performance.md).
-:func:`keep_freed_memory` makes the allocator reuse freed memory instead: no
-``mmap`` for large blocks, no trimming of the heap's top below 2 GiB. The
-process then keeps its peak (what its largest job needed) for the next job.
-
-Only the main thread's arena is tuned this way; the worker runs its pipeline
-there (:mod:`gpu_worker.main_thread`). Elsewhere than glibc it does nothing.
+:func:`keep_freed_memory` makes glibc reuse freed memory (no ``mmap`` for large blocks, no
+trimming of the heap's top below 2 GiB), so a model's large scratch buffers are not faulted in
+again every step; the process keeps its peak for the next job. Only the main thread's arena is
+tuned (the pipeline runs there); elsewhere than glibc it does nothing. Why: docs/performance.md.
 """
 
 from __future__ import annotations

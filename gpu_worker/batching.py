@@ -1,15 +1,9 @@
 """Dynamic batching: compatible waiting jobs share one pipeline call.
 
-Jobs are compatible when one denoising loop can run them together: the same
-size, steps, scheduler and guidance (a worker serves one model). The oldest
-waiting job always goes first and takes compatible jobs from behind it, up to
-``batch_size`` images; an incompatible job keeps its place for the next batch.
-
-A batch is an implementation detail a client never sees: every job keeps its
-own seeds (one generator per image, so its pictures do not depend on its
-batch-mates), its own progress events and result, and fails alone. When a
-batch call raises (an out-of-memory error at a large batch, one bad request),
-each job is run again by itself, so one job's failure is its own.
+Compatible means the same size, steps, scheduler and guidance. The oldest waiting job goes first
+and takes compatible jobs from behind it, up to ``batch_size`` images. Each job keeps its own
+seeds, events, result and failure: a batch call that raises is run again job by job
+(docs/design.md, "Inside the worker").
 """
 
 from __future__ import annotations

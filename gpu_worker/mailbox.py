@@ -1,14 +1,9 @@
 """What the pipeline thread reports, handed to the event loop in bunches.
 
-Every hand-over from the pipeline thread wakes the event loop's thread, and
-every bunch it gets costs a round trip to Redis; while it runs, that thread
-holds the interpreter and a core that the model wants. A model that steps
-faster than ``interval_s`` (a tiny one on a CPU, a fast one on a GPU) would pay
-that every step. So a :class:`Mailbox` hands over at most once an interval: a
-post after a quiet interval goes at once, and the posts that follow it closely
-wait for the end of that interval and go together. Nothing is dropped or
-reordered; nothing waits longer than ``interval_s``. With ``interval_s`` 0
-each post goes at once.
+A :class:`Mailbox` hands over at most once per ``interval_s``: a post after a quiet interval goes
+at once, the posts close behind it go together at the end of that interval. Nothing is dropped or
+reordered, nothing waits longer than ``interval_s``; with 0 every post goes at once. Why:
+docs/events.md, "Where events live".
 """
 
 from __future__ import annotations

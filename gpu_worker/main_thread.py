@@ -1,13 +1,9 @@
 """The model runs on the process's main thread; the event loop beside it.
 
-torch on a thread other than the main one runs up to twice as slow on a CPU
-with glibc's allocator (per-thread arenas hand memory back to the kernel and
-fault it in again: millions of page faults a job; docs/performance.md has the
-figures). So a worker process gives its main thread to the pipeline: the
-event loop runs on a second thread and hands calls over through
-:class:`MainThreadExecutor`, which :meth:`~MainThreadExecutor.serve` runs
-until the loop shuts it down. Signals arrive on the main thread and are
-forwarded to the loop (:func:`forward_signals`).
+The event loop runs on a second thread and hands calls over through :class:`MainThreadExecutor`,
+which :meth:`~MainThreadExecutor.serve` runs on the main thread until the loop shuts it down.
+Signals arrive on the main thread and are forwarded to the loop (:func:`forward_signals`). Why
+(torch off the main thread ran up to twice as slow on a CPU): docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Models named by Hugging Face id, found through the standard Hugging Face cache.
 
-``STEPCAST_MODEL_DIR`` is a local diffusers directory or a model id:
-``org/name``, or ``org/name@revision`` for a branch, tag or commit. A path
-that exists is always a directory; an ``org/name`` that does not is an id.
-An id goes through ``huggingface_hub.snapshot_download``, which reads
-``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE`` itself: a model already in
-the cache loads without the network; online, a missing one is downloaded
-into the cache first. The job's provenance records ``org/name@<commit>``.
+``STEPCAST_MODEL_DIR`` is a local diffusers directory (any path that exists) or an id, ``org/name``
+or ``org/name@revision``, fetched by ``huggingface_hub.snapshot_download`` (which reads
+``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``). Provenance records ``org/name@<commit>``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The diffusers pipeline, loaded once per worker process and driven by one thread.
 
-Pipelines are not thread-safe, so :class:`DiffusersPipeline` is only ever called
-from the runner's single pipeline thread. ``generate`` reports every denoising
-step through ``on_step`` and stops at the next step once ``should_stop`` says
-so (``pipe._interrupt`` skips the remaining steps; raising from the callback
-would not).
+:class:`DiffusersPipeline` is only ever called from the pipeline thread (pipelines are not
+thread-safe); ``generate`` reports every step through ``on_step`` and stops at the next step once
+``should_stop`` says so. :class:`SimulatedPipeline` sleeps instead, for benchmarks.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Build the embedded default model: a tiny Stable Diffusion pipeline with random weights.
 
-No weights can be downloaded, so the project makes its own: the same component
-classes as Stable Diffusion 1.x (CLIP text encoder, UNet, VAE with an 8x spatial
-factor, a byte-level BPE tokenizer) at a size that runs 64x64 in well under a
-second on a CPU. It is saved with ``save_pretrained`` and served through exactly
-the ``from_pretrained`` path a real model directory takes.
-
-``--shape sd15`` builds the same thing at Stable Diffusion 1.5's full size
-(its UNet, VAE and CLIP ViT-L text encoder configurations: the same FLOPs and
-memory as the real model, random weights) for GPU benchmarks (``bench.gpu``).
+The component classes of Stable Diffusion 1.x at a size that runs 64x64 in well under a second on
+a CPU, saved with ``save_pretrained`` and loaded like any model directory. ``--shape sd15`` builds
+SD 1.5's full size (random weights) for GPU benchmarks (``bench.gpu``).
 
     python -m gpu_worker.tiny_model .data/models/tiny
 """

@@ -1,18 +1,8 @@
 """The arq worker: one process per GPU, the model loaded once in ``on_startup``.
 
-arq is only the dispatcher here: results live in Postgres (arq keeps none, so a
-re-enqueue with the same ``_job_id`` is never refused), one pipeline call runs
-at a time (the runner batches and pipelines the jobs arq hands it), and
-cancels travel through Postgres and a Redis channel rather than arq's abort.
-
-Changes to arq's loop (:class:`GpuWorker`): a submit wakes the worker at once
-instead of at its next poll; it takes only the jobs the runner can use (the
-running batch and the next one), so an idle worker beside it gets the rest;
-its hold on each job (arq's in-progress key) lasts one lease and is renewed
-while it lives, so jobs a dead worker had taken are free again within a lease;
-a job goes to the runner without arq reading and counting it, and leaves the
-queue with its batch-mates in one round trip (:class:`stepcast.queue.Consumer`);
-and a Redis restart does not end it.
+arq only dispatches: results and cancels go through Postgres. :class:`GpuWorker` changes arq's
+loop: a submit wakes it, it takes only the jobs its runner can use, it holds each job for one
+lease at a time, and a Redis restart does not end it. Why: docs/design.md, "Inside the worker".
 
     python -m gpu_worker.worker          # or: stepcast worker
 """

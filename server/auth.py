@@ -1,15 +1,9 @@
-"""Who is asking (DESIGN §4, Auth). Every job has an owner, and every read,
-watch, cancel and image fetch is filtered by it, so another owner's job is
-simply not found (404, never 403: ids leak nothing).
+"""Who is asking: the owner of a request or a socket.
 
-With ``STEPCAST_AUTH=keys`` (the default) a request is a key holder's
-(``Authorization: Bearer sk_…``) or a browser session's (a signed HttpOnly,
-SameSite cookie the page gets when it is loaded), or it is refused with 401.
-``single_user`` makes every request ``STEPCAST_ANONYMOUS_OWNER``'s.
-
-A request that changes something without a key (a session cookie, or no
-credentials in ``single_user`` mode) must not come from another site's page:
-its ``Origin``, when it sends one, must be this server's or an allowed one.
+``STEPCAST_AUTH=keys``: an API key (``Authorization: Bearer sk_…``) or the page's signed session
+cookie, else 401; ``single_user``: every request is ``STEPCAST_ANONYMOUS_OWNER``'s. A change made
+without a key must not come from another site's page (:func:`origin_allowed`). Reads, watches,
+cancels and image fetches are filtered by owner: another's job is not found. docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """CPython's cyclic garbage collector, paced for a process holding thousands of sockets.
 
-A server's objects are mostly long-lived: each open WebSocket holds about a
-hundred tracked objects (its protocol, parser, ASGI task and our feed) for as
-long as it stays open. CPython 3.11 rescans all of them in every full
-collection (0.6-0.8 s with 10,000 sockets, whenever the old generation has
-grown by a quarter), and its young collections grow to tens of milliseconds
-when old objects die as fast as new ones are born (a freed object counts
-against the young generation's allocations, so the young list grows past its
-threshold unseen). Either stalls every socket of the process.
-
-So the server's process keeps to this schedule (:class:`Collector`):
-
-- every ``freeze_every_s`` (0.1 s): collect the young generations (they
-  hold at most 0.1 s of survivors: a millisecond or two), then freeze what
-  survived; and freeze after every collection CPython starts on its own too,
-  since a loop busy for seconds (a connect storm) runs no timer. Frozen
-  objects are out of every later collection, so no collection rescans the
-  sockets;
-- every ``sweep_every_s`` (``STEPCAST_GC_SWEEP_S``): unfreeze, collect
-  everything, freeze again. This frees cyclic garbage among objects that were
-  frozen while alive. It is the one pause that grows with the sockets, so it
-  is rare: the socket path itself makes no cyclic garbage (a test holds it to
-  that), and an object freed by its reference count is freed frozen or not.
-
-The automatic collector stays on between ticks: garbage among the young is
-found as before.
+:class:`Collector` collects the young generations every ``freeze_every_s`` and freezes what
+survived (also after each collection CPython starts by itself), so no collection rescans the
+long-lived sockets; every ``sweep_every_s`` (``STEPCAST_GC_SWEEP_S``) it unfreezes, collects
+everything and freezes again. Why, and the figures: docs/scaling.md, "Capacity model".
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
-"""One client's view of the event log: the jobs it watches, what it has seen,
-and what is still to be sent to it. WebSocket connections and SSE streams are
-both feeds.
+"""One client's view of the event log: the jobs it watches, what it saw, what is left to send.
 
-Resume without loss (docs/events.md): watching a job subscribes its channel
-first (confirmed), then reads the job's stream, then its row. Live events that
-arrive meanwhile are buffered; once the replay (or the snapshot) is out, the
-buffer is flushed, skipping what was already sent, so there is no gap and no
-duplicate. Replay is all-or-nothing: if the stream does not hold every event
-after the client's ``after_seq`` (or the server knows no such seq), the client
-gets a ``snapshot`` and then only events after its ``last_seq``. The row is
-read after the stream, and every event but ``progress`` and ``queued`` is
-recorded in Postgres before it is emitted, so a snapshot shows whatever the
-events it stands for say: it never hides a later event.
-
-Slow clients: the outbound buffer is bounded in messages and in bytes. When it
-is full, the oldest queued ``progress`` event that carries a preview is dropped
-first (tens of KB each), then the oldest other ``progress`` (a later one says
-more); other events are never dropped, and a client that lets even those pile
-up is disconnected so that it reconnects and resumes.
+WebSocket connections and SSE streams are both feeds. :meth:`Feed.watch` sends the events after
+the client's ``after_seq`` or a ``snapshot``, then live events, with no gap and no duplicate. The
+outbound buffer is bounded: only ``progress`` is dropped (previews first), and a client that lets
+the rest pile up gets :class:`SlowConsumer`. The rules: docs/events.md, "What a watcher gets".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""Which names this server answers to: the ``Host`` allow-list.
+"""Which names this server answers to: the ``Host`` allow-list (``STEPCAST_ALLOWED_HOSTS``).
 
-DNS rebinding: a hostile page's name is made to resolve to this server (a
-``single_user`` one on loopback, say), so the browser takes the server for the
-page's own origin and lets the page read its answers. Only the ``Host`` header
-gives it away, so a request for a name not on the list is refused (400
-problem+json naming ``Host``; a WebSocket upgrade gets 403) before anything
-else runs. Probes and scrapers reach a pod by its IP, and ``/healthz``,
-``/readyz`` and ``/metrics`` carry no one's data: they answer any name.
+A request for another name is refused (400 problem+json naming ``Host``; a WebSocket upgrade 403)
+before anything else runs, which closes DNS rebinding. ``/healthz``, ``/readyz`` and ``/metrics``
+answer any name. Why: docs/security.md, "DNS rebinding".
 """
 
 from __future__ import annotations

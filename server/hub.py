@@ -1,14 +1,9 @@
 """One Redis pub/sub connection per server process, fanning events out to local feeds.
 
-A channel is subscribed while at least one local feed wants it. ``add``
-returns only once Redis has confirmed the subscription, so a feed that reads
-the job's stream after ``add`` cannot miss an event between the two. The
-channels added and removed in one pass of the event loop go to Redis together,
-in one SUBSCRIBE and one UNSUBSCRIBE: under load, jobs start and finish many
-at a time, and each watches a channel of its own. A channel dropped and wanted
-again waits for its new SUBSCRIBE's answer, not for an older one's. After a lost connection the
-hub reconnects, subscribes everything again and asks every feed to re-sync
-from its last seq (pub/sub keeps nothing for the absent).
+A channel is subscribed while a local feed wants it; ``add`` returns once Redis has confirmed the
+subscription, so a feed that reads the job's stream after it misses nothing. The changes of one
+loop pass go to Redis together. After a lost connection the hub subscribes everything again and
+asks every feed to re-sync. docs/design.md, "Events".
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """What one client may take: per-address rates and open sockets.
 
-A browser session's anonymous owner costs nothing to make, so what anonymous
-owners do is also counted per client address: new sessions and anonymous
-submits a minute, in Redis, across all servers (Redis down: nothing is
-refused over a counter). The address is the peer's, or the one a trusted proxy
-names in X-Forwarded-For (uvicorn's proxy headers, STEPCAST_TRUSTED_PROXIES).
-Open sockets (WebSocket and SSE) are counted in this process, which is exact
-and costs a dict update: in all, per owner, and per address of anonymous
-owners. Reasoning and figures: docs/configuration.md ("Limits per client").
+Browser sessions' anonymous owners cost nothing to make, so their new sessions and submits are
+also counted per client address over any 60 s, in Redis, across all servers (Redis down: nothing
+is refused). Open sockets are counted in this process: in all, per owner, and per address of
+anonymous owners. Why, and the figures: docs/configuration.md, "Limits per client".
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Prometheus metrics of a server process, served at ``GET /metrics``.
 
-What this process does (HTTP requests, open sockets, events sent and dropped)
-is counted as it happens; what the whole system holds (jobs by status, queue
-depth) is read from Postgres, so every server answers the same: from the counts
-kept in ``job_counts`` (a few index rows, never the jobs table), at most once
-per ``metrics_cache_s`` (concurrent scrapes share one read). With
-``metrics_token`` set, only ``Authorization: Bearer <token>`` may scrape.
-Per-job run and queue-wait histograms and denoising steps are the workers'
-(``gpu_worker/metrics.py``, on ``STEPCAST_WORKER_METRICS_PORT``).
-
-One registry per app: tests run many apps in one process.
+What this process does (requests, open sockets, events sent and dropped) is counted as it happens;
+jobs by status and queue depth come from the counts Postgres keeps (``job_counts``), read at most
+once per ``metrics_cache_s``. With ``metrics_token`` set, only ``Authorization: Bearer <token>``
+may scrape. One registry per app: tests run many apps in one process.
 """
 
 from __future__ import annotations

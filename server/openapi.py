@@ -1,14 +1,8 @@
 """The OpenAPI 3.1 document of the REST API, served at ``GET /openapi.json``.
 
-Written here rather than inferred: the handlers parse their input by hand (to
-name every bad field), so the document states the contract and the tests keep
-the two together — every route is documented and every documented route
-exists, and real answers validate against these schemas. Limits come from the
-settings, so the document describes this server, not a default one. Error
-answers are not listed by hand: each route names the errors it raises, routes
-that find an owner add the stores' and the credentials' ones, and the error
-classes (stepcast/errors.py) give each its status and headers. The WebSocket
-and SSE protocols are in docs/protocol.md.
+Written by hand, its limits from the settings and each route's error answers from the error
+classes the route raises; the tests keep the document and the routes together. Why by hand:
+docs/design.md, "Interfaces". The WebSocket and SSE protocols: docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Queue positions pushed as the queue moves: ``queued {position, eta_s}``.
 
-One server at a time does it (a Postgres advisory lock elects it; another
-takes over when it dies), once a second, and only for jobs whose position
-changed. Near the head (position 10 or less) a job's position is read every
-pass; further back, every ``position / 10`` to ``position / 5`` passes
-(positions 11-20 every 2, 21-40 every 4, ... 5,121-10,240 every 1,024), each
-job on turns of its own, so a pass reads a few dozen rows however deep the
-queue, and a position told is always the true one when read. ETAs scale
-measured seconds per step for the job's size
-by the number of workers recently busy on its queue (:class:`EtaEstimator`,
-which the submits share).
+One server at a time (:class:`QueueAnnouncer`, elected by an advisory lock) pushes, once a second,
+the positions that changed: near the head every pass, further back every ``position / 10`` to
+``position / 5`` passes, so a pass reads a few dozen rows however deep the queue.
+:class:`EtaEstimator` makes the ETAs. docs/protocol.md, "Guarantees".
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """uvicorn's protocols, trimmed for a process that holds thousands of WebSockets.
 
-Each lets go of what only a connection's start needs, so that an open
-WebSocket holds less memory and leaves no cyclic garbage behind for a full
-collection to find (server/collector.py; tests/test_memory.py checks both).
+Each drops what only a connection's start needs (the HTTP parser once upgraded, the handshake's
+request and response once accepted), so an open WebSocket holds less memory and leaves no cyclic
+garbage (docs/scaling.md, "Capacity model"; tests/test_memory.py checks both).
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Streams opened with an API key end within seconds of ``stepcast keys revoke``.
 
-A key is checked when a WebSocket or SSE stream opens; revoking it writes
-Postgres only. So each server process keeps the hashes of the keys its open
-streams were opened with and, every ``STEPCAST_KEY_CHECK_S``, asks Postgres in
-one query which of them are still active (one query per process, however many
-streams). The streams of any other are told, and end: the WebSocket is closed
-with 4401, the SSE stream ends after an ``error`` event. While Postgres does
-not answer, nothing is ended: a key is taken for revoked only when Postgres
-says so.
+Each server process keeps the hashes of the keys its open streams were opened with and, every
+``STEPCAST_KEY_CHECK_S``, asks Postgres in one query which are still active; the streams of any
+other end (WebSocket close 4401, SSE after an ``error`` event). While Postgres does not answer,
+nothing ends. docs/security.md, "API keys".
 """
 
 from __future__ import annotations

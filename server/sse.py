@@ -1,11 +1,9 @@
 """Server-Sent Events: ``GET /v1/jobs/{id}/events``, for clients that cannot hold a socket.
 
-The same events as the WebSocket, each as ``id: <seq>``, ``event: <type>``,
-``data: <json>``. ``Last-Event-ID`` (or ``?after_seq=``) resumes after that
-seq; without it the stream opens with a ``snapshot``. The stream ends after
-the job's terminal event, or when the server shuts down (the client
-reconnects, to another server if there is one, and resumes), or after an
-``error`` event when the API key it was opened with is revoked.
+The WebSocket's events, each as ``id: <seq>``, ``event: <type>``, ``data: <json>``.
+``Last-Event-ID`` (or ``?after_seq=``) resumes after that seq; without it the stream opens with a
+``snapshot``. It ends after the terminal event, at server shutdown (the client reconnects and
+resumes), or after an ``error`` event once its API key is revoked. docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""WebSocket ``/v1/ws``: submit, watch, cancel over one connection (DESIGN §4).
+"""WebSocket ``/v1/ws``: submit, watch and cancel over one connection.
 
-Every client frame is one JSON object with a ``type``. A bad frame gets an
-``error`` frame and the connection stays usable; only abuse closes it: a
-client that keeps sending faster than its rate limit (1008), or one that
-stops reading while events pile up (1013, reconnect and resume); and a
-connection opened with an API key that is then revoked (4401).
+Every client frame is one JSON object with a ``type``. A bad frame gets an ``error`` frame and the
+connection stays usable; only abuse closes it: flooding (1008), not reading while events pile up
+(1013: reconnect and resume), a revoked API key (4401). Frames and codes: docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """A Python client for a stepcast server: async (:class:`AsyncClient`) and sync (:class:`Client`).
 
-    from stepcast.client import Client
-
-    with Client("http://127.0.0.1:8000") as sc:
-        job = sc.submit("a red fox", steps=20)
-        for event in sc.watch(job.id):          # every step, over the WebSocket
-            print(event.type, event.data.get("step"))
-        done = sc.get(job.id)
-        png = sc.download(done.images[0])
-
-``watch`` resumes by itself: when the socket drops (a server restart, a
-network blip) it reconnects with the last ``seq`` it saw and misses nothing.
-Errors come back as :class:`ApiError` with the server's problem details.
+``watch`` follows a job's events over the WebSocket and resumes by itself after a drop, from the
+last ``seq`` it saw. Errors come back as :class:`ApiError` with the server's problem details.
+An example: README.md, "A 30-second tour".
 """
 
 from __future__ import annotations

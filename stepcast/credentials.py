@@ -1,10 +1,8 @@
 """API keys and signed browser sessions: who is asking.
 
-A key is ``sk_`` + 43 random URL-safe characters (256 bits); Postgres keeps
-only its SHA-256 (``api_keys``), so a leaked database leaks no key. A browser
-gets an anonymous owner of its own in a cookie signed with HMAC-SHA256
-(``STEPCAST_SESSION_SECRET``), its expiry inside the signed part; nothing
-about sessions is stored.
+A key is ``sk_`` + 43 random URL-safe characters; Postgres keeps only its SHA-256 (``api_keys``).
+A browser session is an anonymous owner in a cookie signed with HMAC-SHA256
+(``STEPCAST_SESSION_SECRET``), its expiry inside the signed part; nothing about sessions is stored.
 """
 
 from __future__ import annotations

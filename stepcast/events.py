@@ -1,20 +1,9 @@
 """Job events: their typed constructors, their encoding, and the per-job log in Redis.
 
-Each event is one flat JSON object: ``type``, ``job_id``, ``seq``, then the
-type's own fields (docs/events.md). One Lua script gives an event its ``seq``,
-appends it to the job's capped stream under the stream id ``<seq>-0`` and
-publishes it, all atomically: stream order = publish order = seq order.
-
-Seqs are handed out from blocks that Postgres reserves (``jobs.seq_ceiling``);
-Redis only counts within the current block. When Redis has no counter for a
-job (it lost its data) or the block is used up, :data:`NEED_BLOCK` comes back
-and the caller offers a fresh block, above every seq ever handed out. The
-script also fences attempts (an event of an attempt older than one already
-heard of is refused, unless its seq was reserved for a write that Postgres
-fenced) and ends a log at its terminal event. A stream ahead of its counter
-(an older version counting elsewhere during an upgrade) makes the counter
-take a fresh block. Callers go through
-:mod:`stepcast.lifecycle`, which handles blocks and Postgres.
+Each event is one flat JSON object: ``type``, ``job_id``, ``seq``, then its own fields. One Lua
+script gives an event its seq (within a block Postgres reserved), appends it to the job's capped
+stream and publishes it, atomically; it refuses an older attempt's events and anything after the
+terminal one. Callers go through :mod:`stepcast.lifecycle`. The rules: docs/events.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The job record and its wire shape (DESIGN §4.1)."""
+"""The job record and its wire shape (docs/design.md, "Wire shapes")."""
 
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Every change of a job's state goes through here: a seq, the fenced write, the event.
 
-An event that records a state change (``requeued``, the terminal ones) is
-written to Postgres first and emitted after; a terminal event's seq is
-reserved before the write, so Postgres' ``last_seq`` is never behind it.
-Events that record nothing (``queued``, ``started``, ``progress``) are
-emitted alone. Seqs come in blocks from Postgres (:meth:`Database.reserve_seqs`)
-whenever Redis has none for the job, so no seq is ever handed out twice
-(docs/events.md).
-
-Each emit names the attempt it speaks for: a worker its own, everyone else
-the attempt a waiting job will run as (``attempt + 1``). Redis refuses an
-event of an attempt older than one it has heard of, and a worker gets a block
-only while Postgres says it runs the job.
+A state change (``requeued``, the terminal events) is written to Postgres first, with a seq
+reserved before the write, and emitted after; ``queued``, ``started`` and ``progress`` are only
+emitted. Each emit names the attempt it speaks for (:class:`Speaker`); seqs come in blocks from
+Postgres whenever Redis has none for the job. Why: docs/events.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """A worker's own liveness signal, for container probes.
 
-arq's health-check key is one per queue and refreshed hourly, so it cannot
-tell one stuck worker from a healthy one. Each worker instead touches a file
-on every heartbeat from its event loop; ``stepcast worker-alive`` (a
-liveness probe) fails when the file is older than it should be. Light on
-purpose: the probe must not import torch.
+Each worker touches a file on every heartbeat from its event loop; ``stepcast worker-alive`` fails
+when the file is older than it should be. The probe must not import torch. Why not arq's health
+check: docs/design.md, "Sharp edges in the libraries".
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Logs on stderr: JSON for a log pipeline, short lines for a person.
 
-``configure`` installs one handler on the root logger (uvicorn's, arq's and the
-model libraries' loggers reach it too). Its format: one JSON object per line
-with the ``extra`` fields (job_id, …) and the id of the request being served;
-or, on a terminal, one short line per record (time, level, logger, job, message)
-and the traceback under it. ``auto`` picks text when stderr is a TTY;
-STEPCAST_LOG_FORMAT forces one (a parent reading its children's pipes sets
-``text`` for them). ``quiet_libraries`` keeps the model libraries to what
-needs acting on.
+:func:`configure` installs one handler on the root logger: one JSON object per line with the
+``extra`` fields (job_id, …) and the request id, or one short line per record for a terminal
+(``STEPCAST_LOG_FORMAT``; ``auto`` picks text on a TTY). :func:`quiet_libraries` keeps the model
+libraries to what needs acting on.
 """
 
 from __future__ import annotations

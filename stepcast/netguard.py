@@ -1,10 +1,8 @@
 """Which network addresses a webhook may be sent to (SSRF guard).
 
-Only public unicast addresses, unless the configuration allows private ones
-(``STEPCAST_WEBHOOK_ALLOW_PRIVATE``, for a receiver on the same network). The
-resolved address is what is checked — and then connected to — never the name.
-An IPv6 address that carries an IPv4 one (IPv4-mapped and -compatible, NAT64,
-6to4) is judged by the IPv4 address it reaches.
+Only public unicast addresses, unless ``STEPCAST_WEBHOOK_ALLOW_PRIVATE`` allows private ones. The
+resolved address is judged, then connected to, never the name; an IPv6 address that carries an
+IPv4 one (mapped, compatible, NAT64, 6to4) is judged by that IPv4 address. docs/webhooks.md.
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
-"""The work queue: arq on Redis, a thin dispatcher behind Postgres.
+"""The work queue: arq's queue in Redis, a thin dispatcher behind Postgres.
 
-The arq job id is the stepcast job id, so enqueueing twice is harmless: a
-``_job_id`` that is already queued is refused, as arq's own enqueue does.
-
-arq workers poll their queue (every ``poll_delay_s``); an enqueue also
-publishes the job id on the queue's wake channel, so an idle worker takes the
-job at once rather than at its next poll. A wake-up lost in a reconnect costs
-one poll interval, nothing more.
-
-The enqueue is arq's (the same job key, serialized job, queue entry and
-refusal of a known id) in one script: one round trip on the submit path
-instead of arq's four (watch, exists, the transaction, then the wake-up).
-A worker's side (:class:`Consumer`) keeps arq's keys too (a job is its
-worker's while its in-progress key lives) with fewer round trips: a take is
-one script that scans the head of the queue past the jobs other workers hold,
-where arq reads a page of the queue and then spends four round trips on each
-job in it, held or not; a job is read from Postgres, not from arq's job key,
-and the jobs of a batch finishing together leave the queue in one round trip,
-where arq spends two transactions on each job.
-
-A queued job carries its :class:`Ticket` (its params and preview settings, as
-its row has them), and a take returns it: a worker starts the job on its
-pipeline while the claim in Postgres is in flight, rather than after it.
-
-arq's jobs (and results, were any kept) are JSON, not arq's default pickle
-(:func:`serialize`, :func:`deserialize`): whoever can write to Redis can plant
-data, never code. Anything else in a job key is refused unread; the job is
-then claimed from its row alone, as Postgres is the truth anyway.
+The arq job id is the stepcast job id, so enqueueing twice is harmless. :func:`enqueue_in` is
+arq's enqueue in one script, and wakes idle workers; :class:`Consumer` is a worker's side (take,
+hold, finish) in fewer round trips than arq's; a queued job carries its :class:`Ticket`. Jobs are
+JSON, never pickle (:func:`serialize`). Why each: docs/design.md, "Inside the worker".
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
-"""Recovery without a human (DESIGN §2, invariant 3).
+"""Recovery without a human: a periodic pass, in one process at a time (an advisory lock).
 
-Every few seconds, in exactly one process at a time (a Postgres advisory lock
-decides; it is safe to run in every server and worker):
-
-- a processing job whose lease expired (its worker died or hangs) goes back to
-  ``pending`` and is enqueued again, with a ``requeued`` event; after
-  ``max_attempts`` claims it fails for good with code ``worker_lost``. A job
-  whose cancel was asked for is canceled instead;
-- a pending job that the queue does not hold (the enqueue failed, Redis lost
-  its data: judged by the queue's own membership) is enqueued again under the
-  same id. Each pass checks the ``HEAD_ROWS`` oldest pending jobs (the next to
-  run) and the next ``SWEEP_ROWS`` after them, in queue order, starting again
-  after the head once past the last: a deep queue costs a pass no more, and is
-  swept in ``depth / SWEEP_ROWS`` passes;
-- a pending job past its queue TTL fails with code ``expired`` (workers refuse
-  to claim it already).
-
-Attempts a worker handed back on shutdown do not count against max attempts.
-
-Stale workers cannot overwrite the new attempt: every worker write is fenced
-by ``attempt``, and once ``requeued`` is out, Redis refuses the old attempt's
-events (:mod:`stepcast.lifecycle`).
+A job whose lease expired goes back to ``pending`` with a ``requeued`` event (or fails with
+``worker_lost`` after ``max_attempts``, or is canceled if a cancel was asked); a pending job the
+queue does not hold is enqueued again (the ``HEAD_ROWS`` oldest and ``SWEEP_ROWS`` more each
+pass); a job past its queue TTL fails with ``expired``. docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Retention: what finished long ago is deleted, so that storage and tables do not grow forever.
 
-A periodic pass, in one process at a time (a Postgres advisory lock decides;
-it is safe to run in every server and worker):
-
-- the stored images of jobs that finished more than ``retention_days`` ago
-  are deleted, and ``jobs.images_expired_at`` records when (the row stays:
-  history still shows the job, its image URLs answer 410 Gone);
-- the rows of jobs that finished more than ``job_retention_days`` ago and
-  have no images left go, their webhook deliveries with them;
-- delivered or failed webhook deliveries older than ``webhook_retention_days``;
-- the webhook secrets of browser sessions' owners whose session is over
-  (``session_max_age_s``) and who have no job left.
-
-Each delete takes at most ``retention_batch_rows`` rows (a short statement of
-its own, so a backlog never holds long locks) and a pass at most
-``retention_pass_rows`` of each kind; the next pass goes on where it stopped.
-The kept job counts (``job_counts``) follow the deletes (a trigger).
+A periodic pass, in one process at a time (an advisory lock), deletes old jobs' images (setting
+``images_expired_at``: the row stays, its image URLs answer 410), then old finished jobs' rows,
+old webhook deliveries and the webhook secrets of expired browser sessions' owners, in bounded
+batches (``retention_batch_rows``, ``retention_pass_rows``). docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """Calls made in the same pass of the event loop share one round trip.
 
-A worker running a batch does the same thing for every job of the batch at the
-same moment: emit each step's event, record each job's outcome. One by one,
-every call costs a round trip (about 0.15 ms of the caller's CPU in redis-py,
-more in Postgres, and a wake-up of the server); a :class:`Gatherer` sends the
-calls of one loop pass together.
-
-The first call of a pass leads: it yields to the loop once, and the calls made
-meanwhile join it. Alone, it goes as a plain call, with no task; with company,
-a task sends them all, so that a caller cancelled meanwhile never holds back
-the others. :class:`GatheredScripts` gathers Redis script calls into a
-pipeline (a call whose script Redis lost is sent again as a plain call);
-:class:`GatheredCommands` gathers any Redis commands, a caller's in its own order.
+A :class:`Gatherer` sends the calls of one loop pass together (a single call goes as a plain
+call); :class:`GatheredScripts` gathers Redis script calls into a pipeline, and
+:class:`GatheredCommands` any Redis commands, each caller's in its own order. Why and how:
+docs/design.md, "Inside the worker".
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """The schema's versions: the numbered migrations, which of them a database has, applying them.
 
-Migrations are the files ``stepcast/migrations/NNNN_pre_<what>.sql`` and
-``NNNN_post_<what>.sql``, applied in order, each in one transaction, and
-recorded by name in ``schema_migrations``. A pre step is one that the old and
-the new code both run against; a post step removes what only old code needed,
-once none runs. So a process needs every pre step it knows, and refuses a post
-step it does not know (a newer version's, which may have removed what it
-needs). Only ``stepcast migrate`` (and ``stepcast run``) applies migrations,
-a statement waiting at most ``migrate_lock_timeout_s`` for a table lock; a
-server or worker start reads ``schema_migrations`` and locks no busy table.
-The reasoning and the rules for writing one: docs/migrations.md.
+Migrations are ``stepcast/migrations/NNNN_pre_<what>.sql`` and ``NNNN_post_<what>.sql``, applied
+in order, one transaction each, recorded in ``schema_migrations``. Only ``stepcast migrate`` (and
+``stepcast run``) applies them; a server or worker start checks that it has every pre step it
+knows and no post step it does not. The rules: docs/migrations.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """Webhook delivery, per the Standard Webhooks spec (standardwebhooks.com).
 
-A job's status change queues a delivery row in Postgres (a trigger, in the
-same transaction; ``stepcast/migrations``). Senders — every server runs one — lease due
-rows with ``FOR UPDATE SKIP LOCKED``, POST ``{"type": "job.<event>",
-"timestamp", "data": <job>}`` with ``webhook-id``, ``webhook-timestamp`` and
-``webhook-signature`` (``v1,`` + HMAC-SHA256 under the owner's ``whsec_``
-secret), and record the outcome: 2xx delivered; network errors, time-outs,
-408, 429 and 5xx retried after ``STEPCAST_WEBHOOK_BACKOFF_S`` (±20% jitter,
-about a day in all); anything else failed at once. Redirects are not followed.
-An attempt is counted when its row is leased, before sending, and only its
-sender may record its outcome (a fence on ``attempts``). Receivers are
-untrusted: each attempt has one deadline, reads a few KiB of the answer at
-most, and runs as its own task under a cap (docs/webhooks.md).
-
-SSRF: the host is resolved here, every address it resolves to must be public
-(``netguard``) unless the configuration allows private ones, and the request
-goes to the checked address (the name travels in Host and SNI), so a second
-lookup cannot rebind it. ``resolver`` and ``transport`` are seams for tests.
+A status change queues a delivery row (a trigger, in the same transaction). Every server runs a
+:class:`WebhookSender`: it leases due rows, POSTs ``{"type": "job.<event>", "timestamp", "data"}``
+signed with the owner's ``whsec_`` secret to the address it checked (``netguard``), and records
+each outcome, fenced by attempt (docs/webhooks.md). ``resolver`` and ``transport`` are test seams.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ async def test_previews_arrive_every_k_steps(stack: Stack) -> None:
 
 
 async def test_wire_shape_of_a_finished_job(stack: Stack) -> None:
-    """DESIGN §4.1: these names and types are the contract; extend, never rename."""
+    """docs/design.md, "Wire shapes": these names and types are the contract; extend, never rename."""
     job = await stack.wait((await stack.submit(steps=2, seed=7))["id"])
     expected = {
         "id": str, "status": str, "attempt": int, "owner": str, "params": dict, "progress": dict,

@@ -1,15 +1,9 @@
 """``stepcast run``: Postgres, Redis, the server and the workers on this machine, kept running.
 
-Postgres and Redis are started as child processes when the configured URLs
-point at loopback (data under ``.data/``); URLs that point elsewhere are used
-as they are. The server and the workers run as child processes too, under a
-:class:`~stepcast.cli.supervisor.Supervisor`: a child that dies is started again
-after a back-off, one that keeps dying stops the run (exit 1). The schema
-migrations the database lacks are applied before the server and workers start
-(as `stepcast migrate`), and again whenever the embedded Postgres restarts. Ctrl-C or
-SIGTERM stops everything, workers and server first (exit 0); a second one
-kills what is left. On CUDA GPUs (``STEPCAST_DEVICE`` auto or cuda) with no worker count given,
-there is one worker per GPU, each seeing only its own.
+Postgres and Redis start as child processes when their URLs point at loopback (data under
+``.data/``); the schema migrations are applied before the server and workers start, and again
+when the embedded Postgres restarts. Every child runs under a
+:class:`~stepcast.cli.supervisor.Supervisor`; Ctrl-C or SIGTERM stops workers and server first.
 """
 
 from __future__ import annotations

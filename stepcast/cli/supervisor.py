@@ -1,11 +1,9 @@
 """Keeps the child processes of ``stepcast run`` running.
 
-A child that exits without being asked to is started again after a back-off
-(1 s, 2 s, 4 s… capped); one that exits ``max_exits`` times within
-``window_s`` stops the whole run (:class:`GaveUp`, naming it and showing its
-last lines of output). Children come in layers (Postgres and Redis, then the
-server and the workers): started in order, stopped in reverse, a layer at a
-time, so the workers hand their jobs back while Postgres is still up.
+A child that exits unasked is started again after a back-off (1 s, 2 s, 4 s… capped); one that
+exits ``max_exits`` times within ``window_s`` stops the run (:class:`GaveUp`, with its last lines).
+Children come in layers (Postgres and Redis, then the server and workers), started in order and
+stopped in reverse, so the workers hand their jobs back while Postgres is still up.
 """
 
 from __future__ import annotations

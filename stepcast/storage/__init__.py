@@ -1,7 +1,8 @@
-"""Object storage for generated images, behind one interface.
+"""Object storage for generated images, behind one interface (:class:`Storage`).
 
-Keys are deterministic (``<job_id>/<index>.png``) so a rerun of a job
-overwrites rather than duplicates; the job id in them makes them unguessable.
+Keys are ``<job_id>/<attempt>/<index>.png`` (:func:`image_key`): each attempt writes under its
+own keys, so a stale attempt never overwrites the winner's images; the job id makes them
+unguessable.
 """
 
 from __future__ import annotations
