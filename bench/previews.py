@@ -12,8 +12,7 @@ import time
 import torch
 
 from bench import stack
-from gpu_worker.pipeline import preview_pixels
-from gpu_worker.runner import encode_preview
+from gpu_worker.previews import encode_preview, preview_pixels
 
 REPEATS = 200
 

@@ -29,7 +29,6 @@ pipeline are released unclaimed (:class:`Released`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import io
@@ -47,7 +46,8 @@ from PIL import Image
 from gpu_worker import batching
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.pipeline import Generation, Pipeline, Request, preview_image, preview_pixels
+from gpu_worker.pipeline import Generation, Pipeline, Request
+from gpu_worker.previews import encode_previews, preview_pixels
 from stepcast.background import cancel_and_wait
 from stepcast.db import Completion, Database, retrying
 from stepcast.events import Canceled, Completed, EventLog, Failed, Progress, Started, Terminal
@@ -138,27 +138,6 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def encode_preview(pixels: Any, max_px: int) -> str:
-    buffer = io.BytesIO()
-    preview_image(pixels, max_px).save(buffer, format="WEBP", quality=60, method=0)
-    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def encode_previews(steps: list[Step], max_px: int, job_id: str) -> list[str | None]:
-    """The previews of the steps that carry pixels (None for the others, and for one that fails:
-    a preview is a nicety, never a reason to stop the events)."""
-    previews: list[str | None] = []
-    for step in steps:
-        preview = None
-        if step.pixels is not None:
-            try:
-                preview = encode_preview(step.pixels, max_px)
-            except Exception as exc:
-                logger.warning("no preview: %s", exc, extra={"job_id": job_id})
-        previews.append(preview)
-    return previews
 
 
 class JobRunner:
@@ -556,7 +535,8 @@ class JobRunner:
             self.metrics.steps.inc(len(new))
             previews: list[str | None] = [None] * len(new)
             if any(item.pixels is not None for item in new):
-                previews = await asyncio.to_thread(encode_previews, new, preview_px, str(active.job.id))
+                pixels = [item.pixels for item in new]
+                previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
             events = []
             for item, preview in zip(new, previews, strict=True):
                 seconds_a_step = (item.done_at - active.pipeline_started) / item.step

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gpu_worker.main_thread import MainThreadExecutor
-from gpu_worker.runner import encode_preview
+from gpu_worker.previews import encode_preview
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
 from tests.test_recovery import wait_for
