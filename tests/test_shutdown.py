@@ -163,5 +163,5 @@ async def test_a_worker_closes_fully_with_a_job_cancelled_before_it_started(
     worker.tasks["taken"] = reading
     await worker.close()  # arq's own raised CancelledError here, before its on_shutdown
     assert reading.cancelled()
-    assert worker.runner._dispatcher is not None and worker.runner._dispatcher.done()  # runner shut
+    assert worker.runner.dispatcher.stopped  # runner shut
     await asyncio.gather(running, return_exceptions=True)

@@ -1,0 +1,324 @@
+"""A claimed job's run: its events, its lease, its stop flag, its images and its terminal write.
+
+The pipeline thread only denoises; everything here runs on the event loop, while the next batch
+runs. A cancel, a lost lease, a time-out or a shutdown stops a job at once; a shutdown hands a
+running job back to the queue (docs/design.md, "Inside the worker").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+from gpu_worker.mailbox import Mailbox
+from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.pipeline import Generation
+from gpu_worker.previews import encode_previews
+from stepcast.background import cancel_and_wait
+from stepcast.db import Completion, Database, retrying
+from stepcast.events import Canceled, Completed, Failed, Progress, Started, Terminal
+from stepcast.jobs import Job, Status
+from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.params import JobParams
+from stepcast.round_trips import Gatherer
+from stepcast.settings import WorkerSettings
+from stepcast.storage import Put, Storage, image_key
+
+logger = logging.getLogger(__name__)
+
+PNG = "image/png"
+
+Outcome = Generation | Exception
+
+
+class Step(NamedTuple):
+    """A step the pipeline thread reports: its preview's pixels if it has one, and when it ended."""
+
+    step: int
+    pixels: Any
+    done_at: float  # perf_counter
+
+
+@dataclass
+class Claimed:
+    """A claimed job; shared with the dispatcher, the heartbeat and the cancel listener."""
+
+    job: Job
+    params: JobParams
+    last_seq: int
+    stop: threading.Event  # its Waiting's
+    steps: Mailbox[Step]  # its Waiting's
+    batch: list[Claimed] = field(default_factory=list)
+    outcome: asyncio.Future[Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    pipeline_s: float | None = None
+    # When its pipeline call began (perf_counter), which may be before its claim returned.
+    pipeline_started: float = field(default_factory=time.perf_counter)
+    step: int = 0
+    stop_reason: str | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def halt(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+        self.stopped.set()
+
+    def batch_stops(self) -> bool:
+        """Whether the pipeline stops at the next step: nobody in the batch still wants it."""
+        return all(mate.stop.is_set() for mate in self.batch)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Execution:
+    """Runs claimed jobs from their ``started`` event to their terminal state."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        db: Database,
+        lifecycle: Lifecycle,
+        storage: Storage,
+        worker_id: str,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.lifecycle = lifecycle
+        self.storage = storage
+        self.worker_id = worker_id
+        self.metrics = metrics
+        # A batch's jobs finish at the same moment: one thread hop encodes and stores
+        # their images, one statement records them all.
+        self._stores: Gatherer[Put, None] = Gatherer(storage.put_all)
+        self._completions: Gatherer[Completion, Job | None] = Gatherer(self._record)
+
+    async def execute(self, active: Claimed, let_go: Callable[[], None]) -> None:
+        job = active.job
+        log = {"job_id": str(job.id), "attempt": job.attempt}
+        logger.info("job started", extra=log)
+        await self._emit(active, Started(attempt=job.attempt, worker=self.worker_id))
+        publisher = asyncio.create_task(self._publish_progress(active))
+        heartbeat = asyncio.create_task(self._heartbeat(active))
+        outcome: Outcome | None = None
+        shutting_down = False
+        try:
+            try:
+                outcome = await asyncio.wait_for(self._outcome(active), self.settings.job_timeout_s)
+            except TimeoutError:
+                active.halt("timeout")
+                outcome = await self._outcome(active)
+            except asyncio.CancelledError:
+                # The worker is stopping (its grace period is over): stop at the
+                # next step, hand the job back below, then let arq put it back.
+                shutting_down = True
+                active.halt("shutdown")
+                outcome = await self._outcome(active)
+        finally:
+            let_go()
+            active.steps.close()
+            try:
+                await publisher
+            finally:
+                await cancel_and_wait(heartbeat)
+
+        reason = active.stop_reason
+        if reason == "lost":
+            logger.warning("job lost to another attempt; dropping this result", extra=log)
+        elif isinstance(outcome, Exception):
+            logger.error("pipeline failed", exc_info=outcome, extra=log)
+            await self._fail(active, "pipeline_error", f"{type(outcome).__name__}: {outcome}")
+        elif reason == "timeout":
+            limit = self.settings.job_timeout_s
+            await self._fail(active, "timeout", f"the job ran longer than its {limit:g} s time-out")
+        elif outcome is not None and not outcome.interrupted and reason in {None, "shutdown"}:
+            await self._complete(active, outcome)  # finished before the stop took effect
+        elif reason == "shutdown":
+            await self._hand_back(active)
+        else:
+            await self._cancel(active)
+        if shutting_down:
+            raise asyncio.CancelledError
+
+    async def _outcome(self, active: Claimed) -> Outcome | None:
+        """The job's images once its batch is done; None if it stopped while its batch-mates go on."""
+        stopped = asyncio.ensure_future(active.stopped.wait())
+        waiters: set[asyncio.Future[Any]] = {active.outcome, stopped}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if active.outcome.done():
+            return active.outcome.result()
+        if not active.batch_stops():
+            return None
+        return await asyncio.shield(active.outcome)  # the pipeline stops at the next step
+
+    async def _publish_progress(self, active: Claimed) -> None:
+        params = active.params
+        preview_px = (
+            min(int(active.job.preview["max_px"]), max(params.width, params.height))
+            if active.job.preview
+            else 0
+        )
+        # Steps that came close together arrive together (the mailbox), and go out in one send.
+        while (bunch := await active.steps.get()) is not None:
+            new = []
+            for item in bunch:
+                if item.step > active.step:  # (a failed batch re-runs its jobs alone: only new steps)
+                    active.step = item.step
+                    new.append(item)
+            if not new:
+                continue
+            self.metrics.steps.inc(len(new))
+            previews: list[str | None] = [None] * len(new)
+            if any(item.pixels is not None for item in new):
+                pixels = [item.pixels for item in new]
+                previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
+            events = []
+            for item, preview in zip(new, previews, strict=True):
+                seconds_a_step = (item.done_at - active.pipeline_started) / item.step
+                eta_s = round(seconds_a_step * (params.steps - item.step), 3)
+                events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
+            await self._emit(active, *events)
+
+    async def _heartbeat(self, active: Claimed) -> None:
+        job = active.job
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                cancel = await self.db.heartbeat(
+                    job.id,
+                    job.attempt,
+                    lease_s=self.settings.lease_s,
+                    step=active.step,
+                    last_seq=active.last_seq,
+                )
+            except Exception:
+                logger.exception("heartbeat failed", extra={"job_id": str(job.id)})
+                continue
+            if cancel is None:
+                active.halt("lost")
+            elif cancel:
+                active.halt("canceled")
+
+    async def _complete(self, active: Claimed, generation: Generation) -> None:
+        job, params = active.job, active.params
+        records: list[dict[str, Any]] = []
+        # The terminal event's seq, reserved while the images are encoded and stored.
+        seq = asyncio.ensure_future(self.lifecycle.reserve(job.id, Speaker.running(job)))
+        try:
+            for index, (image, seed) in enumerate(zip(generation.images, params.image_seeds(), strict=True)):
+                # Under this attempt's own keys: a stale attempt cannot overwrite the winner's images.
+                key = image_key(str(job.id), index, attempt=job.attempt)
+                await self._stores((key, functools.partial(encode_png, image), PNG))
+                records.append(
+                    {
+                        "key": key,
+                        "width": image.width,
+                        "height": image.height,
+                        "seed": seed,
+                        "content_type": PNG,
+                    }
+                )
+        except Exception as exc:
+            logger.exception("storing images failed", extra={"job_id": str(job.id)})
+            await self._fail(active, "storage_error", f"could not store the images: {exc}", seq=await seq)
+            return
+        if await seq is None:
+            logger.warning("job moved on while its images were stored", extra={"job_id": str(job.id)})
+            return
+        result = {"images": records}
+
+        async def write(seq: int) -> Job | None:
+            batch = len(active.batch)
+            return await self._completions(
+                Completion(job.id, job.attempt, job.owner, result, seq, active.pipeline_s, batch)
+            )
+
+        async def event(done: Job) -> Terminal:
+            images = [
+                {"url": await self.storage.url(r["key"]), **{k: v for k, v in r.items() if k != "key"}}
+                for r in records
+            ]
+            return Completed(images=images, timings=done.timings())
+
+        await self._finish(active, Status.COMPLETED, write, event, seq=await seq)
+
+    async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
+        return [*await self.db.complete(completions)]
+
+    async def _fail(self, active: Claimed, code: str, message: str, *, seq: int | None = None) -> None:
+        job = active.job
+
+        async def write(seq: int) -> Job | None:
+            return await self.db.fail(job.id, job.attempt, code=code, message=message, seq=seq)
+
+        await self._finish(active, Status.FAILED, write, Failed(code=code, message=message), seq=seq)
+
+    async def _hand_back(self, active: Claimed) -> None:
+        job = active.job
+        log = {"job_id": str(job.id), "attempt": job.attempt}
+        back = await self.lifecycle.requeue(
+            job, "worker_shutdown", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
+        )
+        if back is None:
+            # A cancel is pending, or the job moved on (its write is fenced), or Postgres never
+            # answered: then the lease runs out and the recovery pass takes it back.
+            read_back = functools.partial(self.db.get_job, job.id)
+            current = await retrying(read_back, what="read back", deadline_s=self.settings.db_retry_s)
+            if current is not None and current.attempt == job.attempt and current.cancel_requested:
+                await self._cancel(active)
+            return
+        logger.info("job handed back to the queue (shutdown)", extra=log)
+        self.metrics.jobs.labels("handed_back").inc()
+
+    async def _cancel(self, active: Claimed) -> None:
+        job = active.job
+
+        async def write(seq: int) -> Job | None:
+            return await self.db.cancel_running(job.id, job.attempt, step=active.step, seq=seq)
+
+        await self._finish(active, Status.CANCELED, write, Canceled())
+
+    async def _finish(
+        self,
+        active: Claimed,
+        status: Status,
+        write: Callable[[int], Awaitable[Job | None]],
+        event: Terminal | Callable[[Job], Awaitable[Terminal]],
+        *,
+        seq: int | None = None,
+    ) -> None:
+        """Record the terminal state in Postgres (fenced), then publish it with the same seq."""
+        job = active.job
+        done = await self.lifecycle.finish(job, status, Speaker.running(job), write, event, seq=seq)
+        if done is None:
+            return
+        logger.info("job %s", status.value, extra={"job_id": str(job.id), "attempt": job.attempt})
+        self.metrics.jobs.labels(status.value).inc()
+        if done.run_s is not None:
+            self.metrics.run_seconds.observe(done.run_s)
+        if done.queue_s is not None:
+            self.metrics.queue_seconds.observe(done.queue_s)
+
+    async def _emit(self, active: Claimed, *events: Started | Progress) -> None:
+        job = active.job
+        published = await self.lifecycle.emit_all(job.id, job.owner, events, Speaker.running(job))
+        if published is not None:
+            active.last_seq = published
