@@ -7,6 +7,8 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -27,11 +29,20 @@ from server.services import Services
 from stepcast import logs
 from stepcast import settings as settings_module
 from stepcast.background import cancel_and_wait
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = ROOT / "web"
+
+def _page_directory() -> Path:
+    """The page's files (``server/web/``, package data) as the directory StaticFiles serves.
+
+    Found through importlib.resources, so a checkout and an installed wheel serve the same files.
+    """
+    page = resources.files("server") / "web"
+    if not isinstance(page, Path):  # installed inside a zip: StaticFiles serves only real files
+        raise RuntimeError(f"the page ({page}) is not a directory on disk: install stepcast unzipped")
+    return page
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -49,7 +60,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
         WebSocketRoute("/v1/ws", ws.Endpoint()),
-        Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
+        Mount("/", StaticFiles(directory=_page_directory(), html=True), name="web"),
     ]
     app = Starlette(
         routes=routes,
