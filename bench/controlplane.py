@@ -41,7 +41,7 @@ from arq.connections import RedisSettings
 from bench import stack
 from bench.cpu import CpuMeter
 from stepcast.cli.processes import LocalRedis
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import Settings
 
 PARAMS = {"steps": 1, "width": 64, "height": 64}
 DONE_KEY = "bench:noop:done"
@@ -64,7 +64,9 @@ async def bare_arq(redis: LocalRedis, workers: int, jobs: int) -> dict[str, Any]
     env = {**os.environ, "BENCH_REDIS_URL": redis.url()}
     command = [sys.executable, "-m", "arq", "bench.controlplane.BareArq"]
     fleet = [
-        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+        subprocess.Popen(  # noqa: ASYNC220
+            command, env=env, cwd=stack.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for _ in range(workers)
     ]
     pool = await create_pool(RedisSettings.from_dsn(redis.url()))

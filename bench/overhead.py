@@ -72,7 +72,7 @@ from bench import stack
 from bench.cpu import CpuMeter
 from gpu_worker.tiny_model import ensure
 from stepcast.cli.processes import free_port
-from stepcast.settings import DATA_DIR, ROOT
+from stepcast.settings import DATA_DIR
 
 PARAMS = {"steps": 20, "width": 64, "height": 64}
 
@@ -90,7 +90,7 @@ def bare_process(
 ) -> dict[str, Any]:
     """(a): a fresh process running the plain loop (bench.bare) ``jobs`` times; its rate."""
     command = [*plain_loop_command(model_dir, params, options), "--jobs", str(jobs)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, cwd=stack.ROOT, capture_output=True, text=True, check=True)
     calls = [json.loads(line) for line in done.stdout.strip().splitlines()]
     seconds = [call["seconds"] for call in calls]
     return {
@@ -111,7 +111,7 @@ class PlainLoop:
         command = [*plain_loop_command(model_dir, params, options), "--serve"]
         self.process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=stack.ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -23,8 +23,9 @@ import httpx
 import websockets
 
 from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, running, wait_for_port
-from stepcast.settings import DATA_DIR, ROOT
+from stepcast.settings import DATA_DIR
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout the benchmarks run from
 BENCH_DIR = DATA_DIR / "bench"
 
 

@@ -8,6 +8,8 @@ import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -38,13 +40,22 @@ from stepcast.events import EventLog
 from stepcast.lifecycle import Lifecycle
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
-from stepcast.settings import ROOT, ServerSettings
+from stepcast.settings import ServerSettings
 from stepcast.storage import open_storage
 from stepcast.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = ROOT / "web"
+
+def _page_directory() -> Path:
+    """The page's files (``server/web/``, package data) as the directory StaticFiles serves.
+
+    Found through importlib.resources, so a checkout and an installed wheel serve the same files.
+    """
+    page = resources.files("server") / "web"
+    if not isinstance(page, Path):  # installed inside a zip: StaticFiles serves only real files
+        raise RuntimeError(f"the page ({page}) is not a directory on disk: install stepcast unzipped")
+    return page
 
 
 @contextlib.asynccontextmanager
@@ -122,7 +133,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
         WebSocketRoute("/v1/ws", ws.Endpoint()),
-        Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
+        Mount("/", StaticFiles(directory=_page_directory(), html=True), name="web"),
     ]
     app = Starlette(
         routes=routes,

@@ -15,8 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / ".data"
+# The default home of images, the tiny model and the embedded Postgres and Redis: .data in the
+# checkout this code runs from (tests, `make run`); for an installed package, .data in the
+# directory the process starts in.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+DATA_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / ".data"
 
 # A session secret is refused at start-up when it is shorter than this, has
 # fewer distinct characters than that (`aaaa…`, `secretsecret…`), or carries a

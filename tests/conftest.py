@@ -36,8 +36,9 @@ from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.db import Database
-from stepcast.settings import DATA_DIR, ROOT, Settings
+from stepcast.settings import DATA_DIR, Settings
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 TEMPLATE_DB = "stepcast_template"
 PROBLEM = "application/problem+json"
 

@@ -11,7 +11,8 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.errors import ConfigError
-from stepcast.settings import DATA_DIR, ROOT, ServerSettings, Settings, SharedSettings, WorkerSettings
+from stepcast.settings import DATA_DIR, ServerSettings, Settings, SharedSettings, WorkerSettings
+from tests.conftest import ROOT
 
 ROW = re.compile(r"^\| `STEPCAST_(?P<name>[A-Z0-9_]+)` \| (?P<default>[^|]+) \|")
 # docs/configuration.md's section for each role's own settings.

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import Settings
+from tests.conftest import ROOT
 
 
 def rendered() -> dict[str, Any]:

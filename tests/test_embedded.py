@@ -24,7 +24,8 @@ from stepcast import settings as settings_module
 from stepcast.cli.embedded import visible_gpus, worker_envs
 from stepcast.cli.processes import LocalPostgres, free_port, port_in_use
 from stepcast.cli.supervisor import Command, GaveUp, RestartPolicy, Supervisor
-from stepcast.settings import DATA_DIR, ROOT
+from stepcast.settings import DATA_DIR
+from tests.conftest import ROOT
 
 FAST = RestartPolicy(first_s=0.1, cap_s=0.4, max_exits=5, window_s=60)
 

@@ -30,7 +30,8 @@ import yaml
 from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.errors import ConfigError
-from stepcast.settings import ROOT, Settings
+from stepcast.settings import Settings
+from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 # Every kustomization that renders on its own (components only render inside one).

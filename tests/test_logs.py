@@ -19,7 +19,7 @@ import pytest
 from server.app import Server, create_app
 from stepcast import logs
 from stepcast import settings as settings_module
-from stepcast.settings import ROOT
+from tests.conftest import ROOT
 
 JOB_ID = "1a2b3c4d-0000-4000-8000-00000000abcd"
 TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (INFO |WARN |ERROR|DEBUG|CRIT ) \S+: ")

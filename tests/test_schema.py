@@ -30,8 +30,8 @@ from stepcast.cli.processes import LocalPostgres, free_port
 from stepcast.db import Database
 from stepcast.errors import SchemaError
 from stepcast.schema import Migration
-from stepcast.settings import ROOT, Settings
-from tests.conftest import StepcastProcess, settings_env
+from stepcast.settings import Settings
+from tests.conftest import ROOT, StepcastProcess, settings_env
 
 BASELINE = "0001_pre_baseline"
 SHIPPED = [migration.name for migration in schema.load()]  # the baseline first
