@@ -1,4 +1,6 @@
-"""The ASGI application: ``create_app(settings)``; ``python -m server.app`` serves it."""
+"""The ASGI application: ``create_app(settings)`` wires the routes, the middleware and what a
+process holds (pools, storage, the hub, background passes) in its lifespan (:func:`open_services`);
+``python -m server.app`` serves it."""
 
 from __future__ import annotations
 
