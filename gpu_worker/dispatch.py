@@ -29,7 +29,7 @@ from gpu_worker.previews import preview_pixels
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database, retrying
 from stepcast.jobs import Job
-from stepcast.params import JobParams
+from stepcast.params import JobParams, Preview
 from stepcast.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Waiting:
     claimed: asyncio.Future[Claimed | None]
     steps: Mailbox[Step]  # from the pipeline thread
     params: JobParams | None = None
-    preview: dict[str, Any] | None = None
+    preview: Preview | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
 
 
@@ -240,7 +240,7 @@ class Dispatcher:
             active = None
             if job is not None:
                 # The params it runs with: its ticket's (the same as its row's), or its row's.
-                params = waiting.params if waiting.params is not None else JobParams.from_json(job.params)
+                params = waiting.params if waiting.params is not None else job.params
                 # Its batch: the jobs of this claim, as the list fills.
                 active = Claimed(job, params, job.last_seq, waiting.stop, waiting.steps, batch=actives)
                 if self._early_cancels.pop(job.id, None) is not None:
@@ -307,7 +307,7 @@ class Dispatcher:
                 mine.outcome.set_result(outcome)
 
     def _step_reporter(self, waiting: Waiting) -> Callable[[int, int, Any], None]:
-        every = int(waiting.preview["every"]) if waiting.preview else 0
+        every = waiting.preview.every if waiting.preview else 0
         steps = waiting.steps
 
         def on_step(step: int, total: int, latents: Any) -> None:

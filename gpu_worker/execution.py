@@ -172,9 +172,7 @@ class Execution:
     async def _publish_progress(self, active: Claimed) -> None:
         params = active.params
         preview_px = (
-            min(int(active.job.preview["max_px"]), max(params.width, params.height))
-            if active.job.preview
-            else 0
+            min(active.job.preview.max_px, max(params.width, params.height)) if active.job.preview else 0
         )
         # Steps that came close together arrive together (the mailbox), and go out in one send.
         while (bunch := await active.steps.get()) is not None:

@@ -68,8 +68,8 @@ class EtaEstimator:
 
     async def eta_s(self, job: Job, position: int) -> float | None:
         params = job.params
-        pace = await self.pace(job.queue, params["width"], params["height"])
-        return pace.drain_s(position, params["steps"])
+        pace = await self.pace(job.queue, params.width, params.height)
+        return pace.drain_s(position, params.steps)
 
 
 class QueueAnnouncer:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from stepcast.params import PARAM_FIELDS
+from stepcast.params import JobParams, Preview
 from stepcast.status import TERMINAL as TERMINAL
 from stepcast.status import Status as Status
 from stepcast.storage.local import URL_PREFIX
@@ -18,8 +18,8 @@ from stepcast.storage.local import URL_PREFIX
 class Job:
     id: uuid.UUID
     owner: str
-    params: dict[str, Any]
-    preview: dict[str, Any] | None
+    params: JobParams
+    preview: Preview | None
     status: Status
     attempt: int
     queue: str
@@ -54,6 +54,8 @@ class Job:
     def from_record(cls, record: Mapping[str, Any]) -> Job:
         fields = {name: record[name] for name in cls.__dataclass_fields__}
         fields["status"] = Status(fields["status"])
+        fields["params"] = JobParams.from_json(fields["params"])
+        fields["preview"] = Preview.from_json(fields["preview"])
         return cls(**fields)
 
     def timings(self) -> dict[str, Any] | None:
@@ -105,8 +107,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "status": job.status.value,
         "attempt": job.attempt,
         "owner": job.owner,
-        # jsonb forgets key order; the wire shows params in their declared one.
-        "params": {name: job.params[name] for name in PARAM_FIELDS if name in job.params},
+        "params": job.params.to_json(),  # in their declared order (jsonb forgets key order)
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "queue_position": queue_position if job.status is Status.PENDING else None,
         "created_at": timestamp(job.created_at),
@@ -117,7 +118,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "timings": job.timings(),
         "last_seq": job.last_seq,
         "images_expired_at": timestamp(job.images_expired_at),
-        "preview": job.preview,
+        "preview": job.preview.to_json() if job.preview else None,
         "webhook": job.webhook,
         "cancel_requested": job.cancel_requested,
         "provenance": {

@@ -59,7 +59,12 @@ class JobParams:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobParams:
-        return cls(**data)
+        """Parse a stored form (a row's jsonb, a queue ticket). Optional fields a row written by an
+        older version lacks are None; a missing required field raises TypeError."""
+        values: dict[str, Any] = {
+            name: data.get(name) for name in PARAM_FIELDS if name in data or name in _OPTIONAL
+        }
+        return cls(**values)
 
     def image_seeds(self) -> list[int]:
         """One seed per image, so an image never depends on its batch-mates."""
@@ -70,6 +75,13 @@ class JobParams:
 class Preview:
     every: int
     max_px: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Preview | None:
+        return cls(every=int(data["every"]), max_px=int(data["max_px"])) if data else None
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class Submission:
 
 
 PARAM_FIELDS = tuple(f.name for f in fields(JobParams))
+_OPTIONAL = frozenset({"negative_prompt", "scheduler"})
 
 
 class _Checker:
