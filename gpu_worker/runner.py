@@ -349,7 +349,9 @@ class JobRunner:
         unknown = [waiting for waiting in self._waiting if waiting.params is None]
         if not unknown:
             return
-        found = await self._write("read params", lambda: self.db.pending_params([w.job_id for w in unknown]))
+        found = await self._write(
+            "read params", lambda: self.db.jobs.pending_params([w.job_id for w in unknown])
+        )
         for waiting in unknown:
             if waiting.job_id in found:
                 waiting.params = JobParams.from_json(found[waiting.job_id])
@@ -364,7 +366,7 @@ class JobRunner:
         try:
             jobs = await self._write(
                 "claim",
-                lambda: self.db.claim(
+                lambda: self.db.runs.claim(
                     [waiting.job_id for waiting in batch],
                     worker=self.worker_id,
                     lease_s=self.settings.lease_s,
@@ -403,7 +405,7 @@ class JobRunner:
         return actives
 
     async def _hand_back_unstarted(self, job: Job) -> None:
-        hand_back = functools.partial(self.db.hand_back, job.id, job.attempt, last_seq=job.last_seq)
+        hand_back = functools.partial(self.db.runs.hand_back, job.id, job.attempt, last_seq=job.last_seq)
         try:
             await self._write("hand back", hand_back)
         except Exception:  # its lease runs out, and the recovery pass queues it again
@@ -569,7 +571,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
-                cancel = await self.db.heartbeat(
+                cancel = await self.db.runs.heartbeat(
                     job.id,
                     job.attempt,
                     lease_s=self.settings.lease_s,
@@ -628,13 +630,13 @@ class JobRunner:
         await self._finish(active, Status.COMPLETED, write, event, seq=await seq)
 
     async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
-        return [*await self.db.complete(completions)]
+        return [*await self.db.runs.complete(completions)]
 
     async def _fail(self, active: _Active, code: str, message: str, *, seq: int | None = None) -> None:
         job = active.job
 
         async def write(seq: int) -> Job | None:
-            return await self.db.fail(job.id, job.attempt, code=code, message=message, seq=seq)
+            return await self.db.runs.fail(job.id, job.attempt, code=code, message=message, seq=seq)
 
         await self._finish(active, Status.FAILED, write, Failed(code=code, message=message), seq=seq)
 
@@ -642,12 +644,14 @@ class JobRunner:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
         back = await self.lifecycle.requeue(
-            job, "worker_shutdown", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
+            job,
+            "worker_shutdown",
+            lambda: self.db.runs.hand_back(job.id, job.attempt, last_seq=active.last_seq),
         )
         if back is None:
             # A cancel is pending, or the job moved on (its write is fenced), or Postgres never
             # answered: then the lease runs out and the recovery pass takes it back.
-            current = await self._write("read back", lambda: self.db.get_job(job.id))
+            current = await self._write("read back", lambda: self.db.jobs.get(job.id))
             if current is not None and current.attempt == job.attempt and current.cancel_requested:
                 await self._cancel(active)
             return
@@ -658,7 +662,7 @@ class JobRunner:
         job = active.job
 
         async def write(seq: int) -> Job | None:
-            return await self.db.cancel_running(job.id, job.attempt, step=active.step, seq=seq)
+            return await self.db.runs.cancel(job.id, job.attempt, step=active.step, seq=seq)
 
         await self._finish(active, Status.CANCELED, write, Canceled())
 
