@@ -76,24 +76,24 @@ async def postgres_figures(database_url: str, concurrency: int, seconds: float) 
     db = await Database.connect(database_url, max_size=concurrency)
 
     async def submit() -> Any:
-        insertion = await db.insert_job(
+        insertion = await db.jobs.insert(
             owner="bench", params=PARAMS, preview=None, queue="q", model_name="tiny", version="bench",
             queue_ttl_s=3600,
         )  # fmt: skip
         return insertion.job
 
     async def submit_together() -> None:
-        await db.insert_jobs(
+        await db.jobs.insert_many(
             [NewJob("bench", PARAMS, "tiny")] * TOGETHER, queue="q", version="bench", queue_ttl_s=3600
         )
 
     async def lifecycle() -> None:
         job = await submit()
         claimed = (
-            await db.claim([job.id], worker="bench", lease_s=30, model_revision="r", token=uuid.uuid4())
+            await db.runs.claim([job.id], worker="bench", lease_s=30, model_revision="r", token=uuid.uuid4())
         )[job.id]
-        await db.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
-        await db.complete([Completion(job.id, claimed.attempt, "bench", {"images": []}, 22, 0.1, 1)])
+        await db.runs.heartbeat(job.id, claimed.attempt, lease_s=30, step=10, last_seq=12)
+        await db.runs.complete([Completion(job.id, claimed.attempt, "bench", {"images": []}, 22, 0.1, 1)])
 
     try:
         # A submit reads the admission counts and the queue position (kept in

@@ -197,7 +197,9 @@ class Dispatcher:
         unknown = [waiting for waiting in self._waiting if waiting.params is None]
         if not unknown:
             return
-        found = await self._write("read params", lambda: self.db.pending_params([w.job_id for w in unknown]))
+        found = await self._write(
+            "read params", lambda: self.db.jobs.pending_params([w.job_id for w in unknown])
+        )
         for waiting in unknown:
             if waiting.job_id in found:
                 waiting.params = JobParams.from_json(found[waiting.job_id])
@@ -212,7 +214,7 @@ class Dispatcher:
         try:
             jobs = await self._write(
                 "claim",
-                lambda: self.db.claim(
+                lambda: self.db.runs.claim(
                     [waiting.job_id for waiting in batch],
                     worker=self.worker_id,
                     lease_s=self.settings.lease_s,
@@ -251,7 +253,7 @@ class Dispatcher:
         return actives
 
     async def _hand_back_unstarted(self, job: Job) -> None:
-        hand_back = functools.partial(self.db.hand_back, job.id, job.attempt, last_seq=job.last_seq)
+        hand_back = functools.partial(self.db.runs.hand_back, job.id, job.attempt, last_seq=job.last_seq)
         try:
             await self._write("hand back", hand_back)
         except Exception:  # its lease runs out, and the recovery pass queues it again

@@ -200,7 +200,7 @@ class Execution:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
-                cancel = await self.db.heartbeat(
+                cancel = await self.db.runs.heartbeat(
                     job.id,
                     job.attempt,
                     lease_s=self.settings.lease_s,
@@ -259,13 +259,13 @@ class Execution:
         await self._finish(active, Status.COMPLETED, write, event, seq=await seq)
 
     async def _record(self, completions: list[Completion]) -> list[Job | BaseException | None]:
-        return [*await self.db.complete(completions)]
+        return [*await self.db.runs.complete(completions)]
 
     async def _fail(self, active: Claimed, code: str, message: str, *, seq: int | None = None) -> None:
         job = active.job
 
         async def write(seq: int) -> Job | None:
-            return await self.db.fail(job.id, job.attempt, code=code, message=message, seq=seq)
+            return await self.db.runs.fail(job.id, job.attempt, code=code, message=message, seq=seq)
 
         await self._finish(active, Status.FAILED, write, Failed(code=code, message=message), seq=seq)
 
@@ -273,12 +273,14 @@ class Execution:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
         back = await self.lifecycle.requeue(
-            job, "worker_shutdown", lambda: self.db.hand_back(job.id, job.attempt, last_seq=active.last_seq)
+            job,
+            "worker_shutdown",
+            lambda: self.db.runs.hand_back(job.id, job.attempt, last_seq=active.last_seq),
         )
         if back is None:
             # A cancel is pending, or the job moved on (its write is fenced), or Postgres never
             # answered: then the lease runs out and the recovery pass takes it back.
-            read_back = functools.partial(self.db.get_job, job.id)
+            read_back = functools.partial(self.db.jobs.get, job.id)
             current = await retrying(read_back, what="read back", deadline_s=self.settings.db_retry_s)
             if current is not None and current.attempt == job.attempt and current.cancel_requested:
                 await self._cancel(active)
@@ -290,7 +292,7 @@ class Execution:
         job = active.job
 
         async def write(seq: int) -> Job | None:
-            return await self.db.cancel_running(job.id, job.attempt, step=active.step, seq=seq)
+            return await self.db.runs.cancel(job.id, job.attempt, step=active.step, seq=seq)
 
         await self._finish(active, Status.CANCELED, write, Canceled())
 

@@ -44,7 +44,7 @@ async def owner_of(connection: HTTPConnection) -> str:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized(f"the Authorization header must be 'Bearer <api key>'; {HOW_TO}")
         key_hash = credentials.hash_key(token.strip())
-        owner = await services.db.owner_of_key(key_hash)
+        owner = await services.db.owners.of_key(key_hash)
         if owner is None:
             raise Unauthorized("this API key is unknown or revoked")
         state.key_hash = key_hash

@@ -209,7 +209,7 @@ class Feed:
             return
         await self.hub.add(owner_channel(self.owner), self)
         self.mine = True
-        for job in await self.services.db.jobs_to_show(self.owner, recent=recent):
+        for job in await self.services.db.jobs.to_show(self.owner, recent=recent):
             key = str(job.id)
             if key not in self._watches:
                 watch = _Watch(last_seq=0)

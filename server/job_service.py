@@ -68,7 +68,7 @@ class JobService:
         are limited per address too.
         """
         if idempotency_key is not None:
-            earlier = await self.db.job_by_idempotency_key(owner, idempotency_key)
+            earlier = await self.db.jobs.by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return self._replay(earlier, submission), False
         anonymous = credentials.is_anonymous(owner)
@@ -120,7 +120,7 @@ class JobService:
 
     async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
         settings = self.settings
-        return await self.db.insert_jobs(
+        return await self.db.jobs.insert_many(
             jobs,
             queue=settings.queue_name,
             version=__version__,
@@ -163,7 +163,7 @@ class JobService:
         )
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
-        job = await self.db.get_job(job_id, owner)
+        job = await self.db.jobs.get(job_id, owner)
         if job is None:
             raise NotFound(f"no job {job_id}")
         return job
@@ -177,7 +177,7 @@ class JobService:
                 job,
                 Status.CANCELED,
                 Speaker.waiting(job),
-                lambda seq: self.db.finish_pending(job.id, status=Status.CANCELED, seq=seq),
+                lambda seq: self.db.jobs.finish_pending(job.id, status=Status.CANCELED, seq=seq),
                 Canceled(),
             )
             if canceled is not None:
@@ -187,7 +187,7 @@ class JobService:
             if job.status is Status.PENDING:  # Postgres did not answer the write
                 raise Unavailable("the cancel could not be recorded just now; send it again")
         if job.status is Status.PROCESSING:
-            requested = await self.db.request_cancel(job.id)
+            requested = await self.db.jobs.request_cancel(job.id)
             if requested is not None:
                 # The worker hears at once; without Redis its next heartbeat reads the flag.
                 with contextlib.suppress(RedisError):
@@ -202,5 +202,5 @@ class JobService:
     async def render(self, job: Job) -> dict[str, Any]:
         position = None
         if job.status is Status.PENDING:
-            position = await self.db.queue_position(job)
+            position = await self.db.counts.position(job)
         return await to_wire(job, self.storage.url, queue_position=position)

@@ -65,7 +65,7 @@ class ServerMetrics:
         async with self._reading:
             if self._read_at is not None and time.monotonic() - self._read_at < max_age_s:
                 return
-            counts = await db.kept_counts()
+            counts = await db.counts.kept()
             for status, n in counts.by_status.items():
                 self.jobs.labels(status).set(n)
             for queue, depth in counts.pending_by_queue.items():

@@ -61,7 +61,7 @@ class EtaEstimator:
 
     async def _read(self, key: tuple[str, int, int]) -> Pace:
         try:
-            return await self.db.pace(*key)
+            return await self.db.counts.pace(*key)
         except Exception as exc:  # an ETA is a nicety: a job is placed without one
             logger.warning("could not read the queue's pace: %s", exc)
             return UNKNOWN_PACE
@@ -103,7 +103,7 @@ class QueueAnnouncer:
     async def tick(self) -> None:
         db, lifecycle, estimator = self.db, self.lifecycle, self.eta
         self._turn += 1
-        for job, position in await db.positions_due(self._turn, BANDS):
+        for job, position in await db.counts.positions_due(self._turn, BANDS):
             told = self._announced.get(job.id)
             if told is None or told[0] != position:
                 queued = Queued(position=position, eta_s=await estimator.eta_s(job, position))

@@ -171,7 +171,7 @@ async def list_jobs(request: Request) -> Response:
             limit = asked
     if errors:
         raise InvalidParams.from_errors(errors)
-    page = await services.db.list_jobs(
+    page = await services.db.jobs.page(
         await owner_of(request), status=status, limit=limit, cursor=query.get("cursor")
     )
     items = [await services.jobs.render(job) for job in page.jobs]
@@ -190,7 +190,7 @@ async def get_image(request: Request) -> Response:
     key: str = request.path_params["key"]
     job_id = key.split("/", 1)[0]
     try:
-        job = await services.db.get_job(uuid.UUID(job_id), await owner_of(request))
+        job = await services.db.jobs.get(uuid.UUID(job_id), await owner_of(request))
     except ValueError:
         job = None
     if job is None or key not in job.image_keys:
@@ -209,7 +209,7 @@ async def me(request: Request) -> Response:
     """Who the server takes the caller for."""
     services = _services(request)
     owner = await owner_of(request)
-    secret = await services.db.webhook_secret(owner, webhooks.new_secret())
+    secret = await services.db.owners.webhook_secret(owner, webhooks.new_secret())
     return JSONResponse({"owner": owner, "auth": services.settings.auth, "webhook_secret": secret})
 
 

@@ -33,7 +33,7 @@ class Revocations:
         """Tell the streams of every watched key that is no longer active."""
         if not self._streams:
             return
-        active = await self.db.active_keys(list(self._streams))
+        active = await self.db.owners.active_keys(list(self._streams))
         for key_hash in set(self._streams) - active:
             logger.info("closing %d stream(s) of a revoked API key", len(self._streams[key_hash]))
             for revoked in list(self._streams[key_hash]):

@@ -177,7 +177,7 @@ class Lifecycle:
     async def _block(self, job_id: uuid.UUID, speaker: Speaker) -> Block | None:
         fence = speaker.attempt if speaker.worker else None
         hi = await self._retrying(
-            "reserve seqs", lambda: self.db.reserve_seqs(job_id, SEQ_BLOCK, attempt=fence)
+            "reserve seqs", lambda: self.db.seqs.reserve(job_id, SEQ_BLOCK, attempt=fence)
         )
         return None if hi is None else Block.ending_at(hi, SEQ_BLOCK)
 
@@ -205,7 +205,7 @@ class Lifecycle:
         if done is None:
             # The write (or a retry of it) may have committed with its reply lost: the seq
             # is ours alone, so a row that has it is our write.
-            current = await self._retrying("read back", lambda: self.db.get_job(job.id))
+            current = await self._retrying("read back", lambda: self.db.jobs.get(job.id))
             if current is None or current.last_seq != reserved or current.status is not status:
                 logger.warning("%s not recorded: the job moved on", status.value, extra=log)
                 return None
@@ -229,7 +229,7 @@ class Lifecycle:
         later = await self.reserve(job.id, Speaker(speaker.attempt))
         if later is None:
             return None
-        moved = await self._retrying("restamp", lambda: self.db.restamp(job.id, seq, later))
+        moved = await self._retrying("restamp", lambda: self.db.seqs.restamp(job.id, seq, later))
         return later if moved else None
 
     async def requeue(self, job: Job, reason: str, write: Callable[[], Awaitable[Job | None]]) -> Job | None:
@@ -237,7 +237,7 @@ class Lifecycle:
         the events of the attempt that let it go."""
         done = await self._written("requeue", write)
         if done is None:  # its reply may have been lost: is the job back in the queue, as we left it?
-            current = await self._retrying("read back", lambda: self.db.get_job(job.id))
+            current = await self._retrying("read back", lambda: self.db.jobs.get(job.id))
             if current is not None and (current.status, current.attempt) == (Status.PENDING, job.attempt):
                 done = current
         if done is not None:

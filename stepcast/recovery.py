@@ -68,9 +68,9 @@ class Recovery:
         async with self.db.singleton("recovery") as held:
             if not held:
                 return False
-            for job in await self.db.expired_leases():
+            for job in await self.db.recovery.expired_leases():
                 await self._expired(job)
-            for job in await self.db.expired_in_queue():
+            for job in await self.db.recovery.expired_in_queue():
                 await self._expired_in_queue(job)
             waiting = await self._pending_to_check()
             queued = await queue.held(self.arq, waiting)
@@ -91,12 +91,12 @@ class Recovery:
     async def _pending_to_check(self) -> list[Job]:
         """The head of the queue (the next to run) and the next page of the sweep after it."""
         grace_s = self.enqueue_grace_s
-        head = await self.db.pending_after(grace_s, None, limit=self.HEAD_ROWS)
+        head = await self.db.recovery.pending_after(grace_s, None, limit=self.HEAD_ROWS)
         if len(head) < self.HEAD_ROWS:  # the head is the whole queue
             self._swept_to = None
             return head
         start = self._swept_to or (head[-1].created_at, head[-1].id)
-        page = await self.db.pending_after(grace_s, start, limit=self.SWEEP_ROWS)
+        page = await self.db.recovery.pending_after(grace_s, start, limit=self.SWEEP_ROWS)
         self._swept_to = (page[-1].created_at, page[-1].id) if len(page) == self.SWEEP_ROWS else None
         return head + page
 
@@ -108,7 +108,7 @@ class Recovery:
             message = f"the worker stopped responding on each of {lost} attempts (the most allowed)"
             await self._finish(job, Status.FAILED, Failed(code="worker_lost", message=message))
         elif await self.lifecycle.requeue(
-            job, "lease_expired", lambda: self.db.requeue_expired(job.id, job.attempt)
+            job, "lease_expired", lambda: self.db.recovery.requeue_expired(job.id, job.attempt)
         ):
             logger.warning("lease expired; job goes back to the queue", extra=log)
             # The dead run's arq keys would make arq refuse (or delay) the same id.
@@ -123,7 +123,7 @@ class Recovery:
             job,
             Status.FAILED,
             Speaker.waiting(job),
-            lambda seq: self.db.finish_pending(
+            lambda seq: self.db.jobs.finish_pending(
                 job.id, status=Status.FAILED, seq=seq, code="expired", message=message
             ),
             Failed(code="expired", message=message),
@@ -139,7 +139,7 @@ class Recovery:
             job,
             status,
             Speaker.waiting(job),
-            lambda seq: self.db.finish_expired(
+            lambda seq: self.db.recovery.finish_expired(
                 job.id, job.attempt, status=status, seq=seq, code=code, message=message
             ),
             event,

@@ -80,9 +80,13 @@ class Retention:
                 return None
             pruned = Pruned(
                 images=await self._expire_images() if self.retention_s else 0,
-                jobs=await self._batches(self.db.delete_finished_jobs, self.job_retention_s),
-                deliveries=await self._batches(self.db.delete_finished_deliveries, self.webhook_retention_s),
-                secrets=await self._batches(self.db.delete_unused_anonymous_secrets, self.session_s),
+                jobs=await self._batches(self.db.retention.delete_finished_jobs, self.job_retention_s),
+                deliveries=await self._batches(
+                    self.db.retention.delete_finished_deliveries, self.webhook_retention_s
+                ),
+                secrets=await self._batches(
+                    self.db.retention.delete_unused_anonymous_secrets, self.session_s
+                ),
             )
             if pruned != Pruned():
                 logger.info(
@@ -95,14 +99,14 @@ class Retention:
         expired = 0
         while expired < self.pass_rows:
             limit = min(self.batch_rows, self.pass_rows - expired)
-            jobs = await self.db.images_to_expire(self.retention_s, limit=limit)
+            jobs = await self.db.retention.images_to_expire(self.retention_s, limit=limit)
             if not jobs:
                 break
             for job in jobs:
                 for key in job.image_keys:
                     await self.storage.delete(key)
                 # Only once every image is gone: a failed delete is tried again next pass.
-                await self.db.mark_images_expired(job.id)
+                await self.db.retention.mark_images_expired(job.id)
                 expired += 1
         return expired
 

@@ -114,7 +114,7 @@ class WebhookSender:
         free = self.settings.webhook_max_concurrent - len(self._in_flight)
         if free <= 0:
             return 0
-        due = await self.db.due_deliveries(
+        due = await self.db.deliveries.due(
             lease_s=self.settings.webhook_timeout_s + 30,
             limit=free,
             max_attempts=len(self.settings.webhook_backoff_s) + 1,
@@ -139,7 +139,7 @@ class WebhookSender:
 
     async def _deliver(self, delivery: Any) -> None:
         log = {"job_id": str(delivery["job_id"]), "webhook_id": str(delivery["id"])}
-        job = await self.db.get_job(delivery["job_id"])
+        job = await self.db.jobs.get(delivery["job_id"])
         if job is None:
             await self._record(delivery, "failed", None, "the job no longer exists")
             return
@@ -150,7 +150,7 @@ class WebhookSender:
         }
         body = json.dumps(payload, separators=(",", ":"))
         msg_id, sent_at = str(delivery["id"]), int(time.time())
-        secret = await self.db.webhook_secret(delivery["owner"], new_secret())
+        secret = await self.db.owners.webhook_secret(delivery["owner"], new_secret())
         headers = {
             "content-type": "application/json",
             "accept-encoding": "identity",
@@ -226,7 +226,7 @@ class WebhookSender:
                 status, retry_in_s = "pending", backoff[attempt - 1] * random.uniform(0.8, 1.2)
             else:
                 status, error = "failed", f"{error}; gave up after {attempt} attempts"
-        recorded = await self.db.record_delivery(
+        recorded = await self.db.deliveries.record(
             delivery["id"], attempt=attempt, status=status, retry_in_s=retry_in_s, http_status=http_status,
             error=error,
         )  # fmt: skip

@@ -101,11 +101,14 @@ REVERTED: frozenset[str] = frozenset()
 
 
 class SimDatabase:
+    """Database and the stores the model touches, in one: each store's methods here, under its name."""
+
     def __init__(self, world: World, job: Job) -> None:
         self.world = world
         self.row = job
         self.lease_expired = False
         self.lose_reply = False
+        self.jobs = self.runs = self.seqs = self.recovery = self.counts = self
 
     async def _read(self, what: str) -> Job:
         await self.world.io(f"pg {what}")
@@ -119,17 +122,17 @@ class SimDatabase:
             raise asyncpg.PostgresConnectionError("the reply was lost")
         return row
 
-    async def get_job(self, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
+    async def get(self, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
         row = await self._read("get_job")
         return row if owner in (None, row.owner) else None
 
-    async def queue_position(self, job: Job) -> int:
+    async def position(self, job: Job) -> int:
         return 1
 
-    async def jobs_to_show(self, owner: str, *, recent: int) -> list[Job]:
+    async def to_show(self, owner: str, *, recent: int) -> list[Job]:
         return [await self._read("jobs_to_show")]
 
-    async def reserve_seqs(self, job_id: uuid.UUID, count: int, *, attempt: int | None = None) -> int | None:
+    async def reserve(self, job_id: uuid.UUID, count: int, *, attempt: int | None = None) -> int | None:
         row = await self._read("reserve_seqs")
         if attempt is not None and (row.attempt != attempt or row.status is not Status.PROCESSING):
             return None
@@ -510,7 +513,7 @@ class World:
         lifecycle = Lifecycle(self.db, self.events)  # type: ignore[arg-type]
         while self.positions_left:
             self.positions_left -= 1
-            row = await self.db.get_job(self.job_id)
+            row = await self.db.jobs.get(self.job_id)
             assert row is not None
             if row.status is Status.PENDING:
                 with contextlib.suppress(asyncpg.PostgresConnectionError):
@@ -527,7 +530,7 @@ class World:
         lifecycle = Lifecycle(self.db, self.events, db_retry_s=60)  # type: ignore[arg-type]
         token = uuid.uuid4()
         claimed = await stepcast.db.retrying(
-            lambda: self.db.claim([self.job_id], worker=name, token=token), what="claim", deadline_s=60
+            lambda: self.db.runs.claim([self.job_id], worker=name, token=token), what="claim", deadline_s=60
         )
         job = claimed.get(self.job_id)
         if job is None:
@@ -540,7 +543,7 @@ class World:
         for bunch in (steps[:1], steps[1:]):
             if bunch:
                 await lifecycle.emit_all(self.job_id, OWNER, bunch, speaker)
-        current = await self.db.get_job(self.job_id)  # its heartbeat: a cancel asked for?
+        current = await self.db.jobs.get(self.job_id)  # its heartbeat: a cancel asked for?
         canceled = current is not None and current.cancel_requested
         status = Status.CANCELED if canceled else Status.COMPLETED
         event: Terminal = Canceled() if canceled else Completed(images=[], timings=None)

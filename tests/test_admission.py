@@ -144,13 +144,13 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
 ) -> None:
     async with open_services(settings, ServerMetrics()) as services:
         statements = []
-        insert_jobs = services.jobs.db.insert_jobs
+        insert_jobs = services.db.jobs.insert_many
 
         async def counted(jobs: list[NewJob], **limits: Any) -> Any:
             statements.append([job.owner for job in jobs])
             return await insert_jobs(jobs, **limits)
 
-        monkeypatch.setattr(services.jobs.db, "insert_jobs", counted)
+        monkeypatch.setattr(services.db.jobs, "insert_many", counted)
         submission = parse_submission(FOX, None, settings)
         owners = ["ann", "bob", "cy"]
         submitted = await asyncio.gather(*(services.jobs.submit(owner, submission) for owner in owners))

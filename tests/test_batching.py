@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 from gpu_worker.batching import take_batch
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
 from stepcast import queue
-from stepcast.db import Completion, Database
+from stepcast.db import Completion
+from stepcast.db.runs import RunStore
 from stepcast.jobs import Job
 from stepcast.params import JobParams
 from stepcast.settings import Settings
@@ -81,13 +82,13 @@ async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_r
     stack: Stack, pipeline: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorded: list[set[str]] = []  # the jobs of each statement recording completions
-    record = Database.complete
+    record = RunStore.complete
 
-    async def recording(db: Database, completions: list[Completion]) -> list[Job | None]:
+    async def recording(runs: RunStore, completions: list[Completion]) -> list[Job | None]:
         recorded.append({str(completion.job_id) for completion in completions})
-        return await record(db, completions)
+        return await record(runs, completions)
 
-    monkeypatch.setattr(Database, "complete", recording)
+    monkeypatch.setattr(RunStore, "complete", recording)
     seeds = [11, 12, 13]
     jobs = await asyncio.gather(*(stack.submit(prompt=f"fox {s}", seed=s, steps=8) for s in seeds))
     other = await stack.submit(prompt="other steps", steps=6)
@@ -194,15 +195,15 @@ class SlowClaims:
     ) -> None:
         self.log: Log = []
         self._start = start
-        claim = Database.claim
+        claim = RunStore.claim
 
-        async def slow(db: Database, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
+        async def slow(runs: RunStore, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
             await asyncio.sleep(delay_s)
-            jobs = await claim(db, job_ids, **kwargs)
+            jobs = await claim(runs, job_ids, **kwargs)
             self.log.extend(("claimed", str(job_id)) for job_id in job_ids)
             return jobs
 
-        monkeypatch.setattr(Database, "claim", slow)
+        monkeypatch.setattr(RunStore, "claim", slow)
 
     async def start_worker(self) -> None:
         await self._start(self.log)
@@ -317,7 +318,7 @@ async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: St
     ids = []
     try:
         for seed in (4, 5):
-            insertion = await stack.db.insert_job(
+            insertion = await stack.db.jobs.insert(
                 owner="anonymous", params=params("no ticket", seed=seed).to_json(),
                 preview={"every": 2, "max_px": 64}, queue=settings.queue_name, model_name="tiny",
                 version="test", queue_ttl_s=60,
@@ -399,15 +400,15 @@ async def test_a_cancel_while_the_claims_reply_is_on_its_way_stops_the_job_withi
 ) -> None:
     log: Log = []
     steps_when_returned: list[int] = []
-    claim = Database.claim
+    claim = RunStore.claim
 
-    async def slow_reply(db: Database, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
-        jobs = await claim(db, job_ids, **kwargs)
+    async def slow_reply(runs: RunStore, job_ids: Sequence[uuid.UUID], **kwargs: Any) -> dict[uuid.UUID, Job]:
+        jobs = await claim(runs, job_ids, **kwargs)
         await asyncio.sleep(1.0)  # committed: the job is processing, the worker does not know yet
         steps_when_returned.append(log.count(("step", "cancel me")))
         return jobs
 
-    monkeypatch.setattr(Database, "claim", slow_reply)
+    monkeypatch.setattr(RunStore, "claim", slow_reply)
     await run_worker(settings, with_pipeline=StepNoting(pipeline, log))
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
         job_id = (await client.post("/v1/jobs", json={**LONG_JOB, "prompt": "cancel me"})).json()["id"]

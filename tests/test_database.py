@@ -33,7 +33,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 async def insert(db: Database, owner: str = "ann", queue: str = "q", **limits: Any) -> Any:
-    return await db.insert_job(
+    return await db.jobs.insert(
         owner=owner, params=PARAMS, preview=None, queue=queue, model_name="tiny", version="test",
         queue_ttl_s=0, **limits,
     )  # fmt: skip
@@ -74,7 +74,7 @@ async def test_a_submit_is_admitted_inserted_and_placed_at_once(db: Database) ->
 
 
 async def insert_all(db: Database, jobs: list[NewJob], **limits: Any) -> list[Any]:
-    return await db.insert_jobs(jobs, queue="q", version="test", queue_ttl_s=0, **limits)
+    return await db.jobs.insert_many(jobs, queue="q", version="test", queue_ttl_s=0, **limits)
 
 
 def new(owner: str, **fields: Any) -> NewJob:
@@ -95,7 +95,7 @@ async def test_submits_inserted_together_are_admitted_and_placed_in_order(db: Da
     assert cy_over.job is None and (cy_over.pending, cy_over.unfinished) == (5, 0)  # the queue is full
     assert await kept(db) == await counted(db) == ({"q": 5}, {"dee": 1, "ann": 3, "bob": 1})
     # The places read back agree with the order of the list.
-    assert (await db.queue_position(ann.job), await db.queue_position(bob.job)) == (4, 5)
+    assert (await db.counts.position(ann.job), await db.counts.position(bob.job)) == (4, 5)
 
 
 async def test_a_job_postgres_refuses_fails_alone_in_its_batch(db: Database) -> None:
@@ -125,7 +125,7 @@ async def test_a_failed_look_up_of_a_keys_earlier_job_fails_that_job_alone(
     async def unreachable(owner: str, key: str) -> None:
         raise ConnectionResetError("the database went away")
 
-    monkeypatch.setattr(db, "job_by_idempotency_key", unreachable)
+    monkeypatch.setattr(db.jobs, "by_idempotency_key", unreachable)
     first, again, other = await insert_all(
         db, [new("ann"), new("ann", idempotency_key="k", request_hash="h"), new("bob")]
     )
@@ -134,7 +134,7 @@ async def test_a_failed_look_up_of_a_keys_earlier_job_fails_that_job_alone(
 
 
 async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Database) -> None:
-    assert await db.pace("q", 64, 64) == Pace(per_step_s=None, workers=1)  # nothing measured yet
+    assert await db.counts.pace("q", 64, 64) == Pace(per_step_s=None, workers=1)  # nothing measured yet
     done, running, other_size = await insert(db), await insert(db), await insert(db)
     await db.pool.execute(
         "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 4.0, finished_at = now() WHERE id = $1",
@@ -148,24 +148,24 @@ async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Dat
         " params = params || '{\"width\": 512}' WHERE id = $1",
         other_size.job.id,
     )
-    pace = await db.pace("q", 64, 64)
+    pace = await db.counts.pace("q", 64, 64)
     assert pace.per_step_s == pytest.approx(4.0 / 20) and pace.workers == 2  # w1 lately, w2 now
     assert pace.drain_s(3, steps=20) == pytest.approx(3 * 4.0 / 2)
-    assert (await db.pace("q", 512, 64)).per_step_s == pytest.approx(90.0 / 20)
-    assert await db.pace("elsewhere", 64, 64) == Pace(per_step_s=None, workers=1)
+    assert (await db.counts.pace("q", 512, 64)).per_step_s == pytest.approx(90.0 / 20)
+    assert await db.counts.pace("elsewhere", 64, 64) == Pace(per_step_s=None, workers=1)
 
 
 async def test_a_pace_is_read_once_per_interval_for_everyone_who_asks(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[tuple[str, int, int]] = []
-    read = db.pace
+    read = db.counts.pace
 
     async def counted_read(queue: str, width: int, height: int) -> Pace:
         reads.append((queue, width, height))
         return await read(queue, width, height)
 
-    monkeypatch.setattr(db, "pace", counted_read)
+    monkeypatch.setattr(db.counts, "pace", counted_read)
     eta = EtaEstimator(db, max_age_s=3600)
     job = (await insert(db)).job
     assert await eta.eta_s(job, 3) is None  # nothing measured yet
@@ -186,7 +186,7 @@ async def test_an_unreadable_pace_gives_no_eta(db: Database, monkeypatch: pytest
     async def unreachable(queue: str, width: int, height: int) -> Pace:
         raise ConnectionRefusedError("Postgres is restarting")
 
-    monkeypatch.setattr(db, "pace", unreachable)
+    monkeypatch.setattr(db.counts, "pace", unreachable)
     eta = EtaEstimator(db, max_age_s=3600)
     assert await eta.pace("q", 64, 64) == UNKNOWN_PACE
     assert UNKNOWN_PACE.drain_s(5, steps=20) is None
@@ -248,7 +248,7 @@ async def test_a_close_does_not_wait_for_ever_on_a_connection_in_use(
 
 async def test_a_batch_completes_in_one_call_each_job_fenced_by_its_attempt(db: Database) -> None:
     jobs = [(await insert(db, owner)).job for owner in ("ann", "bob", "ann")]
-    claimed = await db.claim(
+    claimed = await db.runs.claim(
         [job.id for job in jobs], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
     )
     completions = [
@@ -256,8 +256,8 @@ async def test_a_batch_completes_in_one_call_each_job_fenced_by_its_attempt(db: 
         for n, job in enumerate(jobs)
     ]
     stale = replace(completions[1], attempt=completions[1].attempt + 1)  # another attempt's
-    first, fenced, third = await db.complete([completions[0], stale, completions[2]])
-    assert fenced is None and (await db.get_job(jobs[1].id)).status is Status.PROCESSING
+    first, fenced, third = await db.runs.complete([completions[0], stale, completions[2]])
+    assert fenced is None and (await db.jobs.get(jobs[1].id)).status is Status.PROCESSING
     assert first is not None and third is not None
     assert (first.id, first.status, first.result, first.last_seq) == (
         jobs[0].id, Status.COMPLETED, {"images": [{"n": 0}]}, 5,
@@ -272,16 +272,16 @@ async def test_admission_counts_follow_every_change_of_a_job(db: Database) -> No
     placed = [("ann", "q"), ("ann", "q"), ("bob", "q"), ("bob", "r"), ("cy", "r")]
     jobs = [(await insert(db, owner, queue)).job for owner, queue in placed]
     assert await kept(db) == ({"q": 3, "r": 2}, {"ann": 2, "bob": 2, "cy": 1})
-    claimed = await db.claim(
+    claimed = await db.runs.claim(
         [jobs[0].id, jobs[3].id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
     )
     assert await kept(db) == ({"q": 2, "r": 1}, {"ann": 2, "bob": 2, "cy": 1})  # running is unfinished
     first, other = claimed[jobs[0].id], claimed[jobs[3].id]
-    await db.complete([Completion(first.id, first.attempt, "ann", {"images": []}, seq=3)])
+    await db.runs.complete([Completion(first.id, first.attempt, "ann", {"images": []}, seq=3)])
     assert await kept(db) == ({"q": 2, "r": 1}, {"ann": 1, "bob": 2, "cy": 1})
-    assert await db.hand_back(other.id, other.attempt, last_seq=2) is not None  # back in the queue
+    assert await db.runs.hand_back(other.id, other.attempt, last_seq=2) is not None  # back in the queue
     assert await kept(db) == ({"q": 2, "r": 2}, {"ann": 1, "bob": 2, "cy": 1})
-    await db.finish_pending(jobs[1].id, status=Status.CANCELED, seq=2)
+    await db.jobs.finish_pending(jobs[1].id, status=Status.CANCELED, seq=2)
     await db.pool.execute("DELETE FROM jobs WHERE id = $1", jobs[4].id)
     await db.pool.execute("UPDATE jobs SET queue = 'r', owner = 'dee' WHERE id = $1", jobs[2].id)  # moved
     assert await kept(db) == await counted(db) == ({"r": 2}, {"bob": 1, "dee": 1})
@@ -300,13 +300,13 @@ async def test_admission_counts_hold_under_concurrent_writers_and_are_counted_af
         batches = [ids[i : i + 4] for i in range(0, 40, 4)]
         await asyncio.gather(
             *(
-                db.claim(batch, worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
+                db.runs.claim(batch, worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
                 for batch in batches
             ),
             *(insert(db, "o9", "q1") for _ in range(20)),
         )
         done = [Completion(i, 1, f"o{n % 3}", {"images": []}, seq=3) for n, i in enumerate(ids[:20])]
-        await asyncio.gather(*(db.complete(done[n : n + 4]) for n in range(0, 20, 4)))  # owners mixed
+        await asyncio.gather(*(db.runs.complete(done[n : n + 4]) for n in range(0, 20, 4)))  # owners mixed
         assert await kept(db) == await counted(db)
         pending, unfinished = await kept(db)
         assert sum(pending.values()) == 60 - 40 + 20 and sum(unfinished.values()) == 60 - 20 + 20
@@ -322,44 +322,44 @@ async def test_admission_counts_hold_under_concurrent_writers_and_are_counted_af
 async def test_a_retried_claim_finds_the_jobs_its_lost_reply_started(db: Database) -> None:
     job = (await insert(db)).job
     token = uuid.uuid4()
-    first = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
-    again = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
+    first = await db.runs.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
+    again = await db.runs.claim([job.id], worker="w", lease_s=30, model_revision="r", token=token)
     assert first[job.id].attempt == again[job.id].attempt == 1  # the same claim, not a second one
-    assert await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()) == {}
+    assert await db.runs.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()) == {}
 
 
 async def test_seq_blocks_go_only_up_and_a_stale_worker_gets_none(db: Database) -> None:
     job = (await insert(db)).job
     assert job.seq_ceiling == 1024  # a new job owns 1..1024
-    assert await db.reserve_seqs(job.id, 1024) == 2048
-    assert await db.reserve_seqs(job.id, 1024, attempt=1) is None  # not running: no worker's block
-    claimed = await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
-    assert await db.reserve_seqs(job.id, 1024, attempt=claimed[job.id].attempt) == 3072
+    assert await db.seqs.reserve(job.id, 1024) == 2048
+    assert await db.seqs.reserve(job.id, 1024, attempt=1) is None  # not running: no worker's block
+    claimed = await db.runs.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4())
+    assert await db.seqs.reserve(job.id, 1024, attempt=claimed[job.id].attempt) == 3072
     # A row from before seq blocks: its first block skips what the old counter may have handed out.
     await db.pool.execute("UPDATE jobs SET seq_ceiling = 0, last_seq = 30 WHERE id = $1", job.id)
-    assert await db.reserve_seqs(job.id, 1024) == 30 + 2 * 1024
+    assert await db.seqs.reserve(job.id, 1024) == 30 + 2 * 1024
 
 
 async def test_a_lease_that_ran_out_with_a_cancel_asked_is_never_requeued(db: Database) -> None:
     job = (await insert(db)).job
-    claimed = (await db.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()))[
+    claimed = (await db.runs.claim([job.id], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()))[
         job.id
     ]
     await db.pool.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $1", job.id)
-    assert await db.request_cancel(job.id) is not None  # between recovery's read and its requeue
-    assert await db.requeue_expired(job.id, claimed.attempt) is None
-    done = await db.finish_expired(job.id, claimed.attempt, status=Status.CANCELED, seq=9)
+    assert await db.jobs.request_cancel(job.id) is not None  # between recovery's read and its requeue
+    assert await db.recovery.requeue_expired(job.id, claimed.attempt) is None
+    done = await db.recovery.finish_expired(job.id, claimed.attempt, status=Status.CANCELED, seq=9)
     assert done is not None and (done.status, done.last_seq) == (Status.CANCELED, 9)
 
 
 async def test_a_terminal_event_is_restamped_only_from_the_seq_it_had(db: Database) -> None:
     job = (await insert(db)).job
-    done = await db.finish_pending(job.id, status=Status.CANCELED, seq=3)
+    done = await db.jobs.finish_pending(job.id, status=Status.CANCELED, seq=3)
     assert done is not None
-    assert await db.restamp(job.id, 3, 8)
-    assert not await db.restamp(job.id, 3, 9)  # fenced by the seq it replaces
-    assert not await db.restamp(job.id, 8, 5)  # and only forward
-    assert (await db.get_job(job.id)).last_seq == 8  # type: ignore[union-attr]
+    assert await db.seqs.restamp(job.id, 3, 8)
+    assert not await db.seqs.restamp(job.id, 3, 9)  # fenced by the seq it replaces
+    assert not await db.seqs.restamp(job.id, 8, 5)  # and only forward
+    assert (await db.jobs.get(job.id)).last_seq == 8  # type: ignore[union-attr]
 
 
 async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a_period(db: Database) -> None:
@@ -368,7 +368,7 @@ async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a
     other = (await insert(db, queue="r")).job  # another queue counts its own places
     reads: dict[uuid.UUID, int] = {}
     for turn in range(1, 33):  # band 5's period
-        due = await db.positions_due(turn, BANDS)
+        due = await db.counts.positions_due(turn, BANDS)
         for job, position in due:
             assert position == (1 if job.id == other.id else order.index(job.id) + 1)
             reads[job.id] = reads.get(job.id, 0) + 1
@@ -383,7 +383,7 @@ async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a
     waiting = order[15:]
     seen = set()
     for turn in range(33, 65):
-        for job, position in await db.positions_due(turn, BANDS):
+        for job, position in await db.counts.positions_due(turn, BANDS):
             if job.id != other.id:
                 assert position == waiting.index(job.id) + 1
                 seen.add(job.id)

@@ -254,5 +254,5 @@ async def test_admin_commands_start_the_embedded_postgres_when_make_run_is_not_u
     port = free_port()
     settings = settings_module.load(database_url=f"postgresql://stepcast@127.0.0.1:{port}/stepcast")
     async with _database(settings, tmp_path) as db:
-        assert await db.api_keys() == []  # migrated: the table is there
+        assert await db.owners.api_keys() == []  # migrated: the table is there
     assert not port_in_use(port)  # stopped again after the command

@@ -611,7 +611,7 @@ async def test_keda_query_counts_pending_and_processing_jobs_of_the_queue(databa
         async def add(on_queue: str, status: str) -> None:
             params = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
                       "num_images": 1, "guidance_scale": 7.5, "model": "tiny"}  # fmt: skip
-            insertion = await db.insert_job(
+            insertion = await db.jobs.insert(
                 owner="k8s", params=params, preview=None, queue=on_queue, model_name="tiny",
                 version="test", queue_ttl_s=0,
             )  # fmt: skip

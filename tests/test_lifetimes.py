@@ -39,7 +39,7 @@ async def test_a_job_past_its_queue_ttl_never_starts_and_fails_expired(
     try:
         # A worker offered the job now refuses it: too late.
         assert (
-            await db.claim(
+            await db.runs.claim(
                 [uuid.UUID(job_id)], worker="w", lease_s=30, model_revision="r", token=uuid.uuid4()
             )
             == {}

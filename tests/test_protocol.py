@@ -43,7 +43,7 @@ def _counter_from_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before seq blocks: a lost counter started again above Postgres' last_seq."""
 
     async def block(self: Lifecycle, job_id: uuid.UUID, speaker: Speaker) -> Block:
-        row = await self.db.get_job(job_id)
+        row = await self.db.jobs.get(job_id)
         assert row is not None
         return Block(row.last_seq + 1, row.last_seq + SEQ_BLOCK)
 
@@ -87,7 +87,7 @@ def _seq_after_postgres_without_redis(monkeypatch: pytest.MonkeyPatch) -> None:
         try:
             await self.events.reserve(str(job_id), attempt=speaker.attempt)
         except RedisError:
-            row = await self.db.get_job(job_id)
+            row = await self.db.jobs.get(job_id)
             return None if row is None else row.last_seq + 1
         return await reserve(self, job_id, speaker)
 

@@ -153,7 +153,7 @@ async def test_a_migration_gives_way_to_a_long_read_instead_of_holding_up_submit
         migrating = asyncio.create_task(schema.migrate(patient_for(1), known=known))
         while not migrating.done():
             began = time.monotonic()
-            await db.insert_job(
+            await db.jobs.insert(
                 owner="ann", params=PARAMS, preview=None, queue="q", model_name="tiny", version="test",
                 queue_ttl_s=0,
             )  # fmt: skip

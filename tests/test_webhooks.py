@@ -515,7 +515,7 @@ async def test_an_attempt_counts_before_it_is_sent_so_dying_senders_do_not_loop(
                         "UPDATE webhook_deliveries SET next_attempt_at = now()"
                     )  # lease over
                 # The first sender's outcome, late, is not recorded over the second attempt.
-                assert not await db.record_delivery(
+                assert not await db.deliveries.record(
                     row["id"], attempt=1, status="delivered", retry_in_s=None, http_status=200, error=None
                 )
                 assert await WebhookSender(db, storage, settings).tick() == 1

@@ -103,7 +103,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         if args.keys == "create":
             key = credentials.new_key()
             owner = args.owner or credentials.new_owner("user")
-            key_id = await db.create_api_key(
+            key_id = await db.owners.create_api_key(
                 owner=owner,
                 name=args.name,
                 key_hash=credentials.hash_key(key),
@@ -116,11 +116,11 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 key_id = uuid.UUID(args.key_id)
             except ValueError:
                 sys.exit(f"stepcast: {args.key_id!r} is not a key id (see `stepcast keys list`)")
-            if not await db.revoke_api_key(key_id):
+            if not await db.owners.revoke_api_key(key_id):
                 sys.exit(f"stepcast: no active key {key_id}")
             print(f"revoked {key_id}")
         else:
-            for row in await db.api_keys():
+            for row in await db.owners.api_keys():
                 state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
                 print(f"{row['id']}  {row['prefix']}…  {row['owner']}  {row['name'] or '-'}  {state}")
     return 0
