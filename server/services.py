@@ -27,11 +27,12 @@ from stepcast import __version__, credentials, queue, schema
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
-from stepcast.events import CANCEL_CHANNEL, Canceled, EventLog, Queued
+from stepcast.events import Canceled, EventLog, Queued
 from stepcast.jobs import Job, Status, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
 from stepcast.recovery import Recovery
+from stepcast.redis_keys import CANCEL_CHANNEL
 from stepcast.retention import Retention
 from stepcast.round_trips import GatheredCommands, Gatherer
 from stepcast.settings import Settings

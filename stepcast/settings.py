@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
+from stepcast.redis_keys import DEFAULT_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".data"
@@ -46,7 +47,7 @@ class Settings(BaseSettings):
     migrate_timeout_s: float = Field(300.0, gt=0)
     schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
-    queue_name: str = "stepcast:queue"
+    queue_name: str = DEFAULT_QUEUE
 
     # Object storage: "local" keeps images under storage_dir and serves them at
     # /v1/images/…; "s3" talks to any S3-compatible endpoint and hands out

@@ -67,6 +67,7 @@ from stepcast.events import (
 from stepcast.jobs import Job, Status
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.recovery import Recovery
+from stepcast.redis_keys import ALL_JOB_CHANNELS
 
 OWNER = "owner"
 
@@ -764,7 +765,7 @@ Chooser = Callable[[list[Action], int], int]
 async def run_once(bounds: Bounds, monkeypatch: pytest.MonkeyPatch, choose: Chooser) -> list[str]:
     """One schedule: the chosen actions, then healing; raises :class:`Violation`. Its trace."""
     world = World(bounds, monkeypatch)
-    await world.tap.psubscribe("stepcast:job:*")
+    await world.tap.psubscribe(ALL_JOB_CHANNELS)
     trace: list[str] = []
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # faults on purpose: thousands of warnings, with tracebacks

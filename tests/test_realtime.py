@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection
 
 from server.feed import Outbox, Outgoing, SlowConsumer
 from server.positions import EVERY_CHANGE_UP_TO, period
+from stepcast.redis_keys import event_keys
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem, eventually
 from tests.test_auth import SESSION_SECRET, bearer, make_key
@@ -118,7 +119,7 @@ async def test_lost_stream_falls_back_to_a_snapshot(stack: Stack) -> None:
         seen = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 3)
     await asyncio.sleep(0.1)  # events the client has not seen pile up in the stream…
     redis = Redis.from_url(stack.settings.redis_url)
-    await redis.delete(f"stepcast:{{{job_id}}}:events")  # …and are lost: expired, capped or wiped
+    await redis.delete(event_keys(job_id)[1])  # …and are lost: expired, capped or wiped
     await redis.aclose()
     async with websockets.connect(ws_url(stack)) as ws:
         await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": seen[-1]["seq"]})

@@ -209,4 +209,3 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(settings.model_dir)
         print(build(model_dir) if args.force else ensure(model_dir))
     return 0
-
