@@ -35,12 +35,13 @@ from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.db import Completion, Database, NewJob
 from stepcast.events import Block, EventLog, Progress
+from stepcast.params import JobParams
 from stepcast.settings import Settings
 
-PARAMS = {
-    "prompt": "a red fox", "negative_prompt": None, "model": "tiny", "steps": 20, "width": 64, "height": 64,
-    "guidance_scale": 7.5, "seed": 1, "num_images": 1, "scheduler": None,
-}  # fmt: skip
+PARAMS = JobParams(
+    prompt="a red fox", negative_prompt=None, model="tiny", steps=20, width=64, height=64,
+    guidance_scale=7.5, seed=1, num_images=1, scheduler=None,
+)  # fmt: skip
 PROGRESS = Progress(step=7, total=20, eta_s=0.123)
 # A bench job has no row in Postgres: its counter gets one block big enough for any run.
 BLOCK = Block(1, 2**40)

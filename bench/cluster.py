@@ -34,6 +34,7 @@ import websockets
 
 from bench import stack
 from bench.soak import Stamps
+from stepcast.redis_keys import ALL_JOB_CHANNELS
 
 STEPS = 10
 STEP_S = 0.01
@@ -49,7 +50,7 @@ class PublishStamps(Stamps):
 
     async def run(self) -> None:
         pubsub = self.redis.pubsub()
-        await pubsub.psubscribe("stepcast:job:*")
+        await pubsub.psubscribe(ALL_JOB_CHANNELS)
         async for message in pubsub.listen():
             if message["type"] == "pmessage":
                 event = json.loads(message["data"])

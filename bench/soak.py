@@ -29,6 +29,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from bench import stack
+from stepcast.redis_keys import ALL_JOB_CHANNELS
 
 STEPS = 20
 STEP_S = 0.005  # 0.1 s of "GPU" per job
@@ -45,7 +46,7 @@ class Stamps:
 
     async def run(self) -> None:
         pubsub = self.redis.pubsub()
-        await pubsub.psubscribe("stepcast:job:*")
+        await pubsub.psubscribe(ALL_JOB_CHANNELS)
         async for message in pubsub.listen():
             if message["type"] != "pmessage":
                 continue

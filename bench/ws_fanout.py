@@ -26,6 +26,7 @@ import websockets
 from redis.asyncio import Redis
 
 from bench import stack
+from stepcast.redis_keys import ALL_JOB_CHANNELS
 
 
 def rss_kib(pid: int) -> int:
@@ -41,7 +42,7 @@ async def run_clients(url: str, redis_url: str, server_pid: int, clients: int, s
     kinds: dict[tuple[str, int], str] = {}
     redis = Redis.from_url(redis_url)
     reference = redis.pubsub()
-    await reference.psubscribe("stepcast:job:*")
+    await reference.psubscribe(ALL_JOB_CHANNELS)
 
     async def stamp_publishes() -> None:
         async for message in reference.listen():

@@ -202,7 +202,7 @@ class Dispatcher:
         )
         for waiting in unknown:
             if waiting.job_id in found:
-                waiting.params = JobParams.from_json(found[waiting.job_id])
+                waiting.params = found[waiting.job_id]
             elif waiting in self._waiting:  # finished, canceled or held elsewhere
                 self._waiting.remove(waiting)
                 if not waiting.claimed.done():

@@ -21,7 +21,6 @@ from gpu_worker.pipeline import Pipeline
 from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.lifecycle import Lifecycle
-from stepcast.params import JobParams
 from stepcast.queue import Ticket
 from stepcast.settings import WorkerSettings
 from stepcast.storage import Storage
@@ -106,11 +105,8 @@ class JobRunner:
         try:
             steps: Mailbox[Step] = Mailbox(asyncio.get_running_loop(), self.settings.progress_interval_s)
             waiting = self.dispatcher.wait_in_line(job_id, steps)
-            if ticket is not None:
-                try:
-                    waiting.params, waiting.preview = JobParams.from_json(ticket.params), ticket.preview
-                except (TypeError, ValueError) as exc:  # the claim reads the row instead
-                    logger.warning("unusable ticket: %s", exc, extra={"job_id": str(job_id)})
+            if ticket is not None:  # (one that could not be read is None: the claim reads the row)
+                waiting.params, waiting.preview = ticket.params, ticket.preview
             try:
                 active = await waiting.claimed
             except asyncio.CancelledError:  # arq gave up on it (shutdown): it never started

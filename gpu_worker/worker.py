@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -29,7 +28,6 @@ from typing import Any
 import uvloop
 from arq import func
 from arq.connections import RedisSettings
-from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from gpu_worker import allocator, devices, model_source
@@ -39,11 +37,13 @@ from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.runner import JobRunner, Released
 from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
+from stepcast.arq_bridge import ArqWorker, deserialize, serialize
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database
-from stepcast.events import CANCEL_CHANNEL, EventLog
-from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket, deserialize, serialize, wake_channel
+from stepcast.events import EventLog
+from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket
 from stepcast.recovery import Recovery
+from stepcast.redis_keys import CANCEL_CHANNEL, wake_channel
 from stepcast.retention import Retention
 from stepcast.settings import WorkerSettings
 from stepcast.storage import open_storage
@@ -54,26 +54,25 @@ logger = logging.getLogger(__name__)
 REDIS_DOWN_PAUSE_S = 1.0
 
 
-class GpuWorker(Worker):
+class GpuWorker(ArqWorker):
     """arq's worker, made to keep a GPU fed and to outlive a Redis restart."""
 
-    def __init__(self, *args: Any, idle_poll_s: float, lease_s: float, renew_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, idle_poll_s: float, renew_s: float, **kwargs: Any) -> None:
         self.signal_handlers: dict[int, Callable[[], None]] = {}  # for the main thread to forward
-        # arq's own poll loop does not pause; _poll_iteration waits for a wake-up instead.
+        # arq's own poll loop does not pause; poll_once waits for a wake-up instead.
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_s = idle_poll_s
-        self.in_progress_timeout_s = lease_s
         self.renew_s = renew_s
         self.runner: JobRunner | None = None
         self.consumer: Consumer | None = None  # set on startup, once the pool exists
         self._wake = asyncio.Event()
         self._letting_go: set[asyncio.Task[None]] = set()  # close waits for them before the pool
 
-    def _add_signal_handler(self, signum: Signals, handler: Callable[[Signals], None]) -> None:
+    def install_signal_handler(self, signum: Signals, handler: Callable[[Signals], None]) -> None:
         # Off the main thread (the pipeline has it) a loop cannot take signals:
         # the main thread forwards them (main_thread.forward_signals).
         if threading.current_thread() is threading.main_thread():
-            super()._add_signal_handler(signum, handler)
+            super().install_signal_handler(signum, handler)
         else:
             self.signal_handlers[signum] = functools.partial(handler, signum)
 
@@ -81,17 +80,13 @@ class GpuWorker(Worker):
         """Poll now (a submit's wake-up, a finished job, room in the runner)."""
         self._wake.set()
 
-    async def _poll_iteration(self) -> None:
+    async def poll_once(self) -> None:
         """arq's poll, but one round trip takes what the runner can use (:meth:`Consumer.take`)."""
         self._wake.clear()
         try:
-            if self.allow_pick_jobs:
+            if self.taking_jobs:
                 await self._take_jobs()
-            for job_id, task in list(self.tasks.items()):
-                if task.done():
-                    del self.tasks[job_id]
-                    task.result()  # as arq: an error in run_job ends the worker
-            await self.heart_beat()
+            await self.end_poll()
         except (RedisError, OSError) as exc:
             # arq would let this end the process. The running jobs go on (their
             # results go to Postgres); recovery enqueues what a wiped Redis forgot.
@@ -104,10 +99,11 @@ class GpuWorker(Worker):
     def _room(self) -> int:
         """How many more jobs to take: the runner's wants, less the jobs taken and not yet through
         the pipeline (arq's tasks not yet in the runner included), within arq's ``max_jobs``."""
-        room = self.max_jobs - self.job_counter
+        in_hand = self.jobs_in_hand
+        room = self.max_jobs - in_hand
         if self.runner is not None:
             runner = self.runner
-            room = min(room, runner.wants() - (self.job_counter - runner.entered() + runner.held()))
+            room = min(room, runner.wants() - (in_hand - runner.entered() + runner.held()))
         return room
 
     async def _take_jobs(self) -> None:
@@ -115,50 +111,44 @@ class GpuWorker(Worker):
         if room <= 0 or self.consumer is None:
             return
         for taken in await self.consumer.take(room):
-            await self.sem.acquire()  # free: room <= max_jobs - job_counter
-            self.job_counter += 1
-            task = self.loop.create_task(self.run_job(taken))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[taken.job_id] = task
+            await self.start_job_task(taken.job_id, self.run_taken(taken))
 
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+    def job_task_ended(self) -> None:
         self.wake()
 
     async def renew_holds(self) -> None:
-        """Keep arq's in-progress keys of the jobs this worker holds alive for one more lease."""
+        """Keep the holds (arq's in-progress keys) on the jobs this worker has alive for one more lease."""
         while True:
             await asyncio.sleep(self.renew_s)
-            if not self.tasks or self.consumer is None:
+            held = self.held_job_ids()
+            if not held or self.consumer is None:
                 continue
             try:
-                await self.consumer.renew(list(self.tasks))
+                await self.consumer.renew(held)
             except (RedisError, OSError) as exc:
                 logger.warning("could not renew the hold on queued jobs: %s", exc)
 
-    async def run_job(self, taken: Taken) -> None:  # type: ignore[override]
+    async def run_taken(self, taken: Taken) -> None:
         """arq's run_job, lean: the job is its id and ticket (Postgres has the rest, and
         counts the attempts), so arq's transaction that reads and counts it is not needed;
         the job leaves the queue with its batch-mates (:meth:`Consumer.done`), or stays in
         its place for the next worker when this one lets it go (shutdown)."""
         assert self.consumer is not None
-        function = self.functions[TASK_NAME]
         job_id = taken.job_id
         try:
-            async with asyncio.timeout(function.timeout_s):
-                await function.coroutine(self.ctx, job_id, ticket=taken.ticket)
+            await self.call_function(TASK_NAME, job_id, ticket=taken.ticket)
         except (Released, asyncio.CancelledError) as exc:
             # Shutting down: the runner never claimed it, or handed it back.
-            self.jobs_retried += 1
+            self.count("retried")
             await self._let_go(self.consumer.release, job_id)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         except Exception:
             logger.exception("job %s failed in the worker; Postgres decides what becomes of it", job_id)
-            self.jobs_failed += 1
+            self.count("failed")
         else:
-            self.jobs_complete += 1
+            self.count("complete")
         await self._let_go(self.consumer.done, job_id)
 
     async def _let_go(self, how: Callable[[str], Awaitable[None]], job_id: str) -> None:
@@ -178,33 +168,15 @@ class GpuWorker(Worker):
             # finished in Postgres and lets it go.
             logger.warning("could not let job %s go in the queue: %s", job_id, exc)
 
-    async def close(self) -> None:
-        """arq's close, except that a job task cancelled before its function started (arq was
-        still reading the job) does not end the close before the runner and pools are shut:
-        arq's gathers the tasks its handle_sig has just cancelled. The job stays queued; its
-        hold lapses within a lease and another worker takes it. The jobs being let go (a
-        cancelled task may leave its release in flight) are let go before the pool closes."""
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
-            return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+    async def before_pool_closes(self) -> None:
+        """A job task cancelled before its function started leaves its job queued; its hold
+        lapses within a lease and another worker takes it. The jobs being let go (a cancelled
+        task may leave its release in flight) are let go before the pool closes."""
         await asyncio.gather(*self._letting_go, return_exceptions=True)
-        await self.pool.delete(self.health_check_key)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose(close_connection_pool=True)
-        self._pool = None
 
-    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+    def stopping(self) -> None:
         if self.runner is not None:
             self.runner.release_waiting()
-        super().handle_sig_wait_for_completion(signum)
-
-    def handle_sig(self, signum: Signals) -> None:
-        if self.runner is not None:
-            self.runner.release_waiting()
-        super().handle_sig(signum)
 
 
 async def run_job(ctx: dict[str, Any], job_id: str, *, ticket: Ticket | None = None) -> None:
@@ -339,7 +311,6 @@ def create_worker(
         # leaves them queued for the next worker.
         job_completion_wait=math.ceil(settings.shutdown_grace_s),
         idle_poll_s=settings.poll_delay_s,
-        lease_s=settings.lease_s,
         renew_s=settings.heartbeat_s,
         handle_signals=handle_signals,
         log_results=False,

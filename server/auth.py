@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import limits, problems
 from stepcast import credentials
 from stepcast.errors import FieldError, Forbidden, RateLimited, Unauthorized
+from stepcast.redis_keys import owner_rate
 from stepcast.settings import ServerSettings
 
 SESSION_COOKIE = "stepcast_session"
@@ -90,7 +91,7 @@ def key_hash_of(connection: HTTPConnection) -> str | None:
 async def _count_request(services: Any, owner: str) -> None:
     """Per-owner request rate, one-second windows counted in Redis (all servers together)."""
     window = int(time.time())
-    key = f"stepcast:rate:{owner}:{window}"
+    key = owner_rate(owner, window)
     try:
         async with services.redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from server import frames
 from stepcast.background import cancel_and_wait
 from stepcast.errors import NotFound
-from stepcast.events import TERMINAL_TYPES, Stream, job_channel, owner_channel
+from stepcast.events import TERMINAL_TYPES, Stream
 from stepcast.jobs import Job, Status
+from stepcast.redis_keys import job_channel, owner_channel
 
 if TYPE_CHECKING:
     from server.services import Services

@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from stepcast.background import cancel_and_wait
+from stepcast.redis_keys import HUB_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-HUB_CHANNEL = "stepcast:hub"  # always subscribed, so the connection is never idle-empty
 RECONNECT_DELAY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 

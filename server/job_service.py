@@ -19,10 +19,11 @@ from server.positions import EtaEstimator
 from stepcast import __version__, credentials, queue
 from stepcast.db import Database, Insertion, NewJob, Pace
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
-from stepcast.events import CANCEL_CHANNEL, Canceled, Queued
+from stepcast.events import Canceled, Queued
 from stepcast.jobs import Job, Status, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
+from stepcast.redis_keys import CANCEL_CHANNEL
 from stepcast.round_trips import GatheredCommands, Gatherer
 from stepcast.settings import ServerSettings
 from stepcast.storage import Storage
@@ -75,17 +76,14 @@ class JobService:
         if anonymous:
             limit = self.settings.anonymous_submits_per_min_per_address
             await limits.count_per_minute(self.redis, "anonymous submits", address, limit)
-        preview = None
-        if submission.preview is not None:
-            preview = {"every": submission.preview.every, "max_px": submission.preview.max_px}
         settings, params = self.settings, submission.params
         pace = self.eta.pace(settings.queue_name, params.width, params.height)  # read meanwhile if stale
         insertion = await self.inserts(
             NewJob(
                 owner=owner,
-                params=params.to_json(),
+                params=params,
                 model_name=params.model,
-                preview=preview,
+                preview=submission.preview,
                 webhook=submission.webhook.to_json() if submission.webhook else None,
                 idempotency_key=idempotency_key,
                 request_hash=submission.fingerprint if idempotency_key else None,

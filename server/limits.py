@@ -17,6 +17,7 @@ from starlette.requests import HTTPConnection
 
 from stepcast import credentials
 from stepcast.errors import RateLimited, ServerBusy, TooManySockets
+from stepcast.redis_keys import address_rate
 from stepcast.settings import ServerSettings
 
 WINDOW_S = 60
@@ -51,7 +52,7 @@ async def count_per_minute(redis: Any, what: str, address: str | None, limit: in
     RateLimited: at most ``limit`` in any 60 s, all servers together."""
     if address is None:
         return
-    key = f"stepcast:rate:{what.replace(' ', '_')}:{address}"
+    key = address_rate(what, address)
     try:
         retry_after_s = int(await redis.eval(_LET_IN, 1, key, WINDOW_S, limit, secrets.token_hex(8)))
     except RedisError:

@@ -18,13 +18,13 @@ from typing import Any, ClassVar
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from stepcast.redis_keys import event_keys, job_channel, owner_channel
 from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
 from stepcast.status import TERMINAL
 
 logger = logging.getLogger(__name__)
 
 TERMINAL_TYPES = frozenset(status.value for status in TERMINAL)
-CANCEL_CHANNEL = "stepcast:cancel"
 
 # What the scripts answer besides a seq.
 UNCHANGED = 0  # a position update with nothing new to say, or the job no longer waits
@@ -191,19 +191,6 @@ Terminal = Completed | Failed | Canceled
 # -- the log in Redis ---------------------------------------------------------------
 
 
-def job_channel(job_id: str) -> str:
-    return f"stepcast:job:{job_id}"
-
-
-def owner_channel(owner: str) -> str:
-    return f"stepcast:owner:{owner}"
-
-
-def _keys(job_id: str) -> tuple[str, str]:
-    # The hash tag keeps a job's keys in one slot on Redis Cluster.
-    return f"stepcast:{{{job_id}}}:seqs", f"stepcast:{{{job_id}}}:events"
-
-
 def encode(event_type: str, job_id: str, fields: dict[str, Any]) -> tuple[str, str]:
     """The JSON text around the seq: ``head + str(seq) + tail`` is the event."""
     head = f'{{"type":{json.dumps(event_type)},"job_id":{json.dumps(job_id)},"seq":'
@@ -312,7 +299,7 @@ class EventLog:
         position_update: bool,
     ) -> tuple[list[str], list[Arg]]:
         head, tail = encode(event.type, job_id, event.fields())
-        counter, stream = _keys(job_id)
+        counter, stream = event_keys(job_id)
         keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
         ttl_s = self.finished_ttl_s if event.type in TERMINAL_TYPES else self.ttl_s
         args: list[Arg] = [attempt, ttl_s, seq, head, tail, self.stream_max, int(position_update)]
@@ -322,13 +309,13 @@ class EventLog:
         """The next seq, for an event recorded in Postgres (fenced) before it is emitted; or
         :data:`NEED_BLOCK`, or :data:`FENCED` once the log has ended. It fences no attempt:
         the write it is for may fail."""
-        counter, stream = _keys(job_id)
+        counter, stream = event_keys(job_id)
         args: list[Arg] = [attempt, self.ttl_s, block.lo, block.hi]
         return int(await self._scripts.call(self._reserve, [counter, stream], args))
 
     async def read(self, job_id: str, *, after_seq: int = 0) -> Stream:
         """The events still held in the job's stream with seq > after_seq, in order."""
-        _, stream = _keys(job_id)
+        _, stream = event_keys(job_id)
 
         def commands(pipe: Pipeline) -> None:
             pipe.xrange(stream, min=f"{after_seq + 1}-0", max="+")

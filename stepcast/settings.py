@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepcast.errors import ConfigError
+from stepcast.redis_keys import DEFAULT_QUEUE
 
 # The default home of images, the tiny model and the embedded Postgres and Redis: .data in the
 # checkout this code runs from (tests, `make run`); for an installed package, .data in the
@@ -41,7 +42,7 @@ class SharedSettings(BaseSettings):
     # applied (docs/migrations.md), waiting up to schema_wait_s for them.
     schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
-    queue_name: str = "stepcast:queue"
+    queue_name: str = DEFAULT_QUEUE
 
     # Object storage: "local" keeps images under storage_dir and serves them at
     # /v1/images/…; "s3" talks to any S3-compatible endpoint and hands out

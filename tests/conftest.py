@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.db import Database
+from stepcast.params import JobParams
 from stepcast.settings import DATA_DIR, Settings
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout the tests run from
@@ -232,6 +233,15 @@ async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
         server.should_exit = True
     for server, task in servers:
         await finish_within(task, 30, f"the server on port {server.config.port}")
+
+
+def fox_params(**changes: Any) -> JobParams:
+    """Whole job params, as the parser makes them, for tests that build a job by hand."""
+    params = JobParams(
+        prompt="a fox", negative_prompt=None, model="tiny", steps=4, width=64, height=64,
+        guidance_scale=7.5, seed=7, num_images=1, scheduler=None,
+    )  # fmt: skip
+    return replace(params, **changes)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

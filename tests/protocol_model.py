@@ -68,6 +68,8 @@ from stepcast.events import (
 from stepcast.jobs import Job, Status
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.recovery import Recovery
+from stepcast.redis_keys import ALL_JOB_CHANNELS
+from tests.conftest import fox_params
 
 OWNER = "owner"
 
@@ -759,7 +761,7 @@ def _new_job(job_id: uuid.UUID) -> Job:
     now = datetime.now(UTC)
     fields: dict[str, Any] = {name: None for name in Job.__dataclass_fields__}
     fields.update(
-        id=job_id, owner=OWNER, params={"prompt": "p", "steps": 2}, status=Status.PENDING, attempt=0,
+        id=job_id, owner=OWNER, params=fox_params(prompt="p", steps=2), status=Status.PENDING, attempt=0,
         queue="q", created_at=now, progress_step=0, progress_total=2, cancel_requested=False, last_seq=0,
         model_name="tiny", stepcast_version="0", handoffs=0, seq_ceiling=1024,
     )  # fmt: skip
@@ -780,7 +782,7 @@ Chooser = Callable[[list[Action], int], int]
 async def run_once(bounds: Bounds, monkeypatch: pytest.MonkeyPatch, choose: Chooser) -> list[str]:
     """One schedule: the chosen actions, then healing; raises :class:`Violation`. Its trace."""
     world = World(bounds, monkeypatch)
-    await world.tap.psubscribe("stepcast:job:*")
+    await world.tap.psubscribe(ALL_JOB_CHANNELS)
     trace: list[str] = []
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # faults on purpose: thousands of warnings, with tracebacks

@@ -13,14 +13,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from arq.constants import job_key_prefix
-from arq.jobs import deserialize_job
 from PIL import Image
 from redis.asyncio import Redis
 
 from gpu_worker.batching import take_batch
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
-from stepcast import queue
+from stepcast import arq_bridge, queue
 from stepcast.db import Completion
 from stepcast.db.runs import RunStore
 from stepcast.jobs import Job
@@ -325,12 +323,7 @@ async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: St
             )  # fmt: skip
             ids.append(str(insertion.job.id))
             assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
-            assert (
-                deserialize_job(
-                    await redis.get(job_key_prefix + ids[-1]), deserializer=queue.deserialize
-                ).kwargs
-                == {}
-            )  # no ticket
+            assert arq_bridge.job_kwargs(await redis.get(arq_bridge.job_key(ids[-1]))) == {}  # no ticket
     finally:
         await redis.aclose(close_connection_pool=True)
     jobs = [await stack.wait(job_id) for job_id in ids]
@@ -357,7 +350,7 @@ async def test_jobs_a_dead_worker_held_but_never_started_are_free_within_a_lease
         first, second = [(await client.post("/v1/jobs", json=long_job)).json()["id"] for _ in range(2)]
         await wait_for(client, first, lambda job: job["progress"]["step"] >= 3)
         # The worker holds the second job (arq's in-progress key) while the first runs.
-        assert await eventually(lambda: redis.exists(f"arq:in-progress:{second}"), timeout_s=5)
+        assert await eventually(lambda: redis.exists(arq_bridge.in_progress_key(second)), timeout_s=5)
         assert (await client.get(f"/v1/jobs/{second}")).json()["status"] == "pending"
         worker.kill()
         await run_worker(settings)

@@ -20,9 +20,9 @@ from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.db import Completion, Database, NewJob, Pace
 from stepcast.status import Status
+from tests.conftest import fox_params
 
-PARAMS = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
-          "num_images": 1, "guidance_scale": 7.5, "model": "tiny"}  # fmt: skip
+PARAMS = fox_params(prompt="a red fox", steps=20)
 
 
 @pytest.fixture
@@ -78,7 +78,9 @@ async def insert_all(db: Database, jobs: list[NewJob], **limits: Any) -> list[An
 
 
 def new(owner: str, **fields: Any) -> NewJob:
-    return NewJob(owner=owner, params={**PARAMS, **fields.pop("params", {})}, model_name="tiny", **fields)
+    return NewJob(
+        owner=owner, params=replace(PARAMS, **fields.pop("params", {})), model_name="tiny", **fields
+    )
 
 
 async def test_submits_inserted_together_are_admitted_and_placed_in_order(db: Database) -> None:

@@ -30,6 +30,7 @@ from stepcast.events import (
     encode,
 )
 from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.redis_keys import event_keys
 from stepcast.round_trips import GatheredCommands
 from tests.test_database import insert
 
@@ -55,7 +56,7 @@ async def test_seqs_come_from_blocks_and_a_lost_counter_is_never_guessed(log: Ev
     assert await log.emit("j", "o", QUEUED, attempt=1) == NEED_BLOCK  # no counter, no block: ask Postgres
     assert await log.emit("j", "o", QUEUED, attempt=1, block=FIRST) == 1
     assert await log.emit("j", "o", STARTED, attempt=1, block=FIRST) == 2  # the block in use wins
-    await log.redis.delete("stepcast:{j}:seqs")  # the counter is lost; the stream survives
+    await log.redis.delete(event_keys("j")[0])  # the counter is lost; the stream survives
     assert await log.emit("j", "o", STEP, attempt=1) == NEED_BLOCK
     assert await log.emit("j", "o", STEP, attempt=1, block=Block(1, 5)) == NEED_BLOCK  # below the stream
     assert await log.emit("j", "o", STEP, attempt=1, block=Block(1025, 2048)) == 1025
@@ -88,7 +89,7 @@ async def test_an_older_attempt_is_fenced_and_a_log_ends_at_its_terminal_event(l
 
 async def test_a_finished_jobs_log_leaves_redis_soon_after_its_terminal_event(log: EventLog) -> None:
     log = EventLog(log.redis, stream_max=100, ttl_s=86_400, finished_ttl_s=600)
-    counter, stream = "stepcast:{j}:seqs", "stepcast:{j}:events"
+    counter, stream = event_keys("j")
     await log.emit("j", "o", STARTED, attempt=1, block=FIRST)
     await log.emit("j", "o", STEP, attempt=1)
     assert 86_000 < await log.redis.ttl(stream) <= 86_400  # a running job's log stays for resumes
@@ -109,7 +110,7 @@ async def test_a_stream_ahead_of_its_counter_takes_a_fresh_block(log: EventLog) 
     await log.emit("j", "o", QUEUED, attempt=1, block=FIRST)
     # An older stepcast, counting elsewhere during a rolling upgrade, appends seq 2.
     text = '{"type":"queued","job_id":"j","seq":2,"position":1,"eta_s":null}'
-    await log.redis.xadd("stepcast:{j}:events", {"e": text}, id="2-0")
+    await log.redis.xadd(event_keys("j")[1], {"e": text}, id="2-0")
     assert await log.emit("j", "o", STARTED, attempt=1) == NEED_BLOCK  # not 2 again
     assert await log.reserve("j", attempt=1) == NEED_BLOCK
     assert await log.emit("j", "o", STARTED, attempt=1, block=Block(1025, 2048)) == 1025

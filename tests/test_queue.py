@@ -14,16 +14,15 @@ from typing import Any
 import pytest
 from arq import func
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import DeserializationError, Job
-from arq.utils import to_unix_ms
 
 from gpu_worker.runner import Released
 from gpu_worker.worker import GpuWorker
-from stepcast import queue
+from stepcast import arq_bridge, queue
 from stepcast.events import Block, EventLog, Queued
+from stepcast.params import Preview
 from stepcast.settings import Settings
-from tests.conftest import Stack
+from tests.conftest import Stack, fox_params
 
 QUEUE = "stepcast:test-queue"
 
@@ -38,21 +37,22 @@ async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(setti
         deferred = uuid.uuid4()  # due in an hour (arq's deferred jobs)
         assert await queue.enqueue(redis, deferred, QUEUE, place=datetime.now(UTC) + timedelta(hours=1))
         held = str(ids[0])  # another worker holds the oldest
-        await redis.psetex(in_progress_key_prefix + held, 60_000, b"1")
+        await redis.psetex(arq_bridge.in_progress_key(held), 60_000, b"1")
 
         consumer = queue.Consumer(redis, QUEUE, lease_s=5)
         first = await consumer.take(2)
         assert [taken.job_id for taken in first] == [str(ids[1]), str(ids[2])]
-        assert [taken.score for taken in first] == [to_unix_ms(start + timedelta(seconds=i)) for i in (1, 2)]
+        scores = [arq_bridge.score_of(start + timedelta(seconds=i)) for i in (1, 2)]
+        assert [taken.score for taken in first] == scores
         assert [taken.ticket for taken in first] == [None, None]  # enqueued without one
         for taken in first:  # now this worker's, for one lease
-            assert 4_000 < await redis.pttl(in_progress_key_prefix + taken.job_id) <= 5_000
+            assert 4_000 < await redis.pttl(arq_bridge.in_progress_key(taken.job_id)) <= 5_000
 
         rest = await consumer.take(10)
         assert [taken.job_id for taken in rest] == [str(ids[3]), str(ids[4])]
         assert await consumer.take(10) == []
 
-        await redis.delete(in_progress_key_prefix + held)  # its worker died: the hold lapsed
+        await redis.delete(arq_bridge.in_progress_key(held))  # its worker died: the hold lapsed
         assert [taken.job_id for taken in await consumer.take(10)] == [held]
     finally:
         await redis.aclose(close_connection_pool=True)
@@ -66,7 +66,7 @@ async def test_a_take_looks_past_a_long_head_of_held_jobs(settings: Settings) ->
         for index, job_id in enumerate(ids):
             await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(milliseconds=index))
         for job_id in ids[:-1]:
-            await redis.psetex(in_progress_key_prefix + str(job_id), 60_000, b"1")
+            await redis.psetex(arq_bridge.in_progress_key(str(job_id)), 60_000, b"1")
         taken = await queue.Consumer(redis, QUEUE, lease_s=5).take(4)
         assert [held.job_id for held in taken] == [str(ids[-1])]
     finally:
@@ -78,7 +78,7 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
 ) -> None:
     redis = queue.connect(settings.redis_url)
     events = EventLog(redis, stream_max=100, ttl_s=60)
-    ticket = queue.Ticket({"prompt": "a fox", "seed": 7, "steps": 4}, {"every": 2, "max_px": 64})
+    ticket = queue.Ticket(fox_params(steps=4), Preview(every=2, max_px=64))
     try:
         job_id = uuid.uuid4()
         await redis.script_flush()  # as after a Redis restart: no script is cached
@@ -121,7 +121,7 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
         await asyncio.gather(*(consumer.done(job_id) for job_id in taken[:3]))  # a batch finishing
         assert pipelines == 1 and await redis.zrange(QUEUE, 0, -1) == [taken[3].encode()]
         for job_id in taken[:3]:  # arq's keys are gone: the id may be enqueued again
-            assert not await redis.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+            assert not await redis.exists(arq_bridge.job_key(job_id), arq_bridge.in_progress_key(job_id))
         assert await queue.enqueue(redis, ids[0], QUEUE)
 
         await consumer.release(taken[3])  # shutting down: the next worker takes it at once
@@ -148,22 +148,21 @@ async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_th
         queue_name=QUEUE,
         handle_signals=False,
         idle_poll_s=1,
-        lease_s=30,
         renew_s=10,
+        redis_pool=queue.connect(settings.redis_url),  # what arq's main would open
     )
-    worker._pool = queue.connect(settings.redis_url)  # what arq's main would open
     worker.consumer = SlowRelease(worker.pool, QUEUE, lease_s=30)
     job_id = str(uuid.uuid4())
     await queue.enqueue(worker.pool, uuid.UUID(job_id), QUEUE)
     [taken] = await worker.consumer.take(1)
-    task = worker.tasks[taken.job_id] = asyncio.create_task(worker.run_job(taken))
+    task = await worker.start_job_task(taken.job_id, worker.run_taken(taken))
     await asyncio.sleep(0.05)  # the runner let it go: its release is on its way
     task.cancel()  # shutdown cancels the job's task meanwhile
     await worker.close()
     redis = queue.connect(settings.redis_url)
     try:
         assert await redis.zscore(QUEUE, job_id) is not None  # still queued, in its place
-        assert not await redis.exists(in_progress_key_prefix + job_id)  # and free at once
+        assert not await redis.exists(arq_bridge.in_progress_key(job_id))  # and free at once
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -187,13 +186,13 @@ async def test_a_pickle_planted_in_redis_is_refused_unread_and_jobs_still_run(
     redis = queue.connect(stack.settings.redis_url)
     try:
         planted = str(uuid.uuid4())  # ahead of everything in the queue
-        await redis.set(job_key_prefix + planted, pickle.dumps(arq_job))
+        await redis.set(arq_bridge.job_key(planted), pickle.dumps(arq_job))
         await redis.zadd(stack.settings.queue_name, {planted: 1})
         job = await stack.wait((await stack.submit(steps=2))["id"])  # taken after the planted one
         assert job["status"] == "completed"
         assert await redis.zscore(stack.settings.queue_name, planted) is None  # taken and let go
         assert not marker.exists(), "the worker ran the planted pickle"
-        await redis.set(job_key_prefix + planted, pickle.dumps(arq_job))
+        await redis.set(arq_bridge.job_key(planted), pickle.dumps(arq_job))
         with pytest.raises(DeserializationError):  # arq's own reader, on stepcast's pool
             await Job(planted, redis, _deserializer=redis.job_deserializer).info()
     finally:

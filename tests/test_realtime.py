@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection
 
 from server.feed import Outbox, Outgoing, SlowConsumer
 from server.positions import EVERY_CHANGE_UP_TO, period
+from stepcast.redis_keys import event_keys
 from stepcast.settings import Settings
 from tests.conftest import Stack, assert_problem, eventually
 from tests.test_auth import SESSION_SECRET, bearer, make_key
@@ -117,7 +118,7 @@ async def test_lost_stream_falls_back_to_a_snapshot(stack: Stack) -> None:
         await send(ws, {"type": "subscribe", "job_id": job_id, "after_seq": 0})
         seen = await until(ws, lambda m: m["type"] == "progress" and m["step"] >= 3)
     redis = Redis.from_url(stack.settings.redis_url)
-    stream = f"stepcast:{{{job_id}}}:events"
+    stream = event_keys(job_id)[1]
     for _ in range(500):  # events the client has not seen pile up in the stream (ids are seq-0)…
         newest = await redis.xrevrange(stream, count=1)
         if newest and int(newest[0][0].split(b"-")[0]) > seen[-1]["seq"] + 1:

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
-from stepcast import queue
+from stepcast import arq_bridge, queue
 from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.recovery import Recovery
@@ -141,7 +140,7 @@ async def test_a_job_is_judged_lost_by_the_queues_own_membership(
     db = await Database.connect(settings.database_url, max_size=2)
     try:
         await arq.zrem(settings.queue_name, job_id)  # the queue lost it; arq's job key is still there
-        assert await arq.exists(job_key_prefix + job_id)
+        assert await arq.exists(arq_bridge.job_key(job_id))
         events = EventLog(arq, stream_max=100, ttl_s=60)
         assert await Recovery.from_settings(settings, db, events, arq).tick()
         assert await arq.zscore(settings.queue_name, job_id) is not None  # queued again

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gpu_worker.pipeline import Pipeline
 from gpu_worker.worker import create_worker
+from stepcast import arq_bridge
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess, eventually
 from tests.test_recovery import LONG_JOB, events_of, job_row, wait_for
@@ -60,7 +61,7 @@ async def test_sigterm_lets_the_running_job_finish(
     redis = Redis.from_url(settings.redis_url)
     try:
         assert await redis.zscore(settings.queue_name, queued_after) is not None
-        assert not await redis.exists(f"arq:in-progress:{queued_after}")
+        assert not await redis.exists(arq_bridge.in_progress_key(queued_after))
     finally:
         await redis.aclose()
     row = await job_row(settings, job_id)
@@ -159,8 +160,7 @@ async def test_a_worker_closes_fully_with_a_job_cancelled_before_it_started(
 
     await eventually(started)
     # A job taken a moment ago, not yet in the runner when the worker closes.
-    reading = asyncio.create_task(asyncio.Event().wait())
-    worker.tasks["taken"] = reading
+    reading = await worker.start_job_task("taken", asyncio.Event().wait())
     await worker.close()  # arq's own raised CancelledError here, before its on_shutdown
     assert reading.cancelled()
     assert worker.runner.dispatcher.stopped  # runner shut

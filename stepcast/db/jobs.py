@@ -20,6 +20,7 @@ import asyncpg
 from stepcast.db.store import Store
 from stepcast.errors import InvalidParams
 from stepcast.jobs import Job, Status
+from stepcast.params import JobParams, Preview
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class NewJob:
     """A submit's job, as :meth:`JobStore.insert_many` takes it."""
 
     owner: str
-    params: dict[str, Any]
+    params: JobParams
     model_name: str
-    preview: dict[str, Any] | None = None
+    preview: Preview | None = None
     webhook: dict[str, Any] | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
@@ -82,8 +83,8 @@ class JobStore(Store):
         self,
         *,
         owner: str,
-        params: dict[str, Any],
-        preview: dict[str, Any] | None,
+        params: JobParams,
+        preview: Preview | None,
         webhook: dict[str, Any] | None = None,
         queue: str,
         model_name: str,
@@ -206,10 +207,11 @@ class JobStore(Store):
             FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
             ORDER BY ord
             """,
-            [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params for job in jobs],
-            [job.preview for job in jobs], [job.webhook for job in jobs], [job.model_name for job in jobs],
+            [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params.to_json() for job in jobs],
+            [job.preview.to_json() if job.preview else None for job in jobs],
+            [job.webhook for job in jobs], [job.model_name for job in jobs],
             [job.idempotency_key for job in jobs], [job.request_hash for job in jobs],
-            [int(job.params["steps"]) for job in jobs],
+            [job.params.steps for job in jobs],
             [job.address if job.anonymous else None for job in jobs], limits,
             queue, version, queue_ttl_s, max_pending, max_per_address,
         )  # fmt: skip
@@ -259,12 +261,12 @@ class JobStore(Store):
         )
         return [Job.from_record(row) for row in rows]
 
-    async def pending_params(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+    async def pending_params(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobParams]:
         """The params of those of these jobs still pending."""
         rows = await self.pool.fetch(
             "SELECT id, params FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'pending'", job_ids
         )
-        return {row["id"]: row["params"] for row in rows}
+        return {row["id"]: JobParams.from_json(row["params"]) for row in rows}
 
     async def finish_pending(
         self,

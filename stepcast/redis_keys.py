@@ -1,0 +1,67 @@
+"""Every Redis key, stream and pub/sub channel stepcast names, in one place.
+
+Ours begin with ``stepcast:``; a job's event keys carry its id in a hash tag (``{id}``) so
+that they share one Redis Cluster slot. The queue is a sorted set named by
+STEPCAST_QUEUE_NAME; the keys arq keeps beside it (each job's job, in-progress, result and
+retry keys, and a worker's health check) are arq's layout, named in
+:mod:`stepcast.arq_bridge`.
+"""
+
+from __future__ import annotations
+
+# -- the queue -----------------------------------------------------------------------------
+
+# Sorted set of queued job ids by due time (arq's queue): servers and recovery enqueue, workers take.
+DEFAULT_QUEUE = "stepcast:queue"
+
+# Pub/sub: a server publishes the id of a job to cancel; every worker listens.
+CANCEL_CHANNEL = "stepcast:cancel"
+
+
+def wake_channel(queue_name: str) -> str:
+    """Pub/sub: an enqueue publishes the job id here; the queue's idle workers take it at once."""
+    return f"stepcast:wake:{queue_name}"
+
+
+# -- a job's events --------------------------------------------------------------------------
+
+
+def event_keys(job_id: str) -> tuple[str, str]:
+    """A job's event log: its seq counter (a hash) and its stream of events. The event scripts
+    (stepcast.events) write both, for workers, servers and recovery; feeds read the stream."""
+    return f"stepcast:{{{job_id}}}:seqs", f"stepcast:{{{job_id}}}:events"
+
+
+def job_channel(job_id: str) -> str:
+    """Pub/sub: each event of the job, published by the event script; a server's hub subscribes
+    while a feed of its watches the job."""
+    return f"stepcast:job:{job_id}"
+
+
+def owner_channel(owner: str) -> str:
+    """Pub/sub: each event of the owner's jobs, published by the event script; a server's hub
+    subscribes while a feed of its watches all of the owner's jobs."""
+    return f"stepcast:owner:{owner}"
+
+
+# A pattern (PSUBSCRIBE): every job's events; benchmarks and tests listen to them all.
+ALL_JOB_CHANNELS = job_channel("*")
+
+# Pub/sub: a server's hub always subscribes, so its connection is never left with no channel;
+# nobody publishes.
+HUB_CHANNEL = "stepcast:hub"
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def address_rate(what: str, address: str) -> str:
+    """Sorted set: the times of the attempts at ``what`` (e.g. "new sessions") let in from an
+    address in the last minute; server.limits counts and reads them, all servers together."""
+    return f"stepcast:rate:{what.replace(' ', '_')}:{address}"
+
+
+def owner_rate(owner: str, window: int) -> str:
+    """Counter: an owner's requests in the second ``window`` (Unix time); server.auth counts
+    and reads it, all servers together."""
+    return f"stepcast:rate:{owner}:{window}"
