@@ -261,7 +261,7 @@ async def test_a_job_our_queue_enqueues_is_read_and_run_by_arq(redis_url: str) -
             job_deserializer=arq_bridge.deserialize,
         )
         await asyncio.wait_for(worker.async_run(), 10)  # arq's own take, read and finish
-        assert ran == [(str(job_id), {"params": ticket.params, "preview": None})]
+        assert ran == [(str(job_id), ticket.to_json())]
         assert await redis.zcard(QUEUE) == 0 and await job.status() == JobStatus.not_found
     finally:
         await redis.aclose(close_connection_pool=True)

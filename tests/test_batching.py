@@ -22,7 +22,7 @@ from stepcast import arq_bridge, queue
 from stepcast.db import Completion
 from stepcast.db.runs import RunStore
 from stepcast.jobs import Job
-from stepcast.params import JobParams
+from stepcast.params import JobParams, Preview
 from stepcast.settings import Settings
 from tests.conftest import Stack, StepcastProcess, eventually
 from tests.test_recovery import FAST_RECOVERY, LONG_JOB, events_of, job_row, wait_for
@@ -317,8 +317,8 @@ async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: St
     try:
         for seed in (4, 5):
             insertion = await stack.db.jobs.insert(
-                owner="anonymous", params=params("no ticket", seed=seed).to_json(),
-                preview={"every": 2, "max_px": 64}, queue=settings.queue_name, model_name="tiny",
+                owner="anonymous", params=params("no ticket", seed=seed),
+                preview=Preview(every=2, max_px=64), queue=settings.queue_name, model_name="tiny",
                 version="test", queue_ttl_s=60,
             )  # fmt: skip
             ids.append(str(insertion.job.id))

@@ -31,7 +31,7 @@ from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.errors import ConfigError
 from stepcast.settings import Settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fox_params
 
 K8S = ROOT / "deploy" / "k8s"
 # Every kustomization that renders on its own (components only render inside one).
@@ -609,8 +609,7 @@ async def test_keda_query_counts_pending_and_processing_jobs_of_the_queue(databa
             return float(await db.pool.fetchval(query))
 
         async def add(on_queue: str, status: str) -> None:
-            params = {"prompt": "a red fox", "steps": 20, "width": 64, "height": 64, "seed": 7,
-                      "num_images": 1, "guidance_scale": 7.5, "model": "tiny"}  # fmt: skip
+            params = fox_params(prompt="a red fox", steps=20)
             insertion = await db.jobs.insert(
                 owner="k8s", params=params, preview=None, queue=on_queue, model_name="tiny",
                 version="test", queue_ttl_s=0,

@@ -58,7 +58,7 @@ async def test_metrics_count_jobs_requests_sockets_and_events(stack: Stack) -> N
 async def test_every_response_carries_a_request_id(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     made = await stack.client.get("/healthz")
     assert len(made.headers["x-request-id"]) == 32
-    caplog.set_level(logging.INFO, logger="server.services")
+    caplog.set_level(logging.INFO, logger="server.job_service")
     given = await stack.client.post(
         "/v1/jobs", json={"prompt": "traced", "steps": 2}, headers={"X-Request-ID": "trace-42"}
     )

@@ -31,13 +31,13 @@ from stepcast.db import Database
 from stepcast.errors import SchemaError
 from stepcast.schema import Migration
 from stepcast.settings import Settings
-from tests.conftest import ROOT, StepcastProcess, settings_env
+from tests.conftest import ROOT, StepcastProcess, fox_params, settings_env
 
 BASELINE = "0001_pre_baseline"
 SHIPPED = [migration.name for migration in schema.load()]  # the baseline first
 # A later version's steps, to apply after the baseline: a column added, then a comment on it.
 ADD_NOTE = Migration(9001, "pre", "9001_pre_add_note", "ALTER TABLE jobs ADD COLUMN note text")
-PARAMS = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 7, "num_images": 1}
+PARAMS = fox_params(prompt="x", steps=2)
 NOTE_ADDED = Migration(9001, "post", "9001_post_note_added", "COMMENT ON COLUMN jobs.note IS 'a test column'")
 
 
