@@ -26,11 +26,12 @@ from gpu_worker.previews import encode_previews
 from stepcast.background import cancel_and_wait
 from stepcast.db import Completion, Database, retrying
 from stepcast.events import Canceled, Completed, Failed, Progress, Started, Terminal
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import JobParams
 from stepcast.round_trips import Gatherer
 from stepcast.settings import WorkerSettings
+from stepcast.status import Status
 from stepcast.storage import Put, Storage, image_key
 
 logger = logging.getLogger(__name__)

@@ -100,7 +100,7 @@ async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> Asy
             hub=hub,
             metrics=metrics,
             session_secret=session_secret,
-            jobs=JobService(settings, db, redis, lifecycle, eta, storage, metrics),
+            jobs=JobService(settings, db.jobs, db.counts, redis, lifecycle, eta, storage, metrics),
             sockets=Sockets(settings),
             revocations=Revocations(db),
         )

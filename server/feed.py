@@ -20,8 +20,9 @@ from server import frames
 from stepcast.background import cancel_and_wait
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, Stream
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.redis_keys import job_channel, owner_channel
+from stepcast.status import Status
 
 if TYPE_CHECKING:
     from server.services import Services

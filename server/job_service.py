@@ -17,15 +17,18 @@ from server import limits
 from server.metrics import ServerMetrics
 from server.positions import EtaEstimator
 from stepcast import __version__, credentials, queue
-from stepcast.db import Database, Insertion, NewJob, Pace
+from stepcast.db import Insertion, NewJob, Pace
+from stepcast.db.counts import CountStore
+from stepcast.db.jobs import JobStore
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
 from stepcast.events import Canceled, Queued
-from stepcast.jobs import Job, Status, to_wire
+from stepcast.jobs import Job, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.params import Submission
 from stepcast.redis_keys import CANCEL_CHANNEL
 from stepcast.round_trips import GatheredCommands, Gatherer
 from stepcast.settings import ServerSettings
+from stepcast.status import Status
 from stepcast.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,8 @@ class JobService:
     def __init__(
         self,
         settings: ServerSettings,
-        db: Database,
+        store: JobStore,
+        counts: CountStore,
         redis: ArqRedis,
         lifecycle: Lifecycle,
         eta: EtaEstimator,
@@ -43,7 +47,8 @@ class JobService:
         metrics: ServerMetrics,
     ) -> None:
         self.settings = settings
-        self.db = db
+        self.store = store
+        self.counts = counts
         self.redis = redis
         self.lifecycle = lifecycle
         self.eta = eta
@@ -69,7 +74,7 @@ class JobService:
         are limited per address too.
         """
         if idempotency_key is not None:
-            earlier = await self.db.jobs.by_idempotency_key(owner, idempotency_key)
+            earlier = await self.store.by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return self._replay(earlier, submission), False
         anonymous = credentials.is_anonymous(owner)
@@ -118,7 +123,7 @@ class JobService:
 
     async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
         settings = self.settings
-        return await self.db.jobs.insert_many(
+        return await self.store.insert_many(
             jobs,
             queue=settings.queue_name,
             version=__version__,
@@ -161,7 +166,7 @@ class JobService:
         )
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
-        job = await self.db.jobs.get(job_id, owner)
+        job = await self.store.get(job_id, owner)
         if job is None:
             raise NotFound(f"no job {job_id}")
         return job
@@ -175,7 +180,7 @@ class JobService:
                 job,
                 Status.CANCELED,
                 Speaker.waiting(job),
-                lambda seq: self.db.jobs.finish_pending(job.id, status=Status.CANCELED, seq=seq),
+                lambda seq: self.store.finish_pending(job.id, status=Status.CANCELED, seq=seq),
                 Canceled(),
             )
             if canceled is not None:
@@ -185,7 +190,7 @@ class JobService:
             if job.status is Status.PENDING:  # Postgres did not answer the write
                 raise Unavailable("the cancel could not be recorded just now; send it again")
         if job.status is Status.PROCESSING:
-            requested = await self.db.jobs.request_cancel(job.id)
+            requested = await self.store.request_cancel(job.id)
             if requested is not None:
                 # The worker hears at once; without Redis its next heartbeat reads the flag.
                 with contextlib.suppress(RedisError):
@@ -200,5 +205,5 @@ class JobService:
     async def render(self, job: Job) -> dict[str, Any]:
         position = None
         if job.status is Status.PENDING:
-            position = await self.db.counts.position(job)
+            position = await self.counts.position(job)
         return await to_wire(job, self.storage.url, queue_position=position)

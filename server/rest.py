@@ -27,7 +27,7 @@ from stepcast.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from stepcast.jobs import Job, Status, timestamp
+from stepcast.jobs import Job, timestamp
 from stepcast.params import (
     MAX_GUIDANCE,
     MAX_SEED,
@@ -37,6 +37,7 @@ from stepcast.params import (
     parse_idempotency_key,
     whole_number,
 )
+from stepcast.status import Status
 from stepcast.storage.local import URL_PREFIX
 
 MAX_BODY_BYTES = 64 * 1024

@@ -18,7 +18,7 @@ import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from stepcast.status import TERMINAL
+from stepcast.status import TERMINAL, Status
 
 RECONNECT_MAX_S = 5.0
 
@@ -47,8 +47,10 @@ class Image:
 
 @dataclass(frozen=True)
 class Job:
+    """A job as the server shows it (its wire shape, parsed); ``status`` is the core's :class:`Status`."""
+
     id: str
-    status: str
+    status: Status
     attempt: int
     params: dict[str, Any]
     progress_step: int
@@ -68,7 +70,7 @@ class Job:
         result = data.get("result") or {}
         return cls(
             id=data["id"],
-            status=data["status"],
+            status=Status(data["status"]),
             attempt=data["attempt"],
             params=data["params"],
             progress_step=data["progress"]["step"],

@@ -9,8 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from stepcast.params import JobParams, Preview
-from stepcast.status import TERMINAL as TERMINAL
-from stepcast.status import Status as Status
+from stepcast.status import Status
 from stepcast.storage.local import URL_PREFIX
 
 

@@ -30,7 +30,8 @@ from stepcast.events import (
     Requeued,
     Terminal,
 )
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
+from stepcast.status import Status
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from stepcast import queue
 from stepcast.background import every
 from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.settings import SharedSettings
+from stepcast.status import Status
 
 logger = logging.getLogger(__name__)
 

@@ -65,10 +65,11 @@ from stepcast.events import (
     Stream,
     Terminal,
 )
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.recovery import Recovery
 from stepcast.redis_keys import ALL_JOB_CHANNELS
+from stepcast.status import Status
 from tests.conftest import fox_params
 
 OWNER = "owner"
@@ -336,6 +337,7 @@ class World:
         lifecycle = Lifecycle(self.db, self.events)  # type: ignore[arg-type]
         jobs = JobService(
             None,  # type: ignore[arg-type]
+            self.db,  # type: ignore[arg-type]
             self.db,  # type: ignore[arg-type]
             self.redis,  # type: ignore[arg-type]
             lifecycle,

@@ -1,6 +1,6 @@
 """The one package that queries Postgres (the schema and its migrations: :mod:`stepcast.schema`).
 
-Every write a worker makes is fenced by ``attempt`` (DESIGN §2, invariant 2):
+Every write a worker makes is fenced by ``attempt`` (docs/design.md, "Invariants"):
 a worker that lost its job (lease expired, job re-claimed) matches no row and
 learns so from the ``None`` it gets back.
 

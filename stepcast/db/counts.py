@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stepcast.db.store import Store
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
+from stepcast.status import Status
 
 # Pending jobs ahead of one in its queue.
 _AHEAD = """

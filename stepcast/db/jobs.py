@@ -19,8 +19,9 @@ import asyncpg
 
 from stepcast.db.store import Store
 from stepcast.errors import InvalidParams
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
 from stepcast.params import JobParams, Preview
+from stepcast.status import Status
 
 
 @dataclass(frozen=True)

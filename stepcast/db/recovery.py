@@ -11,7 +11,8 @@ from datetime import datetime
 
 from stepcast.db.store import Store
 from stepcast.db.timings import FINISH_TIMES
-from stepcast.jobs import Job, Status
+from stepcast.jobs import Job
+from stepcast.status import Status
 
 
 class RecoveryStore(Store):

@@ -1,6 +1,6 @@
 """A job's run, as the worker that claimed it records it: claim, heartbeat, finish, hand back.
 
-Every write but the claim is fenced by ``attempt`` (DESIGN §2, invariant 2): a
+Every write but the claim is fenced by ``attempt`` (docs/design.md, "Invariants"): a
 worker that lost its job (lease expired, job re-claimed) matches no row and
 learns so from the ``None`` (or ``False``) it gets back.
 """
