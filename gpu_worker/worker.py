@@ -314,7 +314,7 @@ def create_worker(
         renew_s=settings.heartbeat_s,
         handle_signals=handle_signals,
         log_results=False,
-        # JSON, not arq's default pickle: Redis holds data, never code (stepcast.queue).
+        # JSON, not arq's default pickle: Redis holds data, never code (stepcast.arq_bridge).
         job_serializer=serialize,
         job_deserializer=deserialize,
     )

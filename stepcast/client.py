@@ -18,7 +18,7 @@ import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from stepcast.status import TERMINAL, Status
+from stepcast.status import TERMINAL
 
 RECONNECT_MAX_S = 5.0
 
@@ -47,10 +47,11 @@ class Image:
 
 @dataclass(frozen=True)
 class Job:
-    """A job as the server shows it (its wire shape, parsed); ``status`` is the core's :class:`Status`."""
+    """A job as the server shows it (its wire shape, parsed). ``status`` stays the wire's string, so a
+    client keeps working with a newer server's statuses; compare it with :class:`Status` members."""
 
     id: str
-    status: Status
+    status: str
     attempt: int
     params: dict[str, Any]
     progress_step: int
@@ -70,7 +71,7 @@ class Job:
         result = data.get("result") or {}
         return cls(
             id=data["id"],
-            status=Status(data["status"]),
+            status=data["status"],
             attempt=data["attempt"],
             params=data["params"],
             progress_step=data["progress"]["step"],

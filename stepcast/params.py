@@ -169,7 +169,7 @@ class _Checker:
         value = self.data.get(name)
         if value is None:
             return None
-        if value not in options:
+        if not isinstance(value, str) or value not in options:
             self.fail(name, f"{self.label(name)} must be one of: {', '.join(options)}")
             return None
         return str(value)

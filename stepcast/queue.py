@@ -167,7 +167,8 @@ class Consumer:
         if serialized is None:
             return None
         try:
-            return Ticket.from_json(arq_bridge.job_kwargs(serialized))
+            kwargs = arq_bridge.job_kwargs(serialized)
+            return Ticket.from_json(kwargs) if "params" in kwargs else None  # enqueued without one
         except Exception as exc:  # the row in Postgres is the truth: the claim reads it
             logger.warning("job %s: unreadable arq job or ticket (%s)", job_id.decode(), exc)
             return None

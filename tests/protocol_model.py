@@ -3,7 +3,7 @@
 One job, simulated end to end in one event loop: the real event log
 (:class:`stepcast.events.EventLog`, its Lua scripts run by fakeredis), the real
 :class:`stepcast.lifecycle.Lifecycle`, :class:`stepcast.recovery.Recovery`,
-``Services.cancel`` and :class:`server.feed.Feed`; Postgres is a one-row model
+``JobService.cancel`` and :class:`server.feed.Feed`; Postgres is a one-row model
 of the fenced statements of :mod:`stepcast.db`, the pub/sub hub a queue of
 messages in flight. Every Redis and Postgres call, and every sleep, is a point
 where the explorer decides who goes next, as are the faults: FLUSHALL, a Redis
@@ -94,7 +94,7 @@ class Bounds:
     actions: int = 60  # chosen steps before the world heals
 
 
-# -- Postgres: one row, the fences of stepcast/db.py --------------------------------
+# -- Postgres: one row, the fences of stepcast/db/ --------------------------------
 
 
 # Fixes in what the model stands in for (SQL, arq's queue), which a test may take out again:
@@ -530,7 +530,7 @@ class World:
                     )
 
     async def _worker(self, name: str) -> None:
-        """A worker's calls, as gpu_worker/runner.py makes them."""
+        """A worker's calls, as gpu_worker/dispatch.py and execution.py make them."""
         lifecycle = Lifecycle(self.db, self.events, db_retry_s=60)  # type: ignore[arg-type]
         token = uuid.uuid4()
         claimed = await stepcast.db.retrying(

@@ -57,6 +57,15 @@ def test_defaults_are_filled_and_seed_is_always_chosen() -> None:
             "scheduler",
             "scheduler must be one of: euler, euler_a, ddim, dpmpp_2m, unipc",
         ),
+        *[  # not a name at all (a list or an object cannot even be looked up): the same answer
+            (
+                {"prompt": "p", "scheduler": odd},
+                "scheduler",
+                "scheduler must be one of: euler, euler_a, ddim, dpmpp_2m, unipc",
+            )
+            for odd in (["euler"], {"name": "euler"}, 7)
+        ],
+        ({"prompt": "p", "model": ["tiny"]}, "model", "model must be one of: tiny"),
         ({"prompt": "p", "step": 20}, "step", "unknown field 'step'"),
         (
             {"prompt": "p", "preview": {"every": 0}},

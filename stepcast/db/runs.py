@@ -16,7 +16,7 @@ from stepcast.db.store import Store
 from stepcast.db.timings import FINISH_TIMES, finish_times
 from stepcast.jobs import Job
 
-# A job goes to the pipeline while its claim is in flight (gpu_worker.runner): it ran
+# A job goes to the pipeline while its claim is in flight (gpu_worker.dispatch): it ran
 # from no later than its pipeline call did, which may be before the claim's now().
 _COMPLETED_TIMES = finish_times("LEAST(started_at, now() - make_interval(secs => c.pipeline_s))")
 
