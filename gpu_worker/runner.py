@@ -62,10 +62,9 @@ class JobRunner:
         self.dispatcher.start()
 
     async def aclose(self) -> None:
-        self.dispatcher.release_waiting()
         for active in self._active.values():
             active.halt("shutdown")
-        await self.dispatcher.aclose()
+        await self.dispatcher.aclose()  # releases the waiting jobs first
 
     def request_cancel(self, job_id: uuid.UUID) -> None:
         running = [active for (job, _), active in self._active.items() if job == job_id]
