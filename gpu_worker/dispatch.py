@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gpu_worker import batching
+from gpu_worker.checkpoints import Snapshot
 from gpu_worker.execution import Claimed, Outcome, Step
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.pipeline import Generation, Pipeline, Request
+from gpu_worker.pipeline import Generation, Pipeline, Request, StepCallback
 from gpu_worker.previews import preview_pixels
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database, retrying
@@ -60,10 +61,16 @@ class Waiting:
     params: JobParams | None = None
     preview: Preview | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # read by the pipeline thread
+    resume: Snapshot | None = None  # its newest checkpoint, from an earlier attempt
 
 
 def _params(waiting: Waiting) -> JobParams | None:
     return waiting.params
+
+
+def _batchable(waiting: Waiting) -> JobParams | None:
+    """Its params, if it may join another job's batch: a resumed job runs alone."""
+    return None if waiting.resume is not None else waiting.params
 
 
 class Dispatcher:
@@ -79,8 +86,10 @@ class Dispatcher:
         *,
         executor: Executor,
         on_room: Callable[[], None],
+        session: Callable[[], int | None],
     ) -> None:
         self.settings = settings
+        self.session = session  # the worker's session number, for its claims
         self.db = db
         self.pipeline = pipeline
         self.worker_id = worker_id
@@ -163,7 +172,8 @@ class Dispatcher:
                 left = deadline - time.monotonic()
                 if (
                     not self._waiting
-                    or batching.compatible_images(self._waiting, _params) >= size
+                    or self._waiting[0].resume is not None
+                    or batching.compatible_images(self._waiting, _batchable) >= size
                     or left <= 0
                 ):
                     break
@@ -174,10 +184,12 @@ class Dispatcher:
             await self._read_params()
         if not self._waiting:
             return
-        if self._waiting[0].params is None:  # no ticket, alone or no batching: its claim reads its row
+        head = self._waiting[0]
+        if head.params is None or head.resume is not None:
+            # No ticket, alone or no batching: its claim reads its row. Resumed: alone.
             batch = [self._waiting.pop(0)]
         else:
-            batch = batching.take_batch(self._waiting, _params, size)
+            batch = batching.take_batch(self._waiting, _batchable, size)
         if len(batch) == 1 and batch[0].params is not None:
             # A job alone, with its ticket: claimed while the pipeline starts. Not a batch: a
             # job canceled or expired in the queue would take a place in it until it ends.
@@ -220,6 +232,7 @@ class Dispatcher:
                     lease_s=self.settings.lease_s,
                     model_revision=self.pipeline.revision,
                     token=token,
+                    session=self.session(),
                 ),
             )
         except Exception as exc:
@@ -244,7 +257,16 @@ class Dispatcher:
                 # The params it runs with: its ticket's (the same as its row's), or its row's.
                 params = waiting.params if waiting.params is not None else job.params
                 # Its batch: the jobs of this claim, as the list fills.
-                active = Claimed(job, params, job.last_seq, waiting.stop, waiting.steps, batch=actives)
+                resumed = waiting.resume.step if waiting.resume is not None else 0
+                active = Claimed(
+                    job,
+                    params,
+                    job.last_seq,
+                    waiting.stop,
+                    waiting.steps,
+                    batch=actives,
+                    resumed_from=resumed,
+                )
                 if self._early_cancels.pop(job.id, None) is not None:
                     active.halt("canceled")  # asked while its claim was in flight
             waiting.claimed.set_result(active)
@@ -267,7 +289,8 @@ class Dispatcher:
         requests = []
         for waiting in batch:
             assert waiting.params is not None  # from its ticket, its row, or the claim of a job alone
-            requests.append(Request(waiting.params, self._step_reporter(waiting), waiting.stop.is_set))
+            reporter = self._step_reporter(waiting)
+            requests.append(Request(waiting.params, reporter, waiting.stop.is_set, waiting.resume))
         self.busy = True
         self.metrics.busy.set(1)
         started = time.perf_counter()
@@ -308,18 +331,35 @@ class Dispatcher:
                 mine.pipeline_s = round(elapsed, 4)
                 mine.outcome.set_result(outcome)
 
-    def _step_reporter(self, waiting: Waiting) -> Callable[[int, int, Any], None]:
+    def _step_reporter(self, waiting: Waiting) -> StepCallback:
         every = waiting.preview.every if waiting.preview else 0
+        checkpoint_s = self.settings.checkpoint_every_s
         steps = waiting.steps
+        saved_at = time.perf_counter()
+        stopped = False
 
-        def on_step(step: int, total: int, latents: Any) -> None:
-            # Pipeline thread: the preview's pixels (torch stays on this thread), then hand over.
+        def on_step(step: int, total: int, latents: Any, state: Callable[[], Snapshot]) -> None:
+            # Pipeline thread: the preview's pixels and the state (torch stays on this
+            # thread), then hand over. The state goes every checkpoint_every_s.
+            nonlocal saved_at, stopped
+            if stopped:
+                return
+            now = time.perf_counter()
+            if waiting.stop.is_set():
+                # Its last step: kept, should it be handed back (shutdown) to resume elsewhere.
+                stopped = True
+                if checkpoint_s and step < total:
+                    steps.post(Step(step, None, now, state(), quiet=True))
+                return
             pixels = None
             if latents is not None and every and (step % every == 0 or step == total):
                 try:
                     pixels = preview_pixels(latents)
                 except Exception as exc:  # a preview is a nicety: never let it stop the job
                     logger.warning("no preview: %s", exc, extra={"job_id": str(waiting.job_id)})
-            steps.post(Step(step, pixels, time.perf_counter()))
+            snapshot = None
+            if checkpoint_s and step < total and now - saved_at >= checkpoint_s:
+                snapshot, saved_at = state(), now
+            steps.post(Step(step, pixels, now, snapshot))
 
         return on_step

@@ -19,15 +19,18 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from gpu_worker import checkpoints
+from gpu_worker.checkpoints import Snapshot
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation
 from gpu_worker.previews import encode_previews
 from stepcast.background import cancel_and_wait
+from stepcast.checkpoints import Checkpoints
 from stepcast.db import Completion, Database, retrying
-from stepcast.events import Canceled, Completed, Failed, Progress, Started, Terminal
+from stepcast.events import FENCED, Canceled, Completed, Failed, Progress, Started, Terminal
 from stepcast.jobs import Job
-from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.lifecycle import Lifecycle, Speaker, last_published
 from stepcast.params import JobParams
 from stepcast.round_trips import Gatherer
 from stepcast.settings import WorkerSettings
@@ -42,11 +45,15 @@ Outcome = Generation | Exception
 
 
 class Step(NamedTuple):
-    """A step the pipeline thread reports: its preview's pixels if it has one, and when it ended."""
+    """A step the pipeline thread reports: its preview's pixels if it has one, when it ended,
+    and the job's state then if a checkpoint is due. A quiet one (the step a stopped job
+    ended on) is not published: only its checkpoint is kept."""
 
     step: int
     pixels: Any
     done_at: float  # perf_counter
+    snapshot: Snapshot | None = None
+    quiet: bool = False
 
 
 @dataclass
@@ -66,8 +73,13 @@ class Claimed:
     # When its pipeline call began (perf_counter), which may be before its claim returned.
     pipeline_started: float = field(default_factory=time.perf_counter)
     step: int = 0
+    resumed_from: int = 0  # the step its checkpoint held (0: from the start)
+    checkpoint_step: int = 0  # the step of the newest checkpoint saved
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.step = self.checkpoint_step = self.resumed_from
 
     def halt(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -97,6 +109,10 @@ class Execution:
         storage: Storage,
         worker_id: str,
         metrics: WorkerMetrics,
+        *,
+        checkpoints: Checkpoints,
+        revision: str,
+        session: Callable[[], int | None],
     ) -> None:
         self.settings = settings
         self.db = db
@@ -104,6 +120,9 @@ class Execution:
         self.storage = storage
         self.worker_id = worker_id
         self.metrics = metrics
+        self.checkpoints = checkpoints
+        self.revision = revision  # the model's: a checkpoint is valid for it only
+        self.session = session  # the worker's session number, for the heartbeats
         # A batch's jobs finish at the same moment: one thread hop encodes and stores
         # their images, one statement records them all.
         self._stores: Gatherer[Put, None] = Gatherer(storage.put_all)
@@ -113,7 +132,7 @@ class Execution:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
         logger.info("job started", extra=log)
-        await self._emit(active, Started(attempt=job.attempt, worker=self.worker_id))
+        await self._emit(active, await self._started(active))
         publisher = asyncio.create_task(self._publish_progress(active))
         heartbeat = asyncio.create_task(self._heartbeat(active))
         outcome: Outcome | None = None
@@ -156,6 +175,28 @@ class Execution:
         if shutting_down:
             raise asyncio.CancelledError
 
+    async def _started(self, active: Claimed) -> Started:
+        """Its ``started``; a retried attempt says where it continues, and the row corrects
+        what the requeue promised when the checkpoint was gone."""
+        job, resumed = active.job, active.resumed_from
+        if job.attempt == 1:
+            return Started(attempt=job.attempt, worker=self.worker_id)
+        promised = job.resumed_from_step or 0
+        lost = promised > 0 and resumed < promised
+        if resumed != promised:
+            log = {"job_id": str(job.id), "attempt": job.attempt}
+            if lost:
+                logger.warning("checkpoint of step %d gone: from step %d", promised, resumed, extra=log)
+            try:
+                await self.db.runs.resume_from(job.id, job.attempt, step=resumed)
+            except Exception:  # the next heartbeat carries the progress; the row says less
+                logger.exception("could not record where the job resumes", extra=log)
+        if resumed:
+            logger.info("job resumes from step %d", resumed, extra={"job_id": str(job.id)})
+            self.metrics.resumed_steps.inc(resumed)
+        worker = self.worker_id
+        return Started(job.attempt, worker, resumed_from_step=resumed, checkpoint_lost=lost or None)
+
     async def _outcome(self, active: Claimed) -> Outcome | None:
         """The job's images once its batch is done; None if it stopped while its batch-mates go on."""
         stopped = asyncio.ensure_future(active.stopped.wait())
@@ -179,22 +220,48 @@ class Execution:
         while (bunch := await active.steps.get()) is not None:
             new = []
             for item in bunch:
-                if item.step > active.step:  # (a failed batch re-runs its jobs alone: only new steps)
+                if item.step > active.step and not item.quiet:  # (a failed batch re-runs its jobs alone)
                     active.step = item.step
                     new.append(item)
-            if not new:
-                continue
-            self.metrics.steps.inc(len(new))
-            previews: list[str | None] = [None] * len(new)
-            if any(item.pixels is not None for item in new):
-                pixels = [item.pixels for item in new]
-                previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
-            events = []
-            for item, preview in zip(new, previews, strict=True):
-                seconds_a_step = (item.done_at - active.pipeline_started) / item.step
-                eta_s = round(seconds_a_step * (params.steps - item.step), 3)
-                events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
-            await self._emit(active, *events)
+            if new:
+                await self._report(active, new, preview_px)
+            newest = next((item for item in reversed(bunch) if item.snapshot is not None), None)
+            if newest is not None and newest.step > active.checkpoint_step:
+                await self._save_checkpoint(active, newest.snapshot)
+
+    async def _report(self, active: Claimed, new: list[Step], preview_px: int) -> None:
+        """The steps' ``progress`` events, in one send; the ETA from this attempt's own pace."""
+        params = active.params
+        self.metrics.steps.inc(len(new))
+        previews: list[str | None] = [None] * len(new)
+        if any(item.pixels is not None for item in new):
+            pixels = [item.pixels for item in new]
+            previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
+        events = []
+        for item, preview in zip(new, previews, strict=True):
+            seconds_a_step = (item.done_at - active.pipeline_started) / (item.step - active.resumed_from)
+            eta_s = round(seconds_a_step * (params.steps - item.step), 3)
+            events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
+        await self._emit(active, *events)
+
+    async def _save_checkpoint(self, active: Claimed, snapshot: Snapshot) -> None:
+        """Keep the job's state at this step (encoded off the pipeline thread), fenced by attempt."""
+        job = active.job
+        started = time.perf_counter()
+        try:
+            data = await asyncio.to_thread(checkpoints.encode, snapshot)
+            kept = await self.checkpoints.save(
+                str(job.id), attempt=job.attempt, step=snapshot.step, revision=self.revision, data=data
+            )
+        except Exception as exc:  # the job goes on; a retry resumes from an older one, or the start
+            logger.warning("checkpoint not saved: %s", exc, extra={"job_id": str(job.id)})
+            return
+        if not kept:
+            active.halt("lost")  # a newer attempt exists, or the job ended
+            return
+        active.checkpoint_step = snapshot.step
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        self.metrics.checkpoint_bytes.observe(len(data))
 
     async def _heartbeat(self, active: Claimed) -> None:
         job = active.job
@@ -207,6 +274,7 @@ class Execution:
                     lease_s=self.settings.lease_s,
                     step=active.step,
                     last_seq=active.last_seq,
+                    session=self.session(),
                 )
             except Exception:
                 logger.exception("heartbeat failed", extra={"job_id": str(job.id)})
@@ -276,7 +344,10 @@ class Execution:
         back = await self.lifecycle.requeue(
             job,
             "worker_shutdown",
-            lambda: self.db.runs.hand_back(job.id, job.attempt, last_seq=active.last_seq),
+            lambda: self.db.runs.hand_back(
+                job.id, job.attempt, last_seq=active.last_seq, resume_step=active.checkpoint_step
+            ),
+            resume_step=active.checkpoint_step,
         )
         if back is None:
             # A cancel is pending, or the job moved on (its write is fenced), or Postgres never
@@ -320,6 +391,8 @@ class Execution:
 
     async def _emit(self, active: Claimed, *events: Started | Progress) -> None:
         job = active.job
-        published = await self.lifecycle.emit_all(job.id, job.owner, events, Speaker.running(job))
-        if published is not None:
+        answers = await self.lifecycle.emit_all(job.id, job.owner, events, Speaker.running(job))
+        if (published := last_published(answers)) is not None:
             active.last_seq = published
+        if FENCED in answers:  # a newer attempt exists: this one stops now, not at its heartbeat
+            active.halt("lost")

@@ -40,6 +40,22 @@ class WorkerMetrics:
             registry=r,
         )
 
+        self.resumed_steps = Counter(
+            "stepcast_worker_resumed_steps", "Steps not run again: resumed from a checkpoint", registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "stepcast_worker_checkpoint_seconds",
+            "Encoding and saving a checkpoint (off the pipeline thread)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.checkpoint_bytes = Histogram(
+            "stepcast_worker_checkpoint_bytes",
+            "Size of a saved checkpoint",
+            buckets=(1e4, 1e5, 2.5e5, 1e6, 4e6, 1.6e7, 6.4e7),
+            registry=r,
+        )
+
     def serve(self, settings: WorkerSettings) -> Callable[[], None]:
         """Serve /metrics if a port is set; returns what stops it."""
         if not settings.worker_metrics_port:

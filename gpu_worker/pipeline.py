@@ -1,12 +1,15 @@
 """The diffusers pipeline, loaded once per worker process and driven by one thread.
 
 :class:`DiffusersPipeline` is only ever called from the pipeline thread (pipelines are not
-thread-safe); ``generate`` reports every step through ``on_step`` and stops at the next step once
-``should_stop`` says so. :class:`SimulatedPipeline` sleeps instead, for benchmarks.
+thread-safe); ``generate`` reports every step through ``on_step``, stops at the next step once
+``should_stop`` says so, and continues a job from its checkpoint (``resume``) without
+computing its done steps. :class:`SimulatedPipeline` sleeps instead, for benchmarks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -18,11 +21,15 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from gpu_worker import checkpoints
+from gpu_worker.checkpoints import Snapshot
 from stepcast.params import SCHEDULERS, JobParams
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int, Any], None]  # (step 1..total, total, latents of the job's first image)
+# (step 1..total, total, latents of the job's first image, its state now): on the pipeline
+# thread, every step of every job of the call, stopped or not (the callback decides).
+StepCallback = Callable[[int, int, Any, Callable[[], Snapshot]], None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Request:
     params: JobParams
     on_step: StepCallback
     should_stop: Callable[[], bool]
+    resume: Snapshot | None = None  # continue from here (a job alone)
 
 
 @dataclass
@@ -151,19 +159,35 @@ class DiffusersPipeline:
         for request in requests:
             rows.append(rows[-1] + request.params.num_images)
 
+        # A resumed job runs alone: its loop goes through the steps its checkpoint holds with
+        # the UNet skipped, and at the checkpoint's step takes the state it had then.
+        resume = requests[0].resume if len(requests) == 1 else None
+        skipped = checkpoints.SkippedSteps(self.pipe.unet)
+
         def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            latents = tensors["latents"]
-            for request, row in zip(requests, rows, strict=False):
-                if not request.should_stop():
-                    request.on_step(index + 1, total, latents[row])
+            latents, step, changed = tensors["latents"], index + 1, {}
+            if resume is not None and step <= resume.step:
+                if step == resume.step:
+                    skipped.stop()
+                    changed["latents"] = checkpoints.restore(
+                        resume, pipe.scheduler, generators, latents.device, latents.dtype
+                    )
+            else:
+                for request, start, end in zip(requests, rows, rows[1:], strict=False):
+                    state = functools.partial(
+                        checkpoints.take, step, latents, pipe.scheduler, generators, slice(start, end)
+                    )
+                    request.on_step(step, total, latents[start], state)
             if _all_stopped(requests):
                 pipe._interrupt = True
-            return {}
+            return changed
 
         self.pipe.scheduler = self._scheduler(first.scheduler)
         if _all_stopped(requests):
             return [Generation([], interrupted=True) for _ in requests]
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if resume is not None:
+                stack.enter_context(skipped)
             output = self.pipe(
                 prompt=prompts,
                 negative_prompt=negatives if any(negatives) else None,
@@ -191,12 +215,13 @@ class SimulatedPipeline:
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         total = requests[0].params.steps
-        for step in range(1, total + 1):
+        resume = requests[0].resume if len(requests) == 1 else None
+        for step in range((resume.step if resume else 0) + 1, total + 1):
             if self.step_s:
                 time.sleep(self.step_s)
+            state = functools.partial(Snapshot, step, None, {}, [])
             for request in requests:
-                if not request.should_stop():
-                    request.on_step(step, total, None)
+                request.on_step(step, total, None, state)
             if _all_stopped(requests):
                 return [Generation([], interrupted=True) for _ in requests]
         return [

@@ -1,7 +1,8 @@
 """The worker's job runner: every job arq hands over goes through :meth:`JobRunner.run`.
 
-It joins the dispatcher's line (:mod:`gpu_worker.dispatch`), and once claimed runs to its
-terminal state (:mod:`gpu_worker.execution`). The runner counts the jobs it holds, so that the
+It looks for the job's checkpoint (a retried job resumes from it), joins the dispatcher's
+line (:mod:`gpu_worker.dispatch`), and once claimed runs to its terminal state
+(:mod:`gpu_worker.execution`). The runner counts the jobs it holds, so that the
 worker takes more from the queue only when there is room.
 """
 
@@ -13,12 +14,18 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from redis.exceptions import RedisError
+
+from gpu_worker import checkpoints
+from gpu_worker.checkpoints import Snapshot
 from gpu_worker.dispatch import Dispatcher, Released
 from gpu_worker.execution import Claimed, Execution, Step
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Pipeline
+from stepcast.checkpoints import Checkpoints
 from stepcast.db import Database
+from stepcast.db.presence import Presence
 from stepcast.events import EventLog
 from stepcast.lifecycle import Lifecycle
 from stepcast.queue import Ticket
@@ -43,15 +50,32 @@ class JobRunner:
         *,
         executor: Executor,
         on_room: Callable[[], None] = lambda: None,
+        presence: Presence | None = None,
     ) -> None:
         self.settings = settings
         self.on_room = on_room
+        self.revision = pipeline.revision
         metrics = metrics or WorkerMetrics()
         lifecycle = Lifecycle(db, events, db_retry_s=settings.db_retry_s)
+        self.checkpoints = Checkpoints(events.redis, ttl_s=settings.event_ttl_s)
+
+        def session() -> int | None:
+            return presence.number if presence is not None else None
+
         self.dispatcher = Dispatcher(
-            settings, db, pipeline, worker_id, metrics, executor=executor, on_room=on_room
+            settings, db, pipeline, worker_id, metrics, executor=executor, on_room=on_room, session=session
         )
-        self.execution = Execution(settings, db, lifecycle, storage, worker_id, metrics)
+        self.execution = Execution(
+            settings,
+            db,
+            lifecycle,
+            storage,
+            worker_id,
+            metrics,
+            checkpoints=self.checkpoints,
+            revision=pipeline.revision,
+            session=session,
+        )
         # By job and attempt: a job whose lease ran out here (Postgres away) may come back to
         # this worker as its next attempt while the old one is still stopping.
         self._active: dict[tuple[uuid.UUID, int], Claimed] = {}
@@ -103,7 +127,9 @@ class JobRunner:
 
         try:
             steps: Mailbox[Step] = Mailbox(asyncio.get_running_loop(), self.settings.progress_interval_s)
+            resume = await self._resume_point(job_id)
             waiting = self.dispatcher.wait_in_line(job_id, steps)
+            waiting.resume = resume
             if ticket is not None:  # (one that could not be read is None: the claim reads the row)
                 waiting.params, waiting.preview = ticket.params, ticket.preview
             try:
@@ -122,3 +148,22 @@ class JobRunner:
         finally:
             let_go()
             self._entered -= 1
+
+    async def _resume_point(self, job_id: uuid.UUID) -> Snapshot | None:
+        """The job's newest checkpoint, if an earlier attempt left one this model can use."""
+        log = {"job_id": str(job_id)}
+        try:
+            found = await self.checkpoints.load(str(job_id))  # (jobs taken together: one round trip)
+        except RedisError as exc:
+            logger.warning("could not read the checkpoint (%s): from the start", exc, extra=log)
+            return None
+        if found is None:
+            return None
+        if found.revision != self.revision:
+            logger.warning("checkpoint of model revision %s: from the start", found.revision, extra=log)
+            return None
+        try:
+            return await asyncio.to_thread(checkpoints.decode, found.data)
+        except ValueError as exc:
+            logger.warning("checkpoint unreadable (%s): from the start", exc, extra=log)
+            return None

@@ -40,6 +40,7 @@ from stepcast import settings as settings_module
 from stepcast.arq_bridge import ArqWorker, deserialize, serialize
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database
+from stepcast.db.presence import Presence
 from stepcast.events import EventLog
 from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket
 from stepcast.recovery import Recovery
@@ -254,6 +255,10 @@ def create_worker(
         db = await Database.connect(settings.database_url, max_size=4 + 2 * settings.batch_size)
         stack.push_async_callback(db.close)
         await schema.wait_until_current(db.pool, settings.schema_wait_s)
+        # Held while the worker lives: its end tells recovery at once (let go after the runner).
+        presence = Presence(settings.database_url, worker_id, check_s=settings.session_check_s)
+        await presence.hold()
+        stack.push_async_callback(presence.close)
         storage = await stack.enter_async_context(open_storage(settings))
         if pipeline is not None:
             loaded = pipeline
@@ -267,7 +272,16 @@ def create_worker(
         )
         metrics = WorkerMetrics()
         runner = JobRunner(
-            settings, db, events, storage, loaded, worker_id, metrics, executor=executor, on_room=worker.wake
+            settings,
+            db,
+            events,
+            storage,
+            loaded,
+            worker_id,
+            metrics,
+            executor=executor,
+            on_room=worker.wake,
+            presence=presence,
         )
         stack.callback(metrics.serve(settings))
         stack.push_async_callback(runner.aclose)
@@ -277,6 +291,7 @@ def create_worker(
         background_tasks = [
             _listen(worker, runner, ctx, settings.queue_name),
             worker.renew_holds(),
+            presence.keep(),
             Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
             Retention.from_settings(settings, db, storage).run(),
         ]

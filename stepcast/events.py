@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from stepcast.redis_keys import event_keys, job_channel, owner_channel
+from stepcast.redis_keys import checkpoint_key, event_keys, job_channel, owner_channel
 from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
 from stepcast.status import TERMINAL
 
@@ -32,9 +32,10 @@ BEHIND = -1  # a reserved seq the stream is already past
 NEED_BLOCK = -2  # no counter (Redis lost it) or its block is used up: offer a fresh block
 FENCED = -3  # a newer attempt exists, or the log has ended
 
-# Shared head of both scripts: KEYS[1] counter hash, KEYS[2] stream. Sets cur/ceil
-# (nil when there is no counter), top (the stream's newest seq), newest (its text).
-_STATE = """
+# Shared head of the scripts (here and stepcast.checkpoints): KEYS[1] counter hash, KEYS[2]
+# stream. Sets cur/ceil (nil when there is no counter), top (the stream's newest seq),
+# newest (its text).
+STATE = """
 local state = redis.call('HMGET', KEYS[1], 'cur', 'ceil', 'att')
 local cur, ceil, att = tonumber(state[1]), tonumber(state[2]), tonumber(state[3] or '0')
 local attempt = tonumber(ARGV[1])
@@ -66,10 +67,10 @@ local function keep(seq, heard)
 end
 """
 
-# KEYS: counter, stream, job channel, owner channel. ARGV: attempt, ttl, seq (0 = the
-# next), head, tail, stream max, position update (1/0), block lo, block hi (0 = none).
+# KEYS: counter, stream, job channel, owner channel, checkpoint. ARGV: attempt, ttl, seq
+# (0 = the next), head, tail, stream max, position update (1/0), block lo, block hi (0 = none).
 _EMIT = (
-    _STATE
+    STATE
     + """
 local seq = tonumber(ARGV[3])
 if ARGV[7] == '1' then
@@ -96,13 +97,17 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 'e', data)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], data)
 redis.call('PUBLISH', KEYS[4], data)
+local kind = string.match(ARGV[4], '^{"type":"(%a+)",')
+if kind == 'completed' or kind == 'failed' or kind == 'canceled' then
+    redis.call('DEL', KEYS[5])  -- nothing resumes from it any more
+end
 return seq
 """
 )
 
 # KEYS: counter, stream. ARGV: attempt, ttl, block lo, block hi (0 = none).
 _RESERVE = (
-    _STATE
+    STATE
     + """
 local seq = next_seq(tonumber(ARGV[3]), tonumber(ARGV[4]))
 if seq == nil then return -2 end
@@ -142,6 +147,8 @@ class Started(Event):
     type: ClassVar[str] = "started"
     attempt: int
     worker: str
+    resumed_from_step: int | None = None  # a retried attempt's: where it continues (0: the start)
+    checkpoint_lost: bool | None = None  # True: it was to resume, but its checkpoint was gone
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,8 @@ class Progress(Event):
 class Requeued(Event):
     type: ClassVar[str] = "requeued"
     attempt: int  # the next one
-    reason: str  # lease_expired, worker_shutdown
+    reason: str  # worker_lost, lease_expired, worker_shutdown
+    resumed_from_step: int = 0  # the newest checkpoint's step: where the next attempt continues
 
 
 @dataclass(frozen=True)
@@ -300,7 +308,7 @@ class EventLog:
     ) -> tuple[list[str], list[Arg]]:
         head, tail = encode(event.type, job_id, event.fields())
         counter, stream = event_keys(job_id)
-        keys = [counter, stream, job_channel(job_id), owner_channel(owner)]
+        keys = [counter, stream, job_channel(job_id), owner_channel(owner), checkpoint_key(job_id)]
         ttl_s = self.finished_ttl_s if event.type in TERMINAL_TYPES else self.ttl_s
         args: list[Arg] = [attempt, ttl_s, seq, head, tail, self.stream_max, int(position_update)]
         return keys, [*args, block.lo, block.hi]

@@ -48,6 +48,8 @@ class Job:
     batch_size: int | None
     seq_ceiling: int
     claim_token: uuid.UUID | None
+    worker_session: int | None
+    resumed_from_step: int | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:
@@ -116,6 +118,7 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "error": error,
         "timings": job.timings(),
         "last_seq": job.last_seq,
+        "resumed_from_step": job.resumed_from_step,
         "images_expired_at": timestamp(job.images_expired_at),
         "preview": job.preview.to_json() if job.preview else None,
         "webhook": job.webhook,

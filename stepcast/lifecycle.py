@@ -60,7 +60,7 @@ class Speaker:
         return cls(job.attempt, worker=True)
 
 
-def _last_published(answers: list[int]) -> int | None:
+def last_published(answers: list[int]) -> int | None:
     """The seq of the last event published, from what the log answered for each."""
     return max((answer for answer in answers if answer > 0), default=None)
 
@@ -92,14 +92,15 @@ class Lifecycle:
         """Emit an event with the next seq; that seq, or None if it was not published (fenced,
         nothing new, or Redis unreachable ``tries`` times: a watcher gets a snapshot)."""
         answers = await self._emit(job_id, owner, [event], speaker, 0, position_update, tries)
-        return _last_published(answers)
+        return last_published(answers)
 
     async def emit_all(
         self, job_id: uuid.UUID, owner: str, events: Sequence[Event], speaker: Speaker
-    ) -> int | None:
+    ) -> list[int]:
         """:meth:`emit` for each of ``events``, in this order and one round trip (two when the
-        job needs a fresh block of seqs on the way); the seq of the last one published."""
-        return _last_published(await self._emit(job_id, owner, events, speaker, 0, False, 1))
+        job needs a fresh block of seqs on the way); what the log answered for each (its seq,
+        or a code such as :data:`~stepcast.events.FENCED`), nothing if Redis was unreachable."""
+        return await self._emit(job_id, owner, events, speaker, 0, False, 1)
 
     async def _emit(
         self,
@@ -233,16 +234,19 @@ class Lifecycle:
         moved = await self._retrying("restamp", lambda: self.db.seqs.restamp(job.id, seq, later))
         return later if moved else None
 
-    async def requeue(self, job: Job, reason: str, write: Callable[[], Awaitable[Job | None]]) -> Job | None:
-        """Back to the queue (``write``, fenced), then ``requeued``: from then on Redis refuses
-        the events of the attempt that let it go."""
+    async def requeue(
+        self, job: Job, reason: str, write: Callable[[], Awaitable[Job | None]], *, resume_step: int = 0
+    ) -> Job | None:
+        """Back to the queue (``write``, fenced), then ``requeued``, saying where the next attempt
+        continues: from then on Redis refuses the events (and checkpoints) of the attempt that
+        let it go."""
         done = await self._written("requeue", write)
         if done is None:  # its reply may have been lost: is the job back in the queue, as we left it?
             current = await self._retrying("read back", lambda: self.db.jobs.get(job.id))
             if current is not None and (current.status, current.attempt) == (Status.PENDING, job.attempt):
                 done = current
         if done is not None:
-            event = Requeued(attempt=job.attempt + 1, reason=reason)
+            event = Requeued(attempt=job.attempt + 1, reason=reason, resumed_from_step=resume_step)
             await self.emit(job.id, job.owner, event, Speaker(job.attempt + 1), tries=TERMINAL_TRIES)
         return done
 

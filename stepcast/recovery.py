@@ -1,21 +1,26 @@
-"""Recovery without a human: a periodic pass, in one process at a time (an advisory lock).
+"""Recovery without a human: periodic passes, each in one process at a time (an advisory lock).
 
-A job whose lease expired goes back to ``pending`` with a ``requeued`` event (or fails with
-``worker_lost`` after ``max_attempts``, or is canceled if a cancel was asked); a pending job the
-queue does not hold is enqueued again (the ``HEAD_ROWS`` oldest and ``SWEEP_ROWS`` more each
-pass); a job past its queue TTL fails with ``expired``. docs/reliability.md.
+A job whose worker is gone (its session ended, or its lease expired) goes back to ``pending``
+with a ``requeued`` event saying where the next attempt resumes (or fails with ``worker_lost``
+after ``max_attempts``, or is canceled if a cancel was asked); a pending job the queue does not
+hold is enqueued again (the ``HEAD_ROWS`` oldest and ``SWEEP_ROWS`` more each pass); a job past
+its queue TTL fails with ``expired``. docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from datetime import datetime
 
+import asyncpg
 from arq.connections import ArqRedis
 
 from stepcast import queue
 from stepcast.background import every
+from stepcast.checkpoints import Checkpoints
 from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
 from stepcast.jobs import Job
@@ -39,14 +44,21 @@ class Recovery:
         max_attempts: int,
         interval_s: float,
         enqueue_grace_s: float,
+        session_check_s: float = 0.25,
+        session_confirm_s: float = 1.0,
     ) -> None:
         self.db = db
         self.lifecycle = Lifecycle(db, events)
+        self.checkpoints = Checkpoints(events.redis, ttl_s=events.ttl_s)
         self.arq = arq
         self.max_attempts = max_attempts
         self.interval_s = interval_s
         self.enqueue_grace_s = enqueue_grace_s
+        self.session_check_s = session_check_s
+        self.session_confirm_s = session_confirm_s
         self._swept_to: tuple[datetime, uuid.UUID] | None = None  # the last job checked
+        # (job, attempt, session) -> when this process first saw the session gone
+        self._gone: dict[tuple[uuid.UUID, int, int | None], float] = {}
 
     @classmethod
     def from_settings(
@@ -59,10 +71,45 @@ class Recovery:
             max_attempts=settings.max_attempts,
             interval_s=settings.recovery_interval_s,
             enqueue_grace_s=settings.enqueue_grace_s,
+            session_check_s=settings.session_check_s,
+            session_confirm_s=settings.session_confirm_s,
         )
 
     async def run(self) -> None:
-        await every(self.interval_s, self.tick, "recovery")
+        async with asyncio.TaskGroup() as passes:
+            passes.create_task(every(self.interval_s, self.tick, "recovery"))
+            passes.create_task(self.watch_sessions())
+
+    async def watch_sessions(self) -> None:
+        """For ever: while this process holds the sessions lock (kept, not taken each pass),
+        look every ``session_check_s`` for jobs whose worker's session is gone; the others
+        try for the lock every ``interval_s``."""
+        while True:
+            try:
+                async with self.db.leading("sessions") as conn:
+                    while conn is not None:  # a failed query (the lock's connection gone) ends it
+                        await self.check_sessions(conn)
+                        await asyncio.sleep(self.session_check_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("sessions pass failed (%s); trying again", exc)
+            self._gone.clear()
+            await asyncio.sleep(self.interval_s)
+
+    async def check_sessions(self, conn: asyncpg.Connection | None = None) -> list[Job]:
+        """One look: jobs whose worker's session has stayed gone ``session_confirm_s`` go
+        back to the queue (or fail, or are canceled); those it took."""
+        now = time.monotonic()
+        gone = {
+            (job.id, job.attempt, job.worker_session): job
+            for job in await self.db.recovery.lost_sessions(conn)
+        }
+        self._gone = {key: self._gone.get(key, now) for key in gone}
+        taken = [job for key, job in gone.items() if now - self._gone[key] >= self.session_confirm_s]
+        for job in taken:
+            await self._expired(job, "worker_lost")
+        return taken
 
     async def tick(self) -> bool:
         """One pass; False if another process holds the recovery lock."""
@@ -70,7 +117,7 @@ class Recovery:
             if not held:
                 return False
             for job in await self.db.recovery.expired_leases():
-                await self._expired(job)
+                await self._expired(job, "lease_expired")
             for job in await self.db.recovery.expired_in_queue():
                 await self._expired_in_queue(job)
             waiting = await self._pending_to_check()
@@ -101,17 +148,25 @@ class Recovery:
         self._swept_to = (page[-1].created_at, page[-1].id) if len(page) == self.SWEEP_ROWS else None
         return head + page
 
-    async def _expired(self, job: Job) -> None:
+    async def _expired(self, job: Job, reason: str) -> None:
+        """The job's worker is gone (``reason``): the job goes back to the queue, to resume
+        from its newest checkpoint, unless it was canceled or has lost too many attempts."""
         log = {"job_id": str(job.id), "attempt": job.attempt}
         if job.cancel_requested:
             await self._finish(job, Status.CANCELED, Canceled())
-        elif (lost := job.attempt - job.handoffs) >= self.max_attempts:
+            return
+        if (lost := job.attempt - job.handoffs) >= self.max_attempts:
             message = f"the worker stopped responding on each of {lost} attempts (the most allowed)"
             await self._finish(job, Status.FAILED, Failed(code="worker_lost", message=message))
-        elif await self.lifecycle.requeue(
-            job, "lease_expired", lambda: self.db.recovery.requeue_expired(job.id, job.attempt)
+            return
+        step = await self.checkpoints.step_of(str(job.id))
+        if await self.lifecycle.requeue(
+            job,
+            reason,
+            lambda: self.db.recovery.requeue_expired(job.id, job.attempt, resume_step=step),
+            resume_step=step,
         ):
-            logger.warning("lease expired; job goes back to the queue", extra=log)
+            logger.warning("worker gone (%s); job goes back to the queue", reason, extra=log)
             # The dead run's arq keys would make arq refuse (or delay) the same id.
             await queue.enqueue(
                 self.arq, job.id, job.queue, place=job.created_at, ticket=queue.Ticket.of(job), afresh=True

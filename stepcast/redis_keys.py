@@ -32,6 +32,13 @@ def event_keys(job_id: str) -> tuple[str, str]:
     return f"stepcast:{{{job_id}}}:seqs", f"stepcast:{{{job_id}}}:events"
 
 
+def checkpoint_key(job_id: str) -> str:
+    """Hash: the job's newest checkpoint (attempt, step, model revision, data). A running
+    worker writes it (stepcast.checkpoints, fenced like its events); the worker that runs the
+    next attempt and the recovery pass read it; the terminal event's script deletes it."""
+    return f"stepcast:{{{job_id}}}:checkpoint"
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub: each event of the job, published by the event script; a server's hub subscribes
     while a feed of its watches the job."""

@@ -70,6 +70,12 @@ class SharedSettings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     recovery_interval_s: float = Field(2.0, gt=0)
     enqueue_grace_s: float = Field(5.0, ge=0)
+    # A worker holds a Postgres session (an advisory lock) while it lives and checks
+    # it this often; one process at a time looks this often for jobs whose worker's
+    # session is gone, and takes them back once it has stayed gone session_confirm_s
+    # (a Postgres restart ends every session: the workers open theirs again first).
+    session_check_s: float = Field(0.25, gt=0)
+    session_confirm_s: float = Field(1.0, ge=0)
     # Retention: images of finished jobs are deleted after this many days
     # (0: kept forever); the job row stays and records when.
     retention_days: float = Field(7.0, ge=0)
@@ -282,6 +288,9 @@ class WorkerSettings(SharedSettings):
     # interval (each send costs the model CPU); a step after a quiet interval
     # goes at once. 0: every step at once.
     progress_interval_s: float = Field(0.05, ge=0, le=1)
+    # A running job's state (latents, scheduler, generators) is kept in Redis this
+    # often, so that a retried attempt continues from it, not from step 0 (0: never).
+    checkpoint_every_s: float = Field(1.0, ge=0)
     job_timeout_s: float = Field(600.0, gt=0)
     # A submit wakes idle workers at once (Redis pub/sub); without a wake-up
     # (one lost in a reconnect) they look at the queue this often anyway.

@@ -29,7 +29,7 @@ from stepcast.events import (
     Started,
     encode,
 )
-from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.lifecycle import Lifecycle, Speaker, last_published
 from stepcast.redis_keys import event_keys
 from stepcast.round_trips import GatheredCommands
 from tests.test_database import insert
@@ -217,7 +217,8 @@ async def test_steps_sent_together_keep_their_order_across_a_fresh_block(
         # The counter has two seqs left (2 and 3) when five steps come together.
         await log.emit(key, job.owner, STARTED, attempt=1, block=Block(1, 3))
         steps = [Progress(step=step, total=5, eta_s=0.1) for step in range(1, 6)]
-        last = await Lifecycle(db, log).emit_all(job.id, job.owner, steps, Speaker.waiting(job))
+        answers = await Lifecycle(db, log).emit_all(job.id, job.owner, steps, Speaker.waiting(job))
+        last = last_published(answers)
     finally:
         await db.close()
     events = (await log.read(key)).events

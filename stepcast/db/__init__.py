@@ -48,7 +48,12 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0  # how long a close waits for connections in use
 
 # pg_try_advisory_lock keys of the periodic tasks that run in one process at a time.
-_SINGLETON_LOCKS = {"recovery": 0x5EC0_2EC0, "retention": 0x5EC0_2E7E, "queue_announcer": 0x5EC0_9051}
+_SINGLETON_LOCKS = {
+    "recovery": 0x5EC0_2EC0,
+    "retention": 0x5EC0_2E7E,
+    "queue_announcer": 0x5EC0_9051,
+    "sessions": 0x5EC0_5E55,
+}
 
 
 T = TypeVar("T")
@@ -142,6 +147,19 @@ class Database:
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+
+    @contextlib.asynccontextmanager
+    async def leading(self, task: str) -> AsyncIterator[asyncpg.Connection | None]:
+        """:meth:`singleton` for a task that keeps the lock across its passes: the connection
+        that holds it (ask on it: if it fails, the lock is gone too), or None."""
+        key = _SINGLETON_LOCKS[task]
+        async with self.pool.acquire() as conn:
+            held = bool(await _lock_or_close(conn, "SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield conn if held else None
+            finally:
+                if held:
+                    await _lock_or_close(conn, "SELECT pg_advisory_unlock($1)", key)
 
     @contextlib.asynccontextmanager
     async def singleton(self, task: str) -> AsyncIterator[bool]:

@@ -1,7 +1,9 @@
-"""What the recovery pass (:mod:`stepcast.recovery`) reads and writes: expired leases, pending jobs.
+"""What the recovery pass (:mod:`stepcast.recovery`) reads and writes: lost workers, pending jobs.
 
-Its writes are fenced like the worker's (``attempt``) and by the lease having
-run out, so a worker that renewed meanwhile keeps its job.
+A worker is lost when its lease ran out, or when no session holds its session lock
+(:mod:`stepcast.db.presence`). The pass's writes are fenced like the worker's (``attempt``)
+and by the worker still being lost, so a worker that renewed (or came back) meanwhile keeps
+its job.
 """
 
 from __future__ import annotations
@@ -9,10 +11,17 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+import asyncpg
+
+from stepcast.db.presence import LOCK_CLASS
 from stepcast.db.store import Store
 from stepcast.db.timings import FINISH_TIMES
 from stepcast.jobs import Job
 from stepcast.status import Status
+
+# The worker running the job is gone: its lease ran out, or its session ended.
+_LOST = """(lease_expires_at < now()
+            OR (worker_session IS NOT NULL AND NOT worker_session_alive(worker_session)))"""
 
 
 class RecoveryStore(Store):
@@ -25,19 +34,38 @@ class RecoveryStore(Store):
         )
         return [Job.from_record(row) for row in rows]
 
-    async def requeue_expired(self, job_id: uuid.UUID, attempt: int) -> Job | None:
-        """Back to pending, unless the worker renewed its lease meanwhile (fenced) or a cancel
-        was asked for (the recovery pass cancels it instead: a pending job no claim accepts
-        would wait for nothing)."""
-        row = await self.pool.fetchrow(
+    async def lost_sessions(self, via: asyncpg.Connection | asyncpg.Pool | None = None) -> list[Job]:
+        """Processing jobs whose worker's session no connection holds (read in one pass over
+        the locks). ``via``: the connection to ask on (the one holding the pass's lock)."""
+        rows = await (via or self.pool).fetch(
             """
-            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL, progress_step = 0
-            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
+            SELECT * FROM jobs
+            WHERE status = 'processing' AND worker_session IS NOT NULL
+              AND worker_session::oid NOT IN (
+                SELECT objid FROM pg_locks
+                WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::oid
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+            """,
+            LOCK_CLASS,
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def requeue_expired(self, job_id: uuid.UUID, attempt: int, *, resume_step: int = 0) -> Job | None:
+        """Back to pending, to resume from ``resume_step`` (0: from the start), unless the
+        worker renewed its lease or came back meanwhile (fenced) or a cancel was asked for
+        (the recovery pass cancels it instead: a pending job no claim accepts would wait for
+        nothing)."""
+        row = await self.pool.fetchrow(
+            f"""
+            UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL,
+                worker_session = NULL, progress_step = $3, resumed_from_step = nullif($3, 0)
+            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND {_LOST}
               AND NOT cancel_requested
             RETURNING *
             """,
             job_id,
             attempt,
+            resume_step,
         )
         return Job.from_record(row) if row else None
 
@@ -55,7 +83,7 @@ class RecoveryStore(Store):
         row = await self.pool.fetchrow(
             f"""
             UPDATE jobs SET status = $3, error_code = $4, error_message = $5, last_seq = $6, {FINISH_TIMES}
-            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND lease_expires_at < now()
+            WHERE id = $1 AND attempt = $2 AND status = 'processing' AND {_LOST}
             RETURNING *
             """,
             job_id, attempt, status.value, code, message, seq,

@@ -43,11 +43,14 @@ class RunStore(Store):
         lease_s: float,
         model_revision: str,
         token: uuid.UUID,
+        session: int | None = None,
     ) -> dict[uuid.UUID, Job]:
         """Start the jobs (a batch) that are still pending, in one statement: those it started.
 
         ``token`` names this claim: the same call again (its reply was lost) returns the
-        jobs the first one started, rather than nothing.
+        jobs the first one started, rather than nothing. ``session``: the worker's session
+        number (:class:`stepcast.db.presence.Presence`), by which recovery knows it lives.
+        A resumed job keeps its progress (the step it resumes from).
         """
         rows = await self.pool.fetch(
             """
@@ -55,8 +58,9 @@ class RunStore(Store):
                 status = 'processing', worker = $2, model_revision = $4, claim_token = $5,
                 attempt = CASE WHEN status = 'pending' THEN attempt + 1 ELSE attempt END,
                 started_at = CASE WHEN status = 'pending' THEN now() ELSE started_at END,
-                progress_step = CASE WHEN status = 'pending' THEN 0 ELSE progress_step END,
-                lease_expires_at = now() + make_interval(secs => $3)
+                progress_step = CASE WHEN status = 'pending' THEN coalesce(resumed_from_step, 0)
+                                     ELSE progress_step END,
+                lease_expires_at = now() + make_interval(secs => $3), worker_session = $6
             WHERE id = ANY($1::uuid[])
               AND (
                 (status = 'pending' AND NOT cancel_requested
@@ -67,25 +71,34 @@ class RunStore(Store):
               )
             RETURNING *
             """,
-            list(job_ids), worker, lease_s, model_revision, token,
+            list(job_ids), worker, lease_s, model_revision, token, session,
         )  # fmt: skip
         jobs = (Job.from_record(row) for row in rows)
         return {job.id: job for job in jobs}
 
     async def heartbeat(
-        self, job_id: uuid.UUID, attempt: int, *, lease_s: float, step: int, last_seq: int
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        *,
+        lease_s: float,
+        step: int,
+        last_seq: int,
+        session: int | None = None,
     ) -> bool | None:
-        """Renew the lease and persist progress; the cancel flag, or None if the job is lost."""
+        """Renew the lease and persist progress; the cancel flag, or None if the job is lost.
+        The worker's session number goes along: it changes when its session is opened again."""
         value = await self.pool.fetchval(
             """
             UPDATE jobs SET
                 lease_expires_at = now() + make_interval(secs => $3),
                 progress_step = GREATEST(progress_step, $4),
-                last_seq = GREATEST(last_seq, $5)
+                last_seq = GREATEST(last_seq, $5),
+                worker_session = coalesce($6, worker_session)
             WHERE id = $1 AND attempt = $2 AND status = 'processing'
             RETURNING cancel_requested
             """,
-            job_id, attempt, lease_s, step, last_seq,
+            job_id, attempt, lease_s, step, last_seq, session,
         )  # fmt: skip
         return None if value is None else bool(value)
 
@@ -139,16 +152,32 @@ class RunStore(Store):
         )  # fmt: skip
         return Job.from_record(row) if row else None
 
-    async def hand_back(self, job_id: uuid.UUID, attempt: int, *, last_seq: int) -> Job | None:
-        """A worker shutting down returns its job to the queue; the attempt does not count
-        against max_attempts. None if the job moved on or a cancel is pending."""
+    async def hand_back(
+        self, job_id: uuid.UUID, attempt: int, *, last_seq: int, resume_step: int = 0
+    ) -> Job | None:
+        """A worker shutting down returns its job to the queue, to resume from
+        ``resume_step`` (its newest checkpoint; 0: from the start); the attempt does not
+        count against max_attempts. None if the job moved on or a cancel is pending."""
         row = await self.pool.fetchrow(
             """
             UPDATE jobs SET status = 'pending', worker = NULL, lease_expires_at = NULL,
-                handoffs = handoffs + 1, progress_step = 0, last_seq = GREATEST(last_seq, $3)
+                worker_session = NULL, handoffs = handoffs + 1, last_seq = GREATEST(last_seq, $3),
+                progress_step = $4, resumed_from_step = nullif($4, 0)
             WHERE id = $1 AND attempt = $2 AND status = 'processing' AND NOT cancel_requested
             RETURNING *
             """,
-            job_id, attempt, last_seq,
+            job_id, attempt, last_seq, resume_step,
+        )  # fmt: skip
+        return Job.from_record(row) if row else None
+
+    async def resume_from(self, job_id: uuid.UUID, attempt: int, *, step: int) -> Job | None:
+        """What this attempt really resumes from (0: its checkpoint was gone), fenced."""
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET resumed_from_step = $3, progress_step = $3
+            WHERE id = $1 AND attempt = $2 AND status = 'processing'
+            RETURNING *
+            """,
+            job_id, attempt, step,
         )  # fmt: skip
         return Job.from_record(row) if row else None

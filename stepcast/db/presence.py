@@ -1,0 +1,94 @@
+"""A worker's presence: a Postgres session of its own that holds the worker's session lock.
+
+The lock (:data:`LOCK_CLASS`, the session number) lives exactly as long as the session: a
+SIGKILL, an OOM kill or a lost node ends it at once, and the recovery pass takes the worker's
+jobs back within about a second (``worker_session_alive`` in the schema). A session that ends
+while the worker lives (Postgres restarted, the connection cut) is opened again and the lock
+taken again; the recovery pass waits ``confirm_s`` before it believes a session is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+logger = logging.getLogger(__name__)
+
+LOCK_CLASS = 1589682462  # the advisory lock class of worker sessions (the schema's 0004)
+
+
+class Presence:
+    """Holds the session lock while the worker lives; :attr:`number` goes in its claims."""
+
+    def __init__(self, dsn: str, worker_id: str, *, check_s: float) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.check_s = check_s
+        self.number: int | None = None  # None until the lock is first held
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+
+    async def hold(self) -> None:
+        """Open the session and take the lock (a fresh number if another session holds ours)."""
+        conn = await asyncpg.connect(
+            self.dsn, server_settings={"application_name": f"stepcast-worker {self.worker_id}"[:63]}
+        )
+        try:
+            number = self.number
+            while True:
+                if number is None:
+                    number = int(await conn.fetchval("SELECT nextval('worker_sessions')"))
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_CLASS, number):
+                    break
+                number = None  # the last session that held it lingers: take a new number
+        except BaseException:
+            conn.terminate()
+            raise
+        self._lost.clear()
+        conn.add_termination_listener(lambda _: self._lost.set())
+        self._conn, self.number = conn, number
+        logger.info("worker session held", extra={"worker": self.worker_id, "session": number})
+
+    async def keep(self) -> None:
+        """For ever: check the session every ``check_s``; open it again when it ends."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self.check_s)
+            if await self._alive():
+                continue
+            logger.warning("worker session lost; opening it again", extra={"worker": self.worker_id})
+            self._drop()
+            while True:
+                try:
+                    await self.hold()
+                    break
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    logger.warning("worker session: Postgres unreachable (%s)", exc)
+                    await asyncio.sleep(self.check_s)
+
+    async def _alive(self) -> bool:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), max(self.check_s, 1.0))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def close(self) -> None:
+        """Let go of the session (its jobs are handed back or finished by now)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except Exception:
+                conn.terminate()
