@@ -12,7 +12,10 @@ model's FLOPs and memory, no download), then reports images/s
 - side by side, one job at a time, alternating (``bench.overhead``'s): the
   worker's ``timings.pipeline_s`` against the plain loop a user writes
   (``from_pretrained`` + ``pipe(...)`` in a fresh process, ``bench.bare``),
-  for a fresh worker and again after it has served large jobs.
+  for a fresh worker and again after it has served large jobs;
+- checkpoints, per scheduler: what taking one (``state()``) costs the
+  pipeline thread, its encoded size, and the largest pixel difference between
+  an uninterrupted run and runs resumed from its checkpoints at several steps.
 
 Meant for a CUDA machine (fp16, SDPA attention, channels-last; ``--compile``
 adds torch.compile). ``--device cpu --dtype float32 --size 256 --steps 2``
@@ -26,13 +29,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from bench import overhead, stack
-from gpu_worker.pipeline import DiffusersPipeline, Request
+from gpu_worker import checkpoints
+from gpu_worker.checkpoints import Snapshot
+from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
 from gpu_worker.tiny_model import build
-from stepcast.params import JobParams
+from stepcast.params import SCHEDULERS, JobParams
 from stepcast.settings import DATA_DIR
 
 MODEL_DIR = DATA_DIR / "models" / "sd15-random"
@@ -58,6 +67,51 @@ def bare(pipeline: DiffusersPipeline, params: dict[str, Any], batch: int, jobs: 
     return calls * batch / (time.perf_counter() - started)
 
 
+def checkpointed(
+    pipeline: DiffusersPipeline, job: JobParams, at: set[int]
+) -> tuple[Generation, dict[int, bytes], list[float]]:
+    """One uninterrupted run; its checkpoints at the steps ``at``, and what each ``state()`` took."""
+    import torch
+
+    blobs: dict[int, bytes] = {}
+    seconds: list[float] = []
+
+    def on_step(step: int, total: int, latents: Any, state: Callable[[], Snapshot]) -> None:
+        if step in at:
+            if latents.is_cuda:
+                torch.cuda.synchronize()  # the step's own kernels are not the checkpoint's cost
+            started = time.perf_counter()
+            snapshot = state()
+            seconds.append(time.perf_counter() - started)
+            blobs[step] = checkpoints.encode(snapshot)
+
+    [whole] = pipeline.generate([Request(job, on_step, lambda: False)])
+    return whole, blobs, seconds
+
+
+def resumes(pipeline: DiffusersPipeline, params: dict[str, Any]) -> dict[str, Any]:
+    """Per scheduler: ``state()``'s ms (p50), the bytes of a checkpoint, and the largest pixel
+    difference (0-255) from the uninterrupted run of a run resumed at step k, for several k."""
+    at = {max(1, params["steps"] * quarter // 4) for quarter in (1, 2, 3)} - {params["steps"]}
+    figures: dict[str, Any] = {}
+    for scheduler in SCHEDULERS:
+        job = JobParams(prompt="fox", negative_prompt=None, model="sd15-random", guidance_scale=7.5,
+                        seed=1, num_images=1, scheduler=scheduler, **params)  # fmt: skip
+        whole, blobs, seconds = checkpointed(pipeline, job, at)
+        differences = {}
+        for step, blob in sorted(blobs.items()):
+            resume = Request(job, lambda *_: None, lambda: False, checkpoints.decode(blob))
+            [resumed] = pipeline.generate([resume])
+            pixels = [np.asarray(run.images[0], dtype=np.int16) for run in (whole, resumed)]
+            differences[step] = int(np.abs(pixels[0] - pixels[1]).max())
+        figures[scheduler] = {
+            "state_ms": round(statistics.median(seconds) * 1000, 3),
+            "bytes": max(len(blob) for blob in blobs.values()),
+            "max_pixel_difference_by_step": differences,
+        }
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -77,6 +131,8 @@ def main() -> None:
     pipeline = DiffusersPipeline.load(MODEL_DIR, name="sd15-random", **options, compile_unet=args.compile)
     bare_rates = {size: round(bare(pipeline, params, size, args.jobs), 3) for size in sorted({1, args.batch})}
     print({"bare_images_per_s": bare_rates}, flush=True)
+    checkpoint_figures = resumes(pipeline, params)
+    print({"checkpoints": checkpoint_figures}, flush=True)
     del pipeline
     gc.collect()
     if args.device.startswith("cuda"):
@@ -121,6 +177,7 @@ def main() -> None:
         },
         "pipeline_s_vs_plain_loop": {phase: figures["ratio"] for phase, figures in against_bare.items()},
         "side_by_side": against_bare,
+        "checkpoints": checkpoint_figures,
         "batching_speedup": {
             "bare": round(bare_rates[args.batch] / bare_rates[1], 2),
             "worker": round(worker_rates[args.batch]["images_per_s"] / worker_rates[1]["images_per_s"], 2),

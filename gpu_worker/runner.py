@@ -60,7 +60,7 @@ class JobRunner:
         self.checkpoints = Checkpoints(events.redis, ttl_s=settings.event_ttl_s)
 
         def session() -> int | None:
-            return presence.number if presence is not None else None
+            return presence.session if presence is not None else None
 
         self.dispatcher = Dispatcher(
             settings, db, pipeline, worker_id, metrics, executor=executor, on_room=on_room, session=session

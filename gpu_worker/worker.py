@@ -66,6 +66,7 @@ class GpuWorker(ArqWorker):
         self.renew_s = renew_s
         self.runner: JobRunner | None = None
         self.consumer: Consumer | None = None  # set on startup, once the pool exists
+        self.presence: Presence | None = None  # set on startup: without its session, no job is taken
         self._wake = asyncio.Event()
         self._letting_go: set[asyncio.Task[None]] = set()  # close waits for them before the pool
 
@@ -109,7 +110,7 @@ class GpuWorker(ArqWorker):
 
     async def _take_jobs(self) -> None:
         room = self._room()
-        if room <= 0 or self.consumer is None:
+        if room <= 0 or self.consumer is None or (self.presence is not None and not self.presence.held):
             return
         for taken in await self.consumer.take(room):
             await self.start_job_task(taken.job_id, self.run_taken(taken))
@@ -259,6 +260,7 @@ def create_worker(
         presence = Presence(settings.database_url, worker_id, check_s=settings.session_check_s)
         await presence.hold()
         stack.push_async_callback(presence.close)
+        worker.presence = presence
         storage = await stack.enter_async_context(open_storage(settings))
         if pipeline is not None:
             loaded = pipeline

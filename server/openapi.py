@@ -244,6 +244,11 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
             },
         },
         "last_seq": {"type": "integer", "minimum": 0},
+        "resumed_from_step": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "The step a retried attempt resumes from (its checkpoint's); null: never resumed",
+        },
         "images_expired_at": NULLABLE_TIME,
         "preview": preview,
         "webhook": webhook,

@@ -67,9 +67,13 @@ class EtaEstimator:
             return UNKNOWN_PACE
 
     async def eta_s(self, job: Job, position: int) -> float | None:
+        """The jobs ahead, whole, then this one's own steps: only those left to it if it
+        resumes from a checkpoint."""
         params = job.params
         pace = await self.pace(job.queue, params.width, params.height)
-        return pace.drain_s(position, params.steps)
+        ahead = pace.drain_s(position - 1, params.steps)
+        own = pace.drain_s(1, params.steps - (job.resumed_from_step or 0))
+        return None if ahead is None or own is None else round(ahead + own, 3)
 
 
 class QueueAnnouncer:

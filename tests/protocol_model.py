@@ -188,7 +188,7 @@ class SimDatabase:
         self._wrote(replace(row, last_seq=later))
         return True
 
-    async def requeue_expired(self, job_id: uuid.UUID, attempt: int) -> Job | None:
+    async def requeue_expired(self, job_id: uuid.UUID, attempt: int, *, resume_step: int = 0) -> Job | None:
         row = await self._read("requeue_expired")
         if row.status is not Status.PROCESSING or row.attempt != attempt or not self.lease_expired:
             return None

@@ -177,6 +177,7 @@ async def test_wire_shape_of_a_finished_job(stack: Stack) -> None:
         "id": str, "status": str, "attempt": int, "owner": str, "params": dict, "progress": dict,
         "queue_position": type(None), "created_at": str, "started_at": str, "finished_at": str,
         "result": dict, "error": type(None), "timings": dict, "last_seq": int,
+        "resumed_from_step": type(None),
     }  # fmt: skip
     for name, kind in expected.items():
         assert isinstance(job[name], kind), name

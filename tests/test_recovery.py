@@ -23,6 +23,8 @@ from tests.conftest import StepcastProcess
 from tests.test_realtime import recv, send, until
 
 FAST_RECOVERY = {"lease_s": 1.0, "heartbeat_s": 0.2, "recovery_interval_s": 0.2, "enqueue_grace_s": 0.3}
+# The lease as it is by default (30 s): only the worker's session can tell it died.
+SESSION_RECOVERY = {**FAST_RECOVERY, "lease_s": 30.0, "checkpoint_every_s": 0.05}
 LONG_JOB = {"prompt": "a long night", "steps": 150, "width": 256, "height": 256}  # ~7 s here
 
 
@@ -67,7 +69,7 @@ async def kill_worker_mid_job(
     return job_id
 
 
-@pytest.mark.parametrize("settings", [FAST_RECOVERY], indirect=True)
+@pytest.mark.parametrize("settings", [SESSION_RECOVERY], indirect=True)
 async def test_a_killed_workers_job_completes_on_another_exactly_once(
     settings: Settings,
     serve: Callable[[Settings], Awaitable[str]],
@@ -87,12 +89,36 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
     kinds = [e["type"] for e in events]
     assert kinds.count("requeued") == 1 and kinds[-1] == "completed"
     requeued = next(e for e in events if e["type"] == "requeued")
-    assert requeued["attempt"] == 2 and requeued["reason"] == "lease_expired"
-    assert [e["attempt"] for e in events if e["type"] == "started"] == [1, 2]
+    # Its session ended with it: taken back long before the 30 s lease, resumed where it was.
+    assert requeued["attempt"] == 2 and requeued["reason"] == "worker_lost"
+    resumed = requeued["resumed_from_step"]
+    assert resumed >= 1
+    started = [e for e in events if e["type"] == "started"]
+    assert [(e["attempt"], e.get("resumed_from_step")) for e in started] == [(1, None), (2, resumed)]
+    again = [e["step"] for e in events[events.index(started[1]) :] if e["type"] == "progress"]
+    assert again == list(range(resumed + 1, LONG_JOB["steps"] + 1))
     assert job["last_seq"] == seqs[-1]
     row = await job_row(settings, job_id)
     assert (row["status"], row["attempt"], row["handoffs"], row["last_seq"]) == ("completed", 2, 0, seqs[-1])
     assert row["lease_expires_at"] is None and len(row["result"]["images"]) == 1
+    assert (row["resumed_from_step"], job["resumed_from_step"]) == (resumed, resumed)
+
+
+# The session says nothing (confirmed only after an hour): the lease is the fallback.
+@pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "session_confirm_s": 3600}], indirect=True)
+async def test_without_the_session_the_lease_takes_the_job_back(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> None:
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        job_id = await kill_worker_mid_job(settings, spawn, client)
+        await run_worker(settings)
+        job = await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
+    assert (job["status"], job["attempt"]) == ("completed", 2)
+    requeued = [e for e in await events_of(settings, job_id) if e["type"] == "requeued"]
+    assert [(e["attempt"], e["reason"]) for e in requeued] == [(2, "lease_expired")]
 
 
 @pytest.mark.parametrize("settings", [{**FAST_RECOVERY, "max_attempts": 1}], indirect=True)

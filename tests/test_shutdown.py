@@ -86,15 +86,23 @@ async def test_sigterm_hands_back_a_job_it_cannot_finish(
         assert time.monotonic() - signalled < 10  # stopped at the next step, not at the end
         row = await job_row(settings, job_id)
         assert (row["status"], row["attempt"], row["handoffs"]) == ("pending", 1, 1)
-        assert row["worker"] is None and row["progress_step"] == 0
+        # It saved its state at the step it stopped on: the next attempt resumes there.
+        kept = row["resumed_from_step"]
+        assert row["worker"] is None and kept >= 5 and row["progress_step"] == kept
         await run_worker(settings)
         job = await wait_for(client, job_id, lambda job: job["status"] != "pending" and job["attempt"] == 2)
         job = await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
     assert job["status"] == "completed" and job["attempt"] == 2, job
     events = await events_of(settings, job_id)
     requeued = [e for e in events if e["type"] == "requeued"]
-    assert [(e["attempt"], e["reason"]) for e in requeued] == [(2, "worker_shutdown")]
+    assert [(e["attempt"], e["reason"], e["resumed_from_step"]) for e in requeued] == [
+        (2, "worker_shutdown", kept)
+    ]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    started = [e for e in events if e["type"] == "started"]
+    assert [e.get("resumed_from_step") for e in started] == [None, kept]
+    after = events[events.index(started[1]) + 1 :]
+    assert next(e["step"] for e in after if e["type"] == "progress") == kept + 1  # nothing run twice
     row = await job_row(settings, job_id)
     assert (row["status"], row["attempt"], row["handoffs"]) == ("completed", 2, 1)
 

@@ -27,7 +27,8 @@ class Presence:
         self.dsn = dsn
         self.worker_id = worker_id
         self.check_s = check_s
-        self.number: int | None = None  # None until the lock is first held
+        self.number: int | None = None  # the last number held
+        self.held = False  # the lock is held now (a worker without it takes no jobs)
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
 
@@ -48,8 +49,8 @@ class Presence:
             conn.terminate()
             raise
         self._lost.clear()
-        conn.add_termination_listener(lambda _: self._lost.set())
-        self._conn, self.number = conn, number
+        conn.add_termination_listener(lambda _: self._ended())
+        self._conn, self.number, self.held = conn, number, True
         logger.info("worker session held", extra={"worker": self.worker_id, "session": number})
 
     async def keep(self) -> None:
@@ -59,15 +60,29 @@ class Presence:
                 await asyncio.wait_for(self._lost.wait(), self.check_s)
             if await self._alive():
                 continue
+            self.held = False
             logger.warning("worker session lost; opening it again", extra={"worker": self.worker_id})
             self._drop()
+            failures = 0
             while True:
                 try:
                     await self.hold()
                     break
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    logger.warning("worker session: Postgres unreachable (%s)", exc)
+                    if failures % 120 == 0:  # once, then every half a minute or so
+                        logger.warning("worker session: cannot open it (%s); no jobs taken meanwhile", exc)
+                    failures += 1
                     await asyncio.sleep(self.check_s)
+
+    @property
+    def session(self) -> int | None:
+        """The number to record in a claim or heartbeat: None while the lock is not held (a job
+        claimed then has only its lease; one claimed before keeps the number that went)."""
+        return self.number if self.held else None
+
+    def _ended(self) -> None:
+        self.held = False
+        self._lost.set()
 
     async def _alive(self) -> bool:
         conn = self._conn
@@ -86,6 +101,7 @@ class Presence:
 
     async def close(self) -> None:
         """Let go of the session (its jobs are handed back or finished by now)."""
+        self.held = False
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
