@@ -18,6 +18,7 @@ from stepcast import arq_bridge, queue
 from stepcast.db import Database
 from stepcast.events import EventLog
 from stepcast.recovery import Recovery
+from stepcast.redis_keys import checkpoint_key
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
 from tests.test_realtime import recv, send, until
@@ -61,11 +62,14 @@ async def kill_worker_mid_job(
     settings: Settings,
     spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
     client: httpx.AsyncClient,
+    *,
+    job: dict[str, Any] = LONG_JOB,
+    at_step: int = 5,
 ) -> str:
     worker = await spawn("gpu_worker.worker", settings)
-    job_id: str = (await client.post("/v1/jobs", json=LONG_JOB)).json()["id"]
-    await wait_for(client, job_id, lambda job: job["progress"]["step"] >= 5)
-    worker.kill()  # SIGKILL: no goodbye, the lease just stops being renewed
+    job_id: str = (await client.post("/v1/jobs", json=job)).json()["id"]
+    await wait_for(client, job_id, lambda job: job["progress"]["step"] >= at_step)
+    worker.kill()  # SIGKILL: no goodbye; its session ends, its lease is not renewed
     return job_id
 
 
@@ -77,10 +81,17 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
     run_worker: Callable[..., Awaitable[None]],
 ) -> None:
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
-        job_id = await kill_worker_mid_job(settings, spawn, client)
+        job_id = await kill_worker_mid_job(settings, spawn, client, at_step=20)
         await run_worker(settings)  # the replacement
         job = await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
-    assert job["status"] == "completed" and job["attempt"] == 2, job
+        assert job["status"] == "completed" and job["attempt"] == 2, job
+        # Its twin, never interrupted: the same seed paints the same PNG, bit for bit.
+        twin_id = (await client.post("/v1/jobs", json={**LONG_JOB, "seed": job["params"]["seed"]})).json()[
+            "id"
+        ]
+        twin = await wait_for(client, twin_id, lambda job: job["status"] in {"completed", "failed"})
+        pngs = [(await client.get(j["result"]["images"][0]["url"])).content for j in (job, twin)]
+    assert twin["attempt"] == 1 and pngs[0] == pngs[1]
     stored = settings.storage_dir / job_id
     assert [str(p.relative_to(stored)) for p in stored.rglob("*.png")] == ["2/0.png"]  # the second attempt's
     events = await events_of(settings, job_id)
@@ -92,7 +103,7 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
     # Its session ended with it: taken back long before the 30 s lease, resumed where it was.
     assert requeued["attempt"] == 2 and requeued["reason"] == "worker_lost"
     resumed = requeued["resumed_from_step"]
-    assert resumed >= 1
+    assert resumed >= 10
     started = [e for e in events if e["type"] == "started"]
     assert [(e["attempt"], e.get("resumed_from_step")) for e in started] == [(1, None), (2, resumed)]
     again = [e["step"] for e in events[events.index(started[1]) :] if e["type"] == "progress"]
@@ -102,6 +113,8 @@ async def test_a_killed_workers_job_completes_on_another_exactly_once(
     assert (row["status"], row["attempt"], row["handoffs"], row["last_seq"]) == ("completed", 2, 0, seqs[-1])
     assert row["lease_expires_at"] is None and len(row["result"]["images"]) == 1
     assert (row["resumed_from_step"], job["resumed_from_step"]) == (resumed, resumed)
+    async with Redis.from_url(settings.redis_url) as redis:
+        assert not await redis.exists(checkpoint_key(job_id))  # gone with the terminal event
 
 
 # The session says nothing (confirmed only after an hour): the lease is the fallback.

@@ -29,10 +29,9 @@ from stepcast.params import SCHEDULERS, JobParams
 from stepcast.redis_keys import checkpoint_key
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess, fox_params
-from tests.test_recovery import FAST_RECOVERY, events_of, job_row, wait_for
+from tests.test_recovery import SESSION_RECOVERY, events_of, job_row, kill_worker_mid_job, wait_for
 
 STEPS = 8
-SESSION_RECOVERY = {**FAST_RECOVERY, "lease_s": 30.0, "checkpoint_every_s": 0.05}
 JOB = {"prompt": "a slow river", "steps": 150, "width": 256, "height": 256, "seed": 11}  # ~7 s here
 
 
@@ -115,41 +114,6 @@ def test_a_checkpoint_is_data_never_code(tmp_path: Any) -> None:
         checkpoints.decode(b"garbage")
 
 
-async def _kill_at_step(
-    settings: Settings,
-    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
-    client: httpx.AsyncClient,
-    step: int,
-) -> str:
-    worker = await spawn("gpu_worker.worker", settings)
-    job_id: str = (await client.post("/v1/jobs", json=JOB)).json()["id"]
-    await wait_for(client, job_id, lambda job: job["progress"]["step"] >= step)
-    worker.kill()
-    return job_id
-
-
-@pytest.mark.parametrize("settings", [SESSION_RECOVERY], indirect=True)
-async def test_a_job_killed_mid_run_resumes_to_the_same_png(
-    settings: Settings,
-    serve: Callable[[Settings], Awaitable[str]],
-    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
-    run_worker: Callable[..., Awaitable[None]],
-) -> None:
-    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
-        job_id = await _kill_at_step(settings, spawn, client, 40)
-        await run_worker(settings)
-        job = await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
-        twin = (await client.post("/v1/jobs", json={**JOB, "prompt": JOB["prompt"]})).json()["id"]
-        twin_job = await wait_for(client, twin, lambda job: job["status"] in {"completed", "failed"})
-        resumed_png = (await client.get(job["result"]["images"][0]["url"])).content
-        whole_png = (await client.get(twin_job["result"]["images"][0]["url"])).content
-    assert (job["status"], job["attempt"], twin_job["attempt"]) == ("completed", 2, 1)
-    assert job["resumed_from_step"] >= 30
-    assert resumed_png == whole_png  # the same seed, the same picture, bit for bit
-    async with Redis.from_url(settings.redis_url) as redis:
-        assert not await redis.exists(checkpoint_key(job_id))  # gone with the terminal event
-
-
 @pytest.mark.parametrize("settings", [SESSION_RECOVERY], indirect=True)
 async def test_a_job_whose_checkpoint_redis_lost_starts_again_and_says_so(
     settings: Settings,
@@ -158,7 +122,7 @@ async def test_a_job_whose_checkpoint_redis_lost_starts_again_and_says_so(
     run_worker: Callable[..., Awaitable[None]],
 ) -> None:
     async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
-        job_id = await _kill_at_step(settings, spawn, client, 10)
+        job_id = await kill_worker_mid_job(settings, spawn, client, job=JOB, at_step=10)
         back = await wait_for(client, job_id, lambda job: job["status"] == "pending")
         assert back["resumed_from_step"] > 0  # what the requeue promised
         async with Redis.from_url(settings.redis_url) as redis:
