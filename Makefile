@@ -33,6 +33,7 @@ bench: deps dev-venv
 	$(PY) -m bench.previews
 	$(PY) -m bench.ws_fanout --clients 100 1000
 	$(PY) -m bench.soak --jobs 1000 --kill-every 3
+	$(PY) -m bench.failover --runs 10
 	$(PY) -m bench.capacity --seconds 10 --concurrency 16
 	$(PY) -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
 	$(PY) -m bench.cluster --servers 3 --workers 3 --clients 30 --jobs-per-client 40

@@ -9,8 +9,8 @@ Loopback only, the tiny model. Three legs (``--legs``):
   a fresh worker taking the dead one's place each time (ready before the next run). p50, p90,
   max. Goals: kill→requeued p50 ≤ 2 s, kill→started p50 ≤ 3 s.
 - ``resume``: the same job killed at step ``--resume-kill-step``, run to ``completed``: the
-  time from the kill, the steps run again (the last step heard before the kill, less the step
-  the next attempt resumed from) and ``resumed_from_step``; for this checkout ("after": the
+  time from the kill, the steps run again (the newest step the dead attempt reported, less the
+  step the next attempt resumed from) and ``resumed_from_step``; for this checkout ("after": the
   session ends, the job resumes from its checkpoint) and, with ``--before DIR``, a checkout of
   the code before (its processes import from DIR; "before": the lease runs out, the job starts
   again from 0), ``--pairs`` runs each, alternating, each side on its own Postgres and Redis.

@@ -81,13 +81,13 @@ class Recovery:
             passes.create_task(self.watch_sessions())
 
     async def watch_sessions(self) -> None:
-        """For ever: while this process holds the sessions lock (kept, not taken each pass),
-        look every ``session_check_s`` for jobs whose worker's session is gone; the others
-        try for the lock every ``interval_s``."""
+        """For ever: once this process holds the sessions lock (kept, not taken each pass; the
+        others wait for it), look every ``session_check_s`` for jobs whose worker's session is
+        gone."""
         while True:
             try:
                 async with self.db.leading("sessions") as conn:
-                    while conn is not None:  # a failed query (the lock's connection gone) ends it
+                    while True:  # until a query fails: the lock's connection (and lock) gone
                         await self.check_sessions(conn)
                         await asyncio.sleep(self.session_check_s)
             except asyncio.CancelledError:
@@ -95,7 +95,7 @@ class Recovery:
             except Exception as exc:
                 logger.warning("sessions pass failed (%s); trying again", exc)
             self._gone.clear()
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.session_check_s)
 
     async def check_sessions(self, conn: asyncpg.Connection | None = None) -> list[Job]:
         """One look: jobs whose worker's session has stayed gone ``session_confirm_s`` go

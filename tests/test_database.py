@@ -234,6 +234,32 @@ async def test_a_singleton_lock_is_one_process_at_a_time_and_never_left_on_a_poo
         await other.close()
 
 
+async def test_a_kept_lock_passes_to_a_waiting_process_the_moment_its_holder_dies(database_url: str) -> None:
+    first = await Database.connect(database_url, max_size=2)
+    second = await Database.connect(database_url, max_size=2)
+    took_over = asyncio.Event()
+
+    async def follow() -> None:
+        async with second.leading("sessions"):
+            took_over.set()
+
+    try:
+        with pytest.raises(asyncpg.InterfaceError):  # its next question, and its unlock, fail
+            async with first.leading("sessions") as conn:
+                follower = asyncio.create_task(follow())
+                await asyncio.sleep(0.3)
+                assert not took_over.is_set()  # it waits in line
+                died = time.monotonic()
+                conn.terminate()  # the holder's process (or its connection) is gone
+                await conn.fetchval("SELECT 1")
+        await asyncio.wait_for(took_over.wait(), 5)
+        assert time.monotonic() - died < 1
+        await follower
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_a_close_does_not_wait_for_ever_on_a_connection_in_use(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -149,17 +149,18 @@ class Database:
         await self.pool.fetchval("SELECT 1")
 
     @contextlib.asynccontextmanager
-    async def leading(self, task: str) -> AsyncIterator[asyncpg.Connection | None]:
-        """:meth:`singleton` for a task that keeps the lock across its passes: the connection
-        that holds it (ask on it: if it fails, the lock is gone too), or None."""
+    async def leading(self, task: str) -> AsyncIterator[asyncpg.Connection]:
+        """:meth:`singleton` for a task that keeps the lock across its passes: waits until this
+        process holds it (the others wait in line, so one takes over the moment the holder
+        dies), then yields the connection that holds it (ask on it: if it fails, the lock is
+        gone too)."""
         key = _SINGLETON_LOCKS[task]
         async with self.pool.acquire() as conn:
-            held = bool(await _lock_or_close(conn, "SELECT pg_try_advisory_lock($1)", key))
+            await _lock_or_close(conn, "SELECT pg_advisory_lock($1)", key)
             try:
-                yield conn if held else None
+                yield conn
             finally:
-                if held:
-                    await _lock_or_close(conn, "SELECT pg_advisory_unlock($1)", key)
+                await _lock_or_close(conn, "SELECT pg_advisory_unlock($1)", key)
 
     @contextlib.asynccontextmanager
     async def singleton(self, task: str) -> AsyncIterator[bool]:
