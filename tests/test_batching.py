@@ -17,6 +17,7 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from gpu_worker.batching import take_batch
+from gpu_worker.checkpoints import Snapshot
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
 from stepcast import arq_bridge, queue
 from stepcast.db import Completion
@@ -39,7 +40,7 @@ def params(prompt: str = "a red fox", *, seed: int = 1, **overrides: Any) -> Job
 
 
 def request(p: JobParams) -> Request:
-    return Request(p, lambda step, total, latents: None, lambda: False)
+    return Request(p, lambda *_: None, lambda: False)
 
 
 def pixels(image: Image.Image) -> np.ndarray[Any, Any]:
@@ -231,9 +232,10 @@ class StepNoting:
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         def noting(request: Request) -> Request:
-            def on_step(step: int, total: int, latents: Any) -> None:
-                self.log.append(("step", request.params.prompt))
-                request.on_step(step, total, latents)
+            def on_step(step: int, total: int, latents: Any, state: Callable[[], Snapshot]) -> None:
+                if not request.should_stop():  # (a stopped job's steps do not count)
+                    self.log.append(("step", request.params.prompt))
+                request.on_step(step, total, latents, state)
 
             return Request(request.params, on_step, request.should_stop)
 

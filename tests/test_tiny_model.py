@@ -33,7 +33,7 @@ def test_build_writes_a_from_pretrained_directory(tmp_path: Path) -> None:
         guidance_scale=7.5, seed=3, num_images=1, scheduler=None,
     )  # fmt: skip
     [result] = loaded.generate(
-        [Request(params, lambda step, total, latents: seen.append(step), lambda: False)]
+        [Request(params, lambda step, total, latents, state: seen.append(step), lambda: False)]
     )
     assert seen == [1, 2, 3, 4] and not result.interrupted
     assert result.images[0].size == (64, 64)
@@ -55,6 +55,6 @@ def test_stop_flag_interrupts_within_a_step(pipeline: DiffusersPipeline) -> None
         guidance_scale=7.5, seed=1, num_images=1, scheduler=None,
     )  # fmt: skip
     [result] = pipeline.generate(
-        [Request(params, lambda step, total, latents: seen.append(step), lambda: len(seen) >= 3)]
+        [Request(params, lambda step, total, latents, state: seen.append(step), lambda: len(seen) >= 3)]
     )
     assert result.interrupted and seen == [1, 2, 3]
