@@ -75,6 +75,7 @@ class Claimed:
     step: int = 0
     resumed_from: int = 0  # the step its checkpoint held (0: from the start)
     checkpoint_step: int = 0  # the step of the newest checkpoint saved
+    handed_back: Job | None = None  # its row, back in the queue (shutdown)
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -357,6 +358,7 @@ class Execution:
             if current is not None and current.attempt == job.attempt and current.cancel_requested:
                 await self._cancel(active)
             return
+        active.handed_back = back
         logger.info("job handed back to the queue (shutdown)", extra=log)
         self.metrics.jobs.labels("handed_back").inc()
 

@@ -79,6 +79,7 @@ class JobRunner:
         # By job and attempt: a job whose lease ran out here (Postgres away) may come back to
         # this worker as its next attempt while the old one is still stopping.
         self._active: dict[tuple[uuid.UUID, int], Claimed] = {}
+        self._tickets_back: dict[str, Ticket] = {}  # jobs handed back: the ticket to queue them with
         self._entered = 0  # jobs inside run()
         self._holding = 0  # of those, jobs not yet past the pipeline
 
@@ -100,6 +101,11 @@ class JobRunner:
     def release_waiting(self) -> None:
         """Shutting down: jobs that have not got the pipeline go back to the queue unclaimed."""
         self.dispatcher.release_waiting()
+
+    def ticket_back(self, job_id: str) -> Ticket | None:
+        """The ticket a job handed back on shutdown goes back to the queue with (it says the
+        step its checkpoint holds); None for any other job."""
+        return self._tickets_back.pop(job_id, None)
 
     def held(self) -> int:
         """Jobs this runner has and has not finished with the pipeline; arq counts the rest."""
@@ -127,7 +133,11 @@ class JobRunner:
 
         try:
             steps: Mailbox[Step] = Mailbox(asyncio.get_running_loop(), self.settings.progress_interval_s)
-            resume = await self._resume_point(job_id)
+            # Only a job an earlier attempt ran may have a checkpoint (its ticket says so; one
+            # without a ticket is looked for): no round trip for the others.
+            resume = None
+            if ticket is None or ticket.resume_from:
+                resume = await self._resume_point(job_id)
             waiting = self.dispatcher.wait_in_line(job_id, steps)
             waiting.resume = resume
             if ticket is not None:  # (one that could not be read is None: the claim reads the row)
@@ -145,6 +155,8 @@ class JobRunner:
                 await self.execution.execute(active, let_go)
             finally:
                 del self._active[key]
+                if active.handed_back is not None:
+                    self._tickets_back[str(job_id)] = Ticket.of(active.handed_back)
         finally:
             let_go()
             self._entered -= 1

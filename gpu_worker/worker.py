@@ -140,9 +140,11 @@ class GpuWorker(ArqWorker):
         try:
             await self.call_function(TASK_NAME, job_id, ticket=taken.ticket)
         except (Released, asyncio.CancelledError) as exc:
-            # Shutting down: the runner never claimed it, or handed it back.
+            # Shutting down: the runner never claimed it, or handed it back (with a ticket
+            # that says where it resumes).
             self.count("retried")
-            await self._let_go(self.consumer.release, job_id)
+            ticket = self.runner.ticket_back(job_id) if self.runner is not None else None
+            await self._let_go(functools.partial(self.consumer.release, ticket=ticket), job_id)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return

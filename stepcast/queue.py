@@ -37,25 +37,30 @@ TAKE_SCAN_LIMIT = 10_000
 @dataclass(frozen=True)
 class Ticket:
     """What a worker needs to start a job before its claim returns: the params and preview
-    settings of its row, copied when it is enqueued (they never change)."""
+    settings of its row, copied when it is enqueued (they never change), and whether an
+    earlier attempt left a checkpoint to resume from (the step it holds; 0: none)."""
 
     params: JobParams
     preview: Preview | None
+    resume_from: int = 0
 
     @classmethod
     def of(cls, job: Job) -> Ticket:
-        return cls(job.params, job.preview)
+        return cls(job.params, job.preview, job.resumed_from_step or 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"params": self.params.to_json(), "preview": self.preview.to_json() if self.preview else None}
+        data = {"params": self.params.to_json(), "preview": self.preview.to_json() if self.preview else None}
+        return {**data, "resume_from": self.resume_from} if self.resume_from else data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Ticket:
         """Raises TypeError, ValueError or KeyError on a ticket that is not one."""
-        params, preview = data.get("params"), data.get("preview")
+        params, preview, resume_from = data.get("params"), data.get("preview"), data.get("resume_from", 0)
         if not isinstance(params, dict) or not isinstance(preview, dict | None):
             raise TypeError("a ticket holds params (an object) and preview (an object or null)")
-        return cls(JobParams.from_json(params), Preview.from_json(preview))
+        if not isinstance(resume_from, int) or isinstance(resume_from, bool) or resume_from < 0:
+            raise TypeError("a ticket's resume_from is a step (an integer, 0 or more)")
+        return cls(JobParams.from_json(params), Preview.from_json(preview), resume_from)
 
 
 class Taken(NamedTuple):
@@ -184,6 +189,13 @@ class Consumer:
         """Finished with, whatever the outcome (Postgres has it): off the queue, arq's keys gone."""
         await self._scripts.call(self._done, *arq_bridge.done_call(self.queue_name, job_id))
 
-    async def release(self, job_id: str) -> None:
-        """Not run here after all (shutdown): queued in its place, free for the next worker."""
-        await self.arq.delete(arq_bridge.in_progress_key(job_id))
+    async def release(self, job_id: str, ticket: Ticket | None = None) -> None:
+        """Not run here after all (shutdown): queued in its place, free for the next worker;
+        with ``ticket``, that one in place of the one it was queued with (a job handed back
+        mid-run: its checkpoint's step)."""
+        async with self.arq.pipeline(transaction=True) as pipe:
+            if ticket is not None:
+                job = arq_bridge.encode_job(TASK_NAME, (job_id,), ticket.to_json(), arq_bridge.now_ms())
+                pipe.set(arq_bridge.job_key(job_id), job, xx=True, keepttl=True)
+            pipe.delete(arq_bridge.in_progress_key(job_id))
+            await pipe.execute()

@@ -160,16 +160,22 @@ class Recovery:
             await self._finish(job, Status.FAILED, Failed(code="worker_lost", message=message))
             return
         step = await self.checkpoints.step_of(str(job.id))
-        if await self.lifecycle.requeue(
+        back = await self.lifecycle.requeue(
             job,
             reason,
             lambda: self.db.recovery.requeue_expired(job.id, job.attempt, resume_step=step),
             resume_step=step,
-        ):
+        )
+        if back is not None:
             logger.warning("worker gone (%s); job goes back to the queue", reason, extra=log)
             # The dead run's arq keys would make arq refuse (or delay) the same id.
             await queue.enqueue(
-                self.arq, job.id, job.queue, place=job.created_at, ticket=queue.Ticket.of(job), afresh=True
+                self.arq,
+                back.id,
+                back.queue,
+                place=back.created_at,
+                ticket=queue.Ticket.of(back),
+                afresh=True,
             )
 
     async def _expired_in_queue(self, job: Job) -> None:

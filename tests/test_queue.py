@@ -124,9 +124,17 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
             assert not await redis.exists(arq_bridge.job_key(job_id), arq_bridge.in_progress_key(job_id))
         assert await queue.enqueue(redis, ids[0], QUEUE)
 
-        await consumer.release(taken[3])  # shutting down: the next worker takes it at once
+        # Shutting down mid-run: the job goes back with a ticket that says where it resumes,
+        # and the next worker takes it at once.
+        handed_back = queue.Ticket(fox_params(steps=40), None, resume_from=17)
+        ttl_ms = await redis.pttl(arq_bridge.job_key(taken[3]))
+        await consumer.release(taken[3], handed_back)
         other = queue.Consumer(redis, QUEUE, lease_s=60)
-        assert [held.job_id for held in await other.take(1)] == [taken[3]]
+        [again] = await other.take(1)
+        assert (again.job_id, again.ticket) == (taken[3], handed_back)
+        assert 0 < await redis.pttl(arq_bridge.job_key(taken[3])) <= ttl_ms  # its expiry kept
+        with pytest.raises(TypeError, match="resume_from"):
+            queue.Ticket.from_json({**handed_back.to_json(), "resume_from": "17"})
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -135,9 +143,9 @@ async def test_a_release_in_flight_when_its_job_task_is_cancelled_ends_before_th
     settings: Settings,
 ) -> None:
     class SlowRelease(queue.Consumer):
-        async def release(self, job_id: str) -> None:
+        async def release(self, job_id: str, ticket: queue.Ticket | None = None) -> None:
             await asyncio.sleep(0.2)  # Redis slow to answer, as on a loaded machine
-            await super().release(job_id)
+            await super().release(job_id, ticket)
 
     async def never_claimed(ctx: dict[str, Any], job_id: str, ticket: queue.Ticket | None) -> None:
         raise Released()
