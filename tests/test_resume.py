@@ -205,3 +205,38 @@ async def test_a_resumed_jobs_eta_counts_only_the_steps_it_has_left() -> None:
     assert await estimator.eta_s(cast(Any, fresh), 1) == 2.0
     assert await estimator.eta_s(cast(Any, resumed), 1) == 0.5  # 5 steps left
     assert await estimator.eta_s(cast(Any, resumed), 3) == 4.5  # two whole jobs ahead
+
+
+BATCH_OF_TWO = {**SESSION_RECOVERY, "batch_size": 2, "batch_wait_s": 1.0}
+SMALL = {**JOB, "steps": 80, "width": 128, "height": 128}
+
+
+@pytest.mark.parametrize("settings", [BATCH_OF_TWO], indirect=True)
+async def test_each_job_of_a_killed_batch_resumes_from_its_own_checkpoint(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    spawn: Callable[[str, Settings], Awaitable[StepcastProcess]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> None:
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        worker = await spawn("gpu_worker.worker", settings)
+        ids = [(await client.post("/v1/jobs", json={**SMALL, "seed": seed})).json()["id"] for seed in (1, 2)]
+        for job_id in ids:
+            await wait_for(client, job_id, lambda job: job["progress"]["step"] >= 20)
+        worker.kill()
+        await run_worker(settings)
+        jobs = [
+            await wait_for(client, job_id, lambda job: job["status"] in {"completed", "failed"})
+            for job_id in ids
+        ]
+    for job in jobs:
+        assert (job["status"], job["attempt"]) == ("completed", 2)
+        assert job["timings"]["batch_size"] == 1  # a resumed job runs alone
+        events = await events_of(settings, job["id"])
+        started = [e for e in events if e["type"] == "started"]
+        assert [e["attempt"] for e in started] == [1, 2]
+        batched = [e["step"] for e in events[: events.index(started[1])] if e["type"] == "progress"]
+        resumed = started[1]["resumed_from_step"]
+        assert 0 < resumed <= batched[-1]  # its own checkpoint, from the batched run
+        again = [e["step"] for e in events[events.index(started[1]) :] if e["type"] == "progress"]
+        assert again == list(range(resumed + 1, SMALL["steps"] + 1))
