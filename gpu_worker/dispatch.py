@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from gpu_worker import batching
 from gpu_worker.checkpoints import Snapshot
-from gpu_worker.execution import Claimed, Outcome, Step
+from gpu_worker.claimed import Claimed, Outcome, Step
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, StepCallback

@@ -1,4 +1,5 @@
-"""A claimed job's run: its events, its lease, its stop flag, its images and its terminal write.
+"""A claimed job's run: its start, its lease, its stop flag, its images and its terminal write
+(its steps: :mod:`gpu_worker.progress`).
 
 The pipeline thread only denoises; everything here runs on the event loop, while the next batch
 runs. A cancel, a lost lease, a time-out or a shutdown stops a job at once; a shutdown hands a
@@ -11,27 +12,20 @@ import asyncio
 import functools
 import io
 import logging
-import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from PIL import Image
 
-from gpu_worker import checkpoints
-from gpu_worker.checkpoints import Snapshot
-from gpu_worker.mailbox import Mailbox
+from gpu_worker.claimed import Claimed, Outcome
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation
-from gpu_worker.previews import encode_previews
+from gpu_worker.progress import StepPublisher
 from stepcast.background import cancel_and_wait
-from stepcast.checkpoints import Checkpoints
 from stepcast.db import Completion, Database, retrying
-from stepcast.events import FENCED, Canceled, Completed, Failed, Progress, Started, Terminal
+from stepcast.events import Canceled, Completed, Failed, Started, Terminal
 from stepcast.jobs import Job
-from stepcast.lifecycle import Lifecycle, Speaker, last_published
-from stepcast.params import JobParams
+from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.round_trips import Gatherer
 from stepcast.settings import WorkerSettings
 from stepcast.status import Status
@@ -40,57 +34,6 @@ from stepcast.storage import Put, Storage, image_key
 logger = logging.getLogger(__name__)
 
 PNG = "image/png"
-
-Outcome = Generation | Exception
-
-
-class Step(NamedTuple):
-    """A step the pipeline thread reports: its preview's pixels if it has one, when it ended,
-    and the job's state then if a checkpoint is due. A quiet one (the step a stopped job
-    ended on) is not published: only its checkpoint is kept."""
-
-    step: int
-    pixels: Any
-    done_at: float  # perf_counter
-    snapshot: Snapshot | None = None
-    quiet: bool = False
-
-
-@dataclass
-class Claimed:
-    """A claimed job; shared with the dispatcher, the heartbeat and the cancel listener."""
-
-    job: Job
-    params: JobParams
-    last_seq: int
-    stop: threading.Event  # its Waiting's
-    steps: Mailbox[Step]  # its Waiting's
-    batch: list[Claimed] = field(default_factory=list)
-    outcome: asyncio.Future[Outcome] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    pipeline_s: float | None = None
-    # When its pipeline call began (perf_counter), which may be before its claim returned.
-    pipeline_started: float = field(default_factory=time.perf_counter)
-    step: int = 0
-    resumed_from: int = 0  # the step its checkpoint held (0: from the start)
-    checkpoint_step: int = 0  # the step of the newest checkpoint saved
-    handed_back: Job | None = None  # its row, back in the queue (shutdown)
-    stop_reason: str | None = None
-    stopped: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.step = self.checkpoint_step = self.resumed_from
-
-    def halt(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stop.set()
-        self.stopped.set()
-
-    def batch_stops(self) -> bool:
-        """Whether the pipeline stops at the next step: nobody in the batch still wants it."""
-        return all(mate.stop.is_set() for mate in self.batch)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -111,8 +54,7 @@ class Execution:
         worker_id: str,
         metrics: WorkerMetrics,
         *,
-        checkpoints: Checkpoints,
-        revision: str,
+        steps: StepPublisher,
         session: Callable[[], int | None],
     ) -> None:
         self.settings = settings
@@ -121,8 +63,7 @@ class Execution:
         self.storage = storage
         self.worker_id = worker_id
         self.metrics = metrics
-        self.checkpoints = checkpoints
-        self.revision = revision  # the model's: a checkpoint is valid for it only
+        self.steps = steps
         self.session = session  # the worker's session number, for the heartbeats
         # A batch's jobs finish at the same moment: one thread hop encodes and stores
         # their images, one statement records them all.
@@ -133,8 +74,8 @@ class Execution:
         job = active.job
         log = {"job_id": str(job.id), "attempt": job.attempt}
         logger.info("job started", extra=log)
-        await self._emit(active, await self._started(active))
-        publisher = asyncio.create_task(self._publish_progress(active))
+        await self.steps.emit(active, await self._started(active))
+        publisher = asyncio.create_task(self.steps.publish(active))
         heartbeat = asyncio.create_task(self._heartbeat(active))
         outcome: Outcome | None = None
         shutting_down = False
@@ -211,58 +152,6 @@ class Execution:
         if not active.batch_stops():
             return None
         return await asyncio.shield(active.outcome)  # the pipeline stops at the next step
-
-    async def _publish_progress(self, active: Claimed) -> None:
-        params = active.params
-        preview_px = (
-            min(active.job.preview.max_px, max(params.width, params.height)) if active.job.preview else 0
-        )
-        # Steps that came close together arrive together (the mailbox), and go out in one send.
-        while (bunch := await active.steps.get()) is not None:
-            new = []
-            for item in bunch:
-                if item.step > active.step and not item.quiet:  # (a failed batch re-runs its jobs alone)
-                    active.step = item.step
-                    new.append(item)
-            if new:
-                await self._report(active, new, preview_px)
-            newest = next((item for item in reversed(bunch) if item.snapshot is not None), None)
-            if newest is not None and newest.step > active.checkpoint_step:
-                await self._save_checkpoint(active, newest.snapshot)
-
-    async def _report(self, active: Claimed, new: list[Step], preview_px: int) -> None:
-        """The steps' ``progress`` events, in one send; the ETA from this attempt's own pace."""
-        params = active.params
-        self.metrics.steps.inc(len(new))
-        previews: list[str | None] = [None] * len(new)
-        if any(item.pixels is not None for item in new):
-            pixels = [item.pixels for item in new]
-            previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
-        events = []
-        for item, preview in zip(new, previews, strict=True):
-            seconds_a_step = (item.done_at - active.pipeline_started) / (item.step - active.resumed_from)
-            eta_s = round(seconds_a_step * (params.steps - item.step), 3)
-            events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
-        await self._emit(active, *events)
-
-    async def _save_checkpoint(self, active: Claimed, snapshot: Snapshot) -> None:
-        """Keep the job's state at this step (encoded off the pipeline thread), fenced by attempt."""
-        job = active.job
-        started = time.perf_counter()
-        try:
-            data = await asyncio.to_thread(checkpoints.encode, snapshot)
-            kept = await self.checkpoints.save(
-                str(job.id), attempt=job.attempt, step=snapshot.step, revision=self.revision, data=data
-            )
-        except Exception as exc:  # the job goes on; a retry resumes from an older one, or the start
-            logger.warning("checkpoint not saved: %s", exc, extra={"job_id": str(job.id)})
-            return
-        if not kept:
-            active.halt("lost")  # a newer attempt exists, or the job ended
-            return
-        active.checkpoint_step = snapshot.step
-        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        self.metrics.checkpoint_bytes.observe(len(data))
 
     async def _heartbeat(self, active: Claimed) -> None:
         job = active.job
@@ -390,11 +279,3 @@ class Execution:
             self.metrics.run_seconds.observe(done.run_s)
         if done.queue_s is not None:
             self.metrics.queue_seconds.observe(done.queue_s)
-
-    async def _emit(self, active: Claimed, *events: Started | Progress) -> None:
-        job = active.job
-        answers = await self.lifecycle.emit_all(job.id, job.owner, events, Speaker.running(job))
-        if (published := last_published(answers)) is not None:
-            active.last_seq = published
-        if FENCED in answers:  # a newer attempt exists: this one stops now, not at its heartbeat
-            active.halt("lost")

@@ -18,11 +18,13 @@ from redis.exceptions import RedisError
 
 from gpu_worker import checkpoints
 from gpu_worker.checkpoints import Snapshot
+from gpu_worker.claimed import Claimed, Step
 from gpu_worker.dispatch import Dispatcher, Released
-from gpu_worker.execution import Claimed, Execution, Step
+from gpu_worker.execution import Execution
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Pipeline
+from gpu_worker.progress import StepPublisher
 from stepcast.checkpoints import Checkpoints
 from stepcast.db import Database
 from stepcast.db.presence import Presence
@@ -72,8 +74,7 @@ class JobRunner:
             storage,
             worker_id,
             metrics,
-            checkpoints=self.checkpoints,
-            revision=pipeline.revision,
+            steps=StepPublisher(lifecycle, self.checkpoints, pipeline.revision, metrics),
             session=session,
         )
         # By job and attempt: a job whose lease ran out here (Postgres away) may come back to
