@@ -126,15 +126,15 @@ class Recovery:
                 if job.id not in queued:
                     log = {"job_id": str(job.id)}
                     logger.warning("pending job missing from the queue; enqueueing it again", extra=log)
-                    await queue.enqueue(
-                        self.arq,
-                        job.id,
-                        job.queue,
-                        place=job.created_at,
-                        ticket=queue.Ticket.of(job),
-                        afresh=True,
-                    )
+                    await self._enqueue_again(job)
             return True
+
+    async def _enqueue_again(self, job: Job) -> None:
+        """In its first place in the queue, with a ticket from its row (it says where the job
+        resumes). ``afresh``: the keys arq keeps of an earlier run (a dead worker's) would make
+        arq refuse or delay the same id."""
+        ticket = queue.Ticket.of(job)
+        await queue.enqueue(self.arq, job.id, job.queue, place=job.created_at, ticket=ticket, afresh=True)
 
     async def _pending_to_check(self) -> list[Job]:
         """The head of the queue (the next to run) and the next page of the sweep after it."""
@@ -168,15 +168,7 @@ class Recovery:
         )
         if back is not None:
             logger.warning("worker gone (%s); job goes back to the queue", reason, extra=log)
-            # The dead run's arq keys would make arq refuse (or delay) the same id.
-            await queue.enqueue(
-                self.arq,
-                back.id,
-                back.queue,
-                place=back.created_at,
-                ticket=queue.Ticket.of(back),
-                afresh=True,
-            )
+            await self._enqueue_again(back)
 
     async def _expired_in_queue(self, job: Job) -> None:
         waited = (job.queue_expires_at - job.created_at).total_seconds() if job.queue_expires_at else 0
