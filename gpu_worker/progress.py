@@ -46,6 +46,8 @@ class StepPublisher:
                     new.append(item)
             if new:
                 await self._report(active, new, preview_px)
+            if bunch[-1].step >= params.steps:
+                continue  # denoised: nothing left to resume (and batch-mates finish together)
             newest = next((item for item in reversed(bunch) if item.snapshot is not None), None)
             if newest is not None and newest.snapshot is not None and newest.step > active.checkpoint_step:
                 await self._save(active, newest.snapshot)
