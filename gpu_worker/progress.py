@@ -49,8 +49,11 @@ class StepPublisher:
             if bunch[-1].step >= params.steps:
                 continue  # denoised: nothing left to resume (and batch-mates finish together)
             newest = next((item for item in reversed(bunch) if item.snapshot is not None), None)
-            if newest is not None and newest.snapshot is not None and newest.step > active.checkpoint_step:
-                await self._save(active, newest.snapshot)
+            if newest is None or newest.snapshot is None or newest.step <= active.checkpoint_step:
+                continue
+            if newest.quiet and active.stop_reason != "shutdown":
+                continue  # canceled, timed out or lost: nothing will resume it
+            await self._save(active, newest.snapshot)
 
     async def emit(self, active: Claimed, *events: Started | Progress) -> None:
         """The job's events, in order and one send; refused ones mean the job is no longer its."""

@@ -35,7 +35,6 @@ return 1
 
 @dataclass(frozen=True)
 class Checkpoint:
-    attempt: int  # the attempt that saved it
     step: int  # the steps it holds done
     revision: str  # the model revision it is valid for
     data: bytes
@@ -74,7 +73,6 @@ class Checkpoints:
 def _parsed(fields: dict[bytes, bytes]) -> Checkpoint | None:
     try:
         return Checkpoint(
-            attempt=int(fields[b"attempt"]),
             step=int(fields[b"step"]),
             revision=fields[b"revision"].decode(),
             data=fields[b"data"],
