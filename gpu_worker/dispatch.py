@@ -27,7 +27,7 @@ from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, StepCallback
 from gpu_worker.previews import preview_pixels
-from stepcast.background import cancel_and_wait
+from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.db import Database, retrying
 from stepcast.jobs import Job
 from stepcast.params import JobParams, Preview
@@ -156,7 +156,8 @@ class Dispatcher:
                 await self._dispatch_one()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                stop_if_cancelled(exc)
                 logger.exception("dispatcher failed; going on")
                 await asyncio.sleep(0.1)
 
@@ -179,7 +180,8 @@ class Dispatcher:
                     break
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._arrived.wait()
         elif size > 1 and len(self._waiting) > 1:
             await self._read_params()
         if not self._waiting:

@@ -21,7 +21,7 @@ from gpu_worker.claimed import Claimed, Outcome
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation
 from gpu_worker.progress import StepPublisher
-from stepcast.background import cancel_and_wait
+from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.db import Completion, Database, retrying
 from stepcast.events import Canceled, Completed, Failed, Started, Terminal
 from stepcast.jobs import Job
@@ -81,7 +81,8 @@ class Execution:
         shutting_down = False
         try:
             try:
-                outcome = await asyncio.wait_for(self._outcome(active), self.settings.job_timeout_s)
+                async with asyncio.timeout(self.settings.job_timeout_s):
+                    outcome = await self._outcome(active)
             except TimeoutError:
                 active.halt("timeout")
                 outcome = await self._outcome(active)
@@ -166,7 +167,8 @@ class Execution:
                     last_seq=active.last_seq,
                     session=self.session(),
                 )
-            except Exception:
+            except Exception as exc:
+                stop_if_cancelled(exc)
                 logger.exception("heartbeat failed", extra={"job_id": str(job.id)})
                 continue
             if cancel is None:

@@ -38,7 +38,7 @@ from gpu_worker.runner import JobRunner, Released
 from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
 from stepcast.arq_bridge import ArqWorker, deserialize, serialize
-from stepcast.background import cancel_and_wait
+from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.db import Database
 from stepcast.db.presence import Presence
 from stepcast.events import EventLog
@@ -96,7 +96,8 @@ class GpuWorker(ArqWorker):
             await asyncio.sleep(REDIS_DOWN_PAUSE_S)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+            async with asyncio.timeout(self.idle_poll_s):
+                await self._wake.wait()
 
     def _room(self) -> int:
         """How many more jobs to take: the runner's wants, less the jobs taken and not yet through
@@ -205,7 +206,8 @@ async def _listen(worker: GpuWorker, runner: JobRunner, ctx: dict[str, Any], que
         except asyncio.CancelledError:
             await pubsub.aclose()
             raise
-        except Exception:
+        except Exception as exc:
+            stop_if_cancelled(exc)
             logger.exception("listener lost Redis; retrying")
             await asyncio.sleep(1)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server import frames
-from stepcast.background import cancel_and_wait
+from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, Stream
 from stepcast.jobs import Job
@@ -124,7 +124,8 @@ class Outbox:
         while not self.ready:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._waiter
             except TimeoutError:
                 return None
             finally:
@@ -333,7 +334,8 @@ class Feed:
             except NotFound:
                 self._watches.pop(key, None)
                 return
-            except Exception:
+            except Exception as exc:
+                stop_if_cancelled(exc)
                 logger.warning("feed re-sync failed; retrying in %.1f s", delay_s, exc_info=True)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from stepcast.background import cancel_and_wait
+from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.redis_keys import HUB_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ class Hub:
             self._change(channel)
         if channel not in self._confirmed:  # else: subscribed (a flush drops what is no longer wanted)
             confirmed = self._waiting.setdefault(channel, asyncio.Event())
-            await asyncio.wait_for(confirmed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await confirmed.wait()
 
     def remove(self, channel: str, listener: Listener) -> None:
         group = self._channels.get(channel)
@@ -141,6 +142,7 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stop_if_cancelled(exc)
                 self.connected.clear()
                 delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
                 attempt += 1
@@ -155,7 +157,8 @@ class Hub:
         """Once Redis confirmed every subscription again, tell each feed to re-sync."""
         unconfirmed = [self._waiting.setdefault(c, asyncio.Event()) for c in self._known - self._confirmed]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in unconfirmed)), 10)
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(event.wait() for event in unconfirmed))
         logger.warning("event hub reconnected to Redis; re-syncing feeds")
         for listener in {member for group in self._channels.values() for member in group}:
             listener.on_reconnect()

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 
+from stepcast.background import stop_if_cancelled
 from stepcast.db import Database, Pace
 from stepcast.events import Queued
 from stepcast.jobs import Job
@@ -99,7 +100,8 @@ class QueueAnnouncer:
                 await asyncio.sleep(self.interval_s * 2)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                stop_if_cancelled(exc)
                 logger.exception("queue announcer failed; retrying")
                 self._announced.clear()
                 await asyncio.sleep(self.interval_s)

@@ -247,7 +247,8 @@ async def readyz(request: Request) -> Response:
     checks: dict[str, str] = {}
     for name, probe in (("postgres", services.db.ping()), ("redis", services.redis.ping())):
         try:
-            await asyncio.wait_for(probe, 1.0)
+            async with asyncio.timeout(1.0):
+                await probe
             checks[name] = "ok"
         except Exception as exc:  # any failure means not ready, whatever it is
             checks[name] = f"error: {type(exc).__name__}"

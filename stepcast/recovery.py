@@ -19,7 +19,7 @@ import asyncpg
 from arq.connections import ArqRedis
 
 from stepcast import queue
-from stepcast.background import every
+from stepcast.background import every, stop_if_cancelled
 from stepcast.checkpoints import Checkpoints
 from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
@@ -93,6 +93,7 @@ class Recovery:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stop_if_cancelled(exc)
                 logger.warning("sessions pass failed (%s); trying again", exc)
             self._gone.clear()
             await asyncio.sleep(self.session_check_s)

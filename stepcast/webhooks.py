@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from stepcast import __version__, netguard
+from stepcast.background import stop_if_cancelled
 from stepcast.db import Database
 from stepcast.jobs import timestamp, to_wire
 from stepcast.settings import ServerSettings
@@ -92,10 +93,12 @@ class WebhookSender:
                 self._slot_freed.clear()
                 try:
                     await self._start_due()
-                except Exception:
+                except Exception as exc:
+                    stop_if_cancelled(exc)
                     logger.exception("webhook pass failed; trying again")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), self.settings.webhook_poll_s)
+                    async with asyncio.timeout(self.settings.webhook_poll_s):
+                        await self._slot_freed.wait()
         finally:
             for task in self._in_flight:
                 task.cancel()

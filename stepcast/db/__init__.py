@@ -141,7 +141,8 @@ class Database:
         """Close every connection once it is released; after ``timeout_s``, close those still in
         use as well (a query that never returns must not hold a shutdown for ever)."""
         try:
-            await asyncio.wait_for(self.pool.close(), timeout_s)  # (a time-out terminates the pool)
+            async with asyncio.timeout(timeout_s):
+                await self.pool.close()  # (a time-out terminates the pool)
         except TimeoutError:
             logger.warning("Postgres connections still in use after %g s: closed anyway", timeout_s)
 

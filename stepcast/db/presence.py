@@ -57,7 +57,8 @@ class Presence:
         """For ever: check the session every ``check_s``; open it again when it ends."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self.check_s)
+                async with asyncio.timeout(self.check_s):
+                    await self._lost.wait()
             if await self._alive():
                 continue
             self.held = False
@@ -89,7 +90,8 @@ class Presence:
         if conn is None or conn.is_closed():
             return False
         try:
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), max(self.check_s, 1.0))
+            async with asyncio.timeout(max(self.check_s, 1.0)):
+                await conn.fetchval("SELECT 1")
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return False
         return True
@@ -105,6 +107,7 @@ class Presence:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
-                await asyncio.wait_for(conn.close(), 5)
+                async with asyncio.timeout(5):
+                    await conn.close()
             except Exception:
                 conn.terminate()
