@@ -53,7 +53,8 @@ from gpu_worker.pipeline import DiffusersPipeline, Request
 from gpu_worker.tiny_model import ensure
 from stepcast.checkpoints import Checkpoints
 from stepcast.cli import processes
-from stepcast.params import SCHEDULERS, JobParams
+from stepcast.models import SCHEDULERS
+from stepcast.params import JobParams
 from stepcast.settings import DATA_DIR, WorkerSettings
 
 LEGS = ("detection", "resume", "cost")

@@ -41,7 +41,8 @@ from gpu_worker import checkpoints
 from gpu_worker.checkpoints import Snapshot
 from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
 from gpu_worker.tiny_model import build
-from stepcast.params import SCHEDULERS, JobParams
+from stepcast.models import SCHEDULERS
+from stepcast.params import JobParams
 from stepcast.settings import DATA_DIR
 
 MODEL_DIR = DATA_DIR / "models" / "sd15-random"

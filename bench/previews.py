@@ -1,5 +1,6 @@
-"""Cost of a step preview: the linear latent->RGB projection on the pipeline
-thread (torch stays there), then the resize and WebP encoding off it.
+"""Cost of a step preview, per model family: the linear latent->RGB projection on
+the pipeline thread (torch stays there; Flux's packed latents unpacked first),
+then the resize and WebP encoding off it.
 
     python -m bench.previews
 """
@@ -12,7 +13,8 @@ import time
 import torch
 
 from bench import stack
-from gpu_worker.previews import encode_preview, preview_pixels
+from gpu_worker.families import FORMATS, LatentFormat
+from gpu_worker.previews import encode_preview
 
 REPEATS = 200
 
@@ -28,12 +30,28 @@ def timed_ms(fn: object, repeats: int = REPEATS) -> float:
 
 def main() -> None:
     results = []
-    for image_px, max_px in ((64, 64), (512, 128), (512, 256), (1024, 256)):
-        latents = torch.randn(4, image_px // 8, image_px // 8)
-        pixels = preview_pixels(latents)
-        projection_ms = timed_ms(lambda latents=latents: preview_pixels(latents))
+    cases = [("sd1", 64, 64), ("sd1", 512, 128), ("sd1", 512, 256), ("sdxl", 1024, 256)]
+    cases += [("sd3", 1024, 256), ("flux", 1024, 256)]
+    for family, image_px, max_px in cases:
+        latent_format = FORMATS[family]
+        side = image_px // 8
+        if latent_format.packed:
+            latents = torch.randn((side // 2) ** 2, latent_format.channels * 4)
+        else:
+            latents = torch.randn(latent_format.channels, side, side)
+
+        def project(
+            latents: torch.Tensor = latents,
+            image_px: int = image_px,
+            latent_format: LatentFormat = latent_format,
+        ) -> object:
+            return latent_format.pixels(latents, image_px, image_px)
+
+        pixels = project()
+        projection_ms = timed_ms(project)
         encode_ms = timed_ms(lambda pixels=pixels, max_px=max_px: encode_preview(pixels, max_px))
         result = {
+            "family": family,
             "image_px": image_px,
             "preview_px": max_px,
             "pipeline_thread_projection_ms": round(projection_ms, 4),

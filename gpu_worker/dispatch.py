@@ -26,7 +26,6 @@ from gpu_worker.claimed import Claimed, Outcome, Step
 from gpu_worker.mailbox import Mailbox
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import Generation, Pipeline, Request, StepCallback
-from gpu_worker.previews import preview_pixels
 from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.db import Database, retrying
 from stepcast.jobs import Job
@@ -291,7 +290,7 @@ class Dispatcher:
         requests = []
         for waiting in batch:
             assert waiting.params is not None  # from its ticket, its row, or the claim of a job alone
-            reporter = self._step_reporter(waiting)
+            reporter = self._step_reporter(waiting, waiting.params)
             requests.append(Request(waiting.params, reporter, waiting.stop.is_set, waiting.resume))
         self.busy = True
         self.metrics.busy.set(1)
@@ -333,7 +332,7 @@ class Dispatcher:
                 mine.pipeline_s = round(elapsed, 4)
                 mine.outcome.set_result(outcome)
 
-    def _step_reporter(self, waiting: Waiting) -> StepCallback:
+    def _step_reporter(self, waiting: Waiting, params: JobParams) -> StepCallback:
         every = waiting.preview.every if waiting.preview else 0
         checkpoint_s = self.settings.checkpoint_every_s
         steps = waiting.steps
@@ -356,7 +355,7 @@ class Dispatcher:
             pixels = None
             if latents is not None and every and (step % every == 0 or step == total):
                 try:
-                    pixels = preview_pixels(latents)
+                    pixels = self.pipeline.preview_pixels(latents, params.width, params.height)
                 except Exception as exc:  # a preview is a nicety: never let it stop the job
                     logger.warning("no preview: %s", exc, extra={"job_id": str(waiting.job_id)})
             snapshot = None

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from gpu_worker import checkpoints
+from gpu_worker import checkpoints, families
 from gpu_worker.checkpoints import Snapshot
-from stepcast.params import SCHEDULERS, JobParams
+from stepcast.models import SCHEDULERS
+from stepcast.params import JobParams
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ class Generation:
 class Pipeline(Protocol):
     name: str
     revision: str
+    family: str  # stepcast.models.FAMILIES
+    native_size_px: int  # its default size
+    dtype: str
+    previews: str | None  # how previews are made ("latent"), None: it makes none
+
+    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
+        """On the pipeline thread: RGB pixels (h, w, 3) uint8 of one image's noisy latents."""
+        ...
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         """Run compatible requests (same size, steps, scheduler, guidance) as one batch.
@@ -84,6 +93,11 @@ class DiffusersPipeline:
         self.name = name
         self.revision = revision
         self.device = pipe.device
+        self.dtype = str(pipe.dtype).removeprefix("torch.")
+        self.family = families.family_of(pipe)
+        self.native_size_px = families.native_size_px(pipe)
+        self._latents = families.latent_format(pipe, self.family)
+        self.previews = "latent" if self._latents is not None else None
         self._default_scheduler = pipe.scheduler
         self._schedulers: dict[str, Any] = {}
 
@@ -134,6 +148,11 @@ class DiffusersPipeline:
             "model loaded", extra={"model": name, "revision": revision, "device": device, "dtype": dtype}
         )
         return cls(pipe, name, revision)
+
+    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
+        if self._latents is None:
+            raise ValueError(f"no previews for {self.family} latents")
+        return self._latents.pixels(latents, width, height)
 
     def _scheduler(self, name: str | None) -> Any:
         if name is None:
@@ -208,10 +227,18 @@ class DiffusersPipeline:
 class SimulatedPipeline:
     """Benchmark-only backend: sleeps per step, reports steps like the real one, returns grey images."""
 
+    family = "other"
+    native_size_px = 64
+    dtype = "float32"
+    previews: str | None = None
+
     def __init__(self, step_s: float, name: str) -> None:
         self.step_s = step_s
         self.name = name
         self.revision = "simulated"
+
+    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
+        raise ValueError("the simulated pipeline has no latents")
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         total = requests[0].params.steps

@@ -1,10 +1,13 @@
 """Build the embedded default model: a tiny Stable Diffusion pipeline with random weights.
 
 The component classes of Stable Diffusion 1.x at a size that runs 64x64 in well under a second on
-a CPU, saved with ``save_pretrained`` and loaded like any model directory. ``--shape sd15`` builds
-SD 1.5's full size (random weights) for GPU benchmarks (``bench.gpu``).
+a CPU, saved with ``save_pretrained`` and loaded like any model directory. ``--shape tiny-xl``
+builds the same for SDXL (two text encoders, the added size and crop conditioning), the second
+family the tests serve; ``--shape sd15`` builds SD 1.5's full size (random weights) for GPU
+benchmarks (``bench.gpu``).
 
     python -m gpu_worker.tiny_model .data/models/tiny
+    python -m gpu_worker.tiny_model --shape tiny-xl .data/models/tiny-xl
 """
 
 from __future__ import annotations
@@ -135,34 +138,65 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# SDXL's tiny shape: two text encoders whose states are joined (the UNet attends to both), the
+# second's pooled projection and six size/crop numbers as the added conditioning; a native size
+# of 128 px (its UNet's 16x16 latents), where SDXL's is 1024.
+XL = {
+    "text": SHAPES["tiny"]["text"],
+    "unet": {
+        **SHAPES["tiny"]["unet"],
+        "sample_size": 16,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "use_linear_projection": True,
+    },
+    "vae": {**SHAPES["tiny"]["vae"], "sample_size": 128},
+}
+SHAPES["tiny-xl"] = XL
+# The tiny models a worker builds on demand, by the name it serves.
+TINY = ("tiny", "tiny-xl")
+
+
 def build(target: Path, *, seed: int = 0, shape: str = "tiny") -> Path:
-    """Write the pipeline (``tiny`` or ``sd15`` sized) to ``target`` (atomically) and return it."""
+    """Write the pipeline (``tiny``, ``tiny-xl`` or ``sd15`` sized) to ``target`` (atomically)
+    and return it."""
     import torch
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     sizes = SHAPES[shape]
+    xl = shape == "tiny-xl"
     torch.manual_seed(seed)
     vocab, merges = _vocabulary()
     # tokenizers' BPE wants (left, right) pairs; transformers' annotation says list[str].
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **{"vocab_size": len(vocab), **sizes["text"]},
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            projection_dim=sizes["text"]["hidden_size"],
-        )
+    text_config = CLIPTextConfig(
+        **{"vocab_size": len(vocab), **sizes["text"]},
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=sizes["text"]["hidden_size"],
     )
+    text_encoder = CLIPTextModel(text_config)
+    width = sizes["text"]["hidden_size"]
+    extra: dict[str, Any] = {}
+    if xl:  # the UNet attends to both encoders' states; the second's pooled output joins the time
+        extra = {
+            "projection_class_embeddings_input_dim": 6 * sizes["unet"]["addition_time_embed_dim"] + width
+        }
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, cross_attention_dim=sizes["text"]["hidden_size"], **sizes["unet"]
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=2 * width if xl else width,
+        **sizes["unet"],
+        **extra,
     )
     # Four blocks give Stable Diffusion's 8x latent factor: 64x64 pixels are 8x8 latents.
     vae = AutoencoderKL(
@@ -181,20 +215,32 @@ def build(target: Path, *, seed: int = 0, shape: str = "tiny") -> Path:
         timestep_spacing="trailing",
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe: Any
+    if xl:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(text_config),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)  # type: ignore[attr-defined]
+        pipe.save_pretrained(staging, safe_serialization=True)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -205,11 +251,11 @@ def build(target: Path, *, seed: int = 0, shape: str = "tiny") -> Path:
     return target
 
 
-def ensure(target: Path) -> Path:
-    """Build the tiny model unless a complete one is already at ``target``."""
+def ensure(target: Path, shape: str = "tiny") -> Path:
+    """Build the tiny model (of ``shape``) unless a complete one is already at ``target``."""
     if (target / "model_index.json").is_file():
         return target
-    return build(target)
+    return build(target, shape=shape)
 
 
 def main(argv: list[str] | None = None) -> None:

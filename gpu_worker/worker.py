@@ -34,6 +34,7 @@ from gpu_worker import allocator, devices, model_source
 from gpu_worker.main_thread import MainThreadExecutor, forward_signals
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
+from gpu_worker.registration import Registration, card_of
 from gpu_worker.runner import JobRunner, Released
 from stepcast import liveness, logs, schema
 from stepcast import settings as settings_module
@@ -42,6 +43,7 @@ from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.db import Database
 from stepcast.db.presence import Presence
 from stepcast.events import EventLog
+from stepcast.models import queue_of
 from stepcast.queue import TASK_NAME, Consumer, Taken, Ticket
 from stepcast.recovery import Recovery
 from stepcast.redis_keys import CANCEL_CHANNEL, wake_channel
@@ -68,6 +70,7 @@ class GpuWorker(ArqWorker):
         self.consumer: Consumer | None = None  # set on startup, once the pool exists
         self.presence: Presence | None = None  # set on startup: without its session, no job is taken
         self._wake = asyncio.Event()
+        self.ready = asyncio.Event()  # started up: its model announced, its jobs to be taken
         self._letting_go: set[asyncio.Task[None]] = set()  # close waits for them before the pool
 
     def install_signal_handler(self, signum: Signals, handler: Callable[[Signals], None]) -> None:
@@ -223,10 +226,11 @@ def load_pipeline(settings: WorkerSettings) -> Pipeline:
     if isinstance(source, model_source.ModelId):
         snapshot = model_source.fetch(source)
         source, revision = snapshot.path, snapshot.revision
-    elif settings.model_name == "tiny":
-        from gpu_worker.tiny_model import ensure
+    else:
+        from gpu_worker.tiny_model import TINY, ensure
 
-        ensure(source)
+        if settings.model_name in TINY:  # built here on first use: no weights to download
+            ensure(source, shape=settings.model_name)
     pipeline = DiffusersPipeline.load(
         source,
         name=settings.model_name,
@@ -252,6 +256,7 @@ def create_worker(
     if executor is None:
         executor = pipeline_thread()
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    queue_name = queue_of(settings.queue_name, settings.model_name)
 
     async def startup(ctx: dict[str, Any]) -> None:
         stack = contextlib.AsyncExitStack()
@@ -293,9 +298,15 @@ def create_worker(
         stack.push_async_callback(runner.aclose)
         runner.start()
         ctx["runner"] = worker.runner = runner
-        worker.consumer = Consumer(ctx["redis"], settings.queue_name, lease_s=settings.lease_s)
+        worker.consumer = Consumer(ctx["redis"], queue_name, lease_s=settings.lease_s)
+        registration = Registration(
+            db, worker_id, card_of(settings, loaded), presence, lease_s=settings.lease_s
+        )
+        await registration.announce()
+        stack.push_async_callback(registration.withdraw)  # (after the renewals stop, below)
         background_tasks = [
-            _listen(worker, runner, ctx, settings.queue_name),
+            _listen(worker, runner, ctx, queue_name),
+            registration.keep(),
             worker.renew_holds(),
             presence.keep(),
             Recovery.from_settings(settings, db, events, ctx["redis"]).run(),
@@ -305,7 +316,8 @@ def create_worker(
             background_tasks.append(liveness.keep_alive(settings.worker_alive_file, settings.heartbeat_s))
         for background in background_tasks:
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(background))
-        logger.info("worker ready", extra={"worker": worker_id, "queue": settings.queue_name})
+        worker.ready.set()
+        logger.info("worker ready", extra={"worker": worker_id, "queue": queue_name})
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "stack" in ctx:
@@ -319,7 +331,7 @@ def create_worker(
             func(run_job, name=TASK_NAME, keep_result=0, timeout=2 * settings.job_timeout_s + 60)
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
-        queue_name=settings.queue_name,
+        queue_name=queue_name,
         on_startup=startup,
         on_shutdown=shutdown,
         # The runner decides how many it takes (_room); this bounds the

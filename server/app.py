@@ -19,8 +19,9 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server import openapi, rest, sse, ws
+from server import discovery, openapi, rest, sse, ws
 from server.auth import BrowserSession
+from server.catalog import ModelCatalog
 from server.collector import Collector
 from server.hosts import HostCheck
 from server.hub import Hub
@@ -89,7 +90,8 @@ async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> Asy
                     "STEPCAST_SESSION_SECRET is not set: browser sessions end when this process does "
                     "and do not carry over to other servers"
                 )
-        eta = EtaEstimator(db, max_age_s=settings.queue_update_s)
+        models = ModelCatalog(db, settings)
+        eta = EtaEstimator(db, models, max_age_s=settings.queue_update_s)
         lifecycle = Lifecycle(db, events)
         services = Services(
             settings=settings,
@@ -101,6 +103,7 @@ async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> Asy
             metrics=metrics,
             session_secret=session_secret,
             jobs=JobService(settings, db.jobs, db.counts, redis, lifecycle, eta, storage, metrics),
+            models=models,
             sockets=Sockets(settings),
             revocations=Revocations(db),
         )
@@ -131,6 +134,7 @@ def create_app(settings: ServerSettings) -> Starlette:
 
     routes = [
         *rest.routes,
+        *discovery.routes,
         Route("/v1/jobs/{job_id}/events", sse.job_events, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),

@@ -21,9 +21,10 @@ from stepcast.db import Insertion, NewJob, Pace
 from stepcast.db.counts import CountStore
 from stepcast.db.jobs import JobStore
 from stepcast.errors import Conflict, IdempotencyKeyReused, NotFound, TooManyRequests, Unavailable
-from stepcast.events import Canceled, Queued
+from stepcast.events import Canceled
 from stepcast.jobs import Job, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.models import queue_of
 from stepcast.params import Submission
 from stepcast.redis_keys import CANCEL_CHANNEL
 from stepcast.round_trips import GatheredCommands, Gatherer
@@ -82,7 +83,7 @@ class JobService:
             limit = self.settings.anonymous_submits_per_min_per_address
             await limits.count_per_minute(self.redis, "anonymous submits", address, limit)
         settings, params = self.settings, submission.params
-        pace = self.eta.pace(settings.queue_name, params.width, params.height)  # read meanwhile if stale
+        pace = self.eta.pace(queue_of(settings.queue_name, params.model), params.width, params.height)
         insertion = await self.inserts(
             NewJob(
                 owner=owner,
@@ -103,7 +104,7 @@ class JobService:
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
         position = insertion.pending + 1  # behind every job pending when it was inserted
-        queued = Queued(position=position, eta_s=(await pace).drain_s(position, params.steps))
+        queued = await self.eta.queued(job, position)  # (its pace read while it was inserted)
 
         def announce(pipe: Pipeline) -> None:
             # Announce before enqueueing: a worker may start the job at once, and
@@ -122,17 +123,26 @@ class JobService:
         return job, True
 
     async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
+        """The submits of one loop pass, one statement per model's queue (almost always one)."""
         settings = self.settings
-        return await self.store.insert_many(
-            jobs,
-            queue=settings.queue_name,
-            version=__version__,
-            queue_ttl_s=settings.queue_ttl_s,
-            max_pending=settings.max_queue_depth,
-            max_unfinished=settings.max_jobs_per_owner,
-            max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
-            max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
-        )
+        by_queue: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_queue.setdefault(queue_of(settings.queue_name, job.model_name), []).append(index)
+        insertions: list[Insertion | BaseException] = [RuntimeError("not inserted")] * len(jobs)
+        for queue_name, indexes in by_queue.items():
+            inserted = await self.store.insert_many(
+                [jobs[index] for index in indexes],
+                queue=queue_name,
+                version=__version__,
+                queue_ttl_s=settings.queue_ttl_s,
+                max_pending=settings.max_queue_depth,
+                max_unfinished=settings.max_jobs_per_owner,
+                max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
+                max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
+            )
+            for index, insertion in zip(indexes, inserted, strict=True):
+                insertions[index] = insertion
+        return insertions
 
     @staticmethod
     def _replay(job: Job, submission: Submission) -> Job:

@@ -30,6 +30,7 @@ from stepcast.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from stepcast.models import FALLBACK_SIZE_PX, FAMILIES, SCHEDULERS
 from stepcast.params import (
     DEFAULT_WEBHOOK_EVENTS,
     MAX_GUIDANCE,
@@ -38,7 +39,6 @@ from stepcast.params import (
     MAX_SEQ,
     MAX_URL_CHARS,
     PREVIEW_MAX_PX,
-    SCHEDULERS,
     WEBHOOK_EVENTS,
 )
 from stepcast.settings import ServerSettings
@@ -146,12 +146,17 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
         "minimum": settings.min_size_px,
         "maximum": settings.max_size_px,
         "multipleOf": 8,
-        "default": settings.default_size_px,
+        "default": settings.default_size_px or FALLBACK_SIZE_PX,
+        "description": "within the model's own limits (GET /v1/limits?model=)",
     }
     params = {
         "prompt": {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars},
         "negative_prompt": {"type": ["string", "null"], "maxLength": settings.max_prompt_chars},
-        "model": {"type": "string", "enum": [settings.model_name], "default": settings.model_name},
+        "model": {
+            "type": "string",
+            "default": settings.model_name,
+            "description": "one of GET /v1/models; each has its own limits and defaults",
+        },
         "steps": {
             "type": "integer",
             "minimum": 1,
@@ -263,6 +268,7 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
         },
     }
     return {
+        **_model_schemas(),
         "JobRequest": {
             "type": "object",
             "required": ["prompt"],
@@ -293,6 +299,68 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
                         "required": ["field", "message"],
                         "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
                     },
+                },
+            },
+        },
+    }
+
+
+def _model_schemas() -> dict[str, Any]:
+    def bounds(*names: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {name: {"type": "integer"} for name in names}}
+
+    limits = {
+        "schedulers": {"type": "array", "items": {"type": "string", "enum": list(SCHEDULERS)}},
+        "max_prompt_chars": {"type": "integer"},
+        "steps": bounds("min", "max", "default"),
+        "size_px": bounds("min", "max", "default", "multiple_of"),
+        "guidance_scale": {"type": "object"},
+        "num_images": bounds("min", "max"),
+        "seed": bounds("min", "max"),
+        "preview_max_px": {"type": "integer"},
+    }
+    worker = {
+        "type": "object",
+        "properties": {
+            "device": {"type": "string"},
+            "dtype": {"type": "string"},
+            "batch_size": {"type": "integer"},
+            "revision": {"type": "string"},
+            "since": {"type": "string", "format": "date-time"},
+        },
+    }
+    model = {
+        "name": {"type": "string"},
+        "family": {"type": ["string", "null"], "enum": [*FAMILIES, None]},
+        "revision": {"type": ["string", "null"]},
+        "previews": {
+            "type": ["string", "null"],
+            "description": "how previews are made (latent: a linear projection); null: none",
+        },
+        "limits": {"type": "object", "properties": limits},
+        "workers": {"type": "array", "items": worker, "description": "live now; [] while none runs"},
+        "queue": {"type": "object", "properties": {"pending": {"type": "integer"}}},
+        "per_step_s": {"type": ["number", "null"], "description": "lately, at its default size"},
+        "eta_s": {"type": ["number", "null"], "description": "for a job sent now; null without a worker"},
+        "last_served_at": NULLABLE_TIME,
+    }
+    return {
+        "Limits": {
+            "type": "object",
+            "properties": {
+                "model": {"type": "string"},
+                "models": {"type": "array", "items": {"type": "string"}},
+                **limits,
+            },
+        },
+        "Models": {
+            "type": "object",
+            "required": ["default", "models"],
+            "properties": {
+                "default": {"type": "string"},
+                "models": {
+                    "type": "array",
+                    "items": {"type": "object", "required": list(model), "properties": model},
                 },
             },
         },
@@ -393,7 +461,28 @@ def _operations(settings: ServerSettings) -> dict[str, dict[str, Operation]]:
             )
         },
         "/v1/me": {"get": Operation("Who you are: {owner, auth, webhook_secret}", plain)},
-        "/v1/limits": {"get": Operation("What a job may ask for here", plain)},
+        "/v1/limits": {
+            "get": Operation(
+                "What a job for one model may ask for here",
+                {"200": _json("Its limits and defaults", _ref("Limits"))},
+                raises=((InvalidParams, "No such model here (the message lists those there are)"),),
+                parameters=(
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": f"the default: {settings.model_name}",
+                    },
+                ),
+            )
+        },
+        "/v1/models": {
+            "get": Operation(
+                "The models a job may name: limits, live workers, queue and ETA of each",
+                {"200": _json("The models", _ref("Models"))},
+                raises=(STORES,),  # the queues' depths are read from Postgres
+            )
+        },
         "/healthz": {"get": Operation("Liveness", plain)},
         "/readyz": {
             "get": Operation(

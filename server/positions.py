@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 
+from server.catalog import ModelCatalog
 from stepcast.background import stop_if_cancelled
 from stepcast.db import Database, Pace
 from stepcast.events import Queued
@@ -26,6 +27,7 @@ EVERY_CHANGE_UP_TO = 10  # positions read every pass
 # Where each band of positions starts: band b (from 10 * 2**(b-1) + 1) is read every 2**b passes.
 BANDS = tuple(EVERY_CHANGE_UP_TO * 2**band + 1 for band in range(40))
 UNKNOWN_PACE = Pace(per_step_s=None, workers=1)
+NO_WORKER = "no_worker"  # a queued event's reason for its null ETA
 
 
 class EtaEstimator:
@@ -40,8 +42,9 @@ class EtaEstimator:
     # Past this many sizes held, a miss first forgets the stale ones.
     PRUNE_AT = 256
 
-    def __init__(self, db: Database, *, max_age_s: float) -> None:
+    def __init__(self, db: Database, catalog: ModelCatalog, *, max_age_s: float) -> None:
         self.db = db
+        self.catalog = catalog
         self.max_age_s = max_age_s
         self._paces: dict[tuple[str, int, int], tuple[float, asyncio.Future[Pace]]] = {}
 
@@ -67,6 +70,13 @@ class EtaEstimator:
             logger.warning("could not read the queue's pace: %s", exc)
             return UNKNOWN_PACE
 
+    async def queued(self, job: Job, position: int) -> Queued:
+        """The job's ``queued`` event: its place and ETA, or no ETA and why while no worker of
+        its model runs (one will start it: a pool scaling up from zero, a restart)."""
+        if not await self.catalog.live_workers(job.model_name):
+            return Queued(position=position, eta_s=None, reason=NO_WORKER)
+        return Queued(position=position, eta_s=await self.eta_s(job, position))
+
     async def eta_s(self, job: Job, position: int) -> float | None:
         """The jobs ahead, whole, then this one's own steps: only those left to it if it
         resumes from a checkpoint."""
@@ -87,7 +97,8 @@ class QueueAnnouncer:
         self.eta = eta
         self.interval_s = interval_s
         self._turn = 0
-        self._announced: dict[uuid.UUID, tuple[int, int]] = {}  # position, the turn it was read
+        # What each job was told (its position, and whether a worker runs), and the turn it was read.
+        self._announced: dict[uuid.UUID, tuple[tuple[int, str | None], int]] = {}
 
     async def run(self) -> None:
         while True:
@@ -111,10 +122,10 @@ class QueueAnnouncer:
         self._turn += 1
         for job, position in await db.counts.positions_due(self._turn, BANDS):
             told = self._announced.get(job.id)
-            if told is None or told[0] != position:
-                queued = Queued(position=position, eta_s=await estimator.eta_s(job, position))
+            queued = await estimator.queued(job, position)
+            if told is None or told[0] != (position, queued.reason):
                 await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
-            self._announced[job.id] = (position, self._turn)
+            self._announced[job.id] = ((position, queued.reason), self._turn)
         if self._turn % self.FORGET_EVERY == 0:
             self._forget_gone()
 
@@ -122,7 +133,7 @@ class QueueAnnouncer:
         """Drop the jobs that left the queue: those not read for twice their band's period
         and ``FORGET_EVERY`` passes more (one still waiting that is dropped, because its
         position went up, is only told its position again)."""
-        for job_id, (position, turn) in list(self._announced.items()):
+        for job_id, ((position, _), turn) in list(self._announced.items()):
             if self._turn - turn > 2 * period(position) + self.FORGET_EVERY:
                 del self._announced[job_id]
 

@@ -28,15 +28,7 @@ from stepcast.errors import (
     UnsupportedMediaType,
 )
 from stepcast.jobs import Job, timestamp
-from stepcast.params import (
-    MAX_GUIDANCE,
-    MAX_SEED,
-    PREVIEW_MAX_PX,
-    SCHEDULERS,
-    parse_body,
-    parse_idempotency_key,
-    whole_number,
-)
+from stepcast.params import parse_body, parse_idempotency_key, whole_number
 from stepcast.status import Status
 from stepcast.storage.local import URL_PREFIX
 
@@ -124,7 +116,8 @@ async def create_job(request: Request) -> Response:
     services = _services(request)
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     wait_s = _prefer_wait(request)
-    submission = parse_body(await _json_body(request), services.settings)
+    body = await _json_body(request)
+    submission = parse_body(body, services.settings, await services.models.current())
     job, created = await services.jobs.submit(
         await owner_of(request), submission, idempotency_key=key, address=client_address(request)
     )
@@ -214,29 +207,6 @@ async def me(request: Request) -> Response:
     return JSONResponse({"owner": owner, "auth": services.settings.auth, "webhook_secret": secret})
 
 
-async def limits(request: Request) -> Response:
-    """What a job may ask for here: lets clients (the page) check before submitting."""
-    settings = _services(request).settings
-    return JSONResponse(
-        {
-            "models": [settings.model_name],
-            "schedulers": list(SCHEDULERS),
-            "max_prompt_chars": settings.max_prompt_chars,
-            "steps": {"min": 1, "max": settings.max_steps, "default": settings.default_steps},
-            "size_px": {
-                "min": settings.min_size_px,
-                "max": settings.max_size_px,
-                "default": settings.default_size_px,
-                "multiple_of": 8,
-            },
-            "guidance_scale": {"min": 0, "max": MAX_GUIDANCE, "default": settings.default_guidance_scale},
-            "num_images": {"min": 1, "max": settings.max_images},
-            "seed": {"min": 0, "max": MAX_SEED},
-            "preview_max_px": PREVIEW_MAX_PX,
-        }
-    )
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -265,7 +235,6 @@ routes = [
     Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route(URL_PREFIX + "{key:path}", get_image, methods=["GET"]),
     Route("/v1/me", me, methods=["GET"]),
-    Route("/v1/limits", limits, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
+from server.catalog import ModelCatalog
 from server.hub import Hub
 from server.job_service import JobService
 from server.limits import Sockets
@@ -29,6 +30,7 @@ class Services:
     metrics: ServerMetrics
     session_secret: bytes
     jobs: JobService
+    models: ModelCatalog
     sockets: Sockets
     # Ends the open streams of revoked API keys.
     revocations: Revocations

@@ -237,6 +237,7 @@ class Connection:
             message.get("params"),
             message.get("preview"),
             self.settings,
+            await self.services.models.current(),
             params_field="params",
             webhook=message.get("webhook"),
         )

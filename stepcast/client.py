@@ -8,6 +8,7 @@ An example: README.md, "A 30-second tour".
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import random
 from collections.abc import AsyncGenerator, Iterator
@@ -106,6 +107,33 @@ class Page:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class Model:
+    """A model a job may name (``GET /v1/models``): its limits, live workers, queue and ETA."""
+
+    name: str
+    family: str | None
+    workers: int  # live now; 0: a job waits until one starts
+    pending: int
+    eta_s: float | None  # for a job sent now, at the model's defaults
+    limits: dict[str, Any]
+    default: bool
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], default: str) -> Model:
+        return cls(
+            name=data["name"],
+            family=data.get("family"),
+            workers=len(data["workers"]),
+            pending=data["queue"]["pending"],
+            eta_s=data.get("eta_s"),
+            limits=data["limits"],
+            default=data["name"] == default,
+            raw=data,
+        )
+
+
 def _raise_for_problem(response: httpx.Response) -> None:
     if response.is_success:
         return
@@ -177,6 +205,14 @@ class AsyncClient:
         response = await self.http.get(image.url)  # relative (local storage) or presigned (S3)
         _raise_for_problem(response)
         return response.content
+
+    async def models(self) -> builtins.list[Model]:
+        """The models a job may name here, the default first."""
+        response = await self.http.get("/v1/models")
+        _raise_for_problem(response)
+        body = response.json()
+        models = [Model.from_wire(item, body["default"]) for item in body["models"]]
+        return sorted(models, key=lambda model: not model.default)
 
     async def watch(self, job_id: str, *, after_seq: int | None = None) -> AsyncGenerator[Event, None]:
         """The job's events until its terminal one, resuming after every dropped connection."""
@@ -254,6 +290,9 @@ class Client:
 
     def download(self, image: Image) -> bytes:
         return self._runner.run(self._async.download(image))
+
+    def models(self) -> builtins.list[Model]:
+        return self._runner.run(self._async.models())
 
     def wait(self, job_id: str) -> Job:
         return self._runner.run(self._async.wait(job_id))

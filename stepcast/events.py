@@ -137,9 +137,11 @@ class Queued(Event):
     type: ClassVar[str] = "queued"
     position: int
     eta_s: float | None
+    reason: str | None = None  # "no_worker": no worker of its model runs now (eta_s null)
 
     def fields(self) -> dict[str, Any]:
-        return {"position": self.position, "eta_s": self.eta_s}  # eta_s null until known
+        waiting = {"position": self.position, "eta_s": self.eta_s}  # eta_s null until known
+        return waiting if self.reason is None else {**waiting, "reason": self.reason}
 
 
 @dataclass(frozen=True)

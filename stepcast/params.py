@@ -19,17 +19,9 @@ from urllib.parse import urlsplit
 
 from stepcast import netguard
 from stepcast.errors import FieldError, InvalidParams
+from stepcast.models import Catalog, ModelLimits
 from stepcast.settings import ServerSettings
 
-# Scheduler names on the wire; the worker maps each to a diffusers class.
-# Wire name -> the diffusers scheduler class the worker builds; each runs exactly ``steps`` steps.
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_GUIDANCE = 50.0
 PREVIEW_MAX_PX = 256
@@ -159,8 +151,8 @@ class _Checker:
             return float(value)
         return default
 
-    def size(self, name: str, settings: ServerSettings) -> int:
-        value = self.integer(name, settings.default_size_px, settings.min_size_px, settings.max_size_px)
+    def size(self, name: str, limits: ModelLimits) -> int:
+        value = self.integer(name, limits.default_size_px, limits.min_size_px, limits.max_size_px)
         if value % 8:
             self.fail(name, f"{self.label(name)} must be a multiple of 8")
         return value
@@ -179,20 +171,28 @@ class _Checker:
             self.fail(name, f"unknown field {self.label(name)!r}")
 
 
-def parse_params(data: dict[str, Any], settings: ServerSettings, *, prefix: str = "") -> JobParams:
-    """Validate client-supplied params; raise InvalidParams naming every bad field."""
+def parse_params(
+    data: dict[str, Any], settings: ServerSettings, catalog: Catalog, *, prefix: str = ""
+) -> JobParams:
+    """Validate client-supplied params against the limits of the model they name (the
+    catalog's default if none); raise InvalidParams naming every bad field."""
     check = _Checker(data, prefix)
     check.unknown(set(PARAM_FIELDS))
     prompt = check.text("prompt", max_chars=settings.max_prompt_chars, required=True)
     negative = check.text("negative_prompt", max_chars=settings.max_prompt_chars, required=False)
-    model = check.choice("model", (settings.model_name,)) or settings.model_name
-    steps = check.integer("steps", settings.default_steps, 1, settings.max_steps)
-    width = check.size("width", settings)
-    height = check.size("height", settings)
+    model = check.choice("model", catalog.names) or catalog.default
+    limits = catalog.limits[model]
+    steps = check.integer("steps", limits.default_steps, 1, limits.max_steps)
+    width = check.size("width", limits)
+    height = check.size("height", limits)
     guidance = check.number("guidance_scale", settings.default_guidance_scale, 0.0, MAX_GUIDANCE)
     seed = check.integer("seed", -1, 0, MAX_SEED)
-    num_images = check.integer("num_images", 1, 1, settings.max_images)
-    scheduler = check.choice("scheduler", SCHEDULERS)
+    num_images = check.integer("num_images", 1, 1, limits.max_images)
+    if limits.schedulers or data.get("scheduler") is None:
+        scheduler = check.choice("scheduler", limits.schedulers)
+    else:
+        check.fail("scheduler", f"model {model} runs its own scheduler: leave {check.label('scheduler')} out")
+        scheduler = None
     if check.errors or prompt is None:
         raise InvalidParams.from_errors(check.errors)
     return JobParams(
@@ -310,7 +310,13 @@ def unstorable_strings(value: Any, field: str) -> list[FieldError]:
 
 
 def parse_submission(
-    params: Any, preview: Any, settings: ServerSettings, *, params_field: str = "body", webhook: Any = None
+    params: Any,
+    preview: Any,
+    settings: ServerSettings,
+    catalog: Catalog,
+    *,
+    params_field: str = "body",
+    webhook: Any = None,
 ) -> Submission:
     """Validate the params and the preview request together, reporting every problem at once."""
     unstorable = [
@@ -326,7 +332,7 @@ def parse_submission(
         errors.append(FieldError(params_field, f"{params_field} must be a JSON object"))
     else:
         try:
-            parsed = parse_params(params, settings)
+            parsed = parse_params(params, settings, catalog)
         except InvalidParams as exc:
             errors += exc.errors
     try:
@@ -389,9 +395,9 @@ def whole_number(text: str, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
-def parse_body(body: Any, settings: ServerSettings) -> Submission:
+def parse_body(body: Any, settings: ServerSettings, catalog: Catalog) -> Submission:
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
         raise InvalidParams.one("body", "request body must be a JSON object")
     params = {k: v for k, v in body.items() if k not in {"preview", "webhook"}}
-    return parse_submission(params, body.get("preview"), settings, webhook=body.get("webhook"))
+    return parse_submission(params, body.get("preview"), settings, catalog, webhook=body.get("webhook"))

@@ -30,6 +30,7 @@ class Pruned:
     jobs: int = 0
     deliveries: int = 0
     secrets: int = 0
+    workers: int = 0  # registrations of workers gone a day or more (their models' cards stay)
 
 
 class Retention:
@@ -87,11 +88,13 @@ class Retention:
                 secrets=await self._batches(
                     self.db.retention.delete_unused_anonymous_secrets, self.session_s
                 ),
+                workers=await self.db.models.forget_lapsed(SECONDS_PER_DAY),
             )
             if pruned != Pruned():
                 logger.info(
-                    "retention deleted the images of %d jobs, %d jobs, %d webhook deliveries, %d secrets",
-                    pruned.images, pruned.jobs, pruned.deliveries, pruned.secrets,
+                    "retention deleted the images of %d jobs, %d jobs, %d webhook deliveries, %d secrets, "
+                    "%d workers' registrations",
+                    pruned.images, pruned.jobs, pruned.deliveries, pruned.secrets, pruned.workers,
                 )  # fmt: skip
             return pruned
 

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stepcast.errors import ConfigError
 from stepcast.redis_keys import DEFAULT_QUEUE
 
+# A model's name is part of its queue's Redis key and of metric labels: kept plain.
+MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
 # The default home of images, the tiny model and the embedded Postgres and Redis: .data in the
 # checkout this code runs from (tests, `make run`); for an installed package, .data in the
 # directory the process starts in.
@@ -42,6 +45,7 @@ class SharedSettings(BaseSettings):
     # applied (docs/migrations.md), waiting up to schema_wait_s for them.
     schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
+    # The queues' common prefix: model M's jobs wait in "<queue_name>:M".
     queue_name: str = DEFAULT_QUEUE
 
     # Object storage: "local" keeps images under storage_dir and serves them at
@@ -56,8 +60,18 @@ class SharedSettings(BaseSettings):
     s3_secret_access_key: str | None = None
     s3_presign_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
-    # The model a worker serves, and the only one a job may ask for.
-    model_name: str = "tiny"
+    # A worker: the name of the model it serves (its jobs wait in the queue
+    # "<queue_name>:<model_name>"). A server: the model of a job that names none.
+    model_name: str = Field("tiny", pattern=MODEL_NAME)
+    # A model's limits. A worker announces its own (default_size_px unset: the
+    # model's native size, 512 for SD 1.5, 1024 for SDXL); a server holds every
+    # model to its own as well, and uses them for its default model until a
+    # worker of it has announced itself (default_size_px unset there: 64).
+    max_steps: int = Field(150, ge=1)
+    min_size_px: int = Field(64, ge=8)
+    max_size_px: int = Field(1024, ge=8)
+    default_size_px: int | None = Field(None, ge=8)
+    default_steps: int = Field(20, ge=1)
 
     event_stream_max: int = Field(1000, ge=10)
     event_ttl_s: int = Field(24 * 3600, ge=60)
@@ -111,6 +125,21 @@ class SharedSettings(BaseSettings):
             raise ValueError("STEPCAST_S3_BUCKET is required when STEPCAST_STORAGE=s3")
         return self
 
+    @model_validator(mode="after")
+    def _check_sizes(self) -> SharedSettings:
+        for name in ("min_size_px", "max_size_px", "default_size_px"):
+            if (getattr(self, name) or 0) % 8:
+                raise ValueError(f"STEPCAST_{name.upper()} must be a multiple of 8")
+        if not self.min_size_px <= (self.default_size_px or self.min_size_px) <= self.max_size_px:
+            raise ValueError(
+                "STEPCAST_DEFAULT_SIZE_PX must lie between STEPCAST_MIN_SIZE_PX and STEPCAST_MAX_SIZE_PX"
+            )
+        if self.min_size_px > self.max_size_px:
+            raise ValueError("STEPCAST_MIN_SIZE_PX must not exceed STEPCAST_MAX_SIZE_PX")
+        if self.default_steps > self.max_steps:
+            raise ValueError("STEPCAST_DEFAULT_STEPS must not exceed STEPCAST_MAX_STEPS")
+        return self
+
 
 class ServerSettings(SharedSettings):
     """The API server's: listening, admission, limits, sockets, auth, webhook delivery, metrics."""
@@ -120,15 +149,15 @@ class ServerSettings(SharedSettings):
     port: int = Field(8000, ge=1, le=65535)
     database_pool_max: int = Field(10, ge=1)
 
-    # Limits every job is validated against.
+    # Limits every job is validated against (with its model's: the shared settings above).
     max_prompt_chars: int = Field(2000, ge=1)
-    max_steps: int = Field(150, ge=1)
-    min_size_px: int = Field(64, ge=8)
-    max_size_px: int = Field(1024, ge=8)
-    default_size_px: int = Field(64, ge=8)  # the tiny model's native size; 512 for SD 1.5
-    default_steps: int = Field(20, ge=1)
     default_guidance_scale: float = 7.5
     max_images: int = Field(4, ge=1)
+    # A model's card (its limits) stays known this long after its last worker went:
+    # its jobs are still taken, to wait for a worker (a pool scaled to zero).
+    model_keep_days: float = Field(30.0, gt=0)
+    # Each server reads the models and their live workers at most this often.
+    catalog_cache_s: float = Field(1.0, ge=0)
 
     # A job still waiting in the queue after this long fails with code
     # "expired" (0: wait forever).
@@ -239,19 +268,6 @@ class ServerSettings(SharedSettings):
         if (distinct := len(set(text))) < MIN_SECRET_DISTINCT_CHARS:
             raise ValueError(f"has only {distinct} distinct characters, not random; {make}")
         return value
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> ServerSettings:
-        for name in ("min_size_px", "max_size_px", "default_size_px"):
-            if getattr(self, name) % 8:
-                raise ValueError(f"STEPCAST_{name.upper()} must be a multiple of 8")
-        if not self.min_size_px <= self.default_size_px <= self.max_size_px:
-            raise ValueError(
-                "STEPCAST_DEFAULT_SIZE_PX must lie between STEPCAST_MIN_SIZE_PX and STEPCAST_MAX_SIZE_PX"
-            )
-        if self.default_steps > self.max_steps:
-            raise ValueError("STEPCAST_DEFAULT_STEPS must not exceed STEPCAST_MAX_STEPS")
-        return self
 
 
 class WorkerSettings(SharedSettings):

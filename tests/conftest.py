@@ -36,6 +36,7 @@ from stepcast import schema
 from stepcast import settings as settings_module
 from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
 from stepcast.db import Database
+from stepcast.models import queue_of
 from stepcast.params import JobParams
 from stepcast.settings import DATA_DIR, Settings
 
@@ -102,10 +103,29 @@ def s3_endpoint() -> Iterator[str]:
         process.wait(10)
 
 
+# The two families the tests serve: ``@pytest.mark.parametrize("settings", MODELS,
+# indirect=True, ids=MODEL_IDS)`` runs a test against each (server and workers on that model).
+TINY_XL = {"model_name": "tiny-xl", "model_dir": str(DATA_DIR / "models" / "tiny-xl")}
+MODELS = [{}, TINY_XL]
+MODEL_IDS = ["sd1", "sdxl"]
+
+
 @pytest.fixture(scope="session")
-def pipeline() -> Pipeline:
-    model_dir = ensure(DATA_DIR / "models" / "tiny")
-    return DiffusersPipeline.load(model_dir, name="tiny")
+def pipelines() -> Callable[[str], Pipeline]:
+    """The tiny pipeline of a model name (``tiny``, ``tiny-xl``), loaded once per session."""
+    loaded: dict[str, Pipeline] = {}
+
+    def get(name: str) -> Pipeline:
+        if name not in loaded:
+            loaded[name] = DiffusersPipeline.load(ensure(DATA_DIR / "models" / name, shape=name), name=name)
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pipeline(pipelines: Callable[[str], Pipeline]) -> Pipeline:
+    return pipelines("tiny")
 
 
 @pytest.fixture
@@ -235,6 +255,11 @@ async def serve() -> AsyncIterator[Callable[[Settings], Awaitable[str]]]:
         await finish_within(task, 30, f"the server on port {server.config.port}")
 
 
+def model_queue(settings: Settings) -> str:
+    """The queue of the settings' model's jobs."""
+    return queue_of(settings.queue_name, settings.model_name)
+
+
 def fox_params(**changes: Any) -> JobParams:
     """Whole job params, as the parser makes them, for tests that build a job by hand."""
     params = JobParams(
@@ -311,14 +336,23 @@ async def spawn() -> AsyncIterator[Callable[[str, Settings], Awaitable[StepcastP
 
 
 @pytest.fixture
-async def run_worker(pipeline: Pipeline) -> AsyncIterator[Callable[..., Awaitable[None]]]:
-    """Start an in-process arq worker on the shared pipeline."""
+async def run_worker(pipelines: Callable[[str], Pipeline]) -> AsyncIterator[Callable[..., Awaitable[None]]]:
+    """Start an in-process arq worker on the shared pipeline of its settings' model."""
     workers: list[tuple[Any, asyncio.Task[None]]] = []
 
     async def start(settings: Settings, *, with_pipeline: Pipeline | None = None) -> None:
-        worker = create_worker(settings, pipeline=with_pipeline or pipeline, handle_signals=False)
+        loaded = with_pipeline or pipelines(settings.model_name)
+        worker = create_worker(settings, pipeline=loaded, handle_signals=False)
         task = asyncio.create_task(worker.async_run())
         workers.append((worker, task))
+        # Up, its model announced: a submit from now on finds a live worker of its model.
+        ready = asyncio.ensure_future(worker.ready.wait())
+        await asyncio.wait({ready, task}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # its start failed: say why
+        if not ready.done():
+            ready.cancel()
+            raise AssertionError("the worker did not start within 60 s")
 
     yield start
     for worker, task in workers:

@@ -355,6 +355,7 @@ class World:
             metrics=_Metrics(),  # type: ignore[arg-type]
             session_secret=b"",
             jobs=jobs,
+            models=None,  # type: ignore[arg-type]
             sockets=None,  # type: ignore[arg-type]
             revocations=None,  # type: ignore[arg-type]
         )

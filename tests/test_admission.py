@@ -18,7 +18,7 @@ from stepcast.db import Database, NewJob
 from stepcast.events import EventLog
 from stepcast.params import parse_submission
 from stepcast.settings import Settings
-from tests.conftest import assert_problem
+from tests.conftest import assert_problem, model_queue
 from tests.test_auth import SESSION_SECRET, bearer, make_key
 
 FOX = {"prompt": "a red fox", "steps": 5}
@@ -151,7 +151,7 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
             return await insert_jobs(jobs, **limits)
 
         monkeypatch.setattr(services.db.jobs, "insert_many", counted)
-        submission = parse_submission(FOX, None, settings)
+        submission = parse_submission(FOX, None, settings, await services.models.current())
         owners = ["ann", "bob", "cy"]
         submitted = await asyncio.gather(*(services.jobs.submit(owner, submission) for owner in owners))
         assert statements == [owners]
@@ -160,7 +160,7 @@ async def test_submits_of_one_loop_pass_are_inserted_in_one_statement_and_each_a
         for place, job in enumerate(jobs, start=1):
             events = (await services.events.read(str(job.id))).events
             assert [(e["type"], e["position"]) for e in events] == [("queued", place)]
-        queued = await services.redis.zrange(settings.queue_name, 0, -1)
+        queued = await services.redis.zrange(model_queue(settings), 0, -1)
         assert sorted(queued) == sorted(str(job.id).encode() for job in jobs)
         job, created = await services.jobs.submit("dee", submission)  # alone: a list of one
         assert created and statements[-1] == ["dee"]

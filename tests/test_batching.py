@@ -18,14 +18,14 @@ from redis.asyncio import Redis
 
 from gpu_worker.batching import take_batch
 from gpu_worker.checkpoints import Snapshot
-from gpu_worker.pipeline import DiffusersPipeline, Generation, Request
+from gpu_worker.pipeline import DiffusersPipeline, Generation, Pipeline, Request
 from stepcast import arq_bridge, queue
 from stepcast.db import Completion
 from stepcast.db.runs import RunStore
 from stepcast.jobs import Job
 from stepcast.params import JobParams, Preview
 from stepcast.settings import Settings
-from tests.conftest import Stack, StepcastProcess, eventually
+from tests.conftest import MODEL_IDS, TINY_XL, Stack, StepcastProcess, eventually, model_queue
 from tests.test_recovery import FAST_RECOVERY, LONG_JOB, events_of, job_row, wait_for
 
 BATCHED = {"batch_size": 4, "batch_wait_s": 1.0}  # jobs submitted together meet in one batch
@@ -76,10 +76,11 @@ def test_an_image_does_not_depend_on_what_it_was_batched_with(pipeline: Diffuser
     assert np.abs(pixels(alone.images[0]) - pixels(batched[0].images[0])).mean() > 5
 
 
-@pytest.mark.parametrize("settings", [BATCHED], indirect=True)
+@pytest.mark.parametrize("settings", [BATCHED, {**BATCHED, **TINY_XL}], indirect=True, ids=MODEL_IDS)
 async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_results(
-    stack: Stack, pipeline: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, pipelines: Callable[[str], Pipeline], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    model = stack.settings.model_name
     recorded: list[set[str]] = []  # the jobs of each statement recording completions
     record = RunStore.complete
 
@@ -108,7 +109,8 @@ async def test_compatible_jobs_share_a_pipeline_call_with_their_own_events_and_r
         assert types[len(waiting) :] == ["started", *["progress"] * 8, "completed"]
         assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, 9))
         assert job["result"]["images"][0]["seed"] == seed
-        [solo] = pipeline.generate([request(params(f"fox {seed}", seed=seed, steps=8))])
+        solo_params = params(f"fox {seed}", seed=seed, steps=8, model=model)
+        [solo] = pipelines(model).generate([request(solo_params)])
         stored = Image.open(stack.settings.storage_dir / job["id"] / "1" / "0.png")
         assert np.abs(pixels(stored) - pixels(solo.images[0])).max() <= 1
 
@@ -141,6 +143,9 @@ class ExplodingPipeline:
         self.inner = inner
         self.name = inner.name
         self.revision = inner.revision
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Pipeline: the inner one's
+        return getattr(self.inner, name)
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         if any("explode" in r.params.prompt for r in requests):
@@ -229,6 +234,9 @@ class StepNoting:
     def __init__(self, inner: DiffusersPipeline, log: Log) -> None:
         self.inner, self.log = inner, log
         self.name, self.revision = inner.name, inner.revision
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Pipeline: the inner one's
+        return getattr(self.inner, name)
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         def noting(request: Request) -> Request:
@@ -320,11 +328,11 @@ async def test_jobs_queued_without_a_ticket_are_claimed_first_then_run(stack: St
         for seed in (4, 5):
             insertion = await stack.db.jobs.insert(
                 owner="anonymous", params=params("no ticket", seed=seed),
-                preview=Preview(every=2, max_px=64), queue=settings.queue_name, model_name="tiny",
+                preview=Preview(every=2, max_px=64), queue=model_queue(settings), model_name="tiny",
                 version="test", queue_ttl_s=60,
             )  # fmt: skip
             ids.append(str(insertion.job.id))
-            assert await queue.enqueue(redis, insertion.job.id, settings.queue_name)
+            assert await queue.enqueue(redis, insertion.job.id, model_queue(settings))
             assert arq_bridge.job_kwargs(await redis.get(arq_bridge.job_key(ids[-1]))) == {}  # no ticket
     finally:
         await redis.aclose(close_connection_pool=True)

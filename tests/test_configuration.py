@@ -73,12 +73,12 @@ def test_a_process_checks_its_own_roles_settings_only(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="STEPCAST_BATCH_SIZE"):
         settings_module.load(WorkerSettings)
     monkeypatch.setenv("STEPCAST_BATCH_SIZE", "4")
-    monkeypatch.setenv("STEPCAST_MAX_STEPS", "0")  # a server's
+    monkeypatch.setenv("STEPCAST_MAX_IMAGES", "0")  # a server's
     assert isinstance(settings_module.load(WorkerSettings), WorkerSettings)
     for role in (ServerSettings, Settings):
-        with pytest.raises(ConfigError, match="STEPCAST_MAX_STEPS"):
+        with pytest.raises(ConfigError, match="STEPCAST_MAX_IMAGES"):
             settings_module.load(role)
-    monkeypatch.setenv("STEPCAST_MAX_STEPS", "150")
+    monkeypatch.setenv("STEPCAST_MAX_IMAGES", "4")
     monkeypatch.setenv("STEPCAST_LOG_FORMAT", "xml")  # both roles'
     for role in (ServerSettings, WorkerSettings):
         with pytest.raises(ConfigError, match="STEPCAST_LOG_FORMAT"):

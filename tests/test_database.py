@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -168,7 +168,7 @@ async def test_a_pace_is_read_once_per_interval_for_everyone_who_asks(
         return await read(queue, width, height)
 
     monkeypatch.setattr(db.counts, "pace", counted_read)
-    eta = EtaEstimator(db, max_age_s=3600)
+    eta = EtaEstimator(db, cast(Any, None), max_age_s=3600)  # (no catalog: ETAs only)
     job = (await insert(db)).job
     assert await eta.eta_s(job, 3) is None  # nothing measured yet
     await db.pool.execute(
@@ -189,7 +189,7 @@ async def test_an_unreadable_pace_gives_no_eta(db: Database, monkeypatch: pytest
         raise ConnectionRefusedError("Postgres is restarting")
 
     monkeypatch.setattr(db.counts, "pace", unreachable)
-    eta = EtaEstimator(db, max_age_s=3600)
+    eta = EtaEstimator(db, cast(Any, None), max_age_s=3600)  # (no catalog: ETAs only)
     assert await eta.pace("q", 64, 64) == UNKNOWN_PACE
     assert UNKNOWN_PACE.drain_s(5, steps=20) is None
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from stepcast.settings import Settings
+from stepcast.settings import Settings, WorkerSettings
 from tests.conftest import ROOT
 
 
@@ -62,3 +62,24 @@ def test_compose_validates_and_wires_a_gpu_host() -> None:
         assert services[name]["environment"]["STEPCAST_LOG_FORMAT"] == "json", name
     for variable in env:  # every variable set is a real setting
         assert variable.removeprefix("STEPCAST_").lower() in Settings.model_fields, variable
+
+
+def test_compose_runs_a_pool_per_model() -> None:
+    """gpu_worker_sdxl (--profile sdxl) is gpu_worker for another model: its own name, directory
+    and default size (unset: the model's native 1024), the same GPU, probes and shutdown."""
+    services = rendered()["services"]
+    first, second = services["gpu_worker"], services["gpu_worker_sdxl"]
+    assert second["profiles"] == ["sdxl"]
+    env = second["environment"]
+    worker_env = {name: value for name, value in env.items() if name != "STEPCAST_SESSION_SECRET"}
+    settings = WorkerSettings(
+        **{name.removeprefix("STEPCAST_").lower(): value for name, value in worker_env.items()}
+    )
+    assert (settings.model_name, settings.model_dir, settings.default_size_px) == (
+        "sdxl",
+        "/models/sdxl",
+        None,
+    )
+    assert first["environment"]["STEPCAST_MODEL_NAME"] != "sdxl"
+    for key in ("deploy", "healthcheck", "stop_grace_period", "volumes", "command", "depends_on"):
+        assert second[key] == first[key], key

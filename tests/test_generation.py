@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from gpu_worker.pipeline import DiffusersPipeline
 from stepcast.events import EventLog
-from tests.conftest import Stack
+from tests.conftest import MODEL_IDS, MODELS, Stack
 
 
 async def fetch_png(stack: Stack, url: str) -> Image.Image:
@@ -37,6 +37,7 @@ async def events_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
         await redis.aclose()
 
 
+@pytest.mark.parametrize("settings", MODELS, indirect=True, ids=MODEL_IDS)
 async def test_prompt_in_image_out(stack: Stack) -> None:
     submitted = await stack.submit(steps=20, seed=7, width=64, height=96)
     job = await stack.wait(submitted["id"])
@@ -45,7 +46,8 @@ async def test_prompt_in_image_out(stack: Stack) -> None:
     assert job["progress"] == {"step": 20, "total": 20}
     assert job["started_at"] and job["finished_at"] and job["queue_position"] is None
     assert job["timings"]["run_s"] > 0 and job["timings"]["queue_s"] >= 0
-    assert job["provenance"]["model"] == "tiny" and len(job["provenance"]["model_revision"]) == 16
+    assert job["params"]["model"] == job["provenance"]["model"] == stack.settings.model_name
+    assert len(job["provenance"]["model_revision"]) == 16
     [image] = job["result"]["images"]
     assert image == {
         "url": f"/v1/images/{job['id']}/1/0.png",
@@ -58,6 +60,7 @@ async def test_prompt_in_image_out(stack: Stack) -> None:
     assert png.size == (64, 96) and png.mode == "RGB"
 
 
+@pytest.mark.parametrize("settings", MODELS, indirect=True, ids=MODEL_IDS)
 async def test_events_tell_the_whole_story_in_order(stack: Stack) -> None:
     job = await stack.wait((await stack.submit(steps=6))["id"])
     events = await events_of(stack, job["id"])
@@ -76,6 +79,7 @@ async def test_events_tell_the_whole_story_in_order(stack: Stack) -> None:
     assert list(started) == ["type", "job_id", "seq", "attempt", "worker"]
 
 
+@pytest.mark.parametrize("settings", MODELS, indirect=True, ids=MODEL_IDS)
 async def test_same_seed_same_image_and_batch_mates_do_not_matter(stack: Stack) -> None:
     first = await stack.wait((await stack.submit(seed=1234, steps=4))["id"])
     again = await stack.wait((await stack.submit(seed=1234, steps=4))["id"])
@@ -157,6 +161,7 @@ async def test_canceled_pending_job_never_starts(stack: Stack) -> None:
     assert [e["type"] for e in await events_of(stack, waiting)] == ["queued", "canceled"]
 
 
+@pytest.mark.parametrize("settings", MODELS, indirect=True, ids=MODEL_IDS)
 async def test_previews_arrive_every_k_steps(stack: Stack) -> None:
     job = await stack.wait((await stack.submit(steps=6, preview={"every": 2, "max_px": 32}))["id"])
     progress = [e for e in await events_of(stack, job["id"]) if e["type"] == "progress"]

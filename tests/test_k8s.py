@@ -31,14 +31,14 @@ from stepcast import settings as settings_module
 from stepcast.db import Database
 from stepcast.errors import ConfigError
 from stepcast.settings import Settings
-from tests.conftest import ROOT, fox_params
+from tests.conftest import ROOT, fox_params, model_queue
 
 K8S = ROOT / "deploy" / "k8s"
-# Every kustomization that renders on its own (components only render inside one).
+# Every kustomization that renders on its own: the base and each overlay (components, the
+# worker pool and an overlay's pools only render inside one).
 TARGETS = sorted(
     str(path.parent.relative_to(K8S))
-    for path in K8S.rglob("kustomization.yaml")
-    if yaml.safe_load(path.read_text()).get("kind") != "Component"
+    for path in [K8S / "base" / "kustomization.yaml", *K8S.glob("overlays/*/kustomization.yaml")]
 )
 GPU = "overlays/gpu"
 # The targets that scale workers with KEDA; the others run a fixed worker count.
@@ -69,15 +69,20 @@ class Rendered:
         assert len(found) == 1, f"{self.target}: expected one {kind} {name!r}, found {len(found)}"
         return found[0]
 
-    def workload(self, component: str) -> Obj:
-        """The Deployment of a component (server, worker)."""
+    def workloads(self, component: str) -> list[Obj]:
+        """The Deployments of a component (server; worker: one pool per model)."""
         found = [
             obj
             for obj in self.all("Deployment")
             if pod_labels(obj).get("app.kubernetes.io/component") == component
         ]
-        assert len(found) == 1, f"{self.target}: expected one {component} Deployment, found {len(found)}"
-        return found[0]
+        assert found, f"{self.target}: no {component} Deployment"
+        return found
+
+    def workload(self, component: str) -> Obj:
+        """The one Deployment of a component (the server)."""
+        [found] = self.workloads(component)
+        return found
 
     def env(self, container: Obj) -> dict[str, str]:
         """The container's environment as the kubelet builds it: envFrom first, then env."""
@@ -216,7 +221,8 @@ def test_renders_the_whole_stack(target: str) -> None:
     rendered = render(target)
     kinds = sorted(obj["kind"] for obj in rendered.objects)
     for kind, count in {
-        "Namespace": 1, "ConfigMap": 1, "Secret": 1, "Deployment": 2, "Service": 1, "Job": 1,
+        "Namespace": 1, "ConfigMap": 1, "Secret": 1, "Deployment": 1 + len(rendered.workloads("worker")),
+        "Service": 1, "Job": 1,
         "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 2, "NetworkPolicy": 2,
     }.items():  # fmt: skip
         assert kinds.count(kind) == count, f"{target}: expected {count} {kind}, rendered {kinds}"
@@ -294,7 +300,11 @@ def test_server_probes_readyz_and_healthz(target: str) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_worker_liveness_is_its_own_heartbeat(target: str) -> None:
     rendered = render(target)
-    worker = rendered.workload("worker")
+    for worker in rendered.workloads("worker"):
+        check_worker_liveness(target, rendered, worker)
+
+
+def check_worker_liveness(target: str, rendered: Rendered, worker: Obj) -> None:
     pod = worker["spec"]["template"]["spec"]
     container = only_container(worker)
     settings = rendered.settings(container)
@@ -330,7 +340,11 @@ def test_worker_liveness_is_its_own_heartbeat(target: str) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_worker_outlives_its_job_on_sigterm(target: str) -> None:
     rendered = render(target)
-    worker = rendered.workload("worker")
+    for worker in rendered.workloads("worker"):
+        check_worker_outlives_its_job(target, rendered, worker)
+
+
+def check_worker_outlives_its_job(target: str, rendered: Rendered, worker: Obj) -> None:
     settings = rendered.settings(only_container(worker))
     grace_s = worker["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
     needed_s = settings.job_timeout_s + settings.shutdown_grace_s
@@ -348,8 +362,13 @@ def test_worker_outlives_its_job_on_sigterm(target: str) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_worker_metrics_port_is_exposed(target: str) -> None:
     rendered = render(target)
-    container = only_container(rendered.workload("worker"))
-    settings = rendered.settings(container)
+    for worker in rendered.workloads("worker"):
+        container = only_container(worker)
+        settings = rendered.settings(container)
+        check_worker_metrics(target, container, settings)
+
+
+def check_worker_metrics(target: str, container: Obj, settings: Settings) -> None:
     assert settings.worker_metrics_port, (
         f"{target}: the worker serves no metrics (STEPCAST_WORKER_METRICS_PORT)"
     )
@@ -362,9 +381,30 @@ def test_worker_metrics_port_is_exposed(target: str) -> None:
 # -- GPUs --------------------------------------------------------------------
 
 
-def test_gpu_worker_gets_one_gpu_on_a_gpu_node() -> None:
+def test_gpu_workers_get_one_gpu_on_a_gpu_node() -> None:
     rendered = render(GPU)
-    worker = rendered.workload("worker")
+    for worker in rendered.workloads("worker"):
+        check_gpu_worker(rendered, worker)
+    server = rendered.workload("server")
+    assert "nvidia.com/gpu" not in str(server["spec"]["template"]["spec"]), "the server asks for a GPU"
+
+
+def test_the_gpu_overlay_runs_one_pool_per_model_on_its_own_queue() -> None:
+    rendered = render(GPU)
+    pools = rendered.workloads("worker")
+    models = [rendered.settings(only_container(pool)).model_name for pool in pools]
+    assert sorted(models) == ["sd15", "sdxl"], f"the gpu overlay's pools serve {models}"
+    for pool in pools:  # no Deployment's selector takes another pool's pods
+        others = [other for other in pools if other is not pool]
+        assert not any(selects(pool["spec"]["selector"], pod_labels(other)) for other in others), (
+            f"{pool['metadata']['name']}'s selector matches another pool's pods"
+        )
+    xl = next(pool for pool in pools if rendered.settings(only_container(pool)).model_name == "sdxl")
+    settings = rendered.settings(only_container(xl))
+    assert settings.default_size_px is None and str(settings.model_dir) == "/models/sdxl"
+
+
+def check_gpu_worker(rendered: Rendered, worker: Obj) -> None:
     pod = worker["spec"]["template"]["spec"]
     container = only_container(worker)
     limits = container["resources"].get("limits", {})
@@ -379,8 +419,6 @@ def test_gpu_worker_gets_one_gpu_on_a_gpu_node() -> None:
     assert settings.device == "cuda" and settings.dtype == "float16", (
         "the gpu worker does not run on cuda/fp16"
     )
-    server = rendered.workload("server")
-    assert "nvidia.com/gpu" not in str(server["spec"]["template"]["spec"]), "the server asks for a GPU"
     # The model comes from a read-only volume.
     mounts = [
         m for m in container.get("volumeMounts", []) if is_under(str(settings.model_dir), m["mountPath"])
@@ -394,7 +432,8 @@ def test_gpu_worker_gets_one_gpu_on_a_gpu_node() -> None:
 def test_cpu_targets_ask_for_no_gpu(target: str) -> None:
     rendered = render(target)
     assert "nvidia.com/gpu" not in rendered.text, f"{target}: mentions nvidia.com/gpu"
-    settings = rendered.settings(only_container(rendered.workload("worker")))
+    [worker] = rendered.workloads("worker")
+    settings = rendered.settings(only_container(worker))
     assert settings.device == "cpu", f"{target}: the worker runs on {settings.device}"
     assert settings.backend == "diffusers", f"{target}: the worker runs the {settings.backend} backend"
     assert settings.model_name == "tiny", (
@@ -448,19 +487,22 @@ def test_every_container_sets_requests_and_limits(target: str) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_workers_admit_no_ingress_and_servers_admit_http(target: str) -> None:
     rendered = render(target)
-    worker_labels = pod_labels(rendered.workload("worker"))
-    policies = [p for p in rendered.all("NetworkPolicy") if selects(p["spec"]["podSelector"], worker_labels)]
-    assert policies, f"{target}: no NetworkPolicy selects the worker pods"
-    for policy in policies:
-        name = policy["metadata"]["name"]
-        assert "Ingress" in policy["spec"].get("policyTypes", []), (
-            f"{target}: {name} does not restrict ingress"
-        )
-        assert not policy["spec"].get("ingress"), f"{target}: {name} lets ingress reach the workers"
-    for service in rendered.all("Service"):
-        assert not selects({"matchLabels": service["spec"].get("selector", {})}, worker_labels), (
-            f"{target}: Service {service['metadata']['name']} exposes the workers"
-        )
+    for worker in rendered.workloads("worker"):
+        worker_labels = pod_labels(worker)
+        policies = [
+            p for p in rendered.all("NetworkPolicy") if selects(p["spec"]["podSelector"], worker_labels)
+        ]
+        assert policies, f"{target}: no NetworkPolicy selects the worker pods"
+        for policy in policies:
+            name = policy["metadata"]["name"]
+            assert "Ingress" in policy["spec"].get("policyTypes", []), (
+                f"{target}: {name} does not restrict ingress"
+            )
+            assert not policy["spec"].get("ingress"), f"{target}: {name} lets ingress reach the workers"
+        for service in rendered.all("Service"):
+            assert not selects({"matchLabels": service["spec"].get("selector", {})}, worker_labels), (
+                f"{target}: Service {service['metadata']['name']} exposes the workers"
+            )
 
     server = rendered.workload("server")
     container = only_container(server)
@@ -543,22 +585,31 @@ def test_servers_scale_on_cpu_with_budgets(target: str) -> None:
     assert "cpu" in resources, f"{target}: the HPA does not scale on CPU ({hpa['spec']['metrics']})"
     assert "replicas" not in server["spec"], f"{target}: the server Deployment sets replicas the HPA owns"
 
-    for component in ("server", "worker"):
-        labels = pod_labels(rendered.workload(component))
+    for workload in [rendered.workload("server"), *rendered.workloads("worker")]:
+        labels = pod_labels(workload)
         budgets = [b for b in rendered.all("PodDisruptionBudget") if selects(b["spec"]["selector"], labels)]
-        assert len(budgets) == 1, f"{target}: {len(budgets)} PodDisruptionBudgets cover the {component} pods"
+        name = workload["metadata"]["name"]
+        assert len(budgets) == 1, f"{target}: {len(budgets)} PodDisruptionBudgets cover the {name} pods"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_keda_scales_workers_from_the_job_table(target: str) -> None:
     rendered = render(target)
-    worker = rendered.workload("worker")
+    workers = rendered.workloads("worker")
     scaled_objects = rendered.all("ScaledObject")
     if target not in KEDA_TARGETS:
         assert not scaled_objects, f"{target}: has a ScaledObject but is not listed in KEDA_TARGETS"
         return
-    assert len(scaled_objects) == 1, f"{target}: expected one ScaledObject, found {len(scaled_objects)}"
-    spec = scaled_objects[0]["spec"]
+    assert len(scaled_objects) == len(workers), (
+        f"{target}: {len(scaled_objects)} ScaledObjects for {len(workers)} worker pools"
+    )
+    for worker in workers:  # each pool scaled on its own model's queue
+        name = worker["metadata"]["name"]
+        [scaled] = [s for s in scaled_objects if s["spec"]["scaleTargetRef"]["name"] == name]
+        check_keda_scales(target, rendered, worker, scaled["spec"])
+
+
+def check_keda_scales(target: str, rendered: Rendered, worker: Obj, spec: Obj) -> None:
     ref = spec["scaleTargetRef"]
     assert (ref.get("apiVersion", "apps/v1"), ref.get("kind", "Deployment"), ref["name"]) == (
         "apps/v1", "Deployment", worker["metadata"]["name"],
@@ -581,7 +632,7 @@ def test_keda_scales_workers_from_the_job_table(target: str) -> None:
         f"{target}: activationTargetQueryValue must be 0 "
         "(KEDA activates on count > it, so that one job wakes a worker)"
     )
-    queue = rendered.settings(only_container(worker)).queue_name
+    queue = model_queue(rendered.settings(only_container(worker)))
     assert f"queue = '{queue}'" in metadata["query"], f"{target}: the query does not count queue {queue!r}"
 
     auth = rendered.named("TriggerAuthentication", trigger["authenticationRef"]["name"])
@@ -593,13 +644,18 @@ def test_keda_scales_workers_from_the_job_table(target: str) -> None:
 
 
 async def test_keda_query_counts_pending_and_processing_jobs_of_the_queue(database_url: str) -> None:
+    """The first pool's query, on the real schema: its own model's queue and nothing else (the
+    other pool's jobs among those it must not count)."""
     rendered = render(GPU)
-    [scaled_object] = rendered.all("ScaledObject")
+    worker = rendered.named("Deployment", "stepcast-worker")
+    [scaled_object] = [
+        s for s in rendered.all("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == "stepcast-worker"
+    ]
     [trigger] = scaled_object["spec"]["triggers"]
     query = trigger["metadata"]["query"]
     activation = float(trigger["metadata"].get("activationTargetQueryValue", 0))
     per_worker = float(trigger["metadata"]["targetQueryValue"])
-    queue = rendered.settings(only_container(rendered.workload("worker"))).queue_name
+    queue = model_queue(rendered.settings(only_container(worker)))
 
     db = await Database.connect(database_url, max_size=2)
     try:
@@ -632,7 +688,7 @@ async def test_keda_query_counts_pending_and_processing_jobs_of_the_queue(databa
         for status, how_many in statuses.items():
             for _ in range(how_many):
                 await add(queue, status)
-                await add("another:queue", status)
+                await add("stepcast:queue:sdxl", status)
         expected = 1 + statuses["pending"] + statuses["processing"]
         counted = await count()
         assert counted == expected, (

@@ -22,7 +22,7 @@ from gpu_worker.metrics import WorkerMetrics
 from stepcast import liveness, logs
 from stepcast.cli.processes import free_port
 from stepcast.settings import Settings
-from tests.conftest import Stack, assert_problem
+from tests.conftest import Stack, assert_problem, model_queue
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -119,7 +119,7 @@ async def test_metrics_read_queue_depth_from_postgres(client: httpx.AsyncClient,
     for _ in range(2):
         await client.post("/v1/jobs", json={"prompt": "nobody runs me"})
     metrics = samples((await client.get("/metrics")).text)
-    assert metrics[("stepcast_queue_depth", (("queue", settings.queue_name),))] == 2
+    assert metrics[("stepcast_queue_depth", (("queue", model_queue(settings)),))] == 2
     assert metrics[("stepcast_jobs", (("status", "pending"),))] == 2
 
 
@@ -140,7 +140,7 @@ async def test_a_scrape_reads_kept_counts_not_the_jobs_table_and_caches_them(
     finally:
         await conn.close()
     for metrics in (first, again):
-        assert metrics[("stepcast_queue_depth", (("queue", settings.queue_name),))] == 2
+        assert metrics[("stepcast_queue_depth", (("queue", model_queue(settings)),))] == 2
         statuses = {labels[0][1]: v for (name, labels), v in metrics.items() if name == "stepcast_jobs"}
         assert statuses == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "canceled": 0}
 

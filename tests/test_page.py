@@ -16,7 +16,7 @@ from playwright.async_api import Browser, Page, WebSocket, async_playwright, exp
 
 from gpu_worker.pipeline import DiffusersPipeline
 from stepcast.settings import DATA_DIR, Settings
-from tests.conftest import Stack, StepcastProcess
+from tests.conftest import TINY_XL, Stack, StepcastProcess
 from tests.test_recovery import job_row
 
 SHOTS = DATA_DIR / "screenshots"
@@ -151,6 +151,28 @@ async def test_form_checks_the_limits_in_words(stack: Stack, page: Page) -> None
     await shot(page, "5-validation")
 
 
+@pytest.mark.parametrize("settings", [{"catalog_cache_s": 0}], indirect=True)
+async def test_the_model_selector_shows_each_models_workers_and_limits_and_sends_the_choice(
+    stack: Stack, page: Page, run_worker: Callable[..., Awaitable[None]]
+) -> None:
+    xl = stack.settings.model_copy(update={**TINY_XL, "default_size_px": None})
+    await run_worker(xl)
+    await page.goto(str(stack.client.base_url))
+    await expect(page.locator("#connection")).to_have_text("Live")
+    model = page.get_by_label("Model")
+    await expect(model.locator("option")).to_have_text(["tiny (sd1) — 1 worker", "tiny-xl (sdxl) — 1 worker"])
+    await expect(model).to_have_value("tiny")
+    await expect(page.get_by_label("Width")).to_have_value("64")
+    await model.select_option("tiny-xl")  # its own defaults: SDXL's tiny shape is native at 128 px
+    await expect(page.get_by_label("Width")).to_have_value("128")
+    await expect(page.locator("#model-status")).to_contain_text("nobody waiting")
+    await submit(page, "a fox in another model", steps="3", width="64", height="64")
+    card = page.locator(".job").first
+    await expect(card.locator(".state")).to_have_text(re.compile("^Done"), timeout=SLOW_MS)
+    await expect(card.locator(".params")).to_contain_text("tiny-xl")
+    await shot(page, "10-models")
+
+
 async def test_a_failed_job_says_why(
     stack: Stack, page: Page, pipeline: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,7 +240,8 @@ async def test_phone_width_and_labels(stack: Stack, browser: Browser) -> None:
     await stack.wait((await stack.submit(steps=4))["id"])
     await page.goto(str(stack.client.base_url))
     await expect(page.locator(".job")).to_have_count(1)
-    for label in ("Prompt", "Negative prompt", "Steps", "Width", "Height", "Guidance", "Seed", "Images"):
+    labels = ("Model", "Prompt", "Negative prompt", "Steps", "Width", "Height", "Guidance", "Seed", "Images")
+    for label in labels:
         await expect(page.get_by_label(label, exact=False).first).to_be_visible()
     assert await page.evaluate("document.documentElement.scrollWidth") <= 375
     await page.get_by_label("Prompt", exact=True).focus()

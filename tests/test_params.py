@@ -8,20 +8,22 @@ import pytest
 
 from stepcast import settings as settings_module
 from stepcast.errors import InvalidParams
+from stepcast.models import Catalog, ModelCard
 from stepcast.params import MAX_FIELD_ERRORS, parse_body
 
 SETTINGS = settings_module.load(default_size_px=64)
+CATALOG = Catalog.of({}, SETTINGS)  # the default model alone, before any worker announced it
 LONE = "must be valid Unicode: \\ud800 is half of a surrogate pair"
 
 
 def fields_of(body: Any) -> dict[str, str]:
     with pytest.raises(InvalidParams) as info:
-        parse_body(body, SETTINGS)
+        parse_body(body, SETTINGS, CATALOG)
     return {e.field: e.message for e in info.value.errors}
 
 
 def test_defaults_are_filled_and_seed_is_always_chosen() -> None:
-    params = parse_body({"prompt": "a red fox"}, SETTINGS).params
+    params = parse_body({"prompt": "a red fox"}, SETTINGS, CATALOG).params
     assert (params.steps, params.width, params.height, params.num_images) == (20, 64, 64, 1)
     assert params.model == "tiny" and params.scheduler is None
     assert 0 <= params.seed < 2**32
@@ -134,7 +136,60 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_preview_defaults() -> None:
-    submission = parse_body({"prompt": "p", "preview": {}}, SETTINGS)
+    submission = parse_body({"prompt": "p", "preview": {}}, SETTINGS, CATALOG)
     assert submission.preview is not None
     assert (submission.preview.every, submission.preview.max_px) == (1, 128)
-    assert parse_body({"prompt": "p"}, SETTINGS).preview is None
+    assert parse_body({"prompt": "p"}, SETTINGS, CATALOG).preview is None
+
+
+def card(name: str, family: str, **changes: Any) -> ModelCard:
+    values: dict[str, Any] = {
+        "name": name,
+        "revision": "r1",
+        "family": family,
+        "device": "cuda",
+        "dtype": "float16",
+        "schedulers": ("euler", "ddim"),
+        "min_size_px": 512,
+        "max_size_px": 2048,
+        "default_size_px": 1024,
+        "max_steps": 100,
+        "default_steps": 30,
+        "batch_size": 2,
+        "previews": "latent",
+    }
+    return ModelCard(**{**values, **changes})
+
+
+def test_each_model_has_its_own_defaults_and_limits_within_the_servers() -> None:
+    catalog = Catalog.of(
+        {"sdxl": card("sdxl", "sdxl"), "flux": card("flux", "flux", schedulers=())}, SETTINGS
+    )
+    sdxl = parse_body({"prompt": "p", "model": "sdxl"}, SETTINGS, catalog).params
+    # Its own default size and steps; the server's caps (max_size_px 1024) hold over its 2048.
+    assert (sdxl.width, sdxl.height, sdxl.steps, sdxl.model) == (1024, 1024, 30, "sdxl")
+    tiny = parse_body({"prompt": "p"}, SETTINGS, catalog).params  # the default model's, as before
+    assert (tiny.width, tiny.steps, tiny.model) == (64, 20, "tiny")
+    with pytest.raises(InvalidParams) as info:
+        parse_body(
+            {"prompt": "p", "model": "sdxl", "width": 256, "steps": 120, "scheduler": "unipc"},
+            SETTINGS,
+            catalog,
+        )
+    assert {e.field: e.message for e in info.value.errors} == {
+        "width": "width must be between 512 and 1024",
+        "steps": "steps must be between 1 and 100",
+        "scheduler": "scheduler must be one of: euler, ddim",
+    }
+    with pytest.raises(InvalidParams) as info:
+        parse_body({"prompt": "p", "model": "flux", "scheduler": "euler"}, SETTINGS, catalog)
+    assert info.value.errors[0].message == "model flux runs its own scheduler: leave scheduler out"
+
+
+def test_an_unknown_model_is_refused_naming_the_models_there_are() -> None:
+    catalog = Catalog.of({"sdxl": card("sdxl", "sdxl")}, SETTINGS)
+    with pytest.raises(InvalidParams) as info:
+        parse_body({"prompt": "p", "model": "sd15"}, SETTINGS, catalog)
+    assert [(e.field, e.message) for e in info.value.errors] == [
+        ("model", "model must be one of: sdxl, tiny")
+    ]

@@ -22,7 +22,7 @@ from stepcast import arq_bridge, queue
 from stepcast.events import Block, EventLog, Queued
 from stepcast.params import Preview
 from stepcast.settings import Settings
-from tests.conftest import Stack, fox_params
+from tests.conftest import Stack, fox_params, model_queue
 
 QUEUE = "stepcast:test-queue"
 
@@ -195,10 +195,10 @@ async def test_a_pickle_planted_in_redis_is_refused_unread_and_jobs_still_run(
     try:
         planted = str(uuid.uuid4())  # ahead of everything in the queue
         await redis.set(arq_bridge.job_key(planted), pickle.dumps(arq_job))
-        await redis.zadd(stack.settings.queue_name, {planted: 1})
+        await redis.zadd(model_queue(stack.settings), {planted: 1})
         job = await stack.wait((await stack.submit(steps=2))["id"])  # taken after the planted one
         assert job["status"] == "completed"
-        assert await redis.zscore(stack.settings.queue_name, planted) is None  # taken and let go
+        assert await redis.zscore(model_queue(stack.settings), planted) is None  # taken and let go
         assert not marker.exists(), "the worker ran the planted pickle"
         await redis.set(arq_bridge.job_key(planted), pickle.dumps(arq_job))
         with pytest.raises(DeserializationError):  # arq's own reader, on stepcast's pool

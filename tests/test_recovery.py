@@ -20,7 +20,7 @@ from stepcast.events import EventLog
 from stepcast.recovery import Recovery
 from stepcast.redis_keys import checkpoint_key
 from stepcast.settings import Settings
-from tests.conftest import StepcastProcess
+from tests.conftest import StepcastProcess, model_queue
 from tests.test_realtime import recv, send, until
 
 FAST_RECOVERY = {"lease_s": 1.0, "heartbeat_s": 0.2, "recovery_interval_s": 0.2, "enqueue_grace_s": 0.3}
@@ -178,11 +178,11 @@ async def test_a_job_is_judged_lost_by_the_queues_own_membership(
     arq = queue.connect(settings.redis_url)
     db = await Database.connect(settings.database_url, max_size=2)
     try:
-        await arq.zrem(settings.queue_name, job_id)  # the queue lost it; arq's job key is still there
+        await arq.zrem(model_queue(settings), job_id)  # the queue lost it; arq's job key is still there
         assert await arq.exists(arq_bridge.job_key(job_id))
         events = EventLog(arq, stream_max=100, ttl_s=60)
         assert await Recovery.from_settings(settings, db, events, arq).tick()
-        assert await arq.zscore(settings.queue_name, job_id) is not None  # queued again
+        assert await arq.zscore(model_queue(settings), job_id) is not None  # queued again
     finally:
         await db.close()
         await arq.aclose(close_connection_pool=True)
@@ -198,14 +198,14 @@ async def test_a_deep_queue_is_checked_a_page_a_pass_to_its_end_and_again(
     arq = queue.connect(settings.redis_url)
     db = await Database.connect(settings.database_url, max_size=2)
     try:
-        await arq.zrem(settings.queue_name, *ids)  # the queue lost them all
+        await arq.zrem(model_queue(settings), *ids)  # the queue lost them all
         recovery = Recovery.from_settings(settings, db, EventLog(arq, stream_max=100, ttl_s=60), arq)
         held = []
         for lost in ([], ids[:2], ids[5:6], []):  # each pass, the queue loses some again
             if lost:
-                await arq.zrem(settings.queue_name, *lost)
+                await arq.zrem(model_queue(settings), *lost)
             assert await recovery.tick()
-            scores = [await arq.zscore(settings.queue_name, job_id) for job_id in ids]
+            scores = [await arq.zscore(model_queue(settings), job_id) for job_id in ids]
             held.append([score is not None for score in scores])
         # The head (2) every pass, and a page of the sweep (3) after it, from the head again
         # once past the last.

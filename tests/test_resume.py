@@ -25,7 +25,8 @@ from gpu_worker.checkpoints import Snapshot
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from server.positions import EtaEstimator
 from stepcast.db import Pace
-from stepcast.params import SCHEDULERS, JobParams
+from stepcast.models import SCHEDULERS
+from stepcast.params import JobParams
 from stepcast.redis_keys import checkpoint_key
 from stepcast.settings import Settings
 from tests.conftest import StepcastProcess, fox_params
@@ -199,7 +200,7 @@ async def test_a_resumed_jobs_eta_counts_only_the_steps_it_has_left() -> None:
         async def pace(self, queue: str, width: int, height: int) -> Pace:
             return Pace(per_step_s=0.1, workers=1)
 
-    estimator = EtaEstimator(cast(Any, SimpleNamespace(counts=Counts())), max_age_s=60)
+    estimator = EtaEstimator(cast(Any, SimpleNamespace(counts=Counts())), cast(Any, None), max_age_s=60)
     fresh = SimpleNamespace(params=fox_params(steps=20), queue="q", resumed_from_step=None)
     resumed = SimpleNamespace(params=fox_params(steps=20), queue="q", resumed_from_step=15)
     assert await estimator.eta_s(cast(Any, fresh), 1) == 2.0

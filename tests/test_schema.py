@@ -29,7 +29,7 @@ from stepcast.cli.main import _database
 from stepcast.cli.processes import LocalPostgres, free_port
 from stepcast.db import Database
 from stepcast.errors import SchemaError
-from stepcast.schema import Migration
+from stepcast.schema import Migration, load
 from stepcast.settings import Settings
 from tests.conftest import ROOT, StepcastProcess, fox_params, settings_env
 
@@ -240,6 +240,11 @@ async def test_the_migrate_command_says_what_it_applied_and_keys_want_a_migrated
         subprocess.run, [*command, "--pre"], env=env, capture_output=True, text=True, timeout=60
     )
     assert first.returncode == 0 and f"applied {BASELINE}" in first.stderr, first.stderr
+    rest = await asyncio.to_thread(
+        subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
+    )
+    posts = [migration.name for migration in load() if migration.step == "post"]
+    assert rest.returncode == 0 and all(f"applied {name}" in rest.stderr for name in posts), rest.stderr
     again = await asyncio.to_thread(
         subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
     )

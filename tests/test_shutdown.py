@@ -21,7 +21,7 @@ from gpu_worker.pipeline import Pipeline
 from gpu_worker.worker import create_worker
 from stepcast import arq_bridge
 from stepcast.settings import Settings
-from tests.conftest import StepcastProcess, eventually
+from tests.conftest import StepcastProcess, eventually, model_queue
 from tests.test_recovery import LONG_JOB, events_of, job_row, wait_for
 
 SHORT_JOB = {"prompt": "a short night", "steps": 40, "width": 256, "height": 256}  # ~2 s here
@@ -60,7 +60,7 @@ async def test_sigterm_lets_the_running_job_finish(
     # Released, not dropped: still on the queue, and free for the next worker at once.
     redis = Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zscore(settings.queue_name, queued_after) is not None
+        assert await redis.zscore(model_queue(settings), queued_after) is not None
         assert not await redis.exists(arq_bridge.in_progress_key(queued_after))
     finally:
         await redis.aclose()

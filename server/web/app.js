@@ -10,7 +10,11 @@ const empty = document.querySelector("#empty");
 const status = document.querySelector("#connection");
 const template = document.querySelector("#job-card");
 const cards = new Map(); // job id -> card state
-let limits = null;
+const modelStatus = document.querySelector("#model-status");
+const MODELS_REFRESH_MS = 10000;
+let models = new Map(); // name -> GET /v1/models entry
+let limits = null; // the chosen model's
+
 
 const connection = new Connection({
   onEvent: (event) => {
@@ -22,6 +26,52 @@ const connection = new Connection({
     status.classList.toggle("down", !up);
   },
 });
+
+// ---- the models ---------------------------------------------------------------
+
+function describeModel(model) {
+  const family = model.family ? ` (${model.family})` : "";
+  const workers = model.workers.length;
+  return `${model.name}${family} — ${workers ? `${workers} worker${workers > 1 ? "s" : ""}` : "no worker now"}`;
+}
+
+/** Beside the selector: the chosen model's queue and when a job sent now should be done. */
+function showModelStatus() {
+  const model = models.get(form.elements.model.value);
+  if (!model) return;
+  const waiting = model.queue.pending;
+  const line = waiting ? `${waiting} waiting` : "nobody waiting";
+  if (!model.workers.length) {
+    modelStatus.textContent = `No worker of ${model.name} runs now: a job waits until one starts. ${line}.`;
+  } else {
+    const eta = model.eta_s === null ? "" : ` · done in about ${seconds(model.eta_s)}`;
+    modelStatus.textContent = `${line}${eta}`;
+  }
+}
+
+async function loadModels({ first = false } = {}) {
+  const answer = await (await fetch("/v1/models")).json();
+  models = new Map(answer.models.map((model) => [model.name, model]));
+  const select = form.elements.model;
+  const chosen = first ? answer.default : select.value;
+  select.replaceChildren(...answer.models.map((model) => {
+    const option = document.createElement("option");
+    option.value = model.name;
+    option.textContent = describeModel(model);
+    return option;
+  }));
+  select.value = models.has(chosen) ? chosen : answer.default;
+  if (first || chosen !== select.value) chooseModel();
+  showModelStatus();
+}
+
+function chooseModel() {
+  limits = models.get(form.elements.model.value).limits;
+  setUpForm();
+  showModelStatus();
+}
+
+form.elements.model.addEventListener("change", chooseModel);
 
 // ---- the form ---------------------------------------------------------------
 
@@ -69,6 +119,7 @@ function readForm() {
   }
   const params = {
     prompt,
+    model: form.elements.model.value,
     steps: number("steps", "Steps"),
     width: number("width", "Width", { multipleOf: limits.size_px.multiple_of }),
     height: number("height", "Height", { multipleOf: limits.size_px.multiple_of }),
@@ -254,7 +305,10 @@ function apply(card, event) {
       break;
     }
     case "queued":
-      if (card.root.dataset.status === "pending") {
+      if (card.root.dataset.status === "pending" && event.reason === "no_worker") {
+        const model = card.job.params.model;
+        setStatus(card, "pending", `Waiting for a worker of ${model} to start — number ${event.position} in its queue`);
+      } else if (card.root.dataset.status === "pending") {
         const eta = event.eta_s === null ? "" : ` (about ${seconds(event.eta_s)})`;
         setStatus(card, "pending", `Waiting — number ${event.position} in the queue${eta}`);
       }
@@ -308,8 +362,8 @@ function finish(card, statusName, job) {
 
 async function start() {
   try {
-    limits = await (await fetch("/v1/limits")).json();
-    setUpForm();
+    await loadModels({ first: true });
+    setInterval(() => loadModels().catch(() => {}), MODELS_REFRESH_MS);
     const history = await (await fetch("/v1/jobs?limit=20")).json();
     for (const job of history.items) {
       addCard(job, { prepend: false });

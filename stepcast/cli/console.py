@@ -1,4 +1,5 @@
-"""The CLI's client commands: ``generate`` with a live progress bar, ``jobs``, ``cancel``."""
+"""The CLI's client commands: ``generate`` with a live progress bar, ``jobs``, ``cancel``,
+``models``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     jobs.add_argument("--limit", type=int, default=20)
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
+    commands.add_parser("models", help="the models a job may name here (--model), with their workers")
 
 
 def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
                 return _generate(client, args, err)
             if args.command == "jobs":
                 _jobs(client, args)
+            elif args.command == "models":
+                _models(client)
             elif args.command == "cancel":
                 job = client.cancel(args.job_id)
                 print(f"{job.id} {job.status}{' (stopping at the next step)' if not job.finished else ''}")
@@ -80,7 +84,10 @@ def _generate(client: Client, args: argparse.Namespace, err: Console) -> int:
             for event in client.watch(job.id):
                 data = event.data
                 if event.type == "queued":
-                    progress.update(task, description=f"queued, number {data['position']}")
+                    waiting = (
+                        "waiting for a worker to start" if data.get("reason") == "no_worker" else "queued"
+                    )
+                    progress.update(task, description=f"{waiting}, number {data['position']}")
                 elif event.type in {"started", "requeued"}:
                     progress.update(task, description="painting" if event.type == "started" else "requeued")
                 elif event.type == "progress":
@@ -116,3 +123,19 @@ def _jobs(client: Client, args: argparse.Namespace) -> None:
         steps = f"{job.progress_step}/{job.progress_total}"
         size = f"{params['width']}x{params['height']}"
         print(f"{job.id:36}  {job.status:10}  {created:16}  {steps:>7}  {size:>9}  {params['prompt'][:60]}")
+
+
+def _models(client: Client) -> None:
+    """One line a model, the default first (marked *): what ``--model`` takes."""
+    print(f"{'MODEL':24}  {'FAMILY':6}  {'WORKERS':>7}  {'WAITING':>7}  {'SIZE':>9}  {'STEPS':>5}  ETA")
+    for model in client.models():
+        size = model.limits["size_px"]["default"]
+        eta = (
+            "no worker now" if not model.workers else ("-" if model.eta_s is None else f"{model.eta_s:.1f} s")
+        )
+        name = model.name + (" *" if model.default else "")
+        steps = model.limits["steps"]["default"]
+        print(
+            f"{name:24}  {model.family or '-':6}  {model.workers:>7}  {model.pending:>7}  "
+            f"{f'{size}x{size}':>9}  {steps:>5}  {eta}"
+        )

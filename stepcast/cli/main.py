@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         return _on_a_worker(args, settings_module.load_or_exit(WorkerSettings))
 
     settings = settings_module.load_or_exit(Settings)
-    client_side = args.command in {"generate", "jobs", "cancel", "keys"}
+    client_side = args.command in {"generate", "jobs", "cancel", "models", "keys"}
     # A client command talks to a terminal, not a log pipeline.
     logs.configure("WARNING" if client_side else settings.log_level, settings.log_format)
 
-    if args.command in {"generate", "jobs", "cancel"}:
+    if args.command in {"generate", "jobs", "cancel", "models"}:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None
         return console.run(args, settings.url, api_key)
     if args.command == "keys":
@@ -215,9 +215,10 @@ def _on_a_worker(args: argparse.Namespace, settings: WorkerSettings) -> int:
         if not liveness.alive(settings.worker_alive_file, args.max_age):
             sys.exit(f"stepcast: no heartbeat in {settings.worker_alive_file} for {args.max_age:g} s")
     elif args.command == "tiny-model":
-        from gpu_worker.tiny_model import build, ensure
+        from gpu_worker.tiny_model import TINY, build, ensure
 
         logs.quiet_libraries()
         model_dir = Path(settings.model_dir)
-        print(build(model_dir) if args.force else ensure(model_dir))
+        shape = settings.model_name if settings.model_name in TINY else "tiny"
+        print(build(model_dir, shape=shape) if args.force else ensure(model_dir, shape))
     return 0

@@ -6,7 +6,7 @@ learns so from the ``None`` it gets back.
 
 :class:`Database` owns the pool; its stores, one aggregate each, hold the SQL:
 ``jobs``, ``runs``, ``seqs``, ``recovery``, ``retention``, ``owners``,
-``deliveries``, ``counts``.
+``deliveries``, ``counts``, ``models``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import asyncpg
 from stepcast.db.counts import CountStore, KeptCounts, Pace
 from stepcast.db.deliveries import DeliveryStore
 from stepcast.db.jobs import Insertion, JobStore, NewJob, Page
+from stepcast.db.models import KnownModel, LiveWorker, ModelStore
 from stepcast.db.owners import OwnerStore
 from stepcast.db.recovery import RecoveryStore
 from stepcast.db.retention import RetentionStore
@@ -37,6 +38,8 @@ __all__ = [
     "Database",
     "Insertion",
     "KeptCounts",
+    "KnownModel",
+    "LiveWorker",
     "NewJob",
     "Pace",
     "Page",
@@ -129,6 +132,7 @@ class Database:
         self.owners = OwnerStore(pool)
         self.deliveries = DeliveryStore(pool)
         self.counts = CountStore(pool)
+        self.models = ModelStore(pool)
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 10) -> Database:
