@@ -1,6 +1,8 @@
 """Cost of a step preview, per model family: the linear latent->RGB projection on
 the pipeline thread (torch stays there; Flux's packed latents unpacked first),
-then the resize and WebP encoding off it.
+then the resize and WebP encoding off it; and a tiny preview decoder (TAESD's
+own shape, random weights: its cost is its shape's) on this machine's CPU, where
+it decodes on the pipeline thread.
 
     python -m bench.previews
 """
@@ -8,13 +10,17 @@ then the resize and WebP encoding off it.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from bench import stack
 from gpu_worker.families import FORMATS, LatentFormat
+from gpu_worker.preview_decoder import TinyDecoder
 from gpu_worker.previews import encode_preview
+from gpu_worker.tiny_model import build_preview_decoder
 
 REPEATS = 200
 
@@ -45,7 +51,7 @@ def main() -> None:
             image_px: int = image_px,
             latent_format: LatentFormat = latent_format,
         ) -> object:
-            return latent_format.pixels(latents, image_px, image_px)
+            return latent_format.pixels(latents, image_px, image_px)  # (the latent grid's size)
 
         pixels = project()
         projection_ms = timed_ms(project)
@@ -59,7 +65,37 @@ def main() -> None:
             "data_url_bytes": len(encode_preview(pixels, max_px)),
         }
         results.append(result)
+    results += decoder_costs()
     stack.write_result("previews", results)
+
+
+def decoder_costs() -> list[dict[str, object]]:
+    """TAESD per preview: the pipeline thread's wait (on a CPU the whole decode), the pixels'
+    encoding, and the bytes, at the sizes a job asks for."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = build_preview_decoder(Path(scratch) / "taesd", shape="full")
+        decoder = TinyDecoder.load(path, FORMATS["sd1"], device=torch.device("cpu"), dtype=torch.float32)
+    figures: list[dict[str, object]] = []
+    for image_px, max_px, repeats in ((64, 64, 50), (512, 128, 10), (512, 256, 10), (1024, 256, 5)):
+        latents = torch.randn(4, image_px // 8, image_px // 8)
+        pixels = decoder.submit(latents, image_px, image_px, max_px).result()
+        wait_ms = timed_ms(
+            lambda latents=latents, px=image_px, most=max_px: decoder.submit(latents, px, px, most), repeats
+        )
+        encode_ms = timed_ms(lambda pixels=pixels, max_px=max_px: encode_preview(pixels, max_px), repeats)
+        figures.append(
+            {
+                "family": "sd1",
+                "decoder": "taesd",
+                "device": "cpu",
+                "image_px": image_px,
+                "preview_px": max_px,
+                "pipeline_thread_decode_ms": round(wait_ms, 2),
+                "resize_and_webp_ms": round(encode_ms, 3),
+                "data_url_bytes": len(encode_preview(pixels, max_px)),
+            }
+        )
+    return figures
 
 
 if __name__ == "__main__":

@@ -334,6 +334,7 @@ class Dispatcher:
 
     def _step_reporter(self, waiting: Waiting, params: JobParams) -> StepCallback:
         every = waiting.preview.every if waiting.preview else 0
+        max_px = waiting.preview.max_px if waiting.preview else 0
         checkpoint_s = self.settings.checkpoint_every_s
         steps = waiting.steps
         saved_at = time.perf_counter()
@@ -355,7 +356,7 @@ class Dispatcher:
             pixels = None
             if latents is not None and every and (step % every == 0 or step == total):
                 try:
-                    pixels = self.pipeline.preview_pixels(latents, params.width, params.height)
+                    pixels = self.pipeline.preview_pixels(latents, params.width, params.height, max_px)
                 except Exception as exc:  # a preview is a nicety: never let it stop the job
                     logger.warning("no preview: %s", exc, extra={"job_id": str(waiting.job_id)})
             snapshot = None

@@ -23,6 +23,7 @@ from PIL import Image
 
 from gpu_worker import checkpoints, families
 from gpu_worker.checkpoints import Snapshot
+from gpu_worker.preview_decoder import TinyDecoder
 from stepcast.models import SCHEDULERS
 from stepcast.params import JobParams
 
@@ -57,8 +58,10 @@ class Pipeline(Protocol):
     dtype: str
     previews: str | None  # how previews are made ("latent"), None: it makes none
 
-    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
-        """On the pipeline thread: RGB pixels (h, w, 3) uint8 of one image's noisy latents."""
+    def preview_pixels(self, latents: Any, width: int, height: int, max_px: int) -> Any:
+        """On the pipeline thread: RGB pixels (h, w, 3) uint8 of one image's noisy latents for
+        a preview of at most ``max_px``, or a concurrent Future of them (a preview decoder
+        working beside the pipeline)."""
         ...
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
@@ -88,7 +91,7 @@ def _all_stopped(requests: Sequence[Request]) -> bool:
 class DiffusersPipeline:
     """Any local diffusers text-to-image directory, loaded with ``from_pretrained``."""
 
-    def __init__(self, pipe: Any, name: str, revision: str) -> None:
+    def __init__(self, pipe: Any, name: str, revision: str, *, preview_decoder: Path | None = None) -> None:
         self.pipe = pipe
         self.name = name
         self.revision = revision
@@ -98,6 +101,12 @@ class DiffusersPipeline:
         self.native_size_px = families.native_size_px(pipe)
         self._latents = families.latent_format(pipe, self.family)
         self.previews = "latent" if self._latents is not None else None
+        self._decoder: TinyDecoder | None = None
+        if preview_decoder is not None and self._latents is not None:
+            self._decoder = TinyDecoder.load(
+                preview_decoder, self._latents, device=pipe.device, dtype=pipe.dtype
+            )
+            self.previews = "taesd"
         self._default_scheduler = pipe.scheduler
         self._schedulers: dict[str, Any] = {}
 
@@ -112,11 +121,13 @@ class DiffusersPipeline:
         channels_last: bool = False,
         compile_unet: bool = False,
         revision: str | None = None,
+        preview_decoder: Path | None = None,
     ) -> DiffusersPipeline:
         """Load a model directory; the options are the usual GPU speed-ups.
 
         ``revision`` is what the jobs' provenance records; by default a content
         hash of the directory (a Hugging Face snapshot passes its id and commit).
+        ``preview_decoder``: an ``AutoencoderTiny`` (TAESD) directory for previews.
 
         Attention always runs through PyTorch's fused scaled-dot-product kernel
         (flash / memory-efficient on CUDA). ``channels_last`` suits the UNet's
@@ -147,9 +158,11 @@ class DiffusersPipeline:
         logger.info(
             "model loaded", extra={"model": name, "revision": revision, "device": device, "dtype": dtype}
         )
-        return cls(pipe, name, revision)
+        return cls(pipe, name, revision, preview_decoder=preview_decoder)
 
-    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
+    def preview_pixels(self, latents: Any, width: int, height: int, max_px: int) -> Any:
+        if self._decoder is not None:
+            return self._decoder.submit(latents, width, height, max_px)
         if self._latents is None:
             raise ValueError(f"no previews for {self.family} latents")
         return self._latents.pixels(latents, width, height)
@@ -237,7 +250,7 @@ class SimulatedPipeline:
         self.name = name
         self.revision = "simulated"
 
-    def preview_pixels(self, latents: Any, width: int, height: int) -> Any:
+    def preview_pixels(self, latents: Any, width: int, height: int, max_px: int) -> Any:
         raise ValueError("the simulated pipeline has no latents")
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:

@@ -8,8 +8,10 @@ event or checkpoint (a newer attempt exists) stops the job at once (docs/reliabi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
+from typing import Any
 
 from gpu_worker import checkpoints
 from gpu_worker.checkpoints import Snapshot
@@ -70,7 +72,7 @@ class StepPublisher:
         self.metrics.steps.inc(len(new))
         previews: list[str | None] = [None] * len(new)
         if any(item.pixels is not None for item in new):
-            pixels = [item.pixels for item in new]
+            pixels = [await self._pixels(active, item.pixels) for item in new]
             previews = await asyncio.to_thread(encode_previews, pixels, preview_px, str(active.job.id))
         events = []
         for item, preview in zip(new, previews, strict=True):
@@ -78,6 +80,17 @@ class StepPublisher:
             eta_s = round(seconds_a_step * (params.steps - item.step), 3)
             events.append(Progress(step=item.step, total=params.steps, eta_s=eta_s, preview=preview))
         await self.emit(active, *events)
+
+    @staticmethod
+    async def _pixels(active: Claimed, pixels: Any) -> Any:
+        """A step's pixels; those a preview decoder makes beside the pipeline, once it has."""
+        if not isinstance(pixels, concurrent.futures.Future):
+            return pixels
+        try:
+            return await asyncio.wrap_future(pixels)
+        except Exception as exc:  # a preview is a nicety
+            logger.warning("no preview: %s", exc, extra={"job_id": str(active.job.id)})
+            return None
 
     async def _save(self, active: Claimed, snapshot: Snapshot) -> None:
         """Keep the job's state at this step (encoded off the pipeline thread), fenced by attempt."""

@@ -237,18 +237,43 @@ def build(target: Path, *, seed: int = 0, shape: str = "tiny") -> Path:
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    _save_atomically(pipe, target)
+    logger.info("model written", extra={"path": str(target), "shape": shape})
+    return target
+
+
+# A tiny TAESD for the tests (a preview decoder, gpu_worker.preview_decoder); ``full`` is TAESD's
+# own shape (random weights), whose cost bench.previews measures.
+DECODER_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8)},
+    "full": {},
+}
+
+
+def build_preview_decoder(
+    target: Path, *, shape: str = "tiny", latent_channels: int = 4, seed: int = 0
+) -> Path:
+    """Write a random-weight ``AutoencoderTiny`` to ``target`` and return it."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    decoder = AutoencoderTiny(latent_channels=latent_channels, **DECODER_SHAPES[shape])
+    _save_atomically(decoder, target)
+    return target
+
+
+def _save_atomically(model: Any, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("model written", extra={"path": str(target), "shape": shape})
-    return target
 
 
 def ensure(target: Path, shape: str = "tiny") -> Path:

@@ -239,6 +239,7 @@ def load_pipeline(settings: WorkerSettings) -> Pipeline:
         channels_last=settings.channels_last,
         compile_unet=settings.torch_compile,
         revision=revision,
+        preview_decoder=settings.preview_decoder,
     )
     allocator.release_free_memory()  # what loading staged (a GPU model's CPU copies) goes back
     return pipeline

@@ -296,6 +296,10 @@ class WorkerSettings(SharedSettings):
     # so batches form only when jobs queue up anyway).
     batch_size: int = Field(4, ge=1, le=64)
     batch_wait_s: float = Field(0.0, ge=0, le=10)
+    # Previews: a diffusers AutoencoderTiny directory (TAESD: taesd, taesdxl,
+    # taesd3, taef1 for its model's family) decodes them, beside the pipeline
+    # on CUDA; unset: the family's linear latent -> RGB projection.
+    preview_decoder: Path | None = None
 
     worker_id: str | None = None
     lease_s: float = Field(30.0, gt=0)

@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+import torch
 
+from gpu_worker.pipeline import DiffusersPipeline
+from gpu_worker.tiny_model import build_preview_decoder
 from gpu_worker.worker import create_worker
 from stepcast import schema
 from stepcast.db import Database
 from stepcast.models import ModelCard
-from stepcast.settings import Settings
+from stepcast.settings import DATA_DIR, Settings
 from tests.conftest import (
     TINY_XL,
     Stack,
@@ -246,3 +249,28 @@ async def test_jobs_left_on_the_one_queue_of_before_move_to_their_models_queue(
 async def _finished(db: Database, job_id: Any) -> Any:
     job = await db.jobs.get(job_id)
     return job if job is not None and job.status in {"completed", "failed"} else None
+
+
+@pytest.mark.parametrize("settings", [FRESH], indirect=True)
+async def test_a_preview_decoder_paints_the_previews_and_the_card_says_so(
+    settings: Settings,
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+    pipeline: DiffusersPipeline,
+) -> None:
+    decoder = build_preview_decoder(DATA_DIR / "models" / "tiny-taesd")
+    decoded = DiffusersPipeline(pipeline.pipe, pipeline.name, pipeline.revision, preview_decoder=decoder)
+    async with httpx.AsyncClient(base_url=await serve(settings), timeout=10) as client:
+        await run_worker(settings, with_pipeline=decoded)
+        assert (await models(client))["tiny"]["previews"] == "taesd"
+        stack = Stack(settings, client, cast(Database, None))
+        job = await stack.wait((await stack.submit(steps=4, preview={"every": 2, "max_px": 64}))["id"])
+    assert job["status"] == "completed"
+    events = await events_of(settings, job["id"])
+    previews = [e["preview"] for e in events if e["type"] == "progress" and "preview" in e]
+    assert len(previews) == 2 and all(p.startswith("data:image/webp;base64,") for p in previews)
+    # The decoder paints the image at its size; the projection, the latent grid (1/8 of it).
+    latents = torch.randn(4, 8, 8)
+    assert decoded.preview_pixels(latents, 64, 64, 64).result().shape == (64, 64, 3)
+    assert decoded.preview_pixels(latents, 64, 64, 32).result().shape == (32, 32, 3)  # at its size
+    assert pipeline.preview_pixels(latents, 64, 64, 64).shape == (8, 8, 3)
