@@ -80,7 +80,13 @@ class TinyDecoder:
     def _decode(self, latents: Any) -> Any:
         import torch
 
+        config = self.vae.config
         with torch.inference_mode():
+            # As a pipeline hands its VAE the latents: SD3's and Flux's decoders (taesd3, taef1)
+            # carry a scale and a shift; SD 1.x's and SDXL's are 1 and none.
+            latents = latents / (config.scaling_factor or 1.0) + (
+                getattr(config, "shift_factor", None) or 0.0
+            )
             image = self.vae.decode(latents[None].to(self.dtype)).sample[0]  # (3, h, w) in [-1, 1]
             rgb = image.float().permute(1, 2, 0)
             return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()

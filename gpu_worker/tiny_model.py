@@ -13,6 +13,7 @@ benchmarks (``bench.gpu``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -277,10 +278,19 @@ def _save_atomically(model: Any, target: Path) -> None:
 
 
 def ensure(target: Path, shape: str = "tiny") -> Path:
-    """Build the tiny model (of ``shape``) unless a complete one is already at ``target``."""
-    if (target / "model_index.json").is_file():
-        return target
-    return build(target, shape=shape)
+    """Build the tiny model (of ``shape``) unless a complete one is already at ``target``; one
+    of another family there (the tiny SD model where tiny-xl was meant) is refused, named."""
+    index = target / "model_index.json"
+    if not index.is_file():
+        return build(target, shape=shape)
+    found = json.loads(index.read_text()).get("_class_name")
+    wanted = "StableDiffusionXLPipeline" if shape == "tiny-xl" else "StableDiffusionPipeline"
+    if found != wanted:
+        raise ValueError(
+            f"{target} holds a {found}, not the {wanted} of {shape}: "
+            f"point STEPCAST_MODEL_DIR at {shape}'s own directory (e.g. .data/models/{shape})"
+        )
+    return target
 
 
 def main(argv: list[str] | None = None) -> None:

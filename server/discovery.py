@@ -67,11 +67,13 @@ async def limits(request: Request) -> Response:
 async def models(request: Request) -> Response:
     """Every model a job may name: its limits, its live workers, its queue and an ETA."""
     services = _services(request)
-    known = await services.models.known()
+    reading = await services.models.reading()
     catalog = await services.models.current()
-    pending = (await services.db.counts.kept()).pending_by_queue
     described = await asyncio.gather(
-        *(_model(services, catalog.limits[name], known.get(name), pending) for name in catalog.names)
+        *(
+            _model(services, catalog.limits[name], reading.known.get(name), reading.pending)
+            for name in catalog.names
+        )
     )
     return JSONResponse({"default": catalog.default, "models": described})
 

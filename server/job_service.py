@@ -130,16 +130,19 @@ class JobService:
             by_queue.setdefault(queue_of(settings.queue_name, job.model_name), []).append(index)
         insertions: list[Insertion | BaseException] = [RuntimeError("not inserted")] * len(jobs)
         for queue_name, indexes in by_queue.items():
-            inserted = await self.store.insert_many(
-                [jobs[index] for index in indexes],
-                queue=queue_name,
-                version=__version__,
-                queue_ttl_s=settings.queue_ttl_s,
-                max_pending=settings.max_queue_depth,
-                max_unfinished=settings.max_jobs_per_owner,
-                max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
-                max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
-            )
+            try:
+                inserted = await self.store.insert_many(
+                    [jobs[index] for index in indexes],
+                    queue=queue_name,
+                    version=__version__,
+                    queue_ttl_s=settings.queue_ttl_s,
+                    max_pending=settings.max_queue_depth,
+                    max_unfinished=settings.max_jobs_per_owner,
+                    max_anonymous_unfinished=settings.max_jobs_per_anonymous_owner,
+                    max_anonymous_per_address=settings.max_anonymous_jobs_per_address,
+                )
+            except Exception as exc:  # this model's submits fail; another's may be in already
+                inserted = [exc] * len(indexes)
             for index, insertion in zip(indexes, inserted, strict=True):
                 insertions[index] = insertion
         return insertions

@@ -35,22 +35,29 @@ def queue_of(prefix: str, model: str) -> str:
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """What a worker serves, as it announces it (one per worker; the model's newest in the
-    catalog). Sizes are in pixels and multiples of 8; ``previews`` says how its previews are
-    made: "latent" (a linear projection of the latents), "taesd" (a tiny decoder), or None."""
+class Bounds:
+    """What a job for a model may ask for: a scheduler among these, a size in pixels (multiples
+    of 8) and steps, and their defaults."""
 
-    name: str
-    revision: str
-    family: str
-    device: str
-    dtype: str
     schedulers: tuple[str, ...]
     min_size_px: int
     max_size_px: int
     default_size_px: int
     max_steps: int
     default_steps: int
+
+
+@dataclass(frozen=True)
+class ModelCard(Bounds):
+    """What a worker serves, as it announces it (one per worker; the model's newest in the
+    catalog): its bounds, and ``previews``, how its previews are made: "latent" (a linear
+    projection of the latents), "taesd" (a tiny decoder), or None."""
+
+    name: str
+    revision: str
+    family: str
+    device: str
+    dtype: str
     batch_size: int
     previews: str | None
 
@@ -65,17 +72,12 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
-class ModelLimits:
-    """What a job for one model may ask for here: its card within the server's caps."""
+class ModelLimits(Bounds):
+    """What a job for one model may ask for here: its card's bounds within the server's."""
 
     name: str
-    schedulers: tuple[str, ...]
-    min_size_px: int
-    max_size_px: int
-    default_size_px: int
-    max_steps: int
-    default_steps: int
     max_images: int
+    problem: str | None = None  # why no job for it is taken here (its sizes and the server's do not meet)
 
     @classmethod
     def of(cls, card: ModelCard | None, settings: ServerSettings, name: str) -> ModelLimits:
@@ -83,9 +85,17 @@ class ModelLimits:
         low, high = settings.min_size_px, settings.max_size_px
         max_steps, default_steps = settings.max_steps, settings.default_steps
         default_size, schedulers = settings.default_size_px or FALLBACK_SIZE_PX, tuple(SCHEDULERS)
+        problem = None
         if card is not None:
-            low, high = max(low, card.min_size_px), min(high, card.max_size_px)
-            high = max(high, low)  # disjoint ranges: the server's floor wins, a job is refused by size
+            if card.min_size_px > high or card.max_size_px < low:
+                problem = (
+                    f"model {name} makes {card.min_size_px}-{card.max_size_px} px images, and this server "
+                    f"takes {low}-{high} px: ask its operator"
+                )
+            low, high = (
+                max(low, card.min_size_px),
+                max(min(high, card.max_size_px), max(low, card.min_size_px)),
+            )
             max_steps = min(max_steps, card.max_steps)
             default_steps, default_size = card.default_steps, card.default_size_px
             schedulers = tuple(s for s in card.schedulers if s in SCHEDULERS)
@@ -98,6 +108,7 @@ class ModelLimits:
             max_steps=max_steps,
             default_steps=min(default_steps, max_steps),
             max_images=settings.max_images,
+            problem=problem,
         )
 
 
@@ -110,7 +121,8 @@ class Catalog:
 
     @classmethod
     def of(cls, cards: dict[str, ModelCard], settings: ServerSettings) -> Catalog:
-        names = sorted({*cards, settings.model_name})
+        """The models with a card, the server's default and those it is told of (STEPCAST_MODELS)."""
+        names = sorted({*cards, settings.model_name, *settings.models})
         return cls(
             settings.model_name, {name: ModelLimits.of(cards.get(name), settings, name) for name in names}
         )

@@ -182,6 +182,8 @@ def parse_params(
     negative = check.text("negative_prompt", max_chars=settings.max_prompt_chars, required=False)
     model = check.choice("model", catalog.names) or catalog.default
     limits = catalog.limits[model]
+    if limits.problem is not None:
+        raise InvalidParams.one(f"{prefix}model", limits.problem)
     steps = check.integer("steps", limits.default_steps, 1, limits.max_steps)
     width = check.size("width", limits)
     height = check.size("height", limits)

@@ -25,6 +25,8 @@ from stepcast.db import Database
 from stepcast.events import Canceled, EventLog, Failed, Terminal
 from stepcast.jobs import Job
 from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.models import queue_of
+from stepcast.redis_keys import DEFAULT_QUEUE
 from stepcast.settings import SharedSettings
 from stepcast.status import Status
 
@@ -46,6 +48,7 @@ class Recovery:
         enqueue_grace_s: float,
         session_check_s: float = 0.25,
         session_confirm_s: float = 1.0,
+        queue_prefix: str = DEFAULT_QUEUE,
     ) -> None:
         self.db = db
         self.lifecycle = Lifecycle(db, events)
@@ -56,6 +59,7 @@ class Recovery:
         self.enqueue_grace_s = enqueue_grace_s
         self.session_check_s = session_check_s
         self.session_confirm_s = session_confirm_s
+        self.queue_prefix = queue_prefix
         self._swept_to: tuple[datetime, uuid.UUID] | None = None  # the last job checked
         # (job, attempt, session) -> when this process first saw the session gone
         self._gone: dict[tuple[uuid.UUID, int, int | None], float] = {}
@@ -73,6 +77,7 @@ class Recovery:
             enqueue_grace_s=settings.enqueue_grace_s,
             session_check_s=settings.session_check_s,
             session_confirm_s=settings.session_confirm_s,
+            queue_prefix=settings.queue_name,
         )
 
     async def run(self) -> None:
@@ -124,16 +129,28 @@ class Recovery:
             waiting = await self._pending_to_check()
             queued = await queue.held(self.arq, waiting)
             for job in waiting:
-                if job.id not in queued:
-                    log = {"job_id": str(job.id)}
+                log = {"job_id": str(job.id)}
+                if job.queue != self._queue_of(job):
+                    logger.warning("pending job on another queue than its model's; moving it", extra=log)
+                    await self._enqueue_again(job)
+                elif job.id not in queued:
                     logger.warning("pending job missing from the queue; enqueueing it again", extra=log)
                     await self._enqueue_again(job)
             return True
 
+    def _queue_of(self, job: Job) -> str:
+        return queue_of(self.queue_prefix, job.model_name)
+
     async def _enqueue_again(self, job: Job) -> None:
-        """In its first place in the queue, with a ticket from its row (it says where the job
-        resumes). ``afresh``: the keys arq keeps of an earlier run (a dead worker's) would make
-        arq refuse or delay the same id."""
+        """In its first place in its model's queue, with a ticket from its row (it says where
+        the job resumes). A job an older version left on the one queue of before (it had no
+        queue per model) moves to its model's first. ``afresh``: the keys arq keeps of an
+        earlier run (a dead worker's) would make arq refuse or delay the same id."""
+        if job.queue != (model_queue := self._queue_of(job)):
+            moved = await self.db.recovery.move_to_queue(job.id, model_queue)
+            if moved is None:  # it left the queue meanwhile (started, canceled)
+                return
+            job = moved
         ticket = queue.Ticket.of(job)
         await queue.enqueue(self.arq, job.id, job.queue, place=job.created_at, ticket=ticket, afresh=True)
 

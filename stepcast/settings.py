@@ -6,6 +6,7 @@ down; nothing below reads the environment. Units are in the names.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal, TypeVar, overload
@@ -156,6 +157,10 @@ class ServerSettings(SharedSettings):
     # A model's card (its limits) stays known this long after its last worker went:
     # its jobs are still taken, to wait for a worker (a pool scaled to zero).
     model_keep_days: float = Field(30.0, gt=0)
+    # Models a job may name before any worker of theirs has announced itself, and
+    # for ever after (a JSON list): the pools that start at zero and wait for their
+    # first job. Their limits are this server's until a worker announces its own.
+    models: tuple[str, ...] = ()
     # Each server reads the models and their live workers at most this often.
     catalog_cache_s: float = Field(1.0, ge=0)
 
@@ -252,6 +257,14 @@ class ServerSettings(SharedSettings):
     # are read from Postgres at most once per metrics_cache_s per process.
     metrics_token: SecretStr | None = None
     metrics_cache_s: float = Field(1.0, ge=0)
+
+    @field_validator("models")
+    @classmethod
+    def _plain_model_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not re.fullmatch(MODEL_NAME, name):
+                raise ValueError(f"{name!r} is not a model name (a-z, 0-9, '.', '_', '-'; at most 63)")
+        return names
 
     @field_validator("session_secret")
     @classmethod

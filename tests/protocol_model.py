@@ -67,8 +67,9 @@ from stepcast.events import (
 )
 from stepcast.jobs import Job
 from stepcast.lifecycle import Lifecycle, Speaker
+from stepcast.models import queue_of
 from stepcast.recovery import Recovery
-from stepcast.redis_keys import ALL_JOB_CHANNELS
+from stepcast.redis_keys import ALL_JOB_CHANNELS, DEFAULT_QUEUE
 from stepcast.status import Status
 from tests.conftest import fox_params
 
@@ -765,8 +766,9 @@ def _new_job(job_id: uuid.UUID) -> Job:
     fields: dict[str, Any] = {name: None for name in Job.__dataclass_fields__}
     fields.update(
         id=job_id, owner=OWNER, params=fox_params(prompt="p", steps=2), status=Status.PENDING, attempt=0,
-        queue="q", created_at=now, progress_step=0, progress_total=2, cancel_requested=False, last_seq=0,
-        model_name="tiny", stepcast_version="0", handoffs=0, seq_ceiling=1024,
+        queue=queue_of(DEFAULT_QUEUE, "tiny"), created_at=now, progress_step=0, progress_total=2,
+        cancel_requested=False, last_seq=0, model_name="tiny", stepcast_version="0", handoffs=0,
+        seq_ceiling=1024,
     )  # fmt: skip
     return Job(**fields)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -99,3 +100,18 @@ async def test_the_cli_generates_lists_and_cancels(stack: Stack, tmp_path: Path)
     assert refused.returncode == 1 and f"job {job_id} is already completed" in refused.stderr
     invalid = await asyncio.to_thread(stepcast, "generate", "p", "--steps", "0")
     assert invalid.returncode == 1 and "steps: steps must be between 1 and 150" in invalid.stderr
+
+
+async def test_the_client_and_the_cli_list_the_models(stack: Stack, tmp_path: Path) -> None:
+    def use() -> list[Any]:
+        with Client(str(stack.client.base_url)) as client:
+            return client.models()
+
+    [tiny] = await asyncio.to_thread(use)
+    assert (tiny.name, tiny.family, tiny.workers, tiny.default) == ("tiny", "sd1", 1, True)
+    assert tiny.limits["size_px"]["default"] == 64 and tiny.pending == 0
+    listed = await asyncio.to_thread(cli, stack.settings, tmp_path, "models")
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["MODEL", "FAMILY", "WORKERS", "WAITING", "SIZE", "STEPS", "ETA"]
+    assert row.split()[:7] == ["tiny", "*", "sd1", "1", "0", "64x64", "20"]

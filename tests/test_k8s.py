@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import math
 import re
 import secrets
@@ -112,11 +113,14 @@ class Rendered:
     def settings(self, container: Obj, *, filled: bool = True) -> Settings:
         """The settings the container's process would start with (an invalid value fails here),
         once every placeholder is filled in (``filled=False``: as they stand)."""
-        overrides = {
+        overrides: dict[str, Any] = {
             name.removeprefix("STEPCAST_").lower(): value.replace(PLACEHOLDER, FILLED) if filled else value
             for name, value in self.env(container).items()
             if name.startswith("STEPCAST_")
         }
+        for name, value in overrides.items():  # a list setting is JSON in the environment
+            if value.startswith("["):
+                overrides[name] = json.loads(value)
         return settings_module.load(**overrides)
 
 
@@ -399,6 +403,9 @@ def test_the_gpu_overlay_runs_one_pool_per_model_on_its_own_queue() -> None:
         assert not any(selects(pool["spec"]["selector"], pod_labels(other)) for other in others), (
             f"{pool['metadata']['name']}'s selector matches another pool's pods"
         )
+    # The servers take every pool's jobs before its first worker announces (pools start at zero).
+    server = rendered.settings(only_container(rendered.workload("server")))
+    assert set(models) <= {server.model_name, *server.models}, f"the servers know {server.models}"
     xl = next(pool for pool in pools if rendered.settings(only_container(pool)).model_name == "sdxl")
     settings = rendered.settings(only_container(xl))
     assert settings.default_size_px is None and str(settings.model_dir) == "/models/sdxl"

@@ -16,7 +16,7 @@ import torch
 from gpu_worker.pipeline import DiffusersPipeline
 from gpu_worker.tiny_model import build_preview_decoder
 from gpu_worker.worker import create_worker
-from stepcast import schema
+from stepcast import queue
 from stepcast.db import Database
 from stepcast.models import ModelCard
 from stepcast.settings import DATA_DIR, Settings
@@ -219,13 +219,15 @@ async def test_queue_positions_and_defaults_are_per_model(
         assert positions == {"tiny": [1, 2], "tiny-xl": [1, 2, 3]}
 
 
-async def test_jobs_left_on_the_one_queue_of_before_move_to_their_models_queue(
+@pytest.mark.parametrize("settings", [{"enqueue_grace_s": 0.0, "recovery_interval_s": 0.2}], indirect=True)
+async def test_a_job_an_older_version_left_on_the_one_queue_of_before_runs_on_its_models(
     settings: Settings, run_worker: Callable[..., Awaitable[None]]
 ) -> None:
-    """An upgrade: a job pending on the queue older versions used (STEPCAST_QUEUE_NAME alone) is
-    moved to its model's by the post step, and recovery enqueues it there: a worker runs it."""
-    fast = settings.model_copy(update={"enqueue_grace_s": 0.0, "recovery_interval_s": 0.2})
+    """A rolling update: an older server put a job on the one queue of before (STEPCAST_QUEUE_NAME
+    alone), and no older worker remains to take it from there. The recovery pass moves it to its
+    model's queue, and a worker runs it."""
     db = await Database.connect(settings.database_url, max_size=2)
+    arq = queue.connect(settings.redis_url)
     try:
         params = fox_params(model=settings.model_name, steps=2)
         old = await db.jobs.insert(
@@ -233,16 +235,13 @@ async def test_jobs_left_on_the_one_queue_of_before_move_to_their_models_queue(
             version="0.1.0", queue_ttl_s=0,
         )  # fmt: skip
         assert old.job is not None
-        [post] = [m for m in schema.load() if m.name == "0006_post_model_queues"]
-        await db.pool.execute(post.sql)  # (the template database has it already: it runs again)
-        moved = await db.jobs.get(old.job.id)
-        assert moved is not None and moved.queue == model_queue(settings)
-        pending = (await db.counts.kept()).pending_by_queue
-        assert (pending.get(settings.queue_name, 0), pending[model_queue(settings)]) == (0, 1)
-        await run_worker(fast)
+        assert await queue.enqueue(arq, old.job.id, settings.queue_name)  # where older versions did
+        await run_worker(settings)
         job = await eventually(lambda: _finished(db, old.job.id), timeout_s=30)
-        assert job.status == "completed"
+        assert (job.status, job.queue) == ("completed", model_queue(settings))
+        assert (await db.counts.kept()).pending_by_queue.get(settings.queue_name, 0) == 0
     finally:
+        await arq.aclose(close_connection_pool=True)
         await db.close()
 
 

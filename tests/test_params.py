@@ -186,6 +186,21 @@ def test_each_model_has_its_own_defaults_and_limits_within_the_servers() -> None
     assert info.value.errors[0].message == "model flux runs its own scheduler: leave scheduler out"
 
 
+def test_a_model_the_server_is_told_of_is_taken_with_its_limits_before_any_worker_announces() -> None:
+    told = settings_module.load(default_size_px=64, models=("sdxl",))
+    params = parse_body({"prompt": "p", "model": "sdxl"}, told, Catalog.of({}, told)).params
+    assert (params.model, params.width, params.steps) == ("sdxl", 64, 20)  # the server's, until then
+
+
+def test_a_model_whose_sizes_miss_the_servers_is_refused_saying_so() -> None:
+    catalog = Catalog.of({"huge": card("huge", "sdxl", min_size_px=2048, max_size_px=4096)}, SETTINGS)
+    with pytest.raises(InvalidParams) as info:
+        parse_body({"prompt": "p", "model": "huge"}, SETTINGS, catalog)
+    assert [(e.field, e.message) for e in info.value.errors] == [
+        ("model", "model huge makes 2048-4096 px images, and this server takes 64-1024 px: ask its operator")
+    ]
+
+
 def test_an_unknown_model_is_refused_naming_the_models_there_are() -> None:
     catalog = Catalog.of({"sdxl": card("sdxl", "sdxl")}, SETTINGS)
     with pytest.raises(InvalidParams) as info:

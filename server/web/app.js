@@ -50,7 +50,9 @@ function showModelStatus() {
 }
 
 async function loadModels({ first = false } = {}) {
-  const answer = await (await fetch("/v1/models")).json();
+  const response = await fetch("/v1/models");
+  if (!response.ok) throw new Error(`GET /v1/models: ${response.status}`);
+  const answer = await response.json();
   models = new Map(answer.models.map((model) => [model.name, model]));
   const select = form.elements.model;
   const chosen = first ? answer.default : select.value;

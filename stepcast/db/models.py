@@ -59,7 +59,8 @@ class ModelStore(Store):
         renewed = await self.pool.fetchval(
             """
             WITH renewed AS (
-                UPDATE workers SET expires_at = now() + make_interval(secs => $3), session = $2
+                UPDATE workers SET expires_at = now() + make_interval(secs => $3),
+                    session = coalesce($2, session)  -- (None: being reopened; the old one is gone)
                 WHERE id = $1 RETURNING model
             )
             UPDATE models SET seen_at = now() FROM renewed WHERE models.name = renewed.model

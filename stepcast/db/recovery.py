@@ -109,6 +109,13 @@ class RecoveryStore(Store):
         )
         return [Job.from_record(row) for row in rows]
 
+    async def move_to_queue(self, job_id: uuid.UUID, to_queue: str) -> Job | None:
+        """A pending job to another queue (its model's); None if it is no longer pending."""
+        row = await self.pool.fetchrow(
+            "UPDATE jobs SET queue = $2 WHERE id = $1 AND status = 'pending' RETURNING *", job_id, to_queue
+        )
+        return Job.from_record(row) if row else None
+
     async def expired_in_queue(self, *, limit: int = 1000) -> list[Job]:
         """Pending jobs past their queue TTL."""
         rows = await self.pool.fetch(
