@@ -335,7 +335,7 @@ class Dispatcher:
     def _step_reporter(self, waiting: Waiting, params: JobParams) -> StepCallback:
         every = waiting.preview.every if waiting.preview else 0
         max_px = waiting.preview.max_px if waiting.preview else 0
-        checkpoint_s = self.settings.checkpoint_every_s
+        checkpoint_s = self.settings.checkpoint_every_s if self.pipeline.resumable else 0  # (none resumes)
         steps = waiting.steps
         saved_at = time.perf_counter()
         stopped = False

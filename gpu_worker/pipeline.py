@@ -57,6 +57,7 @@ class Pipeline(Protocol):
     native_size_px: int  # its default size
     dtype: str
     previews: str | None  # how previews are made ("latent"), None: it makes none
+    resumable: bool  # a job may continue from a checkpoint (its denoiser can skip the steps done)
 
     def preview_pixels(self, latents: Any, width: int, height: int, max_px: int) -> Any:
         """On the pipeline thread: RGB pixels (h, w, 3) uint8 of one image's noisy latents for
@@ -101,6 +102,9 @@ class DiffusersPipeline:
         self.native_size_px = families.native_size_px(pipe)
         self._latents = families.latent_format(pipe, self.family)
         self.previews = "latent" if self._latents is not None else None
+        # Resuming skips a UNet's steps (checkpoints.SkippedSteps); SD3's and Flux's
+        # transformers run every attempt from the start.
+        self.resumable = getattr(pipe, "unet", None) is not None
         self._decoder: TinyDecoder | None = None
         if preview_decoder is not None and self._latents is not None:
             self._decoder = TinyDecoder.load(
@@ -194,12 +198,13 @@ class DiffusersPipeline:
         # A resumed job runs alone: its loop goes through the steps its checkpoint holds with
         # the UNet skipped, and at the checkpoint's step takes the state it had then.
         resume = requests[0].resume if len(requests) == 1 else None
-        skipped = checkpoints.SkippedSteps(self.pipe.unet)
+        skipped = checkpoints.SkippedSteps(self.pipe.unet) if resume is not None else None
 
         def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             latents, step, changed = tensors["latents"], index + 1, {}
             if resume is not None and step <= resume.step:
                 if step == resume.step:
+                    assert skipped is not None
                     skipped.stop()
                     changed["latents"] = checkpoints.restore(
                         resume, pipe.scheduler, generators, latents.device, latents.dtype
@@ -218,7 +223,7 @@ class DiffusersPipeline:
         if _all_stopped(requests):
             return [Generation([], interrupted=True) for _ in requests]
         with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if resume is not None:
+            if skipped is not None:
                 stack.enter_context(skipped)
             output = self.pipe(
                 prompt=prompts,
@@ -244,6 +249,7 @@ class SimulatedPipeline:
     native_size_px = 64
     dtype = "float32"
     previews: str | None = None
+    resumable = True
 
     def __init__(self, step_s: float, name: str) -> None:
         self.step_s = step_s

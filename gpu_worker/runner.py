@@ -57,6 +57,7 @@ class JobRunner:
         self.settings = settings
         self.on_room = on_room
         self.revision = pipeline.revision
+        self.resumable = pipeline.resumable
         metrics = metrics or WorkerMetrics()
         lifecycle = Lifecycle(db, events, db_retry_s=settings.db_retry_s)
         self.checkpoints = Checkpoints(events.redis, ttl_s=settings.event_ttl_s)
@@ -165,6 +166,8 @@ class JobRunner:
     async def _resume_point(self, job_id: uuid.UUID) -> Snapshot | None:
         """The job's newest checkpoint, if an earlier attempt left one this model can use."""
         log = {"job_id": str(job_id)}
+        if not self.resumable:
+            return None
         try:
             found = await self.checkpoints.load(str(job_id))  # (jobs taken together: one round trip)
         except RedisError as exc:

@@ -11,6 +11,7 @@ from diffusers import FluxPipeline
 
 from gpu_worker import families
 from gpu_worker.families import FORMATS, latent_format, unpack
+from gpu_worker.pipeline import DiffusersPipeline
 
 
 @pytest.mark.parametrize("family", sorted(FORMATS))
@@ -58,3 +59,21 @@ def test_a_pipelines_family_comes_from_its_class_and_config() -> None:
     assert families.family_of(named("StableDiffusion3Pipeline")) == "sd3"
     assert families.family_of(named("FluxPipeline")) == "flux"
     assert families.family_of(named("KandinskyPipeline")) == "other"
+
+
+def test_a_transformer_model_is_described_and_previewed_but_not_resumed() -> None:
+    """A Flux pipeline as the worker sees one (no weights needed): its family, native size and
+    previews from its config; no UNet, so no attempt resumes from a checkpoint."""
+    config = SimpleNamespace(latent_channels=16)
+    flux_class = type("FluxPipeline", (), {})
+    pipe = flux_class()
+    for name, value in {
+        "vae": SimpleNamespace(config=config), "transformer": object(), "default_sample_size": 128,
+        "vae_scale_factor": 8, "device": torch.device("cpu"), "dtype": torch.bfloat16, "scheduler": object(),
+    }.items():  # fmt: skip
+        setattr(pipe, name, value)
+    pipeline = DiffusersPipeline(pipe, "flux-dev", "r1")
+    assert (pipeline.family, pipeline.native_size_px, pipeline.dtype) == ("flux", 1024, "bfloat16")
+    assert pipeline.previews == "latent" and not pipeline.resumable
+    packed = torch.randn((64 // 16) ** 2, 16 * 4)
+    assert pipeline.preview_pixels(packed, 64, 64, 64).shape == (8, 8, 3)

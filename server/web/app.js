@@ -29,10 +29,13 @@ const connection = new Connection({
 
 // ---- the models ---------------------------------------------------------------
 
+/** An option of the selector: the model, its workers, and its queue and ETA when it has them. */
 function describeModel(model) {
   const family = model.family ? ` (${model.family})` : "";
   const workers = model.workers.length;
-  return `${model.name}${family} — ${workers ? `${workers} worker${workers > 1 ? "s" : ""}` : "no worker now"}`;
+  const waiting = model.queue.pending ? ` · ${model.queue.pending} waiting` : "";
+  const eta = model.eta_s === null ? "" : ` · ~${seconds(model.eta_s)}`;
+  return `${model.name}${family} — ${workers ? `${workers} worker${workers > 1 ? "s" : ""}` : "no worker now"}${waiting}${eta}`;
 }
 
 /** Beside the selector: the chosen model's queue and when a job sent now should be done. */
