@@ -267,8 +267,26 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
             },
         },
     }
+    delivery = {
+        "id": {"type": "string", "format": "uuid", "description": "the webhook-id its receiver gets"},
+        "event": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+        "url": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "last_status": {"type": ["integer", "null"], "description": "the receiver's last HTTP status"},
+        "last_error": {"type": ["string", "null"]},
+        "next_attempt_at": {**NULLABLE_TIME, "description": "while pending"},
+        "delivered_at": NULLABLE_TIME,
+        "created_at": {"type": "string", "format": "date-time"},
+    }
     return {
         **_model_schemas(),
+        "Delivery": {"type": "object", "required": list(delivery), "properties": delivery},
+        "DeliveryLog": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "items": _ref("Delivery")}},
+        },
         "JobRequest": {
             "type": "object",
             "required": ["prompt"],
@@ -438,6 +456,25 @@ def _operations(settings: ServerSettings) -> dict[str, dict[str, Operation]]:
                 {"200": _job("Canceled (it was pending)"), "202": _job("Stops at its next denoising step")},
                 raises=(NO_JOB, (Conflict, "Already finished"), CROSS_SITE),
                 parameters=(JOB_ID,),
+            )
+        },
+        "/v1/jobs/{job_id}/webhooks": {
+            "get": Operation(
+                "The job's webhook deliveries: attempts, last answer, next try (docs/webhooks.md)",
+                {"200": _json("The deliveries, oldest first", _ref("DeliveryLog"))},
+                raises=(NO_JOB,),
+                parameters=(JOB_ID,),
+            )
+        },
+        "/v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver": {
+            "post": Operation(
+                "Send a delivery again now, under its own webhook-id (one more attempt)",
+                {"202": _json("The delivery, due now", _ref("Delivery"))},
+                raises=((NotFound, "No such delivery of a job of yours"), CROSS_SITE),
+                parameters=(
+                    JOB_ID,
+                    {"name": "delivery_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                ),
             )
         },
         "/v1/jobs/{job_id}/events": {

@@ -178,6 +178,46 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(await services.jobs.render(job), status_code=202 if not job.status.terminal else 200)
 
 
+def _delivery(row: Any) -> dict[str, Any]:
+    """A webhook delivery as the log shows it; its id is the ``webhook-id`` its receiver got."""
+    pending = row["status"] == "pending"
+    return {
+        "id": str(row["id"]),
+        "event": row["event"],
+        "url": row["url"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "last_status": row["last_status"],
+        "last_error": row["last_error"],
+        "next_attempt_at": timestamp(row["next_attempt_at"]) if pending else None,
+        "delivered_at": timestamp(row["delivered_at"]) if row["delivered_at"] else None,
+        "created_at": timestamp(row["created_at"]),
+    }
+
+
+async def job_webhooks(request: Request) -> Response:
+    """The job's webhook deliveries: each event's attempts, last answer and next try."""
+    services = _services(request)
+    owner, job_id = await owner_of(request), _job_id(request)
+    job = await services.jobs.get(owner, job_id)  # (not the owner's: 404, like the job)
+    rows = await services.db.deliveries.of_job(job.id, owner)
+    return JSONResponse({"items": [_delivery(row) for row in rows]})
+
+
+async def redeliver_webhook(request: Request) -> Response:
+    """One more attempt of a delivery, now, under its own webhook-id (receivers dedupe on it)."""
+    services = _services(request)
+    owner, job_id = await owner_of(request), _job_id(request)
+    try:
+        delivery_id = uuid.UUID(request.path_params["delivery_id"])
+    except ValueError:
+        raise NotFound(f"no webhook delivery {request.path_params['delivery_id']}") from None
+    row = await services.db.deliveries.redeliver(job_id, delivery_id, owner)
+    if row is None:
+        raise NotFound(f"no webhook delivery {delivery_id} of job {job_id}")
+    return JSONResponse(_delivery(row), status_code=202)
+
+
 async def get_image(request: Request) -> Response:
     """Local storage only: S3 images are fetched from their presigned URLs."""
     services = _services(request)
@@ -233,6 +273,8 @@ routes = [
     Route("/v1/jobs", list_jobs, methods=["GET"]),
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}/webhooks", job_webhooks, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver", redeliver_webhook, methods=["POST"]),
     Route(URL_PREFIX + "{key:path}", get_image, methods=["GET"]),
     Route("/v1/me", me, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

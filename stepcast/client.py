@@ -206,6 +206,20 @@ class AsyncClient:
         _raise_for_problem(response)
         return response.content
 
+    async def webhooks(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The job's webhook deliveries (GET /v1/jobs/{id}/webhooks), oldest first."""
+        response = await self.http.get(f"/v1/jobs/{job_id}/webhooks")
+        _raise_for_problem(response)
+        items: builtins.list[dict[str, Any]] = response.json()["items"]
+        return items
+
+    async def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
+        """Send one of them again now, under its own webhook-id."""
+        response = await self.http.post(f"/v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver")
+        _raise_for_problem(response)
+        delivery: dict[str, Any] = response.json()
+        return delivery
+
     async def models(self) -> builtins.list[Model]:
         """The models a job may name here, the default first."""
         response = await self.http.get("/v1/models")
@@ -293,6 +307,12 @@ class Client:
 
     def models(self) -> builtins.list[Model]:
         return self._runner.run(self._async.models())
+
+    def webhooks(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        return self._runner.run(self._async.webhooks(job_id))
+
+    def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
+        return self._runner.run(self._async.redeliver(job_id, delivery_id))
 
     def wait(self, job_id: str) -> Job:
         return self._runner.run(self._async.wait(job_id))

@@ -38,6 +38,7 @@ from stepcast.settings import Settings
 from stepcast.storage import open_storage
 from stepcast.webhooks import WebhookSender
 from tests.conftest import Stack, assert_problem, eventually
+from tests.test_client import cli
 
 FAST = {"webhook_allow_private": True, "webhook_backoff_s": (0.2, 0.2), "webhook_poll_s": 0.1}
 
@@ -150,6 +151,44 @@ async def test_failures_are_retried_with_backoff_then_given_up(stack: Stack, rec
     assert receiver.redirected_to == 0
     metrics = (await stack.client.get("/metrics")).text
     assert 'stepcast_webhook_deliveries_total{outcome="retry"} 4.0' in metrics
+
+
+@pytest.mark.parametrize("settings", [FAST], indirect=True)
+async def test_the_delivery_log_shows_each_delivery_and_a_redelivery_goes_at_once_under_its_id(
+    stack: Stack, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.statuses = [503, 503, 503]
+    job = await stack.submit(steps=2, webhook={"url": f"{receiver.url}/hook", "events": ["completed"]})
+    await settled(stack, job["id"], 1)
+    log = await stack.client.get(f"/v1/jobs/{job['id']}/webhooks")
+    assert log.status_code == 200
+    [failed] = log.json()["items"]
+    assert (failed["event"], failed["status"], failed["attempts"], failed["last_status"]) == (
+        "completed", "failed", 3, 503,
+    )  # fmt: skip
+    assert "gave up after 3 attempts" in failed["last_error"] and failed["next_attempt_at"] is None
+    assert failed["url"] == f"{receiver.url}/hook" and failed["delivered_at"] is None
+
+    # The receiver is back: one more attempt, now, with the same webhook-id.
+    again = await stack.client.post(f"/v1/jobs/{job['id']}/webhooks/{failed['id']}/redeliver")
+    assert again.status_code == 202 and again.json()["status"] == "pending"
+    [row] = await settled(stack, job["id"], 1)
+    assert (row["status"], row["attempts"], row["last_status"]) == ("delivered", 4, 200)
+    assert [headers["webhook-id"] for headers, _ in receiver.received] == [failed["id"]] * 4
+
+    # The CLI and the client show the same.
+    run = await asyncio.to_thread(cli, stack.settings, tmp_path, "webhooks", job["id"])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[1].split()[:5] == [failed["id"], "completed", "delivered", "4", "200"]
+    # Nobody else's: another owner sees no delivery and cannot redeliver one.
+    assert await stack.db.deliveries.of_job(uuid.UUID(job["id"]), "someone-else") == []
+    assert (
+        await stack.db.deliveries.redeliver(uuid.UUID(job["id"]), uuid.UUID(failed["id"]), "someone-else")
+        is None
+    )
+    missing = await stack.client.post(f"/v1/jobs/{job['id']}/webhooks/{uuid.uuid4()}/redeliver")
+    assert_problem(missing, 404)
+    assert_problem(await stack.client.get(f"/v1/jobs/{uuid.uuid4()}/webhooks"), 404)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """The CLI's client commands: ``generate`` with a live progress bar, ``jobs``, ``cancel``,
-``models``."""
+``models``, ``webhooks``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
     commands.add_parser("models", help="the models a job may name here (--model), with their workers")
+    hooks = commands.add_parser("webhooks", help="a job's webhook deliveries; --redeliver ID sends one again")
+    hooks.add_argument("job_id")
+    hooks.add_argument("--redeliver", metavar="DELIVERY_ID", help="send this delivery again now")
 
 
 def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
                 _jobs(client, args)
             elif args.command == "models":
                 _models(client)
+            elif args.command == "webhooks":
+                _webhooks(client, args)
             elif args.command == "cancel":
                 job = client.cancel(args.job_id)
                 print(f"{job.id} {job.status}{' (stopping at the next step)' if not job.finished else ''}")
@@ -138,4 +143,20 @@ def _models(client: Client) -> None:
         print(
             f"{name:24}  {model.family or '-':6}  {model.workers:>7}  {model.pending:>7}  "
             f"{f'{size}x{size}':>9}  {steps:>5}  {eta}"
+        )
+
+
+def _webhooks(client: Client, args: argparse.Namespace) -> None:
+    """One line a delivery: what the receiver last answered, and when it is tried next."""
+    if args.redeliver:
+        delivery = client.redeliver(args.job_id, args.redeliver)
+        print(f"{delivery['id']}  {delivery['event']}  sent again now (attempt {delivery['attempts'] + 1})")
+        return
+    print(f"{'DELIVERY (webhook-id)':36}  {'EVENT':9}  {'STATUS':9}  {'TRIES':>5}  {'LAST':>4}  WHEN / ERROR")
+    for d in client.webhooks(args.job_id):
+        when = d["delivered_at"] or d["next_attempt_at"] or ""
+        last = d["last_status"] if d["last_status"] is not None else "-"
+        print(
+            f"{d['id']:36}  {d['event']:9}  {d['status']:9}  {d['attempts']:>5}  {last:>4}  "
+            f"{when[:19].replace('T', ' ')}  {d['last_error'] or ''}".rstrip()
         )

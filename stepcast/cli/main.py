@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         return _on_a_worker(args, settings_module.load_or_exit(WorkerSettings))
 
     settings = settings_module.load_or_exit(Settings)
-    client_side = args.command in {"generate", "jobs", "cancel", "models", "keys"}
+    client_side = args.command in {"generate", "jobs", "cancel", "models", "webhooks", "keys"}
     # A client command talks to a terminal, not a log pipeline.
     logs.configure("WARNING" if client_side else settings.log_level, settings.log_format)
 
-    if args.command in {"generate", "jobs", "cancel", "models"}:
+    if args.command in {"generate", "jobs", "cancel", "models", "webhooks"}:
         api_key = settings.api_key.get_secret_value() if settings.api_key else None
         return console.run(args, settings.url, api_key)
     if args.command == "keys":

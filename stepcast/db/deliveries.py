@@ -24,16 +24,16 @@ class DeliveryStore(Store):
         rows = await self.pool.fetch(
             """
             WITH due AS (
-                SELECT id FROM webhook_deliveries
+                SELECT id, coalesce(attempt_limit, $3) AS most FROM webhook_deliveries
                 WHERE status = 'pending' AND next_attempt_at <= now()
                 ORDER BY next_attempt_at LIMIT $2
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE webhook_deliveries AS d SET
                 next_attempt_at = now() + make_interval(secs => $1),
-                attempts = d.attempts + CASE WHEN d.attempts < $3 THEN 1 ELSE 0 END,
-                status = CASE WHEN d.attempts < $3 THEN 'pending' ELSE 'failed' END,
-                last_error = CASE WHEN d.attempts < $3 THEN d.last_error
+                attempts = d.attempts + CASE WHEN d.attempts < due.most THEN 1 ELSE 0 END,
+                status = CASE WHEN d.attempts < due.most THEN 'pending' ELSE 'failed' END,
+                last_error = CASE WHEN d.attempts < due.most THEN d.last_error
                     ELSE concat_ws('; ', d.last_error, 'gave up after ' || d.attempts
                                    || ' attempts (the last one ended without an outcome)') END
             FROM due WHERE d.id = due.id
@@ -66,3 +66,26 @@ class DeliveryStore(Store):
             delivery_id, status, http_status, error, retry_in_s, attempt,
         )  # fmt: skip
         return result == "UPDATE 1"
+
+    async def of_job(self, job_id: uuid.UUID, owner: str) -> list[asyncpg.Record]:
+        """The job's deliveries, oldest first, if the job is ``owner``'s (none otherwise)."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM webhook_deliveries WHERE job_id = $1 AND owner = $2 ORDER BY created_at, event",
+            job_id,
+            owner,
+        )
+        return list(rows)
+
+    async def redeliver(self, job_id: uuid.UUID, delivery_id: uuid.UUID, owner: str) -> asyncpg.Record | None:
+        """One more attempt of a delivery, due now (whatever became of the others); None if the
+        owner has no such delivery. The id stays: it is the ``webhook-id`` receivers dedupe on."""
+        row: asyncpg.Record | None = await self.pool.fetchrow(
+            """
+            UPDATE webhook_deliveries SET
+                status = 'pending', next_attempt_at = now(), attempt_limit = attempts + 1, delivered_at = NULL
+            WHERE id = $1 AND job_id = $2 AND owner = $3
+            RETURNING *
+            """,
+            delivery_id, job_id, owner,
+        )  # fmt: skip
+        return row
