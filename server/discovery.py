@@ -13,17 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.services import Services
+from server.services import Services, services_of
 from stepcast.db import KnownModel
 from stepcast.errors import InvalidParams
 from stepcast.jobs import timestamp
 from stepcast.models import Catalog, ModelLimits, queue_of
 from stepcast.params import MAX_GUIDANCE, MAX_SEED, PREVIEW_MAX_PX
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
 
 
 def limits_wire(limits: ModelLimits, services: Services) -> dict[str, Any]:
@@ -56,7 +51,7 @@ def _named(request: Request, catalog: Catalog) -> str:
 
 async def limits(request: Request) -> Response:
     """What a job for one model (``?model=``; the default) may ask for here."""
-    services = _services(request)
+    services = services_of(request)
     catalog = await services.models.current()
     name = _named(request, catalog)
     return JSONResponse(
@@ -66,7 +61,7 @@ async def limits(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     """Every model a job may name: its limits, its live workers, its queue and an ETA."""
-    services = _services(request)
+    services = services_of(request)
     reading = await services.models.reading()
     catalog = await services.models.current()
     described = await asyncio.gather(

@@ -73,9 +73,17 @@ class EtaEstimator:
     async def queued(self, job: Job, position: int) -> Queued:
         """The job's ``queued`` event: its place and ETA, or no ETA and why while no worker of
         its model runs (one will start it: a pool scaling up from zero, a restart)."""
-        if not await self.catalog.live_workers(job.model_name):
-            return Queued(position=position, eta_s=None, reason=NO_WORKER)
+        return await self.queued_for(job, position, await self.waiting_reason(job))
+
+    async def queued_for(self, job: Job, position: int, reason: str | None) -> Queued:
+        """:meth:`queued`, its reason known (the ETA is read only when there is none)."""
+        if reason is not None:
+            return Queued(position=position, eta_s=None, reason=reason)
         return Queued(position=position, eta_s=await self.eta_s(job, position))
+
+    async def waiting_reason(self, job: Job) -> str | None:
+        """Why the job has no ETA: ``no_worker`` while no worker of its model runs."""
+        return None if await self.catalog.live_workers(job.model_name) else NO_WORKER
 
     async def eta_s(self, job: Job, position: int) -> float | None:
         """The jobs ahead, whole, then this one's own steps: only those left to it if it
@@ -122,10 +130,11 @@ class QueueAnnouncer:
         self._turn += 1
         for job, position in await db.counts.positions_due(self._turn, BANDS):
             told = self._announced.get(job.id)
-            queued = await estimator.queued(job, position)
-            if told is None or told[0] != (position, queued.reason):
+            reason = await estimator.waiting_reason(job)
+            if told is None or told[0] != (position, reason):  # (its ETA only then)
+                queued = await estimator.queued_for(job, position, reason)
                 await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
-            self._announced[job.id] = ((position, queued.reason), self._turn)
+            self._announced[job.id] = ((position, reason), self._turn)
         if self._turn % self.FORGET_EVERY == 0:
             self._forget_gone()
 

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from server.auth import owner_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
-from server.services import Services
+from server.services import services_of
 from stepcast import webhooks
 from stepcast.errors import (
     FieldError,
@@ -37,11 +37,6 @@ MAX_PAGE = 100
 MAX_WAIT_S = 60  # Prefer: wait — below the patience of the usual gateway (60-100 s)
 # How long a poller should wait before asking again about an unfinished job.
 RETRY_AFTER_S = {Status.PENDING: "2", Status.PROCESSING: "1"}
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
 
 
 def _job_id(request: Request) -> uuid.UUID:
@@ -93,7 +88,7 @@ def _prefer_wait(request: Request) -> int | None:
 
 async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
     """The job once it is finished, or as it stands after ``wait_s`` (or at shutdown)."""
-    services = _services(request)
+    services = services_of(request)
     feed = Feed(services, job.owner)
     draining: asyncio.Event = request.app.state.draining
     deadline = time.monotonic() + wait_s
@@ -113,7 +108,7 @@ async def _outcome(request: Request, job: Job, wait_s: int) -> Job:
 async def create_job(request: Request) -> Response:
     """202 with the pending job; with ``Prefer: wait=N``, 201 with the finished job if it
     finishes within N seconds."""
-    services = _services(request)
+    services = services_of(request)
     key = parse_idempotency_key(request.headers.get("idempotency-key"), "Idempotency-Key")
     wait_s = _prefer_wait(request)
     body = await _json_body(request)
@@ -134,14 +129,14 @@ async def create_job(request: Request) -> Response:
 
 
 async def get_job(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     job = await services.jobs.get(await owner_of(request), _job_id(request))
     headers = {"Retry-After": RETRY_AFTER_S[job.status]} if not job.status.terminal else None
     return JSONResponse(await services.jobs.render(job), headers=headers)
 
 
 async def list_jobs(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     query = request.query_params
     errors = [
         FieldError(name, f"unknown query parameter {name!r}")
@@ -173,7 +168,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     job = await services.jobs.cancel(await owner_of(request), _job_id(request))
     return JSONResponse(await services.jobs.render(job), status_code=202 if not job.status.terminal else 200)
 
@@ -197,7 +192,7 @@ def _delivery(row: Any) -> dict[str, Any]:
 
 async def job_webhooks(request: Request) -> Response:
     """The job's webhook deliveries: each event's attempts, last answer and next try."""
-    services = _services(request)
+    services = services_of(request)
     owner, job_id = await owner_of(request), _job_id(request)
     job = await services.jobs.get(owner, job_id)  # (not the owner's: 404, like the job)
     rows = await services.db.deliveries.of_job(job.id, owner)
@@ -206,7 +201,7 @@ async def job_webhooks(request: Request) -> Response:
 
 async def redeliver_webhook(request: Request) -> Response:
     """One more attempt of a delivery, now, under its own webhook-id (receivers dedupe on it)."""
-    services = _services(request)
+    services = services_of(request)
     owner, job_id = await owner_of(request), _job_id(request)
     try:
         delivery_id = uuid.UUID(request.path_params["delivery_id"])
@@ -220,7 +215,7 @@ async def redeliver_webhook(request: Request) -> Response:
 
 async def get_image(request: Request) -> Response:
     """Local storage only: S3 images are fetched from their presigned URLs."""
-    services = _services(request)
+    services = services_of(request)
     key: str = request.path_params["key"]
     job_id = key.split("/", 1)[0]
     try:
@@ -241,7 +236,7 @@ async def get_image(request: Request) -> Response:
 
 async def me(request: Request) -> Response:
     """Who the server takes the caller for."""
-    services = _services(request)
+    services = services_of(request)
     owner = await owner_of(request)
     secret = await services.db.owners.webhook_secret(owner, webhooks.new_secret())
     return JSONResponse({"owner": owner, "auth": services.settings.auth, "webhook_secret": secret})
@@ -253,7 +248,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when Postgres and Redis both answer within a second."""
-    services = _services(request)
+    services = services_of(request)
     checks: dict[str, str] = {}
     for name, probe in (("postgres", services.db.ping()), ("redis", services.redis.ping())):
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
+from starlette.requests import HTTPConnection
 
 from server.catalog import ModelCatalog
 from server.hub import Hub
@@ -34,3 +35,9 @@ class Services:
     sockets: Sockets
     # Ends the open streams of revoked API keys.
     revocations: Revocations
+
+
+def services_of(connection: HTTPConnection) -> Services:
+    """The process's services, which the lifespan hands every request."""
+    services: Services = connection.state.services
+    return services
