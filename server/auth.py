@@ -38,6 +38,7 @@ async def owner_of(connection: HTTPConnection) -> str:
         return owner
     services = state.services
     settings = services.settings
+    priority_class = settings.session_priority_class
     if settings.auth == "single_user":
         owner = settings.anonymous_owner
     elif (header := connection.headers.get("authorization")) is not None:
@@ -45,9 +46,10 @@ async def owner_of(connection: HTTPConnection) -> str:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized(f"the Authorization header must be 'Bearer <api key>'; {HOW_TO}")
         key_hash = credentials.hash_key(token.strip())
-        owner = await services.db.owners.of_key(key_hash)
-        if owner is None:
+        key = await services.db.owners.of_key(key_hash)
+        if key is None:
             raise Unauthorized("this API key is unknown or revoked")
+        owner, priority_class = key.owner, key.priority_class or settings.key_priority_class
         state.key_hash = key_hash
     else:
         cookie = connection.cookies.get(SESSION_COOKIE)
@@ -57,9 +59,19 @@ async def owner_of(connection: HTTPConnection) -> str:
     if key_hash_of(connection) is None:
         _check_origin(connection, settings)
     state.owner = owner
+    state.priority_class = priority_class
     if connection.scope["type"] == "http" and settings.auth == "keys":
         await _count_request(services, owner)
     return owner
+
+
+def priority_class_of(connection: HTTPConnection) -> str:
+    """The caller's priority class (its key's; a browser session's), once :func:`owner_of`
+    has resolved the caller."""
+    priority_class: str | None = getattr(connection.state, "priority_class", None)
+    if priority_class is None:
+        raise RuntimeError("priority_class_of before owner_of resolved the caller")
+    return priority_class
 
 
 def origin_allowed(connection: HTTPConnection, settings: ServerSettings) -> bool:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.services import Services, services_of
-from stepcast.db import KnownModel
+from stepcast.db import KnownModel, Pace, Place
 from stepcast.errors import InvalidParams
 from stepcast.jobs import timestamp
 from stepcast.models import Catalog, ModelLimits, queue_of
@@ -80,7 +80,8 @@ async def _model(
     size, steps = limits.default_size_px, limits.default_steps
     waiting = pending.get(queue, 0)
     workers = known.workers if known is not None else []
-    pace = await services.jobs.eta.pace(queue, size, size)
+    pace = await services.jobs.eta.pace(queue)
+    default_job = size * size * steps / 1e6  # megapixel-steps of a job at the defaults
     card = known.card if known is not None else None
     return {
         "name": limits.name,
@@ -101,10 +102,18 @@ async def _model(
         "queue": {"pending": waiting},
         # At its default size and steps: seconds a step took lately, and when a job sent now
         # should be done (null: none measured, or no worker runs to do it).
-        "per_step_s": None if pace.per_step_s is None else round(pace.per_step_s, 4),
-        "eta_s": pace.drain_s(waiting + 1, steps) if workers else None,
+        "per_step_s": None
+        if pace.megapixel_step_s is None
+        else round(pace.megapixel_step_s * size * size / 1e6, 4),
+        "eta_s": _eta_s(pace, waiting, default_job) if workers else None,
         "last_served_at": timestamp(known.seen_at) if known is not None else None,
     }
+
+
+def _eta_s(pace: Pace, waiting: int, job_work: float) -> float | None:
+    """When a job at the defaults sent now should be done, behind ``waiting`` jobs like it."""
+    start, own = pace.start_in_s(Place(waiting + 1, waiting * job_work)), pace.seconds(job_work)
+    return None if start is None or own is None else round(start + own, 3)
 
 
 routes = [

@@ -35,7 +35,10 @@ def of_error(exc: StepcastError, *, request_id: Any = None) -> dict[str, Any]:
     """The ``error`` frame of a refusal: one field's error names it, several are listed."""
     retry_after_s = exc.retry_after_s if isinstance(exc, TooManyRequests | ServerBusy) else None
     if not isinstance(exc, InvalidParams):
-        return error(exc.code, exc.detail, request_id=request_id, retry_after_s=retry_after_s)
+        return {
+            **error(exc.code, exc.detail, request_id=request_id, retry_after_s=retry_after_s),
+            **exc.extensions,
+        }
     first = exc.errors[0] if exc.errors else None
     message = first.message if first is not None and len(exc.errors) == 1 else exc.detail
     frame = error(exc.code, message, request_id=request_id, field=first.field if first else None)

@@ -226,6 +226,10 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
             "properties": {"step": {"type": "integer"}, "total": {"type": "integer"}},
         },
         "queue_position": {"type": ["integer", "null"], "minimum": 1, "description": "1 = next to start"},
+        "estimated_start_at": {
+            **NULLABLE_TIME,
+            "description": "while pending: when it should start, from the queue's order and pace",
+        },
         "created_at": {"type": "string", "format": "date-time"},
         "started_at": NULLABLE_TIME,
         "finished_at": NULLABLE_TIME,
@@ -291,7 +295,18 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
             "type": "object",
             "required": ["prompt"],
             "additionalProperties": False,
-            "properties": {**params, "preview": preview, "webhook": webhook},
+            "properties": {
+                **params,
+                "preview": preview,
+                "webhook": webhook,
+                "start_within_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 86400,
+                    "description": "queue it only if it should start within this long: else 429 "
+                    "start_too_late with the estimate, nothing queued",
+                },
+            },
         },
         "Job": {"type": "object", "required": list(job_fields), "properties": job_fields},
         "JobPage": {
@@ -310,6 +325,10 @@ def _schemas(settings: ServerSettings) -> dict[str, Any]:
                 "title": {"type": "string"},
                 "status": {"type": "integer"},
                 "detail": {"type": "string"},
+                "budget": {"type": "string", "enum": ["queue", "owner"], "description": "over_budget: which"},
+                "budget_s": {"type": "number", "description": "over_budget: that budget, GPU-seconds"},
+                "estimated_start_s": {"type": ["number", "null"], "description": "start_too_late"},
+                "estimated_start_at": {**NULLABLE_TIME, "description": "start_too_late"},
                 "errors": {
                     "type": "array",
                     "items": {
@@ -402,7 +421,11 @@ def _operations(settings: ServerSettings) -> dict[str, dict[str, Operation]]:
                     (UnsupportedMediaType, "Content-Type not application/json (or +json)"),
                     CROSS_SITE,
                     (InvalidParams, "Invalid params or headers, one entry per field"),
-                    (TooManyRequests, "Queue full, or your share of it"),
+                    (
+                        TooManyRequests,
+                        "Queue full, or your share of it (queue_full); a budget of GPU-seconds "
+                        "(over_budget); or it would not start within start_within_s (start_too_late)",
+                    ),
                 ),
                 parameters=(
                     {

@@ -13,12 +13,14 @@ import bisect
 import logging
 import time
 import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from server.catalog import ModelCatalog
 from stepcast.background import stop_if_cancelled
-from stepcast.db import Database, Pace
+from stepcast.db import Database, Pace, Place
 from stepcast.events import Queued
-from stepcast.jobs import Job
+from stepcast.jobs import Job, timestamp
 from stepcast.lifecycle import Lifecycle, Speaker
 
 logger = logging.getLogger(__name__)
@@ -26,73 +28,96 @@ logger = logging.getLogger(__name__)
 EVERY_CHANGE_UP_TO = 10  # positions read every pass
 # Where each band of positions starts: band b (from 10 * 2**(b-1) + 1) is read every 2**b passes.
 BANDS = tuple(EVERY_CHANGE_UP_TO * 2**band + 1 for band in range(40))
-UNKNOWN_PACE = Pace(per_step_s=None, workers=1)
+UNKNOWN_PACE = Pace(megapixel_step_s=None, workers=1)
 NO_WORKER = "no_worker"  # a queued event's reason for its null ETA
 
 
-class EtaEstimator:
-    """Seconds until a pending job should be done: its position times the measured run time
-    of jobs of its size, shared among the workers busy on its queue (:class:`Pace`).
+@dataclass(frozen=True)
+class Estimate:
+    """When a pending job should start and be done, in seconds from now (None: not known)."""
 
-    A queue's pace for a size is read once per ``max_age_s`` (one statement, whose answer
-    the submits and announcements meanwhile share): submits at hundreds a second each
-    reading the queue's recent history would cost Postgres more than the insert does.
+    start_in_s: float | None
+    done_in_s: float | None
+
+    def start_at(self) -> str | None:
+        """The start as a wire timestamp."""
+        if self.start_in_s is None:
+            return None
+        return timestamp(datetime.now(UTC) + timedelta(seconds=self.start_in_s))
+
+
+class EtaEstimator:
+    """When a pending job should start: the work running now and the work waiting ahead of it
+    in the queue's order, at the queue's measured pace, shared among its busy workers
+    (:class:`Pace`); done: that, and its own work on one worker.
+
+    A queue's pace is read once per ``max_age_s`` (one statement, whose answer the submits
+    and announcements meanwhile share): submits at hundreds a second each reading the
+    queue's recent history would cost Postgres more than the insert does.
     """
 
-    # Past this many sizes held, a miss first forgets the stale ones.
+    # Past this many queues held, a miss first forgets the stale ones.
     PRUNE_AT = 256
 
     def __init__(self, db: Database, catalog: ModelCatalog, *, max_age_s: float) -> None:
         self.db = db
         self.catalog = catalog
         self.max_age_s = max_age_s
-        self._paces: dict[tuple[str, int, int], tuple[float, asyncio.Future[Pace]]] = {}
+        self._paces: dict[str, tuple[float, asyncio.Future[Pace]]] = {}
 
-    def pace(self, queue: str, width: int, height: int) -> asyncio.Future[Pace]:
-        """The queue's pace for this size: done at once while the last reading is fresh;
-        otherwise read now, in a task, so a submit reads it while it inserts."""
-        key = (queue, width, height)
+    def pace(self, queue: str) -> asyncio.Future[Pace]:
+        """The queue's pace: done at once while the last reading is fresh; otherwise read now,
+        in a task, so a submit reads it while it inserts."""
         now = time.monotonic()
-        held = self._paces.get(key)
+        held = self._paces.get(queue)
         if held is not None and now - held[0] < self.max_age_s:
             return held[1]
         if len(self._paces) >= self.PRUNE_AT:
             for stale in [k for k, (at, _) in self._paces.items() if now - at >= self.max_age_s]:
                 del self._paces[stale]
-        reading = asyncio.ensure_future(self._read(key))
-        self._paces[key] = (now, reading)
+        reading = asyncio.ensure_future(self._read(queue))
+        self._paces[queue] = (now, reading)
         return reading
 
-    async def _read(self, key: tuple[str, int, int]) -> Pace:
+    async def _read(self, queue: str) -> Pace:
         try:
-            return await self.db.counts.pace(*key)
+            return await self.db.counts.pace(queue)
         except Exception as exc:  # an ETA is a nicety: a job is placed without one
             logger.warning("could not read the queue's pace: %s", exc)
             return UNKNOWN_PACE
 
-    async def queued(self, job: Job, position: int) -> Queued:
+    async def queued(self, job: Job, place: Place) -> Queued:
         """The job's ``queued`` event: its place and ETA, or no ETA and why while no worker of
         its model runs (one will start it: a pool scaling up from zero, a restart)."""
-        return await self.queued_for(job, position, await self.waiting_reason(job))
+        return await self.queued_for(job, place, await self.waiting_reason(job))
 
-    async def queued_for(self, job: Job, position: int, reason: str | None) -> Queued:
+    async def queued_for(self, job: Job, place: Place, reason: str | None) -> Queued:
         """:meth:`queued`, its reason known (the ETA is read only when there is none)."""
         if reason is not None:
-            return Queued(position=position, eta_s=None, reason=reason)
-        return Queued(position=position, eta_s=await self.eta_s(job, position))
+            return Queued(position=place.position, eta_s=None, reason=reason)
+        estimate = await self.estimate(job, place)
+        return Queued(place.position, estimate.done_in_s, estimated_start_at=estimate.start_at())
 
     async def waiting_reason(self, job: Job) -> str | None:
         """Why the job has no ETA: ``no_worker`` while no worker of its model runs."""
         return None if await self.catalog.live_workers(job.model_name) else NO_WORKER
 
-    async def eta_s(self, job: Job, position: int) -> float | None:
-        """The jobs ahead, whole, then this one's own steps: only those left to it if it
-        resumes from a checkpoint."""
+    async def estimate(self, job: Job, place: Place) -> Estimate:
+        """After the work ahead, its own: only the steps left to it if it resumes."""
         params = job.params
-        pace = await self.pace(job.queue, params.width, params.height)
-        ahead = pace.drain_s(position - 1, params.steps)
-        own = pace.drain_s(1, params.steps - (job.resumed_from_step or 0))
-        return None if ahead is None or own is None else round(ahead + own, 3)
+        pace = await self.pace(job.queue)
+        start = pace.start_in_s(place)
+        own = pace.seconds(params.megapixel_steps * (1 - (job.resumed_from_step or 0) / params.steps))
+        done = None if start is None or own is None else round(start + own, 3)
+        return Estimate(start, done)
+
+    async def would_start_in_s(self, queue: str, owner: str, model: str) -> float | None:
+        """When a job of ``owner`` submitted now to ``queue`` should start (None: not known,
+        or no worker of ``model`` runs)."""
+        if not await self.catalog.live_workers(model):
+            return None
+        place = await self.db.counts.place_of_new(queue, owner)
+        return (await self.pace(queue)).start_in_s(place)
 
 
 class QueueAnnouncer:
@@ -128,13 +153,13 @@ class QueueAnnouncer:
     async def tick(self) -> None:
         db, lifecycle, estimator = self.db, self.lifecycle, self.eta
         self._turn += 1
-        for job, position in await db.counts.positions_due(self._turn, BANDS):
+        for job, place in await db.counts.positions_due(self._turn, BANDS):
             told = self._announced.get(job.id)
             reason = await estimator.waiting_reason(job)
-            if told is None or told[0] != (position, reason):  # (its ETA only then)
-                queued = await estimator.queued_for(job, position, reason)
+            if told is None or told[0] != (place.position, reason):  # (its ETA only then)
+                queued = await estimator.queued_for(job, place, reason)
                 await lifecycle.emit(job.id, job.owner, queued, Speaker.waiting(job), position_update=True)
-            self._announced[job.id] = ((position, reason), self._turn)
+            self._announced[job.id] = ((place.position, reason), self._turn)
         if self._turn % self.FORGET_EVERY == 0:
             self._forget_gone()
 

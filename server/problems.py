@@ -27,16 +27,26 @@ def problem(
     *,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail}
     if errors:
         body["errors"] = errors
+    body.update(extensions or {})
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
 def of_error(exc: StepcastError) -> JSONResponse:
     errors = [{"field": e.field, "message": e.message} for e in exc.errors]
-    return problem(exc.status, exc.code, exc.title, exc.detail, errors=errors, headers=exc.headers or None)
+    return problem(
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        errors=errors,
+        headers=exc.headers or None,
+        extensions=exc.extensions,
+    )
 
 
 async def stepcast_error(request: Request, exc: Exception) -> Response:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.auth import owner_of
+from server.auth import owner_of, priority_class_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
 from server.services import services_of
@@ -113,8 +113,13 @@ async def create_job(request: Request) -> Response:
     wait_s = _prefer_wait(request)
     body = await _json_body(request)
     submission = parse_body(body, services.settings, await services.models.current())
+    owner = await owner_of(request)
     job, created = await services.jobs.submit(
-        await owner_of(request), submission, idempotency_key=key, address=client_address(request)
+        owner,
+        submission,
+        idempotency_key=key,
+        address=client_address(request),
+        priority_class=priority_class_of(request),
     )
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if not created:

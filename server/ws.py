@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server import frames
-from server.auth import key_hash_of, origin_allowed, owner_of
+from server.auth import key_hash_of, origin_allowed, owner_of, priority_class_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
 from server.services import Services
@@ -35,7 +35,13 @@ from stepcast.errors import (
     Unauthorized,
     Unavailable,
 )
-from stepcast.params import parse_after_seq, parse_idempotency_key, parse_submission, unstorable_strings
+from stepcast.params import (
+    SUBMISSION_FIELDS,
+    parse_after_seq,
+    parse_idempotency_key,
+    parse_submission,
+    unstorable_strings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +53,13 @@ MAX_STRIKES = 50  # rate-limited frames tolerated before the connection is close
 MAX_REQUEST_ID_CHARS = 128
 
 _FIELDS = {
-    "submit": {"type", "request_id", "params", "idempotency_key", "preview", "webhook"},
+    "submit": {"type", "request_id", "params", "idempotency_key", "preview", "webhook", "start_within_s"},
     "subscribe": {"type", "request_id", "job_id", "after_seq", "scope"},
     "unsubscribe": {"type", "request_id", "job_id"},
     "cancel": {"type", "request_id", "job_id"},
     "ping": {"type", "request_id"},
 }
-_SUBMISSION = {"params", "preview", "webhook"}
+_SUBMISSION = {"params", *SUBMISSION_FIELDS}
 
 
 class _RateLimit:
@@ -91,6 +97,7 @@ class Connection:
         self.services = services
         self.settings = services.settings
         self.owner = owner
+        self.priority_class = priority_class_of(websocket)
         self.address = client_address(websocket)
         self.feed = Feed(services, self.owner)
         self.limit = _RateLimit(self.settings.ws_messages_per_s, self.settings.ws_burst)
@@ -240,9 +247,14 @@ class Connection:
             await self.services.models.current(),
             params_field="params",
             webhook=message.get("webhook"),
+            start_within_s=message.get("start_within_s"),
         )
         job, created = await self.services.jobs.submit(
-            self.owner, submission, idempotency_key=key, address=self.address
+            self.owner,
+            submission,
+            idempotency_key=key,
+            address=self.address,
+            priority_class=self.priority_class,
         )
         self.feed.push_message(frames.accepted(request_id, str(job.id), replayed=not created))
         # A new job is watched from its first event; a replayed one from a snapshot.

@@ -108,30 +108,32 @@ return 1
 
 
 def enqueue_call(
-    queue_name: str, job_id: str, job: bytes, score: int, wake_channel: str
+    queue_name: str, job_id: str, job: bytes, score: float, wake_channel: str
 ) -> tuple[list[str], list[Arg]]:
     keys = [job_key(job_id), result_key(job_id), queue_name]
     return keys, [job, JOB_EXPIRY_MS, score, job_id, wake_channel]
 
 
-# arq's start_jobs for many jobs: the due jobs no worker holds, now held. KEYS: queue.
-# ARGV: now (ms), hold (ms), how many, in-progress key prefix, most entries to look at, job key
-# prefix. Returns {id, score, job, id, score, job, ...}, where job is the serialized job (false
-# if it is gone). The in-progress and job keys are not in KEYS: like arq, this needs one Redis,
-# not a cluster.
+# arq's start_jobs for many jobs: the first jobs in score order that no worker holds, now held.
+# Unlike arq's, it takes a job whatever its score: stepcast's scores are places in the queue's
+# turns (fair tags, docs/scheduling.md), not due times, and stepcast defers no job. KEYS: queue.
+# ARGV: hold (ms), how many, in-progress key prefix, most entries to look at, job key prefix.
+# Returns {id, score, job, id, score, job, ...}, where job is the serialized job (false if it is
+# gone). The in-progress and job keys are not in KEYS: like arq, this needs one Redis, not a
+# cluster.
 TAKE_SCRIPT = """
-local want, limit = tonumber(ARGV[3]), tonumber(ARGV[5])
+local want, limit = tonumber(ARGV[2]), tonumber(ARGV[4])
 local taken, seen = {}, 0
 while seen < limit do
-    local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', seen, 100)
+    local page = redis.call('ZRANGE', KEYS[1], seen, seen + 99, 'WITHSCORES')
     if #page == 0 then break end
     for i = 1, #page, 2 do
-        local key = ARGV[4] .. page[i]
+        local key = ARGV[3] .. page[i]
         if redis.call('EXISTS', key) == 0 then
-            redis.call('PSETEX', key, ARGV[2], '1')
+            redis.call('PSETEX', key, ARGV[1], '1')
             taken[#taken + 1] = page[i]
             taken[#taken + 1] = page[i + 1]
-            taken[#taken + 1] = redis.call('GET', ARGV[6] .. page[i])
+            taken[#taken + 1] = redis.call('GET', ARGV[5] .. page[i])
             if #taken == 3 * want then return taken end
         end
     end
@@ -141,10 +143,8 @@ return taken
 """
 
 
-def take_call(
-    queue_name: str, *, now: int, hold_ms: int, count: int, scan_limit: int
-) -> tuple[list[str], list[Arg]]:
-    return [queue_name], [now, hold_ms, count, in_progress_key_prefix, scan_limit, job_key_prefix]
+def take_call(queue_name: str, *, hold_ms: int, count: int, scan_limit: int) -> tuple[list[str], list[Arg]]:
+    return [queue_name], [hold_ms, count, in_progress_key_prefix, scan_limit, job_key_prefix]
 
 
 # arq's finish_job with no result kept. KEYS: queue, job key, in-progress key. ARGV: job id.

@@ -62,6 +62,7 @@ class Job:
     error: dict[str, str] | None
     last_seq: int
     raw: dict[str, Any] = field(repr=False)
+    estimated_start_at: str | None = None  # while pending: when it should start
 
     @property
     def finished(self) -> bool:
@@ -82,6 +83,7 @@ class Job:
             error=data.get("error"),
             last_seq=data["last_seq"],
             raw=data,
+            estimated_start_at=data.get("estimated_start_at"),
         )
 
 
@@ -167,15 +169,20 @@ class AsyncClient:
         idempotency_key: str | None = None,
         preview: dict[str, int] | None = None,
         wait_s: int | None = None,
+        start_within_s: float | None = None,
         **params: Any,
     ) -> Job:
-        """Submit a job; ``wait_s`` (≤ 60) holds the answer until it finishes, if it does by then."""
+        """Submit a job; ``wait_s`` (≤ 60) holds the answer until it finishes, if it does by then;
+        ``start_within_s``: queue it only if it should start within that long (else the server
+        answers 429 start_too_late, raised here as :class:`ApiError`, and queues nothing)."""
         headers = {}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         if wait_s is not None:
             headers["Prefer"] = f"wait={wait_s}"
         body = {"prompt": prompt, **params, **({"preview": preview} if preview else {})}
+        if start_within_s is not None:
+            body["start_within_s"] = start_within_s
         response = await self.http.post("/v1/jobs", json=body, headers=headers)
         _raise_for_problem(response)
         return Job.from_wire(response.json())

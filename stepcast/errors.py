@@ -8,6 +8,7 @@ frame with the same ``code``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class StepcastError(Exception):
     @property
     def headers(self) -> dict[str, str]:
         """HTTP headers the answer carries (Retry-After, WWW-Authenticate…)."""
+        return {}
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """Fields a client reads besides the message, in the problem+json body and the
+        WebSocket error frame alike (the budget refused, the estimated start…)."""
         return {}
 
 
@@ -123,13 +130,30 @@ class TooManyRequests(StepcastError):
     title = "Too many requests"
     header_names = ("Retry-After",)
 
-    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+    def __init__(self, detail: str, *, retry_after_s: int, extensions: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+        self._extensions = extensions or {}
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return self._extensions
+
+
+class OverBudget(TooManyRequests):
+    """A job whose cost does not fit a budget now (``budget``: "queue" or "owner")."""
+
+    code = "over_budget"
+
+
+class StartTooLate(TooManyRequests):
+    """A submit with ``start_within_s`` whose job would start later than that: not queued."""
+
+    code = "start_too_late"
 
 
 class RateLimited(TooManyRequests):

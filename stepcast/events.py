@@ -138,9 +138,15 @@ class Queued(Event):
     position: int
     eta_s: float | None
     reason: str | None = None  # "no_worker": no worker of its model runs now (eta_s null)
+    estimated_start_at: str | None = None  # when it should start (null while eta_s is)
 
     def fields(self) -> dict[str, Any]:
-        waiting = {"position": self.position, "eta_s": self.eta_s}  # eta_s null until known
+        # eta_s and estimated_start_at null until known
+        waiting = {
+            "position": self.position,
+            "eta_s": self.eta_s,
+            "estimated_start_at": self.estimated_start_at,
+        }
         return waiting if self.reason is None else {**waiting, "reason": self.reason}
 
 

@@ -50,6 +50,9 @@ class Job:
     claim_token: uuid.UUID | None
     worker_session: int | None
     resumed_from_step: int | None
+    fair_tag: float | None  # its place in its queue's turns (None: submitted before 0007)
+    work: float | None  # megapixel-steps
+    cost_ms: int | None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:
@@ -85,7 +88,9 @@ def timestamp(value: datetime | None) -> str | None:
 ImageUrl = Callable[[str], Awaitable[str]]
 
 
-async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None = None) -> dict[str, Any]:
+async def to_wire(
+    job: Job, image_url: ImageUrl, *, queue_position: int | None = None, estimated_start_at: str | None = None
+) -> dict[str, Any]:
     """The job as REST returns it, inside ``snapshot`` and in history.
 
     Image URLs are made per request (presigned URLs expire), from the stored keys.
@@ -111,6 +116,8 @@ async def to_wire(job: Job, image_url: ImageUrl, *, queue_position: int | None =
         "params": job.params.to_json(),  # in their declared order (jsonb forgets key order)
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "queue_position": queue_position if job.status is Status.PENDING else None,
+        # While pending: when it should start (null: not known, or no worker runs its model).
+        "estimated_start_at": estimated_start_at if job.status is Status.PENDING else None,
         "created_at": timestamp(job.created_at),
         "started_at": timestamp(job.started_at),
         "finished_at": timestamp(job.finished_at),

@@ -58,6 +58,12 @@ class JobParams:
         }
         return cls(**values)
 
+    @property
+    def megapixel_steps(self) -> float:
+        """The work it asks (width × height × steps × images, in millions): what its cost and
+        the queue's pace are measured in (docs/scheduling.md)."""
+        return self.width * self.height * self.steps * self.num_images / 1e6
+
     def image_seeds(self) -> list[int]:
         """One seed per image, so an image never depends on its batch-mates."""
         return [self.seed + i for i in range(self.num_images)]
@@ -90,12 +96,17 @@ class Submission:
     params: JobParams
     preview: Preview | None = None
     webhook: Webhook | None = None
+    # Queue it only if it should start within this many seconds (else 429 start_too_late).
+    start_within_s: float | None = field(default=None, compare=False)
     # What the client asked for, defaults filled in but a random seed left out:
     # a repeat with the same idempotency key must ask for the same thing.
     fingerprint: str = field(default="", compare=False)
 
 
 PARAM_FIELDS = tuple(f.name for f in fields(JobParams))
+# A submit's fields besides the params (on REST, beside them in the body).
+SUBMISSION_FIELDS = frozenset({"preview", "webhook", "start_within_s"})
+MAX_START_WITHIN_S = 86_400.0
 _OPTIONAL = frozenset({"negative_prompt", "scheduler"})
 
 
@@ -319,6 +330,7 @@ def parse_submission(
     *,
     params_field: str = "body",
     webhook: Any = None,
+    start_within_s: Any = None,
 ) -> Submission:
     """Validate the params and the preview request together, reporting every problem at once."""
     unstorable = [
@@ -346,6 +358,11 @@ def parse_submission(
         hook = parse_webhook(webhook, settings)
     except InvalidParams as exc:
         errors += exc.errors
+    within = _Checker({"start_within_s": start_within_s})
+    start_within = (
+        within.number("start_within_s", 0.0, 0.0, MAX_START_WITHIN_S) if start_within_s is not None else None
+    )
+    errors += within.errors
     if errors or parsed is None:
         raise InvalidParams.from_errors(errors)
     asked = parsed if params.get("seed") is not None else replace(parsed, seed=-1)
@@ -358,7 +375,9 @@ def parse_submission(
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
-    return Submission(params=parsed, preview=wanted, webhook=hook, fingerprint=fingerprint)
+    return Submission(
+        params=parsed, preview=wanted, webhook=hook, start_within_s=start_within, fingerprint=fingerprint
+    )
 
 
 def parse_idempotency_key(value: Any, field: str) -> str | None:
@@ -401,5 +420,12 @@ def parse_body(body: Any, settings: ServerSettings, catalog: Catalog) -> Submiss
     """A REST body: the params object itself plus the optional ``preview``."""
     if not isinstance(body, dict):
         raise InvalidParams.one("body", "request body must be a JSON object")
-    params = {k: v for k, v in body.items() if k not in {"preview", "webhook"}}
-    return parse_submission(params, body.get("preview"), settings, catalog, webhook=body.get("webhook"))
+    params = {k: v for k, v in body.items() if k not in SUBMISSION_FIELDS}
+    return parse_submission(
+        params,
+        body.get("preview"),
+        settings,
+        catalog,
+        webhook=body.get("webhook"),
+        start_within_s=body.get("start_within_s"),
+    )

@@ -12,7 +12,6 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis
@@ -65,7 +64,7 @@ class Ticket:
 
 class Taken(NamedTuple):
     job_id: str
-    score: int
+    score: float
     ticket: Ticket | None  # None for a job enqueued without one
 
 
@@ -82,22 +81,28 @@ def connect(redis_url: str) -> ArqRedis:
     return ArqRedis(pool, job_serializer=arq_bridge.serialize, job_deserializer=arq_bridge.deserialize)
 
 
+def place_of(job: Job) -> float:
+    """The job's score in its queue: its fair tag (docs/scheduling.md), which Postgres orders
+    the queue by too; a job from before fair shares, its creation time in ms (its tag since)."""
+    return job.fair_tag if job.fair_tag is not None else arq_bridge.score_of(job.created_at)
+
+
 async def enqueue(
     arq: ArqRedis,
     job_id: uuid.UUID,
     queue_name: str,
     *,
-    place: datetime | None = None,
+    place: float | None = None,
     ticket: Ticket | None = None,
     afresh: bool = False,
 ) -> bool:
     """Queue the job and wake the idle workers; False if arq already holds it.
 
-    arq orders its queue by score, the enqueue time by default; ``place`` (a
-    job's creation time) puts a job enqueued again back where it was, ahead of
-    the jobs that came after it, rather than at the end. ``afresh``: forget
-    arq's keys of an earlier run first (a dead worker's, or those left when the
-    queue lost the job), which would make arq refuse or delay the same id.
+    The queue runs jobs in score order (ties by id): ``place`` is the job's
+    (:func:`place_of`); None, the time now in ms, as arq's own enqueue. A job
+    enqueued again goes back to its place. ``afresh``: forget arq's keys of an
+    earlier run first (a dead worker's, or those left when the queue lost the
+    job), which would make arq refuse or delay the same id.
     """
     if afresh:
         await arq.delete(*arq_bridge.run_keys(str(job_id)))
@@ -119,25 +124,31 @@ async def held(arq: ArqRedis, jobs: list[Job]) -> set[uuid.UUID]:
 
 
 def enqueue_in(
-    pipe: Pipeline, arq: ArqRedis, job_id: uuid.UUID, queue_name: str, *, ticket: Ticket | None = None
+    pipe: Pipeline,
+    arq: ArqRedis,
+    job_id: uuid.UUID,
+    queue_name: str,
+    *,
+    place: float | None = None,
+    ticket: Ticket | None = None,
 ) -> None:
     """:func:`enqueue` queued on ``pipe`` (one of ``arq``'s), to share its round trip (whether
     it was added comes back from ``pipe.execute()``). The script's text goes along."""
-    keys, args = _enqueue_call(job_id, queue_name, None, ticket)
+    keys, args = _enqueue_call(job_id, queue_name, place, ticket)
     pipe.execute_command("EVAL", arq_bridge.ENQUEUE_SCRIPT, len(keys), *keys, *args)
 
 
 def _enqueue_call(
     job_id: uuid.UUID,
     queue_name: str,
-    place: datetime | None,
+    place: float | None,
     ticket: Ticket | None,
 ) -> tuple[list[str], list[Arg]]:
     now_ms = arq_bridge.now_ms()
     key = str(job_id)
     kwargs = ticket.to_json() if ticket is not None else {}
     job = arq_bridge.encode_job(TASK_NAME, (key,), kwargs, now_ms)
-    score = arq_bridge.score_of(place) if place is not None else now_ms
+    score = place if place is not None else now_ms
     return arq_bridge.enqueue_call(queue_name, key, job, score, wake_channel(queue_name))
 
 
@@ -155,15 +166,14 @@ class Consumer:
         self._scripts = GatheredScripts(arq)  # a batch's jobs finish together: one round trip
 
     async def take(self, count: int) -> list[Taken]:
-        """Up to ``count`` due jobs, oldest first, that no worker holds: now held by this
+        """Up to ``count`` jobs no worker holds, first in the queue's order: now held by this
         one, each with its ticket."""
-        now = arq_bridge.now_ms()
         keys, args = arq_bridge.take_call(
-            self.queue_name, now=now, hold_ms=self.lease_ms, count=count, scan_limit=TAKE_SCAN_LIMIT
+            self.queue_name, hold_ms=self.lease_ms, count=count, scan_limit=TAKE_SCAN_LIMIT
         )
         flat = await self._take(keys=keys, args=args)
         return [
-            Taken(flat[i].decode(), int(float(flat[i + 1])), self._ticket(flat[i], flat[i + 2]))
+            Taken(flat[i].decode(), float(flat[i + 1]), self._ticket(flat[i], flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
 

@@ -152,7 +152,9 @@ class Recovery:
                 return
             job = moved
         ticket = queue.Ticket.of(job)
-        await queue.enqueue(self.arq, job.id, job.queue, place=job.created_at, ticket=ticket, afresh=True)
+        await queue.enqueue(
+            self.arq, job.id, job.queue, place=queue.place_of(job), ticket=ticket, afresh=True
+        )
 
     async def _pending_to_check(self) -> list[Job]:
         """The head of the queue (the next to run) and the next page of the sweep after it."""

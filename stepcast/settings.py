@@ -19,6 +19,7 @@ from stepcast.redis_keys import DEFAULT_QUEUE
 
 # A model's name is part of its queue's Redis key and of metric labels: kept plain.
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+PRIORITY_CLASS = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 
 # The default home of images, the tiny model and the embedded Postgres and Redis: .data in the
 # checkout this code runs from (tests, `make run`); for an installed package, .data in the
@@ -172,6 +173,23 @@ class ServerSettings(SharedSettings):
     # 429 with Retry-After.
     max_queue_depth: int = Field(1000, ge=1)
     max_jobs_per_owner: int = Field(100, ge=1)
+    # Admission by cost (docs/scheduling.md). A job's cost is what it asks of a GPU: its
+    # megapixel-steps (width × height × steps × images / 1e6) times its model's measured
+    # seconds per megapixel-step (default_megapixel_step_s until one is measured). A submit
+    # whose cost would take its queue's pending work past max_queue_cost_s, or its owner's
+    # unfinished work past max_cost_per_owner_s (a browser session's: ..._anonymous_owner_s),
+    # is answered 429 over_budget, saying which budget and when to retry.
+    max_queue_cost_s: float = Field(36000.0, gt=0)
+    max_cost_per_owner_s: float = Field(3600.0, gt=0)
+    max_cost_per_anonymous_owner_s: float = Field(300.0, gt=0)
+    default_megapixel_step_s: float = Field(0.25, gt=0)
+    # Fair shares: within a queue, owners take turns, each getting GPU time in proportion to
+    # its priority class's weight (a JSON object of class: weight). A key has the class it was
+    # made with (`stepcast keys create --class`), else key_priority_class; browser sessions and
+    # the single_user owner have session_priority_class.
+    priority_classes: dict[str, float] = {"interactive": 10.0, "batch": 1.0}
+    key_priority_class: str = "interactive"
+    session_priority_class: str = "interactive"
     # REST requests per second per owner (all servers together, counted in
     # Redis); beyond it: 429 rate_limited.
     requests_per_s_per_owner: int = Field(50, ge=1)
@@ -265,6 +283,31 @@ class ServerSettings(SharedSettings):
             if not re.fullmatch(MODEL_NAME, name):
                 raise ValueError(f"{name!r} is not a model name (a-z, 0-9, '.', '_', '-'; at most 63)")
         return names
+
+    @field_validator("priority_classes")
+    @classmethod
+    def _plain_classes(cls, classes: dict[str, float]) -> dict[str, float]:
+        if not classes:
+            raise ValueError("name at least one priority class")
+        for name, weight in classes.items():
+            if not re.fullmatch(PRIORITY_CLASS, name):
+                raise ValueError(f"{name!r} is not a class name (a-z, 0-9, '_', '-'; at most 32)")
+            if not 0 < weight <= 1e6:
+                raise ValueError(f"the weight of {name!r} must be above 0 and at most 1e6, not {weight}")
+        return classes
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> ServerSettings:
+        for setting in ("key_priority_class", "session_priority_class"):
+            if (name := getattr(self, setting)) not in self.priority_classes:
+                known = ", ".join(sorted(self.priority_classes))
+                raise ValueError(f"{setting} {name!r} is not one of priority_classes ({known})")
+        return self
+
+    def weight_of(self, priority_class: str | None) -> float:
+        """A class's weight; a key's class that is no longer configured has the default's."""
+        classes = self.priority_classes
+        return classes.get(priority_class or self.key_priority_class, classes[self.key_priority_class])
 
     @field_validator("session_secret")
     @classmethod

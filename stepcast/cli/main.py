@@ -101,6 +101,12 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
 
     async with _database(settings) as db:
         if args.keys == "create":
+            if args.priority_class is not None and args.priority_class not in settings.priority_classes:
+                known = ", ".join(sorted(settings.priority_classes))
+                sys.exit(
+                    f"stepcast: no priority class {args.priority_class!r} "
+                    f"(STEPCAST_PRIORITY_CLASSES: {known})"
+                )
             key = credentials.new_key()
             owner = args.owner or credentials.new_owner("user")
             key_id = await db.owners.create_api_key(
@@ -108,8 +114,10 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 name=args.name,
                 key_hash=credentials.hash_key(key),
                 prefix=key[: credentials.SHOWN_PREFIX_CHARS],
+                priority_class=args.priority_class,
             )
-            print(f"key id  {key_id}\nowner   {owner}\nkey     {key}")
+            priority_class = args.priority_class or f"{settings.key_priority_class} (the default)"
+            print(f"key id  {key_id}\nowner   {owner}\nclass   {priority_class}\nkey     {key}")
             print("(the key is shown only now: keep it; stepcast stores a hash of it)", file=sys.stderr)
         elif args.keys == "revoke":
             try:
@@ -122,7 +130,9 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         else:
             for row in await db.owners.api_keys():
                 state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
-                print(f"{row['id']}  {row['prefix']}…  {row['owner']}  {row['name'] or '-'}  {state}")
+                priority_class = row["priority_class"] or settings.key_priority_class
+                label = row["name"] or "-"
+                print(f"{row['id']}  {row['prefix']}…  {row['owner']}  {label}  {priority_class}  {state}")
     return 0
 
 
@@ -167,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     create = key_commands.add_parser("create", help="make a key (shown once)")
     create.add_argument("--owner", help="the owner the key acts for (default: a new one)")
     create.add_argument("--name", default="", help="a label to recognise it by")
+    create.add_argument(
+        "--class",
+        dest="priority_class",
+        help="its priority class, a name in STEPCAST_PRIORITY_CLASSES (default: STEPCAST_KEY_PRIORITY_CLASS)",
+    )
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     key_commands.add_parser("list", help="every key (never the key itself)")

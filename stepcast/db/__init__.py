@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from stepcast.db.counts import CountStore, KeptCounts, Pace
+from stepcast.db.counts import CountStore, KeptCounts, Pace, Place
 from stepcast.db.deliveries import DeliveryStore
 from stepcast.db.jobs import Insertion, JobStore, NewJob, Page
 from stepcast.db.models import KnownModel, LiveWorker, ModelStore
@@ -43,6 +43,7 @@ __all__ = [
     "NewJob",
     "Pace",
     "Page",
+    "Place",
     "retrying",
 ]
 

@@ -13,23 +13,48 @@ from stepcast.db.store import Store
 from stepcast.jobs import Job
 from stepcast.status import Status
 
-# Pending jobs ahead of one in its queue.
+# The pending jobs ahead of one in its queue's order (fair_tag, id), and their work: an index
+# range (jobs_fair_pending_idx) as long as its position. A job submitted before fair shares (no
+# tag) comes after every tagged one.
 _AHEAD = """
-    SELECT count(*) FROM jobs
-    WHERE queue = {queue} AND status = 'pending' AND (created_at, id) < ({created_at}, {id})
+    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
+    WHERE queue = $1 AND status = 'pending' AND (fair_tag, id) < ($2, $3)
+"""
+_AHEAD_UNTAGGED = """
+    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
+    WHERE queue = $1 AND status = 'pending' AND (fair_tag IS NOT NULL OR id < $2)
 """
 
 
 @dataclass(frozen=True)
-class Pace:
-    """How fast a queue has lately run jobs of one size."""
+class Place:
+    """Where a pending job is in its queue's order."""
 
-    per_step_s: float | None  # seconds per step (None: none measured)
+    position: int  # 1: the next to start
+    work_ahead: float  # the megapixel-steps of the jobs ahead of it
+    running_work: float = 0.0  # those left to the jobs its queue runs now
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a queue has lately run its jobs."""
+
+    megapixel_step_s: float | None  # a worker's seconds per megapixel-step (None: none measured)
     workers: int  # workers busy on the queue lately (at least 1)
 
-    def drain_s(self, jobs: int, steps: int) -> float | None:
-        """Seconds the workers need for ``jobs`` jobs of ``steps`` steps (None: never measured)."""
-        return None if self.per_step_s is None else round(jobs * self.per_step_s * steps / self.workers, 3)
+    def seconds(self, work: float) -> float | None:
+        """One worker's seconds for ``work`` megapixel-steps (None: never measured)."""
+        return None if self.megapixel_step_s is None else work * self.megapixel_step_s
+
+    def start_in_s(self, place: Place) -> float | None:
+        """Seconds until a job at ``place`` starts: the work its queue runs now and the work
+        waiting before it, shared among the workers (None: some, and never measured)."""
+        work = place.running_work + place.work_ahead
+        if work <= 0:
+            return 0.0
+        return (
+            None if self.megapixel_step_s is None else round(work * self.megapixel_step_s / self.workers, 3)
+        )
 
 
 @dataclass(frozen=True)
@@ -54,14 +79,31 @@ class CountStore(Store):
             kept[row["key"]] = int(row["n"])
         return counts
 
-    async def position(self, job: Job) -> int:
-        ahead = await self.pool.fetchval(
-            _AHEAD.format(queue="$1", created_at="$2", id="$3"), job.queue, job.created_at, job.id
-        )
-        return int(ahead) + 1
+    async def place(self, job: Job) -> Place:
+        if job.fair_tag is None:
+            row = await self.pool.fetchrow(_AHEAD_UNTAGGED, job.queue, job.id)
+        else:
+            row = await self.pool.fetchrow(_AHEAD, job.queue, job.fair_tag, job.id)
+        return Place(int(row["n"]) + 1, float(row["work"]), float(row["running"]))
 
-    async def positions_due(self, turn: int, bands: Sequence[int]) -> list[tuple[Job, int]]:
-        """Pending jobs whose queue position (1 = next to start) is to be read at ``turn``.
+    async def place_of_new(self, queue: str, owner: str) -> Place:
+        """Where a job of ``owner`` submitted to ``queue`` now would wait: behind the pending
+        jobs up to the tag it would get (where the owner's last job ends, or the queue's
+        clock: insert_jobs, migration 0007)."""
+        row = await self.pool.fetchrow(
+            """
+            SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
+            WHERE queue = $1 AND status = 'pending'
+              AND fair_tag <= greatest(queue_clock($1),
+                                       (SELECT finish FROM queue_shares WHERE queue = $1 AND owner = $2))
+            """,
+            queue,
+            owner,
+        )
+        return Place(int(row["n"]) + 1, float(row["work"]), float(row["running"]))
+
+    async def positions_due(self, turn: int, bands: Sequence[int]) -> list[tuple[Job, Place]]:
+        """Pending jobs whose place (position 1 = next to start) is to be read at ``turn``.
 
         ``bands`` are ascending positions: a job before ``bands[0]`` is read every turn; one
         from ``bands[b - 1]`` up to ``bands[b]`` every ``2**b`` turns, on the turns that agree
@@ -74,41 +116,56 @@ class CountStore(Store):
         rows = await self.pool.fetch(
             """
             WITH ranked AS (
-                SELECT id, row_number() OVER (PARTITION BY queue ORDER BY created_at, id) AS position
+                SELECT id, row_number() OVER queued AS position,
+                       coalesce(sum(work) OVER (queued ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                           AS work_ahead
                 FROM jobs WHERE status = 'pending'
+                WINDOW queued AS (PARTITION BY queue ORDER BY fair_tag, id)
             ), banded AS (
-                SELECT id, position, (1::bigint << width_bucket(position, $2::bigint[])) - 1 AS mask
+                SELECT id, position, work_ahead,
+                       (1::bigint << width_bucket(position, $2::bigint[])) - 1 AS mask
                 FROM ranked
             ), due AS (
-                SELECT id, position FROM banded
+                SELECT id, position, work_ahead FROM banded
                 WHERE (hashtext(id::text)::bigint & mask) = ($1::bigint & mask)
+            ), due_jobs AS (
+                SELECT jobs.*, due.position, due.work_ahead FROM due JOIN jobs USING (id)
+            ), running AS (
+                SELECT queue, queue_running_work(queue) AS running_work
+                FROM (SELECT DISTINCT queue FROM due_jobs) queues
             )
-            SELECT jobs.*, due.position FROM due JOIN jobs USING (id)
+            SELECT due_jobs.*, running.running_work FROM due_jobs JOIN running USING (queue)
             """,
             turn,
             list(bands),
         )
-        return [(Job.from_record(row), int(row["position"])) for row in rows]
+        return [
+            (
+                Job.from_record(row),
+                Place(int(row["position"]), float(row["work_ahead"]), float(row["running_work"])),
+            )
+            for row in rows
+        ]
 
-    async def pace(self, queue: str, width: int, height: int) -> Pace:
-        """How fast the queue has lately run jobs of this size: seconds per step of up to 50 of
-        them among its last 200 completions, and the workers busy on it (running a job now, or
-        behind one of its last 100 completions of the last minute). Both read a bounded stretch
-        of a partial index (jobs_completed_finished_idx, jobs_processing_idx), however deep the
-        queue and however fast it runs."""
+    async def pace(self, queue: str) -> Pace:
+        """How fast the queue has lately run its jobs: a worker's seconds per megapixel-step over
+        its last 50 completions (a batch's jobs share their run), and the workers busy on it
+        (running a job now, or behind one of its last 100 completions of the last minute). Each
+        reads a bounded stretch of a partial index (jobs_completed_finished_idx,
+        jobs_processing_idx), however deep the queue."""
         row = await self.pool.fetchrow(
             """
             SELECT (
-                SELECT avg(run_s / progress_total) FROM (
-                    SELECT run_s, progress_total FROM (
-                        SELECT run_s, progress_total, params FROM jobs
-                        WHERE queue = $1 AND status = 'completed'
-                        ORDER BY finished_at DESC LIMIT 200
-                    ) latest
-                    WHERE (params->>'width')::int = $2 AND (params->>'height')::int = $3
-                    LIMIT 50
-                ) recent
-            ) AS per_step, (
+                SELECT avg(run_s / greatest(coalesce(batch_size, 1), 1) / work) FROM (
+                    SELECT run_s, batch_size,
+                           (params->>'width')::float8 * (params->>'height')::float8 * progress_total
+                           * coalesce((params->>'num_images')::float8, 1) / 1e6 AS work
+                    FROM jobs
+                    WHERE queue = $1 AND status = 'completed' AND run_s IS NOT NULL
+                    ORDER BY finished_at DESC LIMIT 50
+                ) latest
+                WHERE work > 0
+            ) AS rate, (
                 SELECT count(DISTINCT worker) FROM (
                     SELECT worker FROM jobs WHERE queue = $1 AND status = 'processing'
                     UNION ALL
@@ -119,7 +176,7 @@ class CountStore(Store):
                 WHERE worker IS NOT NULL
             ) AS workers
             """,
-            queue, width, height,
+            queue,
         )  # fmt: skip
-        per_step = row["per_step"]
-        return Pace(None if per_step is None else float(per_step), max(1, int(row["workers"])))
+        rate = row["rate"]
+        return Pace(None if rate is None else float(rate), max(1, int(row["workers"])))

@@ -33,6 +33,11 @@ class Insertion:
     pending: int  # pending jobs on the queue before it: a new job's place is pending + 1
     unfinished: int  # the owner's pending and processing jobs before it
     address_unfinished: int | None = None  # an anonymous job's address's unfinished jobs before it
+    queue_cost_ms: int = 0  # the cost of the queue's pending jobs before it
+    owner_cost_ms: int = 0  # the cost of the owner's unfinished jobs before it
+    ahead: int = 0  # a new job's: the pending jobs ahead of it in its queue's order (position - 1)
+    work_ahead: float = 0.0  # their megapixel-steps
+    running_work: float = 0.0  # the megapixel-steps left to the jobs its queue runs now
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class NewJob:
     # client address whose anonymous owners share one cap.
     anonymous: bool = False
     address: str | None = None
+    # What it asks of a GPU (ms, the budgets' unit), and its owner's weight in the queue's turns.
+    cost_ms: int = 0
+    weight: float = 1.0
+    max_cost_ms: int | None = None  # the owner's budget for its unfinished jobs' cost
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class JobStore(Store):
         max_unfinished: int | None = None,
         max_anonymous_unfinished: int | None = None,
         max_anonymous_per_address: int | None = None,
+        max_queue_cost_ms: int | None = None,
     ) -> list[Insertion | BaseException]:
         """Admit and insert jobs, and place them, in one statement (one round trip).
 
@@ -128,8 +138,11 @@ class JobStore(Store):
         ``max_pending`` pending jobs, or its owner ``max_unfinished`` unfinished
         ones (``max_anonymous_unfinished`` for an anonymous owner's job), or its
         address ``max_anonymous_per_address`` unfinished jobs of anonymous
-        owners (an anonymous job's), counting the jobs before it in the list
-        that were admitted; a key the owner used before gives that earlier job.
+        owners (an anonymous job's), or its cost does not fit the queue's
+        ``max_queue_cost_ms`` or its owner's ``max_cost_ms``, counting the jobs
+        before it in the list that were admitted; a key the owner used before
+        gives that earlier job. Each admitted job gets its fair tag, its place
+        in the queue's turns (the migration 0007 says how).
         The counts, which give the queue position, come back either way. The
         queue's and owners' are kept in ``job_counts`` (the schema:
         stepcast/migrations), not counted: counting would grow with the queue.
@@ -143,7 +156,7 @@ class JobStore(Store):
         max_per_address = max_anonymous_per_address
         try:
             rows = await self._insert_rows(
-                jobs, limits, queue, version, queue_ttl_s, max_pending, max_per_address
+                jobs, limits, queue, version, queue_ttl_s, max_pending, max_per_address, max_queue_cost_ms
             )
         except asyncpg.PostgresError as exc:
             if len(jobs) == 1:
@@ -157,6 +170,7 @@ class JobStore(Store):
                 max_unfinished=max_unfinished,
                 max_anonymous_unfinished=max_anonymous_unfinished,
                 max_anonymous_per_address=max_anonymous_per_address,
+                max_queue_cost_ms=max_queue_cost_ms,
             )
             return [(await alone([job]))[0] for job in jobs]
         insertions: list[Insertion | BaseException] = []
@@ -169,6 +183,11 @@ class JobStore(Store):
                 pending=pending,
                 unfinished=unfinished,
                 address_unfinished=None if theirs is None else int(theirs),
+                queue_cost_ms=int(row["admission_queue_cost"]),
+                owner_cost_ms=int(row["admission_owner_cost"]),
+                ahead=int(row["admission_ahead"]),
+                work_ahead=float(row["admission_work_ahead"]),
+                running_work=float(row["admission_running_work"]),
             )
             admitted = (
                 (max_pending is None or pending < max_pending)
@@ -176,6 +195,8 @@ class JobStore(Store):
                 and (
                     theirs is None or max_anonymous_per_address is None or theirs < max_anonymous_per_address
                 )
+                and (max_queue_cost_ms is None or insertion.queue_cost_ms + job.cost_ms <= max_queue_cost_ms)
+                and (job.max_cost_ms is None or insertion.owner_cost_ms + job.cost_ms <= job.max_cost_ms)
             )
             if not insertion.created and admitted:
                 # A concurrent or earlier submit with the same key won; its row is committed.
@@ -201,11 +222,15 @@ class JobStore(Store):
         queue_ttl_s: float,
         max_pending: int | None,
         max_per_address: int | None,
+        max_queue_cost_ms: int | None,
     ) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self.pool.fetch(
             """
-            SELECT (job).*, admission_pending, admission_unfinished, admission_address
-            FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            SELECT (job).*, admission_pending, admission_unfinished, admission_address,
+                   admission_queue_cost, admission_owner_cost, admission_ahead, admission_work_ahead,
+                   admission_running_work
+            FROM insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                             $16, $17, $18, $19, $20, $21)
             ORDER BY ord
             """,
             [uuid.uuid4() for _ in jobs], [job.owner for job in jobs], [job.params.to_json() for job in jobs],
@@ -214,7 +239,9 @@ class JobStore(Store):
             [job.idempotency_key for job in jobs], [job.request_hash for job in jobs],
             [job.params.steps for job in jobs],
             [job.address if job.anonymous else None for job in jobs], limits,
-            queue, version, queue_ttl_s, max_pending, max_per_address,
+            [job.params.megapixel_steps for job in jobs], [job.cost_ms for job in jobs],
+            [job.weight for job in jobs], [job.max_cost_ms for job in jobs],
+            queue, version, queue_ttl_s, max_pending, max_per_address, max_queue_cost_ms,
         )  # fmt: skip
         return rows
 
