@@ -18,7 +18,7 @@ import pytest
 from server.positions import BANDS, UNKNOWN_PACE, EtaEstimator, period
 from stepcast import schema
 from stepcast import settings as settings_module
-from stepcast.db import Completion, Database, NewJob, Pace
+from stepcast.db import Completion, Database, NewJob, Pace, Place
 from stepcast.status import Status
 from tests.conftest import fox_params
 
@@ -96,8 +96,11 @@ async def test_submits_inserted_together_are_admitted_and_placed_in_order(db: Da
     assert bob.created and (bob.pending, bob.unfinished) == (4, 0)  # place 5
     assert cy_over.job is None and (cy_over.pending, cy_over.unfinished) == (5, 0)  # the queue is full
     assert await kept(db) == await counted(db) == ({"q": 5}, {"dee": 1, "ann": 3, "bob": 1})
-    # The places read back agree with the order of the list.
-    assert (await db.counts.position(ann.job), await db.counts.position(bob.job)) == (4, 5)
+    # Owners take turns: bob (nothing waiting) starts at the queue's clock, the tag of its first
+    # job (dee's and ann's first: ties go by id), ann's third after her two (docs/scheduling.md).
+    ann_place, bob_place = await db.counts.place(ann.job), await db.counts.place(bob.job)
+    assert ann_place.position == ann.ahead + 1 == 5
+    assert bob_place.position == bob.ahead + 1 and bob_place.position <= 3
 
 
 async def test_a_job_postgres_refuses_fails_alone_in_its_batch(db: Database) -> None:
@@ -135,63 +138,72 @@ async def test_a_failed_look_up_of_a_keys_earlier_job_fails_that_job_alone(
     assert isinstance(again, ConnectionResetError)
 
 
-async def test_a_queues_pace_comes_from_its_recent_jobs_of_the_same_size(db: Database) -> None:
-    assert await db.counts.pace("q", 64, 64) == Pace(per_step_s=None, workers=1)  # nothing measured yet
-    done, running, other_size = await insert(db), await insert(db), await insert(db)
+async def test_a_queues_pace_comes_from_its_recent_jobs_whatever_their_size(db: Database) -> None:
+    assert await db.counts.pace("q") == Pace(megapixel_step_s=None, workers=1)  # nothing measured yet
+    done, running, twice_as_wide = await insert(db), await insert(db), await insert(db)
     await db.pool.execute(
         "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 4.0, finished_at = now() WHERE id = $1",
         done.job.id,
     )
     await db.pool.execute(
-        "UPDATE jobs SET status = 'processing', worker = 'w2' WHERE id = $1", running.job.id
+        "UPDATE jobs SET status = 'processing', worker = 'w2', progress_step = 5 WHERE id = $1",
+        running.job.id,
     )
     await db.pool.execute(
-        "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 90.0, finished_at = now(),"
-        " params = params || '{\"width\": 512}' WHERE id = $1",
-        other_size.job.id,
+        "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 8.0, finished_at = now(),"
+        " params = params || '{\"width\": 128}' WHERE id = $1",
+        twice_as_wide.job.id,
     )
-    pace = await db.counts.pace("q", 64, 64)
-    assert pace.per_step_s == pytest.approx(4.0 / 20) and pace.workers == 2  # w1 lately, w2 now
-    assert pace.drain_s(3, steps=20) == pytest.approx(3 * 4.0 / 2)
-    assert (await db.counts.pace("q", 512, 64)).per_step_s == pytest.approx(90.0 / 20)
-    assert await db.counts.pace("elsewhere", 64, 64) == Pace(per_step_s=None, workers=1)
+    work = PARAMS.megapixel_steps  # 64 × 64 × 20 steps
+    pace = await db.counts.pace("q")
+    assert pace.megapixel_step_s == pytest.approx(4.0 / work) and pace.workers == 2  # w1 lately, w2 now
+    assert pace.seconds(work) == pytest.approx(4.0)
+    # Three such jobs ahead, and three quarters of the running one left: on two workers.
+    place = await db.counts.place((await insert(db)).job)
+    assert (place.position, place.work_ahead) == (1, 0) and place.running_work == pytest.approx(work * 0.75)
+    ahead = Place(4, 3 * work, place.running_work)
+    assert pace.start_in_s(ahead) == pytest.approx((3 + 0.75) * 4.0 / 2)
+    assert await db.counts.pace("elsewhere") == Pace(megapixel_step_s=None, workers=1)
 
 
 async def test_a_pace_is_read_once_per_interval_for_everyone_who_asks(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: list[tuple[str, int, int]] = []
+    reads: list[str] = []
     read = db.counts.pace
 
-    async def counted_read(queue: str, width: int, height: int) -> Pace:
-        reads.append((queue, width, height))
-        return await read(queue, width, height)
+    async def counted_read(queue: str) -> Pace:
+        reads.append(queue)
+        return await read(queue)
 
     monkeypatch.setattr(db.counts, "pace", counted_read)
     eta = EtaEstimator(db, cast(Any, None), max_age_s=3600)  # (no catalog: ETAs only)
     job = (await insert(db)).job
-    assert await eta.eta_s(job, 3) is None  # nothing measured yet
+    two_ahead = Place(3, 2 * PARAMS.megapixel_steps)
+    assert (await eta.estimate(job, two_ahead)).done_in_s is None  # nothing measured yet
     await db.pool.execute(
         "UPDATE jobs SET status = 'completed', worker = 'w1', run_s = 4.0, finished_at = now() WHERE id = $1",
         job.id,
     )
-    assert await eta.eta_s(job, 3) is None  # the reading is fresh: not read again
-    assert reads == [("q", 64, 64)]
-    paces = await asyncio.gather(*(eta.pace("q", 128, 64) for _ in range(20)))  # submits at once
-    assert reads == [("q", 64, 64), ("q", 128, 64)] and len(set(paces)) == 1
+    assert (await eta.estimate(job, two_ahead)).done_in_s is None  # the reading is fresh: not read again
+    assert reads == ["q"]
+    paces = await asyncio.gather(*(eta.pace("other") for _ in range(20)))  # submits at once
+    assert reads == ["q", "other"] and len(set(paces)) == 1
     eta.max_age_s = 0  # every reading is stale from now on
-    assert await eta.eta_s(job, 3) == pytest.approx(3 * 4.0)
+    estimate = await eta.estimate(job, two_ahead)
+    assert (estimate.start_in_s, estimate.done_in_s) == (pytest.approx(2 * 4.0), pytest.approx(3 * 4.0))
     assert len(reads) == 3
 
 
 async def test_an_unreadable_pace_gives_no_eta(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def unreachable(queue: str, width: int, height: int) -> Pace:
+    async def unreachable(queue: str) -> Pace:
         raise ConnectionRefusedError("Postgres is restarting")
 
     monkeypatch.setattr(db.counts, "pace", unreachable)
     eta = EtaEstimator(db, cast(Any, None), max_age_s=3600)  # (no catalog: ETAs only)
-    assert await eta.pace("q", 64, 64) == UNKNOWN_PACE
-    assert UNKNOWN_PACE.drain_s(5, steps=20) is None
+    assert await eta.pace("q") == UNKNOWN_PACE
+    assert UNKNOWN_PACE.start_in_s(Place(5, 1.0)) is None
+    assert UNKNOWN_PACE.start_in_s(Place(1, 0.0)) == 0  # nothing in the way: now, measured or not
 
 
 async def test_a_key_used_before_gives_the_earlier_job(db: Database) -> None:
@@ -392,13 +404,16 @@ async def test_a_terminal_event_is_restamped_only_from_the_seq_it_had(db: Databa
 
 async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a_period(db: Database) -> None:
     inserted = await insert_all(db, [new(f"o{i}") for i in range(300)])
-    order = [insertion.job.id for insertion in inserted]  # positions 1..300: bands 0..5
+    # 300 owners' first jobs: all at the queue's clock, in id order (positions 1..300: bands 0..5).
+    order = [
+        job.id for job in sorted((insertion.job for insertion in inserted), key=lambda j: (j.fair_tag, j.id))
+    ]
     other = (await insert(db, queue="r")).job  # another queue counts its own places
     reads: dict[uuid.UUID, int] = {}
     for turn in range(1, 33):  # band 5's period
         due = await db.counts.positions_due(turn, BANDS)
-        for job, position in due:
-            assert position == (1 if job.id == other.id else order.index(job.id) + 1)
+        for job, place in due:
+            assert place.position == (1 if job.id == other.id else order.index(job.id) + 1)
             reads[job.id] = reads.get(job.id, 0) + 1
         assert all(job.status is Status.PENDING for job, _ in due)
     # Each job is read exactly once per period of its band: the head every pass, position
@@ -411,8 +426,8 @@ async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a
     waiting = order[15:]
     seen = set()
     for turn in range(33, 65):
-        for job, position in await db.counts.positions_due(turn, BANDS):
+        for job, place in await db.counts.positions_due(turn, BANDS):
             if job.id != other.id:
-                assert position == waiting.index(job.id) + 1
+                assert place.position == waiting.index(job.id) + 1
                 seen.add(job.id)
     assert seen == set(waiting)

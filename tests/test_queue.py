@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import pickle
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +26,25 @@ from tests.conftest import Stack, fox_params, model_queue
 QUEUE = "stepcast:test-queue"
 
 
-async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(settings: Settings) -> None:
+async def test_a_take_follows_the_scores_skips_held_jobs_and_holds_what_it_takes(settings: Settings) -> None:
     redis = queue.connect(settings.redis_url)
     try:
-        start = datetime.now(UTC) - timedelta(minutes=1)
         ids = [uuid.uuid4() for _ in range(5)]
-        for index, job_id in enumerate(ids):  # queued in this order
-            assert await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(seconds=index))
-        deferred = uuid.uuid4()  # due in an hour (arq's deferred jobs)
-        assert await queue.enqueue(redis, deferred, QUEUE, place=datetime.now(UTC) + timedelta(hours=1))
-        held = str(ids[0])  # another worker holds the oldest
+        tags = [1_000.0, 1_000.5, 2_000.25, 9e15, 9e15 + 8]  # fair tags: virtual time, not due times
+        for job_id, tag in zip(reversed(ids), reversed(tags), strict=True):  # queued last first
+            assert await queue.enqueue(redis, job_id, QUEUE, place=tag)
+        held = str(ids[0])  # another worker holds the first
         await redis.psetex(arq_bridge.in_progress_key(held), 60_000, b"1")
 
         consumer = queue.Consumer(redis, QUEUE, lease_s=5)
         first = await consumer.take(2)
         assert [taken.job_id for taken in first] == [str(ids[1]), str(ids[2])]
-        scores = [arq_bridge.score_of(start + timedelta(seconds=i)) for i in (1, 2)]
-        assert [taken.score for taken in first] == scores
+        assert [taken.score for taken in first] == tags[1:3]  # exactly: Postgres orders by the same
         assert [taken.ticket for taken in first] == [None, None]  # enqueued without one
         for taken in first:  # now this worker's, for one lease
             assert 4_000 < await redis.pttl(arq_bridge.in_progress_key(taken.job_id)) <= 5_000
 
-        rest = await consumer.take(10)
+        rest = await consumer.take(10)  # a score far past now is taken in its turn all the same
         assert [taken.job_id for taken in rest] == [str(ids[3]), str(ids[4])]
         assert await consumer.take(10) == []
 
@@ -61,10 +57,9 @@ async def test_a_take_skips_held_and_deferred_jobs_and_holds_what_it_takes(setti
 async def test_a_take_looks_past_a_long_head_of_held_jobs(settings: Settings) -> None:
     redis = queue.connect(settings.redis_url)
     try:
-        start = datetime.now(UTC) - timedelta(minutes=1)
         ids = [uuid.uuid4() for _ in range(250)]  # more than one page of the script's scan
         for index, job_id in enumerate(ids):
-            await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(milliseconds=index))
+            await queue.enqueue(redis, job_id, QUEUE, place=float(index))
         for job_id in ids[:-1]:
             await redis.psetex(arq_bridge.in_progress_key(str(job_id)), 60_000, b"1")
         taken = await queue.Consumer(redis, QUEUE, lease_s=5).take(4)
@@ -88,7 +83,14 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
             queue.enqueue_in(pipe, redis, job_id, QUEUE, ticket=ticket)
             assert await pipe.execute() == [1, 1]  # the event's seq; enqueued
         assert (await events.read(str(job_id))).events == [
-            {"type": "queued", "job_id": str(job_id), "seq": 1, "position": 1, "eta_s": None}
+            {
+                "type": "queued",
+                "job_id": str(job_id),
+                "seq": 1,
+                "position": 1,
+                "eta_s": None,
+                "estimated_start_at": None,
+            }  # fmt: skip
         ]
         [taken] = await queue.Consumer(redis, QUEUE, lease_s=5).take(1)
         assert (taken.job_id, taken.ticket) == (str(job_id), ticket)  # the job comes with its ticket
@@ -102,10 +104,9 @@ async def test_jobs_done_together_leave_the_queue_in_one_round_trip_and_a_releas
 ) -> None:
     redis = queue.connect(settings.redis_url)
     try:
-        start = datetime.now(UTC) - timedelta(minutes=1)
         ids = [uuid.uuid4() for _ in range(4)]
         for index, job_id in enumerate(ids):
-            await queue.enqueue(redis, job_id, QUEUE, place=start + timedelta(seconds=index))
+            await queue.enqueue(redis, job_id, QUEUE, place=float(index))
         consumer = queue.Consumer(redis, QUEUE, lease_s=60)
         taken = [held.job_id for held in await consumer.take(4)]
         assert taken == [str(job_id) for job_id in ids]

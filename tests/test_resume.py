@@ -24,7 +24,7 @@ from gpu_worker import checkpoints
 from gpu_worker.checkpoints import Snapshot
 from gpu_worker.pipeline import DiffusersPipeline, Request
 from server.positions import EtaEstimator
-from stepcast.db import Pace
+from stepcast.db import Pace, Place
 from stepcast.models import SCHEDULERS
 from stepcast.params import JobParams
 from stepcast.redis_keys import checkpoint_key
@@ -196,16 +196,23 @@ async def test_a_worker_whose_session_was_cut_stops_publishing_and_writing_at_on
 
 
 async def test_a_resumed_jobs_eta_counts_only_the_steps_it_has_left() -> None:
+    params = fox_params(steps=20)
+    step_work = params.megapixel_steps / params.steps
+
     class Counts:
-        async def pace(self, queue: str, width: int, height: int) -> Pace:
-            return Pace(per_step_s=0.1, workers=1)
+        async def pace(self, queue: str) -> Pace:
+            return Pace(megapixel_step_s=0.1 / step_work, workers=1)  # 0.1 s a step
 
     estimator = EtaEstimator(cast(Any, SimpleNamespace(counts=Counts())), cast(Any, None), max_age_s=60)
-    fresh = SimpleNamespace(params=fox_params(steps=20), queue="q", resumed_from_step=None)
-    resumed = SimpleNamespace(params=fox_params(steps=20), queue="q", resumed_from_step=15)
-    assert await estimator.eta_s(cast(Any, fresh), 1) == 2.0
-    assert await estimator.eta_s(cast(Any, resumed), 1) == 0.5  # 5 steps left
-    assert await estimator.eta_s(cast(Any, resumed), 3) == 4.5  # two whole jobs ahead
+    fresh = SimpleNamespace(params=params, queue="q", resumed_from_step=None)
+    resumed = SimpleNamespace(params=params, queue="q", resumed_from_step=15)
+    first, behind_two = Place(1, 0.0), Place(3, 2 * params.megapixel_steps)
+    assert (await estimator.estimate(cast(Any, fresh), first)).done_in_s == pytest.approx(2.0)
+    assert (await estimator.estimate(cast(Any, resumed), first)).done_in_s == pytest.approx(
+        0.5
+    )  # 5 steps left
+    estimate = await estimator.estimate(cast(Any, resumed), behind_two)  # two whole jobs ahead
+    assert (estimate.start_in_s, estimate.done_in_s) == (pytest.approx(4.0), pytest.approx(4.5))
 
 
 BATCH_OF_TWO = {**SESSION_RECOVERY, "batch_size": 2, "batch_wait_s": 1.0}
