@@ -90,7 +90,7 @@ async def test_a_submit_announces_and_enqueues_in_one_round_trip_even_after_redi
                 "position": 1,
                 "eta_s": None,
                 "estimated_start_at": None,
-            }  # fmt: skip
+            }
         ]
         [taken] = await queue.Consumer(redis, QUEUE, lease_s=5).take(1)
         assert (taken.job_id, taken.ticket) == (str(job_id), ticket)  # the job comes with its ticket
