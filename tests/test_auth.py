@@ -134,7 +134,9 @@ async def test_keys_are_hashed_and_owners_see_only_their_own(stack: Stack) -> No
     revoked = await asyncio.to_thread(stepcast_keys, stack.settings, "revoke", alice_id)
     assert revoked.returncode == 0
     listed = await asyncio.to_thread(stepcast_keys, stack.settings, "list")
-    assert f"{alice_id}  {alice[:10]}…  alice  test  revoked" in listed.stdout
+    assert (
+        f"{alice_id}  {alice[:10]}…  alice  test  interactive  revoked" in listed.stdout
+    )  # (the default class)
     assert (
         "unknown or revoked"
         in assert_problem(await stack.client.get("/v1/me", headers=bearer(alice)), 401)["detail"]
@@ -298,3 +300,14 @@ async def test_revoking_a_key_ends_its_open_sockets_and_streams(
     with pytest.raises(InvalidStatus):  # and the revoked key opens no new one
         async with websockets.connect(url, additional_headers=bearer(carol)):
             pass
+
+
+@pytest.mark.parametrize("settings", KEYS, indirect=True)
+async def test_a_key_is_made_in_a_priority_class_and_an_unknown_class_is_refused(settings: Settings) -> None:
+    made = await asyncio.to_thread(stepcast_keys, settings, "create", "--owner", "carol", "--class", "batch")
+    assert made.returncode == 0 and "class   batch" in made.stdout
+    listed = await asyncio.to_thread(stepcast_keys, settings, "list")
+    assert "carol  -  batch  active" in listed.stdout
+    refused = await asyncio.to_thread(stepcast_keys, settings, "create", "--class", "urgent")
+    assert refused.returncode != 0
+    assert "no priority class 'urgent' (STEPCAST_PRIORITY_CLASSES: batch, interactive)" in refused.stderr
