@@ -276,7 +276,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if value is not None:
-            text = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+            structured = isinstance(value, tuple | dict)  # a JSON list or object
+            text = (
+                json.dumps(list(value) if isinstance(value, tuple) else value) if structured else str(value)
+            )
             env[f"STEPCAST_{name.upper()}"] = text
     return env
 

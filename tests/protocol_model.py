@@ -52,6 +52,7 @@ import stepcast.queue
 from server.feed import Feed, Outbox
 from server.job_service import JobService
 from server.services import Services
+from stepcast.db import Place
 from stepcast.events import (
     NO_BLOCK,
     Block,
@@ -130,8 +131,8 @@ class SimDatabase:
         row = await self._read("get_job")
         return row if owner in (None, row.owner) else None
 
-    async def position(self, job: Job) -> int:
-        return 1
+    async def place(self, job: Job) -> Place:
+        return Place(1, 0.0)
 
     async def to_show(self, owner: str, *, recent: int) -> list[Job]:
         return [await self._read("jobs_to_show")]
@@ -342,7 +343,7 @@ class World:
             self.db,  # type: ignore[arg-type]
             self.redis,  # type: ignore[arg-type]
             lifecycle,
-            None,  # type: ignore[arg-type]
+            _Eta(),  # type: ignore[arg-type]
             _Storage(),  # type: ignore[arg-type]
             _Metrics(),  # type: ignore[arg-type]
         )
@@ -754,6 +755,13 @@ class World:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         await self.tap.aclose()  # type: ignore[no-untyped-call]
         await self.redis.aclose()
+
+
+class _Eta:
+    """No worker in this world runs: a snapshot of a pending job carries no estimate."""
+
+    async def waiting_reason(self, job: Job) -> str:
+        return "no_worker"
 
 
 class _Storage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def shown(value: object) -> str:
         return f"`{value.relative_to(ROOT)}`" if value.is_relative_to(DATA_DIR) else f"`{value}`"
     if isinstance(value, tuple):
         return f"`{list(value)}`"
+    if isinstance(value, dict):
+        return f"`{json.dumps(value)}`"
     return f"`{value}`"
 
 

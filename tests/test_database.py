@@ -431,3 +431,19 @@ async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a
                 assert place.position == waiting.index(job.id) + 1
                 seen.add(job.id)
     assert seen == set(waiting)
+
+
+async def test_the_retention_pass_forgets_the_shares_its_queue_has_passed(db: Database) -> None:
+    # bob's one job and ann's three, a second of a GPU each: bob's share ends a second after
+    # the clock of then, ann's three seconds after (docs/scheduling.md).
+    bob, *ann = await insert_all(
+        db, [new("bob", cost_ms=1000), *(new("ann", cost_ms=1000) for _ in range(3))]
+    )
+    tags = {insertion.job.id: insertion.job.fair_tag for insertion in [bob, *ann]}
+    assert [tags[insertion.job.id] - tags[bob.job.id] for insertion in ann] == [0, 1000, 2000]
+    assert await db.retention.delete_passed_shares(limit=10) == 0  # both still ahead of the clock
+    # Every job runs: the clock is ann's last tag, which bob's finish is behind; ann's is not.
+    jobs = [insertion.job.id for insertion in [bob, *ann]]
+    assert len(await db.runs.claim(jobs, worker="w", lease_s=60, model_revision="r", token=uuid.uuid4())) == 4
+    assert await db.retention.delete_passed_shares(limit=10) == 1
+    assert [row["owner"] for row in await db.pool.fetch("SELECT owner FROM queue_shares")] == ["ann"]

@@ -238,6 +238,11 @@ function seconds(value) {
   return value === null || value === undefined ? "…" : `${Number(value).toFixed(1)} s`;
 }
 
+// A wire timestamp as the reader's wall-clock time (an estimated start).
+function clockTime(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
 function tick(card) {
   if (card.startedAt === null) return;
   const elapsed = (Date.now() - card.startedAt) / 1000;
@@ -299,7 +304,8 @@ function apply(card, event) {
       card.total = job.progress.total;
       setProgress(card, card.step, card.total);
       if (job.status === "pending") {
-        setStatus(card, "pending", job.queue_position ? `Waiting — number ${job.queue_position} in the queue` : "Waiting in the queue");
+        const starts = job.estimated_start_at ? ` (starts at about ${clockTime(job.estimated_start_at)})` : "";
+        setStatus(card, "pending", job.queue_position ? `Waiting — number ${job.queue_position} in the queue${starts}` : "Waiting in the queue");
       } else if (job.status === "processing") {
         card.startedAt = card.startedAt ?? (job.started_at ? Date.parse(job.started_at) : Date.now());
         setStatus(card, "processing", "Painting…");
@@ -314,7 +320,8 @@ function apply(card, event) {
         const model = card.job.params.model;
         setStatus(card, "pending", `Waiting for a worker of ${model} to start — number ${event.position} in its queue`);
       } else if (card.root.dataset.status === "pending") {
-        const eta = event.eta_s === null ? "" : ` (about ${seconds(event.eta_s)})`;
+        const starts = event.estimated_start_at ? `, starts at about ${clockTime(event.estimated_start_at)}` : "";
+        const eta = event.eta_s === null ? "" : ` (done in about ${seconds(event.eta_s)}${starts})`;
         setStatus(card, "pending", `Waiting — number ${event.position} in the queue${eta}`);
       }
       break;
