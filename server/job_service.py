@@ -5,36 +5,32 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import uuid
-from typing import Any, NoReturn
+from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from server import limits
+from server.admission import Admission
 from server.metrics import ServerMetrics
-from server.positions import Estimate, EtaEstimator
+from server.positions import EtaEstimator
 from stepcast import __version__, credentials, queue
-from stepcast.db import Insertion, NewJob, Pace, Place
+from stepcast.db import Insertion, NewJob, Place
 from stepcast.db.counts import CountStore
 from stepcast.db.jobs import JobStore
 from stepcast.errors import (
     Conflict,
     IdempotencyKeyReused,
-    InvalidParams,
     NotFound,
-    OverBudget,
-    StartTooLate,
-    TooManyRequests,
     Unavailable,
 )
 from stepcast.events import Canceled
 from stepcast.jobs import Job, to_wire
 from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.models import queue_of
-from stepcast.params import JobParams, Submission
+from stepcast.params import Submission
 from stepcast.redis_keys import CANCEL_CHANNEL
 from stepcast.round_trips import GatheredCommands, Gatherer
 from stepcast.settings import ServerSettings
@@ -62,6 +58,7 @@ class JobService:
         self.redis = redis
         self.lifecycle = lifecycle
         self.eta = eta
+        self.admission = Admission(settings, eta)
         self.storage = storage
         self.metrics = metrics
         # The submits of one loop pass are inserted in one statement, announced in one round trip.
@@ -96,11 +93,11 @@ class JobService:
         settings, params = self.settings, submission.params
         queue_name = queue_of(settings.queue_name, params.model)
         pace = await self.eta.pace(queue_name)
-        cost_ms = self.cost_ms(params, pace)
-        budget_s = settings.max_cost_per_anonymous_owner_s if anonymous else settings.max_cost_per_owner_s
-        self._check_cost(cost_ms, budget_s, anonymous=anonymous)
+        admission = self.admission
+        cost_ms, budget_s = admission.cost_ms(params, pace), admission.budget_s(anonymous=anonymous)
+        admission.check_cost(cost_ms, budget_s, anonymous=anonymous)
         if submission.start_within_s is not None:
-            await self._check_start(owner, queue_name, params.model, submission.start_within_s)
+            await admission.check_start(owner, queue_name, params.model, submission.start_within_s)
         insertion = await self.inserts(
             NewJob(
                 owner=owner,
@@ -119,7 +116,7 @@ class JobService:
         )
         job = insertion.job
         if job is None:
-            self._refuse(insertion, pace, cost_ms, budget_s, anonymous=anonymous)
+            admission.refuse(insertion, pace, cost_ms, budget_s, anonymous=anonymous)
         if not insertion.created:  # a concurrent submit with the same key got there first
             return self._replay(job, submission), False
         log = {"job_id": str(job.id), "owner": owner}
@@ -143,50 +140,6 @@ class JobService:
         logger.info("job accepted", extra=log)
         self.metrics.jobs_submitted.inc()
         return job, True
-
-    def cost_ms(self, params: JobParams, pace: Pace) -> int:
-        """What the job asks of a GPU: its work at its queue's measured pace (until one is
-        measured, ``default_megapixel_step_s``), in ms; at least 1."""
-        seconds = pace.seconds(params.megapixel_steps)
-        if seconds is None:
-            seconds = params.megapixel_steps * self.settings.default_megapixel_step_s
-        return max(1, round(seconds * 1000))
-
-    def _check_cost(self, cost_ms: int, budget_s: float, *, anonymous: bool) -> None:
-        """A job larger than a whole budget is refused as invalid: waiting would not help."""
-        owner_budget = "your budget" + (
-            " (a browser session's; an API key may have more)" if anonymous else ""
-        )
-        for what, limit_s in (
-            (owner_budget, budget_s),
-            ("the queue's budget", self.settings.max_queue_cost_s),
-        ):
-            if cost_ms > limit_s * 1000:
-                raise InvalidParams.one(
-                    "steps",
-                    f"this job would take about {cost_ms / 1000:.1f} GPU-seconds, more than {what} "
-                    f"of {limit_s:g}: ask for fewer steps, images or pixels",
-                )
-
-    async def _check_start(self, owner: str, queue_name: str, model: str, within_s: float) -> None:
-        """``start_within_s``: refuse, queueing nothing, a job that should start later."""
-        start_in_s = await self.eta.would_start_in_s(queue_name, owner, model)
-        if start_in_s is not None and start_in_s <= within_s:
-            return
-        if start_in_s is None:
-            raise StartTooLate(
-                f"no start within {within_s:g} s can be promised: no worker of {model} runs now, "
-                "or the pace of its queue is not measured yet; nothing was queued",
-                retry_after_s=5,
-                extensions={"estimated_start_s": None, "estimated_start_at": None},
-            )
-        start_at = Estimate(start_in_s, None).start_at()
-        raise StartTooLate(
-            f"this job should start in about {start_in_s:.1f} s ({start_at}), later than the "
-            f"{within_s:g} s asked; nothing was queued",
-            retry_after_s=_retry_after(start_in_s - within_s),
-            extensions={"estimated_start_s": start_in_s, "estimated_start_at": start_at},
-        )
 
     async def _insert(self, jobs: list[NewJob]) -> list[Insertion | BaseException]:
         """The submits of one loop pass, one statement per model's queue (almost always one)."""
@@ -222,49 +175,6 @@ class JobService:
                 "use a new key for a different request"
             )
         return job
-
-    def _refuse(
-        self, insertion: Insertion, pace: Pace, cost_ms: int, budget_s: float, *, anonymous: bool
-    ) -> NoReturn:
-        """Backpressure: refuse work the queue cannot take, saying which limit and when to come
-        back: when the work in the way should have drained, at the queue's pace."""
-        settings = self.settings
-        session = " (a browser session's limit; an API key may have more)" if anonymous else ""
-        queue_budget_ms = settings.max_queue_cost_s * 1000
-        if (queue_excess_ms := insertion.queue_cost_ms + cost_ms - queue_budget_ms) > 0:
-            retry_after_s = _retry_after(queue_excess_ms / 1000 / pace.workers)
-            raise OverBudget(
-                f"the queue's waiting work is {insertion.queue_cost_ms / 1000:.0f} GPU-seconds, and this "
-                f"job's {cost_ms / 1000:.1f} would take it past its budget of {settings.max_queue_cost_s:g}; "
-                f"try again in {retry_after_s} s",
-                retry_after_s=retry_after_s,
-                extensions={"budget": "queue", "budget_s": settings.max_queue_cost_s},
-            )
-        if (owner_excess_ms := insertion.owner_cost_ms + cost_ms - budget_s * 1000) > 0:
-            retry_after_s = _retry_after(owner_excess_ms / 1000)  # an owner's share may be one worker
-            raise OverBudget(
-                f"your unfinished jobs ask {insertion.owner_cost_ms / 1000:.1f} GPU-seconds, and this "
-                f"job's {cost_ms / 1000:.1f} would take them past your budget of {budget_s:g}{session}; "
-                f"try again in {retry_after_s} s",
-                retry_after_s=retry_after_s,
-                extensions={"budget": "owner", "budget_s": budget_s},
-            )
-        total, mine, theirs = insertion.pending, insertion.unfinished, insertion.address_unfinished
-        per_owner = settings.max_jobs_per_anonymous_owner if anonymous else settings.max_jobs_per_owner
-        if total >= settings.max_queue_depth:
-            excess, what = total - settings.max_queue_depth + 1, f"the queue holds {total} jobs"
-        elif mine >= per_owner:
-            excess, what = mine - per_owner + 1, f"you have {mine} unfinished jobs{session}"
-        else:
-            assert theirs is not None
-            excess = theirs - settings.max_anonymous_jobs_per_address + 1
-            what = f"browser sessions from your address have {theirs} unfinished jobs"
-        # Jobs like this one: a measured pace prices them; without one, 5 s each.
-        drain_s = excess * cost_ms / 1000 / pace.workers if pace.megapixel_step_s is not None else 5 * excess
-        retry_after_s = _retry_after(drain_s)
-        raise TooManyRequests(
-            f"{what}, the most accepted; try again in {retry_after_s} s", retry_after_s=retry_after_s
-        )
 
     async def get(self, owner: str, job_id: uuid.UUID) -> Job:
         job = await self.store.get(job_id, owner)
@@ -313,7 +223,3 @@ class JobService:
         return await to_wire(
             job, self.storage.url, queue_position=place.position, estimated_start_at=start_at
         )
-
-
-def _retry_after(seconds: float) -> int:
-    return min(3600, max(1, math.ceil(seconds)))
