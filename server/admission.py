@@ -45,15 +45,15 @@ class Admission:
             ("the queue's budget", self.settings.max_queue_cost_s),
         ):
             if cost_ms > limit_s * 1000:
-                raise InvalidParams.one(
-                    "steps",
+                # No one field: its size, steps and images together make its cost.
+                raise InvalidParams(
                     f"this job would take about {cost_ms / 1000:.1f} GPU-seconds, more than {what} "
-                    f"of {limit_s:g}: ask for fewer steps, images or pixels",
+                    f"of {limit_s:g}: ask for fewer steps, images or pixels"
                 )
 
-    async def check_start(self, owner: str, queue_name: str, model: str, within_s: float) -> None:
+    async def check_start(self, share: str, queue_name: str, model: str, within_s: float) -> None:
         """``start_within_s``: refuse, queueing nothing, a job that should start later."""
-        start_in_s = await self.eta.would_start_in_s(queue_name, owner, model)
+        start_in_s = await self.eta.would_start_in_s(queue_name, share, model)
         if start_in_s is not None and start_in_s <= within_s:
             return
         if start_in_s is None:

@@ -18,7 +18,7 @@ from server.metrics import ServerMetrics
 from server.positions import EtaEstimator
 from stepcast import __version__, credentials, queue
 from stepcast.db import Insertion, NewJob, Place
-from stepcast.db.counts import CountStore
+from stepcast.db.counts import CountStore, share_of
 from stepcast.db.jobs import JobStore
 from stepcast.errors import (
     Conflict,
@@ -97,7 +97,8 @@ class JobService:
         cost_ms, budget_s = admission.cost_ms(params, pace), admission.budget_s(anonymous=anonymous)
         admission.check_cost(cost_ms, budget_s, anonymous=anonymous)
         if submission.start_within_s is not None:
-            await admission.check_start(owner, queue_name, params.model, submission.start_within_s)
+            share = share_of(owner, address if anonymous else None)
+            await admission.check_start(share, queue_name, params.model, submission.start_within_s)
         insertion = await self.inserts(
             NewJob(
                 owner=owner,

@@ -111,12 +111,12 @@ class EtaEstimator:
         done = None if start is None or own is None else round(start + own, 3)
         return Estimate(start, done)
 
-    async def would_start_in_s(self, queue: str, owner: str, model: str) -> float | None:
-        """When a job of ``owner`` submitted now to ``queue`` should start (None: not known,
-        or no worker of ``model`` runs)."""
+    async def would_start_in_s(self, queue: str, share: str, model: str) -> float | None:
+        """When a job of ``share`` (an owner, or a browser session's address) submitted now to
+        ``queue`` should start (None: not known, or no worker of ``model`` runs)."""
         if not await self.catalog.live_workers(model):
             return None
-        place = await self.db.counts.place_of_new(queue, owner)
+        place = await self.db.counts.place_of_new(queue, share)
         return (await self.pace(queue)).start_in_s(place)
 
 

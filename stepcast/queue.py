@@ -111,6 +111,11 @@ async def enqueue(
     return bool(added)
 
 
+async def rescore(arq: ArqRedis, job: Job) -> None:
+    """Move a queued job to its place (:func:`place_of`), if its queue holds it."""
+    await arq.zadd(job.queue, {str(job.id): place_of(job)}, xx=True)
+
+
 async def held(arq: ArqRedis, jobs: list[Job]) -> set[uuid.UUID]:
     """Which of these jobs their queue holds (waiting, or taken by a worker that has not
     finished with it): its own membership, not arq's job key."""

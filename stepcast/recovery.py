@@ -3,8 +3,9 @@
 A job whose worker is gone (its session ended, or its lease expired) goes back to ``pending``
 with a ``requeued`` event saying where the next attempt resumes (or fails with ``worker_lost``
 after ``max_attempts``, or is canceled if a cancel was asked); a pending job the queue does not
-hold is enqueued again (the ``HEAD_ROWS`` oldest and ``SWEEP_ROWS`` more each pass); a job past
-its queue TTL fails with ``expired``. docs/reliability.md.
+hold is enqueued again (the ``HEAD_ROWS`` first in the queues' order and ``SWEEP_ROWS`` more by
+age each pass); a job past its queue TTL fails with ``expired``; a job a server of before fair
+shares inserted gets its place in its queue's turns. docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class Recovery:
-    HEAD_ROWS = 100  # the oldest pending jobs, checked against the queue every pass
+    HEAD_ROWS = 100  # the pending jobs first in the queues' order, checked against the queue every pass
     SWEEP_ROWS = 250  # and this many more per pass, sweeping the rest of the queue
 
     def __init__(
@@ -126,6 +127,11 @@ class Recovery:
                 await self._expired(job, "lease_expired")
             for job in await self.db.recovery.expired_in_queue():
                 await self._expired_in_queue(job)
+            for job in await self.db.recovery.tag_untagged():
+                logger.info(
+                    "pending job from before fair shares given its place", extra={"job_id": str(job.id)}
+                )
+                await queue.rescore(self.arq, job)
             waiting = await self._pending_to_check()
             queued = await queue.held(self.arq, waiting)
             for job in waiting:
@@ -157,14 +163,17 @@ class Recovery:
         )
 
     async def _pending_to_check(self) -> list[Job]:
-        """The head of the queue (the next to run) and the next page of the sweep after it."""
+        """The heads of the queues (the next to run, in the queues' order) and the next page of
+        the sweep, which goes through every pending job by age."""
         grace_s = self.enqueue_grace_s
-        head = await self.db.recovery.pending_after(grace_s, None, limit=self.HEAD_ROWS)
+        head = await self.db.recovery.head(grace_s, limit=self.HEAD_ROWS)
         if len(head) < self.HEAD_ROWS:  # the head is the whole queue
             self._swept_to = None
             return head
-        start = self._swept_to or (head[-1].created_at, head[-1].id)
-        page = await self.db.recovery.pending_after(grace_s, start, limit=self.SWEEP_ROWS)
+        besides = [job.id for job in head]
+        page = await self.db.recovery.pending_after(
+            grace_s, self._swept_to, limit=self.SWEEP_ROWS, besides=besides
+        )
         self._swept_to = (page[-1].created_at, page[-1].id) if len(page) == self.SWEEP_ROWS else None
         return head + page
 

@@ -31,7 +31,6 @@ class Pruned:
     deliveries: int = 0
     secrets: int = 0
     workers: int = 0  # registrations of workers gone a day or more (their models' cards stay)
-    shares: int = 0  # owners' places in a queue's turns that the queue has passed
 
 
 class Retention:
@@ -90,14 +89,12 @@ class Retention:
                     self.db.retention.delete_unused_anonymous_secrets, self.session_s
                 ),
                 workers=await self.db.models.forget_lapsed(SECONDS_PER_DAY),
-                shares=await self.db.retention.delete_passed_shares(limit=self.pass_rows),
             )
             if pruned != Pruned():
                 logger.info(
                     "retention deleted the images of %d jobs, %d jobs, %d webhook deliveries, %d secrets, "
-                    "%d workers' registrations, %d passed shares",
+                    "%d workers' registrations",
                     pruned.images, pruned.jobs, pruned.deliveries, pruned.secrets, pruned.workers,
-                    pruned.shares,
                 )  # fmt: skip
             return pruned
 

@@ -20,6 +20,7 @@ from stepcast.redis_keys import DEFAULT_QUEUE
 # A model's name is part of its queue's Redis key and of metric labels: kept plain.
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 PRIORITY_CLASS = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+MAX_WEIGHT = 1000.0
 
 # The default home of images, the tiny model and the embedded Postgres and Redis: .data in the
 # checkout this code runs from (tests, `make run`); for an installed package, .data in the
@@ -292,8 +293,11 @@ class ServerSettings(SharedSettings):
         for name, weight in classes.items():
             if not re.fullmatch(PRIORITY_CLASS, name):
                 raise ValueError(f"{name!r} is not a class name (a-z, 0-9, '_', '-'; at most 32)")
-            if not 0 < weight <= 1e6:
-                raise ValueError(f"the weight of {name!r} must be above 0 and at most 1e6, not {weight}")
+            # Tags are about 1.7e12 ms: a double still tells 1 ms / 1000 apart (an owner's order).
+            if not 0 < weight <= MAX_WEIGHT:
+                raise ValueError(
+                    f"the weight of {name!r} must be above 0 and at most {MAX_WEIGHT:g}, not {weight}"
+                )
         return classes
 
     @model_validator(mode="after")

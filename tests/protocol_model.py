@@ -209,9 +209,16 @@ class SimDatabase:
     async def expired_in_queue(self) -> list[Job]:
         return []
 
-    async def pending_after(self, seconds: float, after: Any, *, limit: int) -> list[Job]:
-        row = await self._read("pending_after")
+    async def head(self, seconds: float, *, limit: int) -> list[Job]:
+        row = await self._read("pending_head")
         return [row] if row.status is Status.PENDING else []
+
+    async def pending_after(self, seconds: float, after: Any, *, limit: int, besides: Any = ()) -> list[Job]:
+        row = await self._read("pending_after")
+        return [row] if row.status is Status.PENDING and row.id not in besides else []
+
+    async def tag_untagged(self, *, limit: int = 1000) -> list[Job]:
+        return []  # the one job has its fair tag from its insert
 
     async def finish_expired(
         self,
@@ -776,7 +783,7 @@ def _new_job(job_id: uuid.UUID) -> Job:
         id=job_id, owner=OWNER, params=fox_params(prompt="p", steps=2), status=Status.PENDING, attempt=0,
         queue=queue_of(DEFAULT_QUEUE, "tiny"), created_at=now, progress_step=0, progress_total=2,
         cancel_requested=False, last_seq=0, model_name="tiny", stepcast_version="0", handoffs=0,
-        seq_ceiling=1024,
+        seq_ceiling=1024, fair_tag=0.0,
     )  # fmt: skip
     return Job(**fields)
 

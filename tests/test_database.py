@@ -433,17 +433,42 @@ async def test_a_pass_reads_the_head_and_a_few_of_each_band_and_every_job_once_a
     assert seen == set(waiting)
 
 
-async def test_the_retention_pass_forgets_the_shares_its_queue_has_passed(db: Database) -> None:
-    # bob's one job and ann's three, a second of a GPU each: bob's share ends a second after
-    # the clock of then, ann's three seconds after (docs/scheduling.md).
-    bob, *ann = await insert_all(
-        db, [new("bob", cost_ms=1000), *(new("ann", cost_ms=1000) for _ in range(3))]
+async def test_a_share_gives_its_turn_back_when_its_jobs_leave_the_queue(db: Database) -> None:
+    bob = (await insert_all(db, [new("bob", cost_ms=1000)]))[0].job
+    await db.runs.claim([bob.id], worker="w", lease_s=60, model_revision="r", token=uuid.uuid4())
+    clock = bob.fair_tag  # bob's job runs: the queue's clock is its tag
+    ann = [insertion.job for insertion in await insert_all(db, [new("ann", cost_ms=1000) for _ in range(3)])]
+    assert [job.fair_tag - clock for job in ann] == [0, 1000, 2000]  # her turns, a second of GPU apart
+    for job in ann:  # she cancels them: they no longer hold her place
+        assert await db.jobs.finish_pending(job.id, status=Status.CANCELED, seq=2) is not None
+    (again,) = await insert_all(db, [new("ann", cost_ms=1000)])
+    assert again.job.fair_tag == clock  # at the clock, not 3000 ms on
+
+
+async def test_browser_sessions_of_one_address_share_one_turn(db: Database) -> None:
+    def session(owner: str) -> NewJob:
+        return new(owner, anonymous=True, address="192.0.2.7", cost_ms=1000)
+
+    first, second = await insert_all(db, [session("anon_a"), session("anon_b")])
+    (third,) = await insert_all(db, [session("anon_c")])  # a new cookie: the same address
+    (key,) = await insert_all(db, [new("bob", cost_ms=1000)])
+    tags = [insertion.job.fair_tag for insertion in (first, second, third, key)]
+    assert [tag - tags[0] for tag in tags] == [0, 1000, 2000, 0]  # bob's owner starts at the clock
+
+
+async def test_the_kept_costs_follow_jobs_through_every_change(db: Database) -> None:
+    costs = [("ann", 100), ("ann", 20), ("bob", 3), ("bob", 4000)]
+    jobs = [
+        insertion.job for insertion in await insert_all(db, [new(owner, cost_ms=c) for owner, c in costs])
+    ]
+    token = uuid.uuid4()
+    await db.runs.claim([jobs[0].id, jobs[2].id], worker="w", lease_s=60, model_revision="r", token=token)
+    assert await db.jobs.finish_pending(jobs[1].id, status=Status.CANCELED, seq=2) is not None
+    await db.pool.execute("UPDATE jobs SET status = 'completed' WHERE id = $1", jobs[2].id)
+    rows = await db.pool.fetch(
+        "SELECT kind, key, sum(cost_ms)::bigint AS c FROM job_counts"
+        " WHERE kind <> 'status' GROUP BY kind, key"
     )
-    tags = {insertion.job.id: insertion.job.fair_tag for insertion in [bob, *ann]}
-    assert [tags[insertion.job.id] - tags[bob.job.id] for insertion in ann] == [0, 1000, 2000]
-    assert await db.retention.delete_passed_shares(limit=10) == 0  # both still ahead of the clock
-    # Every job runs: the clock is ann's last tag, which bob's finish is behind; ann's is not.
-    jobs = [insertion.job.id for insertion in [bob, *ann]]
-    assert len(await db.runs.claim(jobs, worker="w", lease_s=60, model_revision="r", token=uuid.uuid4())) == 4
-    assert await db.retention.delete_passed_shares(limit=10) == 1
-    assert [row["owner"] for row in await db.pool.fetch("SELECT owner FROM queue_shares")] == ["ann"]
+    kept = {(row["kind"], row["key"]): row["c"] for row in rows if row["c"]}
+    # Pending: bob's 4000 (ann's 100 runs, her 20 was canceled, bob's 3 is done); unfinished: 100, 4000.
+    assert kept == {("pending", "q"): 4000, ("unfinished", "ann"): 100, ("unfinished", "bob"): 4000}

@@ -220,6 +220,34 @@ async def test_a_deep_queue_is_checked_a_page_a_pass_to_its_end_and_again(
         await arq.aclose(close_connection_pool=True)
 
 
+async def test_a_job_a_server_of_before_fair_shares_queued_gets_its_place(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    first, old = [
+        (await client.post("/v1/jobs", json={"prompt": "p", "steps": 3})).json()["id"] for _ in range(2)
+    ]
+    arq = queue.connect(settings.redis_url)
+    db = await Database.connect(settings.database_url, max_size=2)
+    try:
+        # As an older server inserts (no tag, no work) and enqueues (its time in ms, here late).
+        await db.pool.execute(
+            "UPDATE jobs SET fair_tag = NULL, fair_finish = NULL, fair_share = NULL, work = NULL"
+            " WHERE id = $1::uuid",
+            old,
+        )
+        await arq.zadd(model_queue(settings), {old: 9e12}, xx=True)
+        recovery = Recovery.from_settings(settings, db, EventLog(arq, stream_max=100, ttl_s=60), arq)
+        assert await recovery.tick()
+        row = await db.pool.fetchrow("SELECT fair_tag, fair_share, work FROM jobs WHERE id = $1::uuid", old)
+        head = await db.pool.fetchval("SELECT fair_tag FROM jobs WHERE id = $1::uuid", first)
+        # At the queue's clock (the head's tag: nothing runs), in Postgres and in Redis alike.
+        assert (row["fair_tag"], row["fair_share"], row["work"]) == (head, "anonymous", 64 * 64 * 3 / 1e6)
+        assert await arq.zscore(model_queue(settings), old) == head
+    finally:
+        await db.close()
+        await arq.aclose(close_connection_pool=True)
+
+
 @pytest.mark.parametrize("settings", [FAST_RECOVERY], indirect=True)
 async def test_a_seq_a_watcher_saw_is_never_reused_after_redis_lost_its_data(
     settings: Settings,

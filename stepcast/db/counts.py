@@ -26,6 +26,12 @@ _AHEAD_UNTAGGED = """
 """
 
 
+def share_of(owner: str, anonymous_address: str | None) -> str:
+    """Whose turns a job takes in its queue: its owner's; a browser session's (an anonymous
+    owner, made at will), its address's. As insert_jobs (migration 0007) names a share."""
+    return owner if anonymous_address is None else f"address:{anonymous_address}"
+
+
 @dataclass(frozen=True)
 class Place:
     """Where a pending job is in its queue's order."""
@@ -86,19 +92,17 @@ class CountStore(Store):
             row = await self.pool.fetchrow(_AHEAD, job.queue, job.fair_tag, job.id)
         return Place(int(row["n"]) + 1, float(row["work"]), float(row["running"]))
 
-    async def place_of_new(self, queue: str, owner: str) -> Place:
-        """Where a job of ``owner`` submitted to ``queue`` now would wait: behind the pending
-        jobs up to the tag it would get (where the owner's last job ends, or the queue's
-        clock: insert_jobs, migration 0007)."""
+    async def place_of_new(self, queue: str, share: str) -> Place:
+        """Where a job of ``share`` (:func:`share_of`) submitted to ``queue`` now would wait:
+        behind the pending jobs up to the tag it would get (where the share's unfinished jobs
+        end, or the queue's clock: insert_jobs, migration 0007)."""
         row = await self.pool.fetchrow(
             """
             SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
-            WHERE queue = $1 AND status = 'pending'
-              AND fair_tag <= greatest(queue_clock($1),
-                                       (SELECT finish FROM queue_shares WHERE queue = $1 AND owner = $2))
+            WHERE queue = $1 AND status = 'pending' AND fair_tag <= share_start($1, $2, queue_clock($1))
             """,
             queue,
-            owner,
+            share,
         )
         return Place(int(row["n"]) + 1, float(row["work"]), float(row["running"]))
 

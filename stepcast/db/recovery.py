@@ -9,6 +9,7 @@ its job.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -91,20 +92,59 @@ class RecoveryStore(Store):
         return Job.from_record(row) if row else None
 
     async def pending_after(
-        self, seconds: float, after: tuple[datetime, uuid.UUID] | None, *, limit: int
+        self,
+        seconds: float,
+        after: tuple[datetime, uuid.UUID] | None,
+        *,
+        limit: int,
+        besides: Sequence[uuid.UUID] = (),
     ) -> list[Job]:
-        """Up to ``limit`` jobs pending for over ``seconds``, in queue order from just after
-        ``after`` (a job's ``(created_at, id)``; None: from the oldest): a page of a sweep."""
+        """Up to ``limit`` jobs pending for over ``seconds``, by age from just after ``after``
+        (a job's ``(created_at, id)``; None: from the oldest), but for those ``besides``: a
+        page of a sweep."""
         rows = await self.pool.fetch(
             """
             SELECT * FROM jobs
             WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
-              AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+              AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) AND id <> ALL($5::uuid[])
             ORDER BY created_at, id LIMIT $4
             """,
             seconds,
             after[0] if after else None,
             after[1] if after else None,
+            limit,
+            list(besides),
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def head(self, seconds: float, *, limit: int) -> list[Job]:
+        """The first ``limit`` jobs pending for over ``seconds``, in the queues' order
+        (docs/scheduling.md): those a worker takes next."""
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM jobs
+            WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+            ORDER BY fair_tag NULLS FIRST, id LIMIT $2
+            """,
+            seconds,
+            limit,
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def tag_untagged(self, *, limit: int = 1000) -> list[Job]:
+        """Give pending jobs that a server of before fair shares inserted (no fair tag) a place
+        at their queue's clock, as an owner with nothing waiting gets, and their work (their
+        cost stays unknown: they count nothing against a budget)."""
+        rows = await self.pool.fetch(
+            """
+            UPDATE jobs SET fair_tag = queue_clock(queue), fair_finish = queue_clock(queue),
+                fair_share = coalesce('address:' || anonymous_address, owner),
+                work = (params->>'width')::float8 * (params->>'height')::float8 * (params->>'steps')::float8
+                       * coalesce((params->>'num_images')::float8, 1) / 1e6
+            WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND fair_tag IS NULL LIMIT $1)
+              AND status = 'pending' AND fair_tag IS NULL
+            RETURNING *
+            """,
             limit,
         )
         return [Job.from_record(row) for row in rows]

@@ -86,22 +86,6 @@ class RetentionStore(Store):
             limit,
         )
 
-    async def delete_passed_shares(self, *, limit: int) -> int:
-        """Delete up to ``limit`` owners' shares (``queue_shares``, docs/scheduling.md) that
-        their queue's clock has passed: an owner's next job would start at the clock all the
-        same. How many went."""
-        return await self._deleted(
-            """
-            DELETE FROM queue_shares WHERE (queue, owner) IN (
-                SELECT queue, owner FROM queue_shares AS s
-                WHERE s.finish < queue_clock(s.queue)
-                LIMIT $1
-                FOR UPDATE SKIP LOCKED
-            )
-            """,
-            limit,
-        )
-
     async def _deleted(self, query: str, *args: Any) -> int:
         status: str = await self.pool.execute(query, *args)  # "DELETE <rows>"
         return int(status.rpartition(" ")[2])

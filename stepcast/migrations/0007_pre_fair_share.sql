@@ -5,21 +5,28 @@
 -- A job's cost is its work (megapixel-steps: width × height × steps × images)
 -- times its model's measured seconds per megapixel-step, fixed when it is
 -- submitted, in milliseconds of one GPU. A job's fair_tag is its virtual start
--- time (start-time fair queuing): its owner's previous job's tag plus that
--- job's cost over the owner's weight, or the queue's clock if the owner has
--- nothing waiting. The queue runs jobs in (fair_tag, id) order, Postgres and
--- Redis alike: the arq score is the tag, and Postgres orders by id as Redis
--- orders equal scores by member (uuid order is the text's order).
+-- time (start-time fair queuing): where the job before it in its share ends
+-- (fair_finish: that job's tag plus its cost over its weight), if that job is
+-- still unfinished and ends later than the queue's clock; else the clock. A
+-- share is an owner's, or for browser sessions (anonymous owners, made at
+-- will) their address's. The queue runs jobs in (fair_tag, id) order,
+-- Postgres and Redis alike: the arq score is the tag, and Postgres orders by
+-- id as Redis orders equal scores by member (uuid order is the text's order).
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS fair_tag double precision;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS fair_finish double precision;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS fair_share text;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS work double precision;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_ms bigint;
 COMMENT ON COLUMN jobs.fair_tag IS
     'Virtual start time in its queue (ms of GPU time over weight): jobs run in (fair_tag, id) order.';
+COMMENT ON COLUMN jobs.fair_finish IS 'Where its share''s next job starts while this one is unfinished: fair_tag + cost / weight.';
+COMMENT ON COLUMN jobs.fair_share IS 'Whose turn it takes: its owner, or a browser session''s address (''address:'' || it).';
 COMMENT ON COLUMN jobs.work IS 'Megapixel-steps asked: width × height × steps × num_images / 1e6.';
 COMMENT ON COLUMN jobs.cost_ms IS 'What it asks of a GPU, in ms, at its model''s pace when submitted: the budgets'' unit.';
 
 -- Jobs already waiting keep their place: their arq score was their enqueue time in ms.
-UPDATE jobs SET fair_tag = extract(epoch FROM created_at) * 1000
+UPDATE jobs SET fair_tag = extract(epoch FROM created_at) * 1000, fair_finish = extract(epoch FROM created_at) * 1000,
+                fair_share = coalesce('address:' || anonymous_address, owner)
 WHERE status IN ('pending', 'processing') AND fair_tag IS NULL;
 UPDATE jobs SET work = (params->>'width')::double precision * (params->>'height')::double precision
                        * (params->>'steps')::double precision
@@ -30,17 +37,10 @@ WHERE status IN ('pending', 'processing') AND work IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_fair_pending_idx ON jobs (queue, fair_tag, id) INCLUDE (work)
     WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS jobs_fair_processing_idx ON jobs (queue, fair_tag) WHERE status = 'processing';
-
--- Each owner's finish tag per queue: where its next job starts, if later than the clock.
-CREATE TABLE IF NOT EXISTS queue_shares (
-    queue  text NOT NULL,
-    owner  text NOT NULL,
-    finish double precision NOT NULL,
-    PRIMARY KEY (queue, owner)
-);
-CREATE INDEX IF NOT EXISTS queue_shares_finish_idx ON queue_shares (queue, finish);
-COMMENT ON TABLE queue_shares IS
-    'Per queue and owner, the virtual time its last admitted job ends: its next job starts there or at the clock.';
+-- Where a share's next job starts: the latest finish among its unfinished jobs (a job that
+-- ends, is canceled or expires gives its turn back).
+CREATE INDEX IF NOT EXISTS jobs_fair_share_idx ON jobs (queue, fair_share, fair_finish)
+    WHERE status IN ('pending', 'processing');
 
 -- A key's priority class (STEPCAST_PRIORITY_CLASSES): its owner's weight in the turns. NULL: the default.
 ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS priority_class text;
@@ -49,17 +49,23 @@ COMMENT ON COLUMN api_keys.priority_class IS
 
 -- The queue's clock: the tag of the job it serves now. The latest start among
 -- the jobs running (several workers), unless a waiting job is earlier (one
--- handed back); the earliest waiting job when none runs; when the queue is idle,
--- past every owner's finish and not before now (in ms), so that an idle queue
--- forgets who had what and jobs left from before fair shares come first.
+-- handed back); the earliest waiting job when none runs; when the queue is
+-- idle, the time now in ms (nothing waits that it could put behind).
 CREATE OR REPLACE FUNCTION queue_clock(of_queue text) RETURNS double precision
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
         least((SELECT max(fair_tag) FROM jobs WHERE queue = of_queue AND status = 'processing'),
               (SELECT min(fair_tag) FROM jobs WHERE queue = of_queue AND status = 'pending')),
-        greatest((SELECT max(finish) FROM queue_shares WHERE queue = of_queue),
-                 extract(epoch FROM now()) * 1000)
+        extract(epoch FROM now()) * 1000
     )
+$$;
+
+-- Where a share's next job in a queue starts: after its unfinished jobs there, not before the clock.
+CREATE OR REPLACE FUNCTION share_start(of_queue text, of_share text, clock double precision)
+RETURNS double precision LANGUAGE sql STABLE AS $$
+    SELECT greatest(clock, (SELECT max(fair_finish) FROM jobs
+                            WHERE queue = of_queue AND fair_share = of_share
+                              AND status IN ('pending', 'processing')))
 $$;
 
 -- The work left to the jobs a queue runs now (megapixel-steps, by their progress):
@@ -114,11 +120,11 @@ END $$ LANGUAGE plpgsql;
 -- budgets and the queue's: a job goes in only if its cost fits both (counting
 -- the jobs before it in the list as 0003 counts them), and gets its fair_tag.
 -- A new overload beside the old ones, which older servers still call during a
--- rolling deploy (their jobs get no tag: they come last in positions until
--- they run). Each owner's share is locked (advisory, per queue and owner, in
--- order, after the addresses'), so two submits of one owner on two servers
--- take turns rather than both starting where its last job ended. Only this
--- function takes those locks, always before any count row.
+-- rolling deploy (their jobs get no tag until the recovery pass gives them
+-- one). Each share is locked (advisory, per queue and share, in order, after
+-- the addresses'), so two submits of one share on two servers take turns
+-- rather than both starting where its last job ends. Only this function takes
+-- those locks, always before any count row.
 CREATE OR REPLACE FUNCTION insert_jobs(
     new_ids uuid[], new_owners text[], new_params jsonb[], new_previews jsonb[], new_webhooks jsonb[],
     new_models text[], new_keys text[], new_hashes text[], new_steps integer[],
@@ -139,8 +145,9 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('stepcast:address:' || address, 0))
     FROM (SELECT DISTINCT address FROM unnest(new_addresses) AS a(address)
           WHERE address IS NOT NULL ORDER BY address) locked;
-    PERFORM pg_advisory_xact_lock(hashtextextended('stepcast:share:' || to_queue || ':' || owner, 0))
-    FROM (SELECT DISTINCT owner FROM unnest(new_owners) AS o(owner) ORDER BY owner) locked;
+    PERFORM pg_advisory_xact_lock(hashtextextended('stepcast:share:' || to_queue || ':' || share, 0))
+    FROM (SELECT DISTINCT coalesce('address:' || address, owner) AS share
+          FROM unnest(new_owners, new_addresses) AS o(owner, address) ORDER BY share) locked;
     clock := queue_clock(to_queue);
     running := queue_running_work(to_queue);
     RETURN QUERY
@@ -151,15 +158,18 @@ BEGIN
             WITH ORDINALITY AS a(id, owner, params, preview, webhook,
                                  model_name, idempotency_key, request_hash, steps, address, max_mine,
                                  work, cost, weight, max_mine_cost, ord)
+    ), shared AS (
+        SELECT asked.*, coalesce('address:' || asked.address, asked.owner) AS share FROM asked
+    ), shares AS (
+        SELECT share, share_start(to_queue, share, clock) AS start FROM (SELECT DISTINCT share FROM shared) s
     ), queued AS (
         SELECT coalesce(sum(n), 0)::bigint AS n, coalesce(sum(cost_ms), 0)::bigint AS cost
         FROM job_counts WHERE kind = 'pending' AND key = to_queue
     ), owners AS (
-        SELECT o.owner, had.n, had.cost, greatest(clock, share.finish) AS start
+        SELECT o.owner, had.n, had.cost
         FROM (SELECT DISTINCT owner FROM asked) o
         CROSS JOIN LATERAL (SELECT coalesce(sum(n), 0)::bigint AS n, coalesce(sum(cost_ms), 0)::bigint AS cost
                             FROM job_counts WHERE kind = 'unfinished' AND key = o.owner) had
-        LEFT JOIN queue_shares share ON share.queue = to_queue AND share.owner = o.owner
     ), addresses AS (
         SELECT address, (SELECT count(*) FROM jobs
                          WHERE anonymous_address = address AND status IN ('pending', 'processing')) AS n
@@ -167,13 +177,13 @@ BEGIN
     ), ranked AS (
         -- The owner's unfinished jobs and their cost before this one: once either
         -- reaches its limit, every later job of the owner is refused too.
-        SELECT asked.*, owners.n AS owner_had, coalesce(addresses.n, 0) AS address_had,
-               owners.start AS owner_start,
+        SELECT shared.*, owners.n AS owner_had, coalesce(addresses.n, 0) AS address_had,
+               shares.start AS share_start,
                owners.n + row_number() OVER mine - 1 AS mine,
-               owners.cost + coalesce(sum(asked.cost) OVER (mine ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+               owners.cost + coalesce(sum(shared.cost) OVER (mine ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
                    AS mine_cost
-        FROM asked JOIN owners USING (owner) LEFT JOIN addresses USING (address)
-        WINDOW mine AS (PARTITION BY asked.owner ORDER BY asked.ord)
+        FROM shared JOIN owners USING (owner) JOIN shares USING (share) LEFT JOIN addresses USING (address)
+        WINDOW mine AS (PARTITION BY shared.owner ORDER BY shared.ord)
     ), counted AS (
         SELECT ranked.*,
                (ranked.max_mine IS NULL OR ranked.mine < ranked.max_mine)
@@ -200,28 +210,24 @@ BEGIN
                AND (max_queue_cost IS NULL OR placed.total_cost + placed.cost <= max_queue_cost) AS admitted
         FROM placed
     ), tagged AS (
-        -- Each admitted job starts where the owner's one before it ends (a cost
-        -- counts at least 1 ms here: an owner's jobs keep their order).
+        -- Each admitted job starts where the one before it in its share ends (a
+        -- cost counts at least 1 ms here: a share's jobs keep their order).
         SELECT admitted.*,
-               admitted.owner_start + coalesce(sum(greatest(admitted.cost, 1)::double precision / admitted.weight)
+               admitted.share_start + coalesce(sum(greatest(admitted.cost, 1)::double precision / admitted.weight)
                    FILTER (WHERE admitted.admitted)
-                   OVER (PARTITION BY admitted.owner ORDER BY admitted.ord
+                   OVER (PARTITION BY admitted.share ORDER BY admitted.ord
                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS tag
         FROM admitted
-    ), shares AS (
-        INSERT INTO queue_shares AS s (queue, owner, finish)
-        SELECT to_queue, tagged.owner, max(tagged.tag + greatest(tagged.cost, 1)::double precision / tagged.weight)
-        FROM tagged WHERE tagged.admitted GROUP BY tagged.owner
-        ON CONFLICT (queue, owner) DO UPDATE SET finish = greatest(s.finish, EXCLUDED.finish)
     ), inserted AS (
         -- created_at a microsecond apart: the jobs keep their order in the list.
         INSERT INTO jobs AS j (id, owner, params, preview, queue, progress_total, model_name, created_at,
                                stepcast_version, queue_expires_at, idempotency_key, request_hash, webhook,
-                               anonymous_address, fair_tag, work, cost_ms)
+                               anonymous_address, fair_tag, fair_finish, fair_share, work, cost_ms)
         SELECT id, owner, params, preview, to_queue, steps, model_name,
                now() + (ord - 1) * interval '1 microsecond', version,
                CASE WHEN queue_ttl_s > 0 THEN now() + make_interval(secs => queue_ttl_s) END,
-               idempotency_key, request_hash, webhook, address, tag, work, cost
+               idempotency_key, request_hash, webhook, address,
+               tag, tag + greatest(cost, 1)::double precision / weight, share, work, cost
         FROM tagged
         WHERE admitted
         ORDER BY ord
@@ -248,8 +254,9 @@ BEGIN
           AND (p.fair_tag, p.id) < (tagged.tag, tagged.id)
     ) ahead
     CROSS JOIN LATERAL (
-        SELECT count(*) AS n, coalesce(sum(t.work), 0) AS work FROM tagged t
-        WHERE tagged.admitted AND t.admitted AND (t.tag, t.id) < (tagged.tag, tagged.id)
+        SELECT count(*) AS n, coalesce(sum(t.work), 0) AS work
+        FROM tagged t JOIN inserted i ON (i.job).id = t.id
+        WHERE tagged.admitted AND (t.tag, t.id) < (tagged.tag, tagged.id)
     ) before
     ORDER BY tagged.ord;
 END $$;
