@@ -261,3 +261,28 @@ async def test_estimated_start_times_hold_within_a_stated_tolerance(settings: Se
         assert error_s <= TOLERANCE_S + TOLERANCE * waited_s, (estimates, started)
     # The queue was deep enough that a blind estimate (now, or all at once) would miss.
     assert (started[-1] - submitted[-1]).total_seconds() > TOLERANCE_S * 2
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"auth": "keys", "max_jobs_per_anonymous_owner": 10, "max_anonymous_jobs_per_address": 10}],
+    indirect=True,
+)
+async def test_the_pages_session_is_interactive_and_a_keys_class_is_its_weight(
+    settings: Settings, client: httpx.AsyncClient, db: Database
+) -> None:
+    page = await client.get("/")
+    session = page.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    tab = {"Cookie": f"stepcast_session={session}"}
+    batch = await make_key(db, "ann", "batch")
+    default = await make_key(db, "bob")  # made without a class: STEPCAST_KEY_PRIORITY_CLASS's
+    for headers, weight in ((tab, 10), (batch, 1), (default, 10)):
+        first, second = await submit(client, headers), await submit(client, headers)
+        rows = await db.pool.fetch(
+            "SELECT fair_tag, cost_ms FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY fair_tag",
+            [first["id"], second["id"]],
+        )
+        # The second starts where the first ends: its cost over the class's weight (tags are
+        # about 1.7e12 ms: a double holds them to 2.4e-4 ms).
+        gap = rows[1]["fair_tag"] - rows[0]["fair_tag"]
+        assert gap == pytest.approx(rows[0]["cost_ms"] / weight, abs=1e-3)
