@@ -36,6 +36,7 @@ bench: deps dev-venv
 	$(PY) -m bench.failover --runs 10
 	$(PY) -m bench.capacity --seconds 10 --concurrency 16
 	$(PY) -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
+	$(PY) -m bench.scheduling --backlog 500 --workers 2
 	$(PY) -m bench.cluster --servers 3 --workers 3 --clients 30 --jobs-per-client 40
 	$(PY) -m bench.chaos --seconds 240 --watchers 200 --jobs-per-s 4
 
