@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import time
 import uuid
@@ -72,21 +73,28 @@ async def flat_out(
     return begun / (time.perf_counter() - started)
 
 
-async def postgres_figures(database_url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+async def postgres_figures(
+    database_url: str, concurrency: int, seconds: float, owners: int
+) -> dict[str, Any]:
     await schema.migrate(settings_module.load(database_url=database_url))
     db = await Database.connect(database_url, max_size=concurrency)
+    turn = itertools.count()
+
+    def owner() -> str:
+        """The submits' owners take turns (one: every submit is one owner's, whose turns in the
+        queue one at a time: docs/scheduling.md)."""
+        return f"bench{next(turn) % owners}"
 
     async def submit() -> Any:
         insertion = await db.jobs.insert(
-            owner="bench", params=PARAMS, preview=None, queue="q", model_name="tiny", version="bench",
+            owner=owner(), params=PARAMS, preview=None, queue="q", model_name="tiny", version="bench",
             queue_ttl_s=3600,
         )  # fmt: skip
         return insertion.job
 
     async def submit_together() -> None:
-        await db.jobs.insert_many(
-            [NewJob("bench", PARAMS, "tiny")] * TOGETHER, queue="q", version="bench", queue_ttl_s=3600
-        )
+        jobs = [NewJob(owner(), PARAMS, "tiny") for _ in range(TOGETHER)]
+        await db.jobs.insert_many(jobs, queue="q", version="bench", queue_ttl_s=3600)
 
     async def lifecycle() -> None:
         job = await submit()
@@ -160,14 +168,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--owners", type=int, default=1, help="the owners the submits take turns at")
     args = parser.parse_args()
     with stack.services("capacity") as (postgres, redis):
         postgres.create_database("capacity")
         assert redis.process is not None
         result = {
             "concurrency": args.concurrency,
+            "owners": args.owners,
             "postgres": asyncio.run(
-                postgres_figures(postgres.dsn("capacity"), args.concurrency, args.seconds)
+                postgres_figures(postgres.dsn("capacity"), args.concurrency, args.seconds, args.owners)
             ),
             "redis": asyncio.run(
                 redis_figures(redis.url(), redis.process.pid, args.concurrency, args.seconds)

@@ -16,12 +16,19 @@ from stepcast.status import Status
 # The pending jobs ahead of one in its queue's order (fair_tag, id), and their work: an index
 # range (jobs_fair_pending_idx) as long as its position. A job submitted before fair shares (no
 # tag) comes after every tagged one.
-_AHEAD = """
-    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
+# The work running: but the job's own, if it has started since its row was read.
+_RUNNING = """
+    queue_running_work($1) - coalesce((
+        SELECT coalesce(work, 0) * greatest(1 - progress_step::float8 / greatest(progress_total, 1), 0)
+        FROM jobs WHERE id = {id} AND status = 'processing'
+    ), 0) AS running
+"""
+_AHEAD = f"""
+    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, {_RUNNING.format(id="$3")} FROM jobs
     WHERE queue = $1 AND status = 'pending' AND (fair_tag, id) < ($2, $3)
 """
-_AHEAD_UNTAGGED = """
-    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, queue_running_work($1) AS running FROM jobs
+_AHEAD_UNTAGGED = f"""
+    SELECT count(*) AS n, coalesce(sum(work), 0) AS work, {_RUNNING.format(id="$2")} FROM jobs
     WHERE queue = $1 AND status = 'pending' AND (fair_tag IS NOT NULL OR id < $2)
 """
 

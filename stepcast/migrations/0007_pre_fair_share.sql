@@ -51,44 +51,96 @@ COMMENT ON COLUMN api_keys.priority_class IS
 -- the jobs running (several workers), unless a waiting job is earlier (one
 -- handed back); the earliest waiting job when none runs; when the queue is
 -- idle, the time now in ms (nothing waits that it could put behind).
+-- (PL/pgSQL, as the helpers below: it keeps its plans for the session, where a
+-- SQL function is planned again at every call. ORDER BY … LIMIT 1 rather than
+-- min or max: its index is the one that gives that order, whatever the
+-- planner's statistics say of a young table.)
 CREATE OR REPLACE FUNCTION queue_clock(of_queue text) RETURNS double precision
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(
-        least((SELECT max(fair_tag) FROM jobs WHERE queue = of_queue AND status = 'processing'),
-              (SELECT min(fair_tag) FROM jobs WHERE queue = of_queue AND status = 'pending')),
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN coalesce(
+        least((SELECT fair_tag FROM jobs
+               WHERE queue = of_queue AND status = 'processing' AND fair_tag IS NOT NULL
+               ORDER BY fair_tag DESC LIMIT 1),
+              (SELECT fair_tag FROM jobs
+               WHERE queue = of_queue AND status = 'pending' AND fair_tag IS NOT NULL
+               ORDER BY fair_tag, id LIMIT 1)),
         extract(epoch FROM now()) * 1000
-    )
-$$;
+    );
+END $$;
 
 -- Where a share's next job in a queue starts: after its unfinished jobs there, not before the clock.
 CREATE OR REPLACE FUNCTION share_start(of_queue text, of_share text, clock double precision)
-RETURNS double precision LANGUAGE sql STABLE AS $$
-    SELECT greatest(clock, (SELECT max(fair_finish) FROM jobs
+RETURNS double precision LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN greatest(clock, (SELECT fair_finish FROM jobs
                             WHERE queue = of_queue AND fair_share = of_share
-                              AND status IN ('pending', 'processing')))
-$$;
+                              AND status IN ('pending', 'processing') AND fair_finish IS NOT NULL
+                            ORDER BY fair_finish DESC LIMIT 1));
+END $$;
 
 -- The work left to the jobs a queue runs now (megapixel-steps, by their progress):
 -- with the work waiting ahead of a job, what stands before its start.
 CREATE OR REPLACE FUNCTION queue_running_work(of_queue text) RETURNS double precision
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(sum(coalesce(work, 0) * greatest(1 - progress_step::float8 / greatest(progress_total, 1), 0)), 0)
-    FROM jobs WHERE queue = of_queue AND status = 'processing'
-$$;
-
--- The admission counts carry the cost too: the same rows (so the same lock
--- order, 0001), the pending jobs' cost per queue and the unfinished jobs' per owner.
-ALTER TABLE job_counts ADD COLUMN IF NOT EXISTS cost_ms bigint NOT NULL DEFAULT 0;
-COMMENT ON COLUMN job_counts.cost_ms IS 'The summed cost_ms of the jobs counted in n (jobs from before 0007 count 0).';
-
-CREATE OR REPLACE FUNCTION job_counts_add(counted text, counted_key text, delta int, delta_cost bigint)
-RETURNS void AS $$
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    INSERT INTO job_counts (kind, key, shard, n, cost_ms)
-    VALUES (counted, counted_key, pg_backend_pid() % 16, delta, delta_cost)
+    RETURN (SELECT coalesce(sum(coalesce(work, 0) * greatest(1 - progress_step::float8 / greatest(progress_total, 1), 0)), 0)
+            FROM jobs WHERE queue = of_queue AND status = 'processing');
+END $$;
+
+-- The admission counts carry the cost and the work too: the same rows (so the
+-- same lock order, 0001), the pending jobs' per queue and the unfinished jobs'
+-- per owner. A queue's pending work, less the work behind a new job (near the
+-- end of a long queue: a few index entries), is the work ahead of it.
+ALTER TABLE job_counts ADD COLUMN IF NOT EXISTS cost_ms bigint NOT NULL DEFAULT 0;
+ALTER TABLE job_counts ADD COLUMN IF NOT EXISTS work double precision NOT NULL DEFAULT 0;
+COMMENT ON COLUMN job_counts.cost_ms IS 'The summed cost_ms of the jobs counted in n (jobs from before 0007 count 0).';
+COMMENT ON COLUMN job_counts.work IS 'The summed work (megapixel-steps) of the jobs counted in n.';
+
+CREATE OR REPLACE FUNCTION job_counts_add(
+    counted text, counted_key text, delta int, delta_cost bigint, delta_work double precision
+) RETURNS void AS $$
+BEGIN
+    INSERT INTO job_counts (kind, key, shard, n, cost_ms, work)
+    VALUES (counted, counted_key, pg_backend_pid() % 16, delta, delta_cost, delta_work)
     ON CONFLICT (kind, key, shard) DO UPDATE
-        SET n = job_counts.n + EXCLUDED.n, cost_ms = job_counts.cost_ms + EXCLUDED.cost_ms;
+        SET n = job_counts.n + EXCLUDED.n, cost_ms = job_counts.cost_ms + EXCLUDED.cost_ms,
+            work = job_counts.work + EXCLUDED.work;
 END $$ LANGUAGE plpgsql;
+
+-- The pending jobs ahead of (tag, job_id) in a queue that holds total_n pending
+-- jobs of total_work (the counts kept), and their work: counted from the head
+-- when it is near the head, from the end when it is near the end (a few index
+-- entries either way, for a newcomer and for a backlog's next), in full only
+-- in the middle of a deep queue.
+CREATE OR REPLACE FUNCTION queue_ahead(
+    of_queue text, tag double precision, job_id uuid, total_n bigint, total_work double precision,
+    OUT n bigint, OUT work double precision
+) LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    near constant int := 256;
+BEGIN
+    SELECT count(*), coalesce(sum(p.work), 0) INTO n, work FROM (
+        SELECT j.work FROM jobs j
+        WHERE j.queue = of_queue AND j.status = 'pending' AND (j.fair_tag, j.id) < (tag, job_id)
+        ORDER BY j.fair_tag, j.id LIMIT near
+    ) p;
+    IF n < near THEN
+        RETURN;
+    END IF;
+    SELECT count(*), coalesce(sum(p.work), 0) INTO n, work FROM (
+        SELECT j.work FROM jobs j
+        WHERE j.queue = of_queue AND j.status = 'pending' AND (j.fair_tag, j.id) > (tag, job_id)
+        ORDER BY j.fair_tag DESC, j.id DESC LIMIT near
+    ) p;
+    IF n < near THEN
+        n := greatest(total_n - n, 0);
+        work := greatest(total_work - work, 0);
+        RETURN;
+    END IF;
+    SELECT count(*), coalesce(sum(j.work), 0) INTO n, work FROM jobs j
+    WHERE j.queue = of_queue AND j.status = 'pending' AND (j.fair_tag, j.id) < (tag, job_id);
+END $$;
 
 CREATE OR REPLACE FUNCTION jobs_count() RETURNS trigger AS $$
 DECLARE
@@ -100,18 +152,20 @@ DECLARE
     same_owner     bool := TG_OP = 'UPDATE' AND OLD.owner = NEW.owner;
     old_cost       bigint := CASE WHEN TG_OP <> 'INSERT' THEN coalesce(OLD.cost_ms, 0) ELSE 0 END;
     new_cost       bigint := CASE WHEN TG_OP <> 'DELETE' THEN coalesce(NEW.cost_ms, 0) ELSE 0 END;
+    old_work       double precision := CASE WHEN TG_OP <> 'INSERT' THEN coalesce(OLD.work, 0) ELSE 0 END;
+    new_work       double precision := CASE WHEN TG_OP <> 'DELETE' THEN coalesce(NEW.work, 0) ELSE 0 END;
 BEGIN
     IF was_pending AND NOT (is_pending AND same_queue) THEN
-        PERFORM job_counts_add('pending', OLD.queue, -1, -old_cost);
+        PERFORM job_counts_add('pending', OLD.queue, -1, -old_cost, -old_work);
     END IF;
     IF is_pending AND NOT (was_pending AND same_queue) THEN
-        PERFORM job_counts_add('pending', NEW.queue, 1, new_cost);
+        PERFORM job_counts_add('pending', NEW.queue, 1, new_cost, new_work);
     END IF;
     IF was_unfinished AND NOT (is_unfinished AND same_owner) THEN
-        PERFORM job_counts_add('unfinished', OLD.owner, -1, -old_cost);
+        PERFORM job_counts_add('unfinished', OLD.owner, -1, -old_cost, -old_work);
     END IF;
     IF is_unfinished AND NOT (was_unfinished AND same_owner) THEN
-        PERFORM job_counts_add('unfinished', NEW.owner, 1, new_cost);
+        PERFORM job_counts_add('unfinished', NEW.owner, 1, new_cost, new_work);
     END IF;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
@@ -163,7 +217,8 @@ BEGIN
     ), shares AS (
         SELECT share, share_start(to_queue, share, clock) AS start FROM (SELECT DISTINCT share FROM shared) s
     ), queued AS (
-        SELECT coalesce(sum(n), 0)::bigint AS n, coalesce(sum(cost_ms), 0)::bigint AS cost
+        SELECT coalesce(sum(n), 0)::bigint AS n, coalesce(sum(cost_ms), 0)::bigint AS cost,
+               coalesce(sum(job_counts.work), 0)::double precision AS work
         FROM job_counts WHERE kind = 'pending' AND key = to_queue
     ), owners AS (
         SELECT o.owner, had.n, had.cost
@@ -244,15 +299,13 @@ BEGIN
                 WHEN max_per_address IS NULL THEN tagged.theirs
                 ELSE least(tagged.theirs, greatest(tagged.address_had, max_per_address)) END,
            tagged.total_cost::bigint, tagged.mine_cost::bigint,
-           ahead.n + before.n, ahead.work + before.work, running
+           coalesce(ahead.n, 0) + before.n, coalesce(ahead.work, 0) + before.work, running
     FROM tagged LEFT JOIN inserted ON (inserted.job).id = tagged.id
     -- The pending jobs ahead of an admitted one in the queue's order, and their work: those
     -- waiting (an index range as long as its position), then those of the list.
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n, coalesce(sum(p.work), 0) AS work FROM jobs p
-        WHERE tagged.admitted AND p.queue = to_queue AND p.status = 'pending'
-          AND (p.fair_tag, p.id) < (tagged.tag, tagged.id)
-    ) ahead
+    CROSS JOIN queued
+    LEFT JOIN LATERAL queue_ahead(to_queue, tagged.tag, tagged.id, queued.n, queued.work) ahead
+        ON tagged.admitted
     CROSS JOIN LATERAL (
         SELECT count(*) AS n, coalesce(sum(t.work), 0) AS work
         FROM tagged t JOIN inserted i ON (i.job).id = t.id
@@ -261,6 +314,14 @@ BEGIN
     ORDER BY tagged.ord;
 END $$;
 
--- The counts' costs, counted afresh with job writes held off (jobs from before count 0).
+-- The counts' costs and work, counted afresh with job writes held off (jobs from
+-- before cost 0; their work was set above).
 LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
-UPDATE job_counts SET cost_ms = 0 WHERE kind IN ('pending', 'unfinished');
+UPDATE job_counts SET cost_ms = 0, work = 0 WHERE kind IN ('pending', 'unfinished');
+INSERT INTO job_counts (kind, key, shard, n, work)
+    SELECT 'pending', queue, 0, 0, sum(work) FROM jobs WHERE status = 'pending' AND work IS NOT NULL GROUP BY queue
+ON CONFLICT (kind, key, shard) DO UPDATE SET work = job_counts.work + EXCLUDED.work;
+INSERT INTO job_counts (kind, key, shard, n, work)
+    SELECT 'unfinished', owner, 0, 0, sum(work) FROM jobs
+    WHERE status IN ('pending', 'processing') AND work IS NOT NULL GROUP BY owner
+ON CONFLICT (kind, key, shard) DO UPDATE SET work = job_counts.work + EXCLUDED.work;
