@@ -100,6 +100,14 @@ async def test_the_cli_generates_lists_and_cancels(stack: Stack, tmp_path: Path)
     assert refused.returncode == 1 and f"job {job_id} is already completed" in refused.stderr
     invalid = await asyncio.to_thread(stepcast, "generate", "p", "--steps", "0")
     assert invalid.returncode == 1 and "steps: steps must be between 1 and 150" in invalid.stderr
+    # The worker is idle: it starts now. Then a backlog, and a start asked within 1 ms: refused.
+    soon = await asyncio.to_thread(stepcast, "generate", "p", "--steps", "2", "--start-within", "60")
+    assert soon.returncode == 0 and "starts at about" in soon.stderr, soon.stderr
+    await asyncio.gather(*(stack.submit(steps=60) for _ in range(3)))
+    late = await asyncio.to_thread(stepcast, "generate", "p", "--steps", "60", "--start-within", "0.001")
+    assert late.returncode == 1 and "later than the 0.001 s asked; nothing was queued" in late.stderr, (
+        late.stderr
+    )
 
 
 async def test_the_client_and_the_cli_list_the_models(stack: Stack, tmp_path: Path) -> None:

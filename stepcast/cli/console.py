@@ -34,6 +34,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     generate.add_argument(
         "-o", "--output", type=Path, default=Path("image.png"), help="where to save the PNG"
     )
+    generate.add_argument(
+        "--start-within",
+        dest="start_within_s",
+        type=float,
+        metavar="SECONDS",
+        help="queue it only if it should start within this long (else nothing is queued)",
+    )
     jobs = commands.add_parser("jobs", help="your recent jobs")
     jobs.add_argument("--status", choices=[status.value for status in Status])
     jobs.add_argument("--limit", type=int, default=20)
@@ -80,8 +87,9 @@ def _outputs(output: Path, count: int) -> list[Path]:
 
 def _generate(client: Client, args: argparse.Namespace, err: Console) -> int:
     params = {name: getattr(args, name) for name in PARAM_OPTIONS if getattr(args, name) is not None}
-    job = client.submit(args.prompt, **params)
-    err.print(f"job {job.id} (seed {job.params['seed']})")
+    job = client.submit(args.prompt, start_within_s=args.start_within_s, **params)
+    starts = f", starts at about {job.estimated_start_at}" if job.estimated_start_at else ""
+    err.print(f"job {job.id} (seed {job.params['seed']}{starts})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, transient=False) as progress:
