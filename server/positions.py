@@ -1,9 +1,10 @@
-"""Queue positions pushed as the queue moves: ``queued {position, eta_s}``.
+"""Queue positions pushed as the queue moves: ``queued {position, eta_s, estimated_start_at}``.
 
 One server at a time (:class:`QueueAnnouncer`, elected by an advisory lock) pushes, once a second,
-the positions that changed: near the head every pass, further back every ``position / 10`` to
-``position / 5`` passes, so a pass reads a few dozen rows however deep the queue.
-:class:`EtaEstimator` makes the ETAs. docs/protocol.md, "Guarantees".
+the positions that changed (in the queue's order, owners taking turns: docs/scheduling.md): near
+the head every pass, further back every ``position / 10`` to ``position / 5`` passes, so a pass
+reads a few dozen rows however deep the queue. :class:`EtaEstimator` makes the estimates.
+docs/protocol.md, "Guarantees".
 """
 
 from __future__ import annotations
