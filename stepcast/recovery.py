@@ -127,7 +127,7 @@ class Recovery:
                 await self._expired(job, "lease_expired")
             for job in await self.db.recovery.expired_in_queue():
                 await self._expired_in_queue(job)
-            for job in await self.db.recovery.tag_untagged():
+            for job in await self.db.recovery.tag_untagged(self.enqueue_grace_s):
                 logger.info(
                     "pending job from before fair shares given its place", extra={"job_id": str(job.id)}
                 )

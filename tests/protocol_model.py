@@ -217,7 +217,7 @@ class SimDatabase:
         row = await self._read("pending_after")
         return [row] if row.status is Status.PENDING and row.id not in besides else []
 
-    async def tag_untagged(self, *, limit: int = 1000) -> list[Job]:
+    async def tag_untagged(self, seconds: float, *, limit: int = 1000) -> list[Job]:
         return []  # the one job has its fair tag from its insert
 
     async def finish_expired(

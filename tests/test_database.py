@@ -472,3 +472,52 @@ async def test_the_kept_costs_follow_jobs_through_every_change(db: Database) -> 
     kept = {(row["kind"], row["key"]): row["c"] for row in rows if row["c"]}
     # Pending: bob's 4000 (ann's 100 runs, her 20 was canceled, bob's 3 is done); unfinished: 100, 4000.
     assert kept == {("pending", "q"): 4000, ("unfinished", "ann"): 100, ("unfinished", "bob"): 4000}
+
+
+async def test_a_new_jobs_place_is_counted_from_the_nearer_end_as_a_full_count_has_it(db: Database) -> None:
+    for _ in range(8):  # ann's backlog: 800 jobs, a second of GPU each
+        await insert_all(db, [new("ann", cost_ms=1000) for _ in range(100)])
+    for count in (100, 99):  # cy: 199 jobs
+        await insert_all(db, [new("cy", cost_ms=1000) for _ in range(count)])
+
+    async def placed(owner: str) -> Any:
+        """A new job of ``owner``, its place as its insert counted it checked by a full count."""
+        (insertion,) = await insert_all(db, [new(owner, cost_ms=1000)])
+        place = await db.counts.place(insertion.job)
+        assert insertion.ahead + 1 == place.position
+        assert insertion.work_ahead == pytest.approx(place.work_ahead)
+        return insertion
+
+    middle = await placed("cy")  # cy's 200th: about 400 ahead and 600 behind
+    newcomer = await placed("bob")  # near the head
+    last = await placed("ann")  # her next: at the end
+    assert newcomer.ahead < 256 and last.ahead == 1001 and 256 < middle.ahead < 1001 - 256
+
+
+async def test_a_job_of_a_server_of_before_is_tagged_and_its_work_counted(db: Database) -> None:
+    # As an older server inserts: the 0003 overload, no tag, no work, no cost.
+    await db.pool.execute(
+        """
+        SELECT ord FROM insert_jobs(
+            ARRAY[gen_random_uuid()], ARRAY['ann'], ARRAY[$1::jsonb], ARRAY[NULL::jsonb], ARRAY[NULL::jsonb],
+            ARRAY['tiny'], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[20], ARRAY[NULL::text],
+            ARRAY[NULL::bigint], 'q', 'old', 0.0, NULL::bigint, NULL::bigint
+        )
+        """,
+        PARAMS.to_json(),
+    )
+    await db.pool.execute("UPDATE jobs SET created_at = created_at - interval '1 minute'")
+    (job,) = await db.recovery.tag_untagged(1.0)
+    assert job.fair_tag is not None and job.work == pytest.approx(PARAMS.megapixel_steps)
+
+    async def kept_work() -> dict[tuple[str, str], float]:
+        rows = await db.pool.fetch(
+            "SELECT kind, key, sum(work) AS w FROM job_counts WHERE kind <> 'status' GROUP BY kind, key"
+        )
+        return {(row["kind"], row["key"]): row["w"] for row in rows}
+
+    work = pytest.approx(job.work)
+    assert await kept_work() == {("pending", "q"): work, ("unfinished", "ann"): work}
+    await db.runs.claim([job.id], worker="w", lease_s=60, model_revision="r", token=uuid.uuid4())
+    await db.pool.execute("UPDATE jobs SET status = 'completed' WHERE id = $1", job.id)
+    assert await kept_work() == {("pending", "q"): pytest.approx(0), ("unfinished", "ann"): pytest.approx(0)}

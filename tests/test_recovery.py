@@ -231,18 +231,18 @@ async def test_a_job_a_server_of_before_fair_shares_queued_gets_its_place(
     try:
         # As an older server inserts (no tag, no work) and enqueues (its time in ms, here late).
         await db.pool.execute(
-            "UPDATE jobs SET fair_tag = NULL, fair_finish = NULL, fair_share = NULL, work = NULL"
-            " WHERE id = $1::uuid",
+            "UPDATE jobs SET fair_tag = NULL, fair_finish = NULL, fair_share = NULL, work = NULL,"
+            " created_at = created_at - interval '1 minute' WHERE id = $1::uuid",  # (past the grace)
             old,
         )
         await arq.zadd(model_queue(settings), {old: 9e12}, xx=True)
         recovery = Recovery.from_settings(settings, db, EventLog(arq, stream_max=100, ttl_s=60), arq)
         assert await recovery.tick()
         row = await db.pool.fetchrow("SELECT fair_tag, fair_share, work FROM jobs WHERE id = $1::uuid", old)
-        head = await db.pool.fetchval("SELECT fair_tag FROM jobs WHERE id = $1::uuid", first)
-        # At the queue's clock (the head's tag: nothing runs), in Postgres and in Redis alike.
-        assert (row["fair_tag"], row["fair_share"], row["work"]) == (head, "anonymous", 64 * 64 * 3 / 1e6)
-        assert await arq.zscore(model_queue(settings), old) == head
+        ahead = await db.pool.fetchval("SELECT fair_finish FROM jobs WHERE id = $1::uuid", first)
+        # Behind its owner's unfinished job (the one ahead), in Postgres and in Redis alike.
+        assert (row["fair_tag"], row["fair_share"], row["work"]) == (ahead, "anonymous", 64 * 64 * 3 / 1e6)
+        assert await arq.zscore(model_queue(settings), old) == ahead
     finally:
         await db.close()
         await arq.aclose(close_connection_pool=True)

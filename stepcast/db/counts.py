@@ -1,7 +1,8 @@
 """What the server tells about queues: jobs kept by status, positions, the pace of recent jobs.
 
-Every read here costs a few index rows however deep the queue: counts come from
-``job_counts`` (kept by the schema), positions and paces from partial indexes.
+Counts come from ``job_counts`` (kept by the schema) and paces from bounded stretches of partial
+indexes, however deep the queue; a job's place counts the pending index up to it (the queue's
+order, docs/scheduling.md), and the announcer's pass ranks the whole pending index.
 """
 
 from __future__ import annotations

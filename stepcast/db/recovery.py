@@ -118,41 +118,70 @@ class RecoveryStore(Store):
         return [Job.from_record(row) for row in rows]
 
     async def head(self, seconds: float, *, limit: int) -> list[Job]:
-        """The first ``limit`` jobs pending for over ``seconds``, in the queues' order
-        (docs/scheduling.md): those a worker takes next."""
+        """The first ``limit`` jobs of each queue pending for over ``seconds``, in its order
+        (docs/scheduling.md): those a worker takes next. The queues are those the kept counts
+        say have pending jobs."""
         rows = await self.pool.fetch(
             """
-            SELECT * FROM jobs
-            WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
-            ORDER BY fair_tag NULLS FIRST, id LIMIT $2
+            SELECT first.* FROM (
+                SELECT key FROM job_counts WHERE kind = 'pending' GROUP BY key HAVING sum(n) > 0
+            ) queues CROSS JOIN LATERAL (
+                SELECT * FROM jobs
+                WHERE queue = queues.key AND status = 'pending'
+                  AND created_at < now() - make_interval(secs => $1)
+                ORDER BY fair_tag, id LIMIT $2
+            ) first
             """,
             seconds,
             limit,
         )
         return [Job.from_record(row) for row in rows]
 
-    async def tag_untagged(self, *, limit: int = 1000) -> list[Job]:
-        """Give pending jobs that a server of before fair shares inserted (no fair tag) a place
-        at their queue's clock, as an owner with nothing waiting gets, and their work (their
-        cost stays unknown: they count nothing against a budget)."""
+    async def tag_untagged(self, seconds: float, *, limit: int = 1000) -> list[Job]:
+        """Give pending jobs that a server of before fair shares inserted (no fair tag) over
+        ``seconds`` ago (time for it to enqueue them) their place: behind their share's
+        unfinished jobs or at the queue's clock, a share's in the order they came, 1 ms of
+        virtual time apart; and their work (their cost stays unknown: they count nothing
+        against a budget)."""
         rows = await self.pool.fetch(
             """
-            UPDATE jobs SET fair_tag = queue_clock(queue), fair_finish = queue_clock(queue),
-                fair_share = coalesce('address:' || anonymous_address, owner),
+            WITH untagged AS (
+                SELECT id, queue, coalesce('address:' || anonymous_address, owner) AS share,
+                       row_number() OVER (PARTITION BY queue, coalesce('address:' || anonymous_address, owner)
+                                          ORDER BY created_at, id) AS k
+                FROM jobs
+                WHERE status = 'pending' AND fair_tag IS NULL
+                  AND created_at < now() - make_interval(secs => $1)
+                ORDER BY created_at, id LIMIT $2
+            )
+            UPDATE jobs j SET
+                fair_tag = share_start(u.queue, u.share, queue_clock(u.queue)) + (u.k - 1),
+                fair_finish = share_start(u.queue, u.share, queue_clock(u.queue)) + u.k,
+                fair_share = u.share,
                 work = (params->>'width')::float8 * (params->>'height')::float8 * (params->>'steps')::float8
                        * coalesce((params->>'num_images')::float8, 1) / 1e6
-            WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND fair_tag IS NULL LIMIT $1)
-              AND status = 'pending' AND fair_tag IS NULL
-            RETURNING *
+            FROM untagged u
+            WHERE j.id = u.id AND j.status = 'pending' AND j.fair_tag IS NULL
+            RETURNING j.*
             """,
+            seconds,
             limit,
         )
         return [Job.from_record(row) for row in rows]
 
     async def move_to_queue(self, job_id: uuid.UUID, to_queue: str) -> Job | None:
         """A pending job to another queue (its model's); None if it is no longer pending."""
+        # Its place is its new queue's: the clocks of two queues do not compare.
         row = await self.pool.fetchrow(
-            "UPDATE jobs SET queue = $2 WHERE id = $1 AND status = 'pending' RETURNING *", job_id, to_queue
+            """
+            UPDATE jobs SET queue = $2,
+                fair_tag = share_start($2, fair_share, queue_clock($2)),
+                fair_finish = share_start($2, fair_share, queue_clock($2)) + greatest(coalesce(cost_ms, 0), 1)
+            WHERE id = $1 AND status = 'pending'
+            RETURNING *
+            """,
+            job_id,
+            to_queue,
         )
         return Job.from_record(row) if row else None
 

@@ -112,7 +112,8 @@ END $$ LANGUAGE plpgsql;
 -- jobs of total_work (the counts kept), and their work: counted from the head
 -- when it is near the head, from the end when it is near the end (a few index
 -- entries either way, for a newcomer and for a backlog's next), in full only
--- in the middle of a deep queue.
+-- in the middle of a deep queue. (From the end, a job a server of before left
+-- untagged counts as ahead, until the recovery pass tags it.)
 CREATE OR REPLACE FUNCTION queue_ahead(
     of_queue text, tag double precision, job_id uuid, total_n bigint, total_work double precision,
     OUT n bigint, OUT work double precision
@@ -167,8 +168,24 @@ BEGIN
     IF is_unfinished AND NOT (was_unfinished AND same_owner) THEN
         PERFORM job_counts_add('unfinished', NEW.owner, 1, new_cost, new_work);
     END IF;
+    -- Counted before and after in the same row, its cost or work changed (the
+    -- recovery pass gives a job of a server of before its work): the difference.
+    IF (old_cost <> new_cost OR old_work <> new_work) THEN
+        IF was_pending AND is_pending AND same_queue THEN
+            PERFORM job_counts_add('pending', NEW.queue, 0, new_cost - old_cost, new_work - old_work);
+        END IF;
+        IF was_unfinished AND is_unfinished AND same_owner THEN
+            PERFORM job_counts_add('unfinished', NEW.owner, 0, new_cost - old_cost, new_work - old_work);
+        END IF;
+    END IF;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS jobs_count_change ON jobs;
+CREATE TRIGGER jobs_count_change AFTER UPDATE OF status, queue, owner, cost_ms, work ON jobs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.queue <> NEW.queue OR OLD.owner <> NEW.owner
+                       OR OLD.cost_ms IS DISTINCT FROM NEW.cost_ms OR OLD.work IS DISTINCT FROM NEW.work)
+    EXECUTE FUNCTION jobs_count();
 
 -- insert_jobs (0003) with each job's work, cost and weight, the owners' cost
 -- budgets and the queue's: a job goes in only if its cost fits both (counting
@@ -302,10 +319,12 @@ BEGIN
            coalesce(ahead.n, 0) + before.n, coalesce(ahead.work, 0) + before.work, running
     FROM tagged LEFT JOIN inserted ON (inserted.job).id = tagged.id
     -- The pending jobs ahead of an admitted one in the queue's order, and their work: those
-    -- waiting (an index range as long as its position), then those of the list.
+    -- waiting (queue_ahead: from the nearer end), then those of the list.
     CROSS JOIN queued
-    LEFT JOIN LATERAL queue_ahead(to_queue, tagged.tag, tagged.id, queued.n, queued.work) ahead
-        ON tagged.admitted
+    -- (a refused job counts nothing: the filter runs before the function)
+    LEFT JOIN LATERAL (
+        SELECT * FROM queue_ahead(to_queue, tagged.tag, tagged.id, queued.n, queued.work) WHERE tagged.admitted
+    ) ahead ON true
     CROSS JOIN LATERAL (
         SELECT count(*) AS n, coalesce(sum(t.work), 0) AS work
         FROM tagged t JOIN inserted i ON (i.job).id = t.id
