@@ -218,9 +218,7 @@ class JobService:
         if job.status is not Status.PENDING:
             return await to_wire(job, self.storage.url)
         place = await self.counts.place(job)
-        start_at = None
-        if await self.eta.waiting_reason(job) is None:
-            start_at = (await self.eta.estimate(job, place)).start_at()
+        start_at = await self.eta.start_at(job, place)
         return await to_wire(
             job, self.storage.url, queue_position=place.position, estimated_start_at=start_at
         )

@@ -99,6 +99,12 @@ class EtaEstimator:
         estimate = await self.estimate(job, place)
         return Queued(place.position, estimate.done_in_s, estimated_start_at=estimate.start_at())
 
+    async def start_at(self, job: Job, place: Place) -> str | None:
+        """When the job at ``place`` should start (None: not known, or no worker of its model runs)."""
+        if await self.waiting_reason(job) is not None:
+            return None
+        return (await self.estimate(job, place)).start_at()
+
     async def waiting_reason(self, job: Job) -> str | None:
         """Why the job has no ETA: ``no_worker`` while no worker of its model runs."""
         return None if await self.catalog.live_workers(job.model_name) else NO_WORKER

@@ -767,8 +767,8 @@ class World:
 class _Eta:
     """No worker in this world runs: a snapshot of a pending job carries no estimate."""
 
-    async def waiting_reason(self, job: Job) -> str:
-        return "no_worker"
+    async def start_at(self, job: Job, place: Place) -> None:
+        return None
 
 
 class _Storage:

@@ -20,7 +20,7 @@ from stepcast.status import Status
 # The work running: but the job's own, if it has started since its row was read.
 _RUNNING = """
     queue_running_work($1) - coalesce((
-        SELECT coalesce(work, 0) * greatest(1 - progress_step::float8 / greatest(progress_total, 1), 0)
+        SELECT work_left(work, progress_step, progress_total)
         FROM jobs WHERE id = {id} AND status = 'processing'
     ), 0) AS running
 """
@@ -169,9 +169,7 @@ class CountStore(Store):
             """
             SELECT (
                 SELECT avg(run_s / greatest(coalesce(batch_size, 1), 1) / work) FROM (
-                    SELECT run_s, batch_size,
-                           (params->>'width')::float8 * (params->>'height')::float8 * progress_total
-                           * coalesce((params->>'num_images')::float8, 1) / 1e6 AS work
+                    SELECT run_s, batch_size, params_work(params) AS work
                     FROM jobs
                     WHERE queue = $1 AND status = 'completed' AND run_s IS NOT NULL
                     ORDER BY finished_at DESC LIMIT 50

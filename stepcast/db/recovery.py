@@ -158,8 +158,7 @@ class RecoveryStore(Store):
                 fair_tag = share_start(u.queue, u.share, queue_clock(u.queue)) + (u.k - 1),
                 fair_finish = share_start(u.queue, u.share, queue_clock(u.queue)) + u.k,
                 fair_share = u.share,
-                work = (params->>'width')::float8 * (params->>'height')::float8 * (params->>'steps')::float8
-                       * coalesce((params->>'num_images')::float8, 1) / 1e6
+                work = params_work(params)
             FROM untagged u
             WHERE j.id = u.id AND j.status = 'pending' AND j.fair_tag IS NULL
             RETURNING j.*

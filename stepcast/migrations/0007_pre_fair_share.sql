@@ -24,14 +24,24 @@ COMMENT ON COLUMN jobs.fair_share IS 'Whose turn it takes: its owner, or a brows
 COMMENT ON COLUMN jobs.work IS 'Megapixel-steps asked: width × height × steps × num_images / 1e6.';
 COMMENT ON COLUMN jobs.cost_ms IS 'What it asks of a GPU, in ms, at its model''s pace when submitted: the budgets'' unit.';
 
+-- A job's work, from its params (as JobParams.megapixel_steps has it), and the
+-- work left to a running one by its progress: one definition for the backfills,
+-- the queues' pace, the work running and the recovery pass.
+CREATE OR REPLACE FUNCTION params_work(params jsonb) RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (params->>'width')::double precision * (params->>'height')::double precision
+           * (params->>'steps')::double precision * coalesce((params->>'num_images')::double precision, 1) / 1e6
+$$;
+CREATE OR REPLACE FUNCTION work_left(work double precision, step integer, total integer)
+RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(work, 0) * greatest(1 - step::double precision / greatest(total, 1), 0)
+$$;
+
 -- Jobs already waiting keep their place: their arq score was their enqueue time in ms.
 UPDATE jobs SET fair_tag = extract(epoch FROM created_at) * 1000, fair_finish = extract(epoch FROM created_at) * 1000,
                 fair_share = coalesce('address:' || anonymous_address, owner)
 WHERE status IN ('pending', 'processing') AND fair_tag IS NULL;
-UPDATE jobs SET work = (params->>'width')::double precision * (params->>'height')::double precision
-                       * (params->>'steps')::double precision
-                       * coalesce((params->>'num_images')::double precision, 1) / 1e6
-WHERE status IN ('pending', 'processing') AND work IS NULL;
+UPDATE jobs SET work = params_work(params) WHERE status IN ('pending', 'processing') AND work IS NULL;
 
 -- The queue's order (positions, the work ahead of a job), and its clock.
 CREATE INDEX IF NOT EXISTS jobs_fair_pending_idx ON jobs (queue, fair_tag, id) INCLUDE (work)
@@ -84,7 +94,7 @@ END $$;
 CREATE OR REPLACE FUNCTION queue_running_work(of_queue text) RETURNS double precision
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT coalesce(sum(coalesce(work, 0) * greatest(1 - progress_step::float8 / greatest(progress_total, 1), 0)), 0)
+    RETURN (SELECT coalesce(sum(work_left(work, progress_step, progress_total)), 0)
             FROM jobs WHERE queue = of_queue AND status = 'processing');
 END $$;
 
