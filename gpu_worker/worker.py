@@ -36,7 +36,7 @@ from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.pipeline import DiffusersPipeline, Pipeline, SimulatedPipeline
 from gpu_worker.registration import Registration, card_of
 from gpu_worker.runner import JobRunner, Released
-from stepcast import liveness, logs, schema
+from stepcast import event_plane, liveness, logs, schema
 from stepcast import settings as settings_module
 from stepcast.arq_bridge import ArqWorker, deserialize, serialize
 from stepcast.background import cancel_and_wait, stop_if_cancelled
@@ -276,11 +276,14 @@ def create_worker(
             loaded = pipeline
         else:  # on the thread that will run it
             loaded = await asyncio.get_running_loop().run_in_executor(executor, load_pipeline, settings)
+        event_redis = event_plane.connect(settings, ctx["redis"])
+        stack.push_async_callback(event_plane.close, event_redis, ctx["redis"])
         events = EventLog(
-            ctx["redis"],
+            event_redis,
             stream_max=settings.event_stream_max,
             ttl_s=settings.event_ttl_s,
             finished_ttl_s=settings.event_finished_ttl_s,
+            channels=event_plane.channels(settings),
         )
         metrics = WorkerMetrics()
         runner = JobRunner(

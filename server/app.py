@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import uvicorn
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -24,7 +25,7 @@ from server.auth import BrowserSession
 from server.catalog import ModelCatalog
 from server.collector import Collector
 from server.hosts import HostCheck
-from server.hub import Hub
+from server.hub import Hub, Subscriptions
 from server.job_service import JobService
 from server.limits import Sockets
 from server.metrics import ServerMetrics
@@ -35,7 +36,8 @@ from server.problems import EXCEPTION_HANDLERS
 from server.protocols import HttpProtocol, WebSocketProtocol
 from server.revocations import Revocations
 from server.services import Services
-from stepcast import logs, queue, schema
+from server.shards import ClusterHub
+from stepcast import event_plane, logs, queue, schema
 from stepcast import settings as settings_module
 from stepcast.background import cancel_and_wait
 from stepcast.db import Database
@@ -43,6 +45,7 @@ from stepcast.events import EventLog
 from stepcast.lifecycle import Lifecycle
 from stepcast.recovery import Recovery
 from stepcast.retention import Retention
+from stepcast.round_trips import RedisClient
 from stepcast.settings import ServerSettings
 from stepcast.storage import open_storage
 from stepcast.webhooks import WebhookSender
@@ -61,6 +64,15 @@ def _page_directory() -> Path:
     return page
 
 
+def open_hub(settings: ServerSettings, redis: RedisClient) -> Subscriptions:
+    """The subscriptions of a server process to its event plane (stepcast.event_plane)."""
+    if settings.event_redis_cluster:
+        assert settings.event_redis_url is not None  # (the settings check it)
+        return ClusterHub(settings.event_redis_url, check_s=settings.event_topology_check_s)
+    assert isinstance(redis, Redis)
+    return Hub.plain(redis)
+
+
 @contextlib.asynccontextmanager
 async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> AsyncIterator[Services]:
     """Everything a server process holds, opened in order and closed in reverse, with the
@@ -72,13 +84,16 @@ async def open_services(settings: ServerSettings, metrics: ServerMetrics) -> Asy
         redis = queue.connect(settings.redis_url)
         stack.push_async_callback(redis.aclose, close_connection_pool=True)
         storage = await stack.enter_async_context(open_storage(settings))
+        event_redis = event_plane.connect(settings, redis)
+        stack.push_async_callback(event_plane.close, event_redis, redis)
         events = EventLog(
-            redis,
+            event_redis,
             stream_max=settings.event_stream_max,
             ttl_s=settings.event_ttl_s,
             finished_ttl_s=settings.event_finished_ttl_s,
+            channels=event_plane.channels(settings),
         )
-        hub = Hub(redis)
+        hub = open_hub(settings, event_redis)
         await hub.start()
         stack.push_async_callback(hub.stop)
         if settings.session_secret is not None:

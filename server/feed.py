@@ -21,7 +21,6 @@ from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.errors import NotFound
 from stepcast.events import TERMINAL_TYPES, Stream
 from stepcast.jobs import Job
-from stepcast.redis_keys import job_channel, owner_channel
 from stepcast.status import Status
 
 if TYPE_CHECKING:
@@ -137,6 +136,7 @@ class Feed:
     def __init__(self, services: Services, owner: str, *, outbox: Outbox | None = None) -> None:
         self.services = services
         self.hub = services.hub
+        self.channels = services.events.channels
         self.owner = owner
         if outbox is None:
             settings = services.settings
@@ -193,24 +193,24 @@ class Feed:
         watch = _Watch(last_seq=after_seq or 0)
         self._watches[key] = watch
         try:
-            await self.hub.add(job_channel(key), self)
+            await self.hub.add(self.channels.job(key), self)
             await self._sync(key, watch, after_seq, new)
         except BaseException:
             if self._watches.get(key) is watch:
                 del self._watches[key]
-            self.hub.remove(job_channel(key), self)
+            self.hub.remove(self.channels.job(key), self)
             raise
 
     async def unwatch(self, job_id: uuid.UUID) -> None:
         key = str(job_id)
         if self._watches.pop(key, None) is not None:
-            self.hub.remove(job_channel(key), self)
+            self.hub.remove(self.channels.job(key), self)
 
     async def watch_mine(self, *, recent: int = 20) -> None:
         """Every event of every job of this owner; current state of the live and recent ones first."""
         if self.mine:
             return
-        await self.hub.add(owner_channel(self.owner), self)
+        await self.hub.add(self.channels.owner(self.owner), self)
         self.mine = True
         for job in await self.services.db.jobs.to_show(self.owner, recent=recent):
             key = str(job.id)
@@ -224,9 +224,9 @@ class Feed:
         for task in self._tasks or ():
             task.cancel()
         for key in list(self._watches):
-            self.hub.remove(job_channel(key), self)
+            self.hub.remove(self.channels.job(key), self)
         if self.mine:
-            self.hub.remove(owner_channel(self.owner), self)
+            self.hub.remove(self.channels.owner(self.owner), self)
         self._watches.clear()
 
     async def _sync(self, key: str, watch: _Watch, after_seq: int | None, new: Job | None = None) -> None:
@@ -287,7 +287,7 @@ class Feed:
         if watch.done:
             return
         watch.done = True
-        self.hub.remove(job_channel(key), self)
+        self.hub.remove(self.channels.job(key), self)
 
     # -- called by the hub ----------------------------------------------------
 

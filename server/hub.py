@@ -1,6 +1,8 @@
-"""One Redis pub/sub connection per server process, fanning events out to local feeds.
+"""The server's pub/sub subscriptions to the event plane, fanning events out to local feeds.
 
-A channel is subscribed while a local feed wants it; ``add`` returns once Redis has confirmed the
+A :class:`Hub` is one subscriber connection: on a plain Redis, the process's only one; on a
+Redis Cluster, one per primary, routed by :class:`server.shards.ClusterHub`. A channel is
+subscribed while a local feed wants it; ``add`` returns once Redis has confirmed the
 subscription, so a feed that reads the job's stream after it misses nothing. The changes of one
 loop pass go to Redis together. After a lost connection the hub subscribes everything again and
 asks every feed to re-sync. docs/design.md, "Events".
@@ -13,10 +15,10 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from stepcast.background import cancel_and_wait, stop_if_cancelled
 from stepcast.redis_keys import HUB_CHANNEL
@@ -32,9 +34,50 @@ class Listener(Protocol):
     def on_reconnect(self) -> None: ...
 
 
+class Subscriber(Protocol):
+    """One pub/sub connection (redis-py's ``PubSub``, or a sharded one: server.shards), with
+    its messages as ``PubSub.listen`` gives them."""
+
+    async def connect(self) -> None: ...
+
+    async def subscribe(self, *channels: str) -> Any: ...
+
+    async def unsubscribe(self, *channels: str) -> Any: ...
+
+    def listen(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Subscriptions(Protocol):
+    """What feeds subscribe through: a :class:`Hub`, or a cluster's hubs."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None: ...
+
+    def remove(self, channel: str, listener: Listener) -> None: ...
+
+
+class Dropped(Exception):
+    """Redis dropped a subscription nobody asked it to drop (its slot moved to another shard)."""
+
+
 class Hub:
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
+    def __init__(
+        self,
+        subscriber: Callable[[], Subscriber],
+        *,
+        always: tuple[str, ...] = (),
+        on_trouble: Callable[[], object] | None = None,
+    ) -> None:
+        """``subscriber`` makes the connection, again after each loss; ``always``: channels
+        it keeps, so that it is never left with none; ``on_trouble`` hears of each loss."""
+        self.subscriber = subscriber
+        self.always = always
+        self.on_trouble = on_trouble
         self._channels: dict[str, set[Listener]] = {}  # wanted, with who wants them
         self._subscribed: set[str] = set()  # as sent to Redis
         # UNSUBSCRIBEs sent and not yet answered: a SUBSCRIBE answered meanwhile is an old one.
@@ -45,13 +88,38 @@ class Hub:
         self._waiting: dict[str, asyncio.Event] = {}
         self._changed: set[str] = set()  # since the last flush
         self._flushing: asyncio.Task[None] | None = None
-        self._pubsub: PubSub | None = None
+        self._pubsub: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # a flush, or a (re)connect
         self.connected = asyncio.Event()
 
+    @classmethod
+    def plain(cls, redis: Redis) -> Hub:
+        """The one connection of a server on a plain Redis."""
+        pubsub = cast("Callable[[], Subscriber]", redis.pubsub)  # (redis-py leaves PubSub untyped)
+        return cls(pubsub, always=(HUB_CHANNEL,))
+
+    @property
+    def wanted(self) -> bool:
+        """Does a feed want a channel of it?"""
+        return bool(self._channels)
+
+    def take(self, channel: str) -> set[Listener]:
+        """Stop delivering the channel; who wanted it (to be added to another hub)."""
+        listeners = set(self._channels.get(channel, ()))
+        for listener in listeners:
+            self.remove(channel, listener)
+        return listeners
+
+    def has(self, channel: str) -> bool:
+        """Does a listener want the channel?"""
+        return channel in self._channels
+
     async def start(self) -> None:
+        self.start_soon()
+
+    def start_soon(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
@@ -59,7 +127,7 @@ class Hub:
             if task is not None:
                 await cancel_and_wait(task)
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
         """Deliver the channel's messages to ``listener``, from when Redis confirms it on."""
@@ -115,8 +183,8 @@ class Hub:
         finally:
             self._flushing = None
 
-    async def _connect(self) -> PubSub:
-        pubsub = self.redis.pubsub()
+    async def _connect(self) -> Subscriber:
+        pubsub = self.subscriber()
         async with self._lock:
             for channel in [c for c in self._waiting if c not in self._channels]:
                 self._waiting.pop(channel).set()  # no longer wanted: nothing to wait for
@@ -125,7 +193,10 @@ class Hub:
             self._subscribed = set(self._channels)
             self._changed.clear()
             self._unsubscribing.clear()
-            await pubsub.subscribe(HUB_CHANNEL, *self._channels)
+            if self.always or self._channels:
+                await pubsub.subscribe(*self.always, *self._channels)
+            else:
+                await pubsub.connect()
         return pubsub
 
     async def _run(self) -> None:
@@ -144,12 +215,14 @@ class Hub:
             except Exception as exc:
                 stop_if_cancelled(exc)
                 self.connected.clear()
+                if self.on_trouble is not None:
+                    self.on_trouble()
                 delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
                 attempt += 1
                 logger.warning("event hub lost Redis (%s); retrying in %.2f s", exc, delay)
                 if self._pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await self._pubsub.aclose()
                     self._pubsub = None
                 await asyncio.sleep(delay)
 
@@ -166,6 +239,8 @@ class Hub:
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
         if message["type"] == "unsubscribe":
+            if not self._unsubscribing[channel] and channel in self._subscribed:
+                raise Dropped(channel)  # subscribe everything again, wherever it lives now
             if self._unsubscribing[channel] > 1:
                 self._unsubscribing[channel] -= 1
             else:

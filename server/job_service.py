@@ -32,7 +32,7 @@ from stepcast.lifecycle import Lifecycle, Speaker
 from stepcast.models import queue_of
 from stepcast.params import Submission
 from stepcast.redis_keys import CANCEL_CHANNEL
-from stepcast.round_trips import GatheredCommands, Gatherer
+from stepcast.round_trips import AnyPipeline, GatheredCommands, Gatherer
 from stepcast.settings import ServerSettings
 from stepcast.status import Status
 from stepcast.storage import Storage
@@ -125,13 +125,22 @@ class JobService:
             job, Place(insertion.ahead + 1, insertion.work_ahead, insertion.running_work)
         )
 
-        def announce(pipe: Pipeline) -> None:
-            # Announce before enqueueing: a worker may start the job at once, and
-            # `queued` must come before `started` in the job's log.
-            self.lifecycle.announce_in(pipe, job, queued)
+        # Announce before enqueueing: a worker may start the job at once, and `queued` must
+        # come before `started` in the job's log. On the queue's Redis, in one round trip.
+        shared = self.lifecycle.events.shares_queue
+
+        def announce(pipe: AnyPipeline) -> None:
+            assert isinstance(pipe, Pipeline)  # (the queue's Redis is a plain one)
+            if shared:
+                self.lifecycle.announce_in(pipe, job, queued)
             ticket = queue.Ticket.of(job)
             queue.enqueue_in(pipe, self.redis, job.id, job.queue, place=queue.place_of(job), ticket=ticket)
 
+        if not shared:
+            try:
+                await self.lifecycle.announce(job, queued)
+            except RedisError:  # its watchers get a snapshot; the job runs all the same
+                logger.warning("the event plane is unreachable; job announced without `queued`", extra=log)
         try:
             await self.pipelined(announce)
         except RedisError:

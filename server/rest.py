@@ -17,7 +17,7 @@ from server.auth import owner_of, priority_class_of
 from server.feed import Feed, SlowConsumer
 from server.limits import client_address
 from server.services import services_of
-from stepcast import webhooks
+from stepcast import event_plane, webhooks
 from stepcast.errors import (
     FieldError,
     Gone,
@@ -252,10 +252,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when Postgres and Redis both answer within a second."""
+    """Ready when Postgres and Redis (and the event plane, where it is another) answer within a
+    second."""
     services = services_of(request)
     checks: dict[str, str] = {}
-    for name, probe in (("postgres", services.db.ping()), ("redis", services.redis.ping())):
+    probes = [("postgres", services.db.ping()), ("redis", services.redis.ping())]
+    if services.events.redis is not services.redis:
+        probes.append(("events", event_plane.ping(services.events.redis)))
+    for name, probe in probes:
         try:
             async with asyncio.timeout(1.0):
                 await probe

@@ -9,7 +9,7 @@ from arq.connections import ArqRedis
 from starlette.requests import HTTPConnection
 
 from server.catalog import ModelCatalog
-from server.hub import Hub
+from server.hub import Subscriptions
 from server.job_service import JobService
 from server.limits import Sockets
 from server.metrics import ServerMetrics
@@ -27,7 +27,7 @@ class Services:
     redis: ArqRedis
     events: EventLog
     storage: Storage
-    hub: Hub
+    hub: Subscriptions
     metrics: ServerMetrics
     session_secret: bytes
     jobs: JobService

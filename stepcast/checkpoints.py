@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from stepcast.events import STATE
 from stepcast.redis_keys import checkpoint_key, event_keys
-from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
+from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts, RedisClient, script
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +40,10 @@ class Checkpoint:
 
 
 class Checkpoints:
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: RedisClient, *, ttl_s: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
-        self._save = redis.register_script(_SAVE)
+        self._save = script(redis, _SAVE)
         self._scripts = GatheredScripts(redis)
         self._reads = GatheredCommands(redis)
 

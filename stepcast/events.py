@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
-from stepcast.redis_keys import checkpoint_key, event_keys, job_channel, owner_channel
-from stepcast.round_trips import Arg, GatheredCommands, GatheredScripts
+from stepcast.redis_keys import PLAIN, Channels, checkpoint_key, event_keys
+from stepcast.round_trips import AnyPipeline, Arg, GatheredCommands, GatheredScripts, RedisClient, script
 from stepcast.status import TERMINAL
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,14 @@ FENCED = -3  # a newer attempt exists, or the log has ended
 # stream. Sets cur/ceil (nil when there is no counter), top (the stream's newest seq),
 # newest (its text).
 STATE = """
-local state = redis.call('HMGET', KEYS[1], 'cur', 'ceil', 'att')
+local state = redis.call('HMGET', KEYS[1], 'cur', 'ceil', 'att', 'rid')
 local cur, ceil, att = tonumber(state[1]), tonumber(state[2]), tonumber(state[3] or '0')
 local attempt = tonumber(ARGV[1])
+-- A counter is trusted only in the history that wrote it. A replica promoted in a failover, a
+-- restart from an AOF or a restored snapshot starts a new replication id, and may have lost
+-- the newest seqs (replication and fsync lag): such a counter takes a fresh block.
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+if state[4] ~= rid then cur = nil end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 local top, newest = 0, nil
 if last then
@@ -62,13 +68,14 @@ local function keep(seq, heard)
     if cur == nil or seq > cur then cur = seq end
     if ceil == nil or ceil < cur then ceil = cur end
     if heard then att = math.max(att, attempt) end
-    redis.call('HSET', KEYS[1], 'cur', cur, 'ceil', ceil, 'att', att)
+    redis.call('HSET', KEYS[1], 'cur', cur, 'ceil', ceil, 'att', att, 'rid', rid)
     redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 """
 
-# KEYS: counter, stream, job channel, owner channel, checkpoint. ARGV: attempt, ttl, seq
-# (0 = the next), head, tail, stream max, position update (1/0), block lo, block hi (0 = none).
+# KEYS: counter, stream, checkpoint, then the channels to publish to (the job's; on a plain
+# Redis the owner's too). ARGV: attempt, ttl, seq (0 = the next), head, tail, stream max,
+# position update (1/0), block lo, block hi (0 = none), the publish command.
 _EMIT = (
     STATE
     + """
@@ -95,11 +102,12 @@ keep(seq, true)
 local data = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 'e', data)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', KEYS[3], data)
-redis.call('PUBLISH', KEYS[4], data)
+for channel = 4, #KEYS do
+    redis.call(ARGV[10], KEYS[channel], data)
+end
 local kind = string.match(ARGV[4], '^{"type":"(%a+)",')
 if kind == 'completed' or kind == 'failed' or kind == 'canceled' then
-    redis.call('DEL', KEYS[5])  -- nothing resumes from it any more
+    redis.call('DEL', KEYS[3])  -- nothing resumes from it any more
 end
 return seq
 """
@@ -240,19 +248,28 @@ class Stream:
 
 class EventLog:
     def __init__(
-        self, redis: Redis, *, stream_max: int, ttl_s: int, finished_ttl_s: int | None = None
+        self,
+        redis: RedisClient,
+        *,
+        stream_max: int,
+        ttl_s: int,
+        finished_ttl_s: int | None = None,
+        channels: Channels = PLAIN,
     ) -> None:
         """A job's stream and counter live ``ttl_s`` after its latest event, and only
         ``finished_ttl_s`` after its terminal one: a client resuming later gets a snapshot,
-        as after Redis lost them."""
+        as after Redis lost them. ``redis``: the event plane (stepcast.event_plane), whose
+        ``channels`` the events are published on."""
         self.redis = redis
+        self.channels = channels
         self.stream_max = stream_max
         self.ttl_s = ttl_s
         self.finished_ttl_s = ttl_s if finished_ttl_s is None else min(finished_ttl_s, ttl_s)
-        self._emit = redis.register_script(_EMIT)
-        self._reserve = redis.register_script(_RESERVE)
+        self._emit = script(redis, _EMIT)
+        self._reserve = script(redis, _RESERVE)
         self._scripts = GatheredScripts(redis)  # a batch's events of one step: one round trip
         self._reads = GatheredCommands(redis)  # the jobs a server starts watching together: one round trip
+        self._publishes = GatheredCommands(redis)  # on a cluster: the owners' channels, in their own slots
 
     async def emit(
         self,
@@ -291,35 +308,72 @@ class EventLog:
         got. (A reserved ``seq`` is one event's.)"""
         if not events:
             return []
+        texts = [encode(event.type, job_id, event.fields()) for event in events]
         calls = [
-            self._emit_call(job_id, owner, event, attempt, seq, block, position_update) for event in events
+            self._emit_call(job_id, owner, event.type, text, attempt, seq, block, position_update)
+            for event, text in zip(events, texts, strict=True)
         ]
-        return [int(answer) for answer in await self._scripts.call_all(self._emit, calls)]
+        answers = [int(answer) for answer in await self._scripts.call_all(self._emit, calls)]
+        if self.channels.sharded:
+            published = [
+                f"{head}{seq}{tail}" for (head, tail), seq in zip(texts, answers, strict=True) if seq > 0
+            ]
+            await self._publish_to_owner(owner, published)
+        return answers
+
+    async def _publish_to_owner(self, owner: str, texts: list[str]) -> None:
+        """On a cluster a script reaches only its job's slot: the owner's channel, in a slot
+        of its own, hears each published event from here, after the job's channel. At most
+        once, like all pub/sub: a lost one is a gap its watchers fill from the stream (or the
+        re-sync after their own connection to that shard came back)."""
+        channel = self.channels.owner(owner)
+        if not texts:
+            return
+
+        def commands(pipe: AnyPipeline) -> None:
+            for text in texts:
+                pipe.execute_command("SPUBLISH", channel, text)
+
+        try:
+            await self._publishes(commands)
+        except RedisError:
+            logger.warning("an owner's channel missed %d events", len(texts), extra={"owner": owner})
+
+    @property
+    def shares_queue(self) -> bool:
+        """Does the event plane live on the queue's Redis, so that :meth:`emit_in` may join an
+        enqueue's round trip?"""
+        return not self.channels.sharded and isinstance(self.redis, Redis)
 
     def emit_in(
         self, pipe: Pipeline, job_id: str, owner: str, event: Event, *, attempt: int, block: Block
     ) -> None:
-        """:meth:`emit` queued on ``pipe``, to share its round trip (the answer comes back from
-        ``pipe.execute()``). The script's text goes along: Redis may have lost its copy."""
-        keys, args = self._emit_call(job_id, owner, event, attempt, 0, block, False)
+        """:meth:`emit` queued on ``pipe`` (of the same Redis), to share its round trip (the
+        answer comes back from ``pipe.execute()``). The script's text goes along: Redis may
+        have lost its copy."""
+        text = encode(event.type, job_id, event.fields())
+        keys, args = self._emit_call(job_id, owner, event.type, text, attempt, 0, block, False)
         pipe.execute_command("EVAL", _EMIT, len(keys), *keys, *args)
 
     def _emit_call(
         self,
         job_id: str,
         owner: str,
-        event: Event,
+        event_type: str,
+        text: tuple[str, str],
         attempt: int,
         seq: int,
         block: Block,
         position_update: bool,
     ) -> tuple[list[str], list[Arg]]:
-        head, tail = encode(event.type, job_id, event.fields())
+        head, tail = text
         counter, stream = event_keys(job_id)
-        keys = [counter, stream, job_channel(job_id), owner_channel(owner), checkpoint_key(job_id)]
-        ttl_s = self.finished_ttl_s if event.type in TERMINAL_TYPES else self.ttl_s
+        keys = [counter, stream, checkpoint_key(job_id), self.channels.job(job_id)]
+        if not self.channels.sharded:  # one Redis: the owner's channel hears it in the same script
+            keys.append(self.channels.owner(owner))
+        ttl_s = self.finished_ttl_s if event_type in TERMINAL_TYPES else self.ttl_s
         args: list[Arg] = [attempt, ttl_s, seq, head, tail, self.stream_max, int(position_update)]
-        return keys, [*args, block.lo, block.hi]
+        return keys, [*args, block.lo, block.hi, self.channels.publish]
 
     async def reserve(self, job_id: str, *, attempt: int, block: Block = NO_BLOCK) -> int:
         """The next seq, for an event recorded in Postgres (fenced) before it is emitted; or
@@ -333,7 +387,7 @@ class EventLog:
         """The events still held in the job's stream with seq > after_seq, in order."""
         _, stream = event_keys(job_id)
 
-        def commands(pipe: Pipeline) -> None:
+        def commands(pipe: AnyPipeline) -> None:
             pipe.xrange(stream, min=f"{after_seq + 1}-0", max="+")
             pipe.xrevrange(stream, max="+", min="-", count=1)
 

@@ -79,6 +79,13 @@ class Lifecycle:
             pipe, str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first
         )
 
+    async def announce(self, job: Job, event: Queued) -> None:
+        """:meth:`announce_in` on its own (the event plane is not the queue's Redis)."""
+        first = Block(1, job.seq_ceiling)
+        await self.events.emit(
+            str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first
+        )
+
     async def emit(
         self,
         job_id: uuid.UUID,

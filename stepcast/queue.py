@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 
 TASK_NAME = "run_job"
 KEEPALIVE = {socket.TCP_KEEPIDLE: 30, socket.TCP_KEEPINTVL: 10, socket.TCP_KEEPCNT: 3}
+# Every Redis client of ours (the queue's, the event plane's): a node that is down is given up
+# on in 2 s, a half-open connection (failover, NAT time-out) is found within about a minute.
+CONNECTION_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 2,
+    "health_check_interval": 30,
+    "socket_keepalive": True,
+    "socket_keepalive_options": KEEPALIVE,
+}
 # Jobs held by workers stay at the head of the queue until they finish: a take
 # looks past this many (each worker holds at most 4 × its batch size).
 TAKE_SCAN_LIMIT = 10_000
@@ -70,14 +78,7 @@ class Taken(NamedTuple):
 
 def connect(redis_url: str) -> ArqRedis:
     """A lazy pool: a server starts (and reports not ready) while Redis is down."""
-    pool = ConnectionPool.from_url(
-        redis_url,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-        # A half-open connection (failover, NAT time-out) is found within about a minute.
-        socket_keepalive=True,
-        socket_keepalive_options=KEEPALIVE,
-    )
+    pool = ConnectionPool.from_url(redis_url, **CONNECTION_OPTIONS)
     return ArqRedis(pool, job_serializer=arq_bridge.serialize, job_deserializer=arq_bridge.deserialize)
 
 

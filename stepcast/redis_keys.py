@@ -9,6 +9,8 @@ retry keys, and a worker's health check) are arq's layout, named in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # -- the queue -----------------------------------------------------------------------------
 
 # Sorted set of queued job ids by due time (arq's queue): servers and recovery enqueue, workers take.
@@ -39,23 +41,36 @@ def checkpoint_key(job_id: str) -> str:
     return f"stepcast:{{{job_id}}}:checkpoint"
 
 
-def job_channel(job_id: str) -> str:
-    """Pub/sub: each event of the job, published by the event script; a server's hub subscribes
-    while a feed of its watches the job."""
-    return f"stepcast:job:{job_id}"
+@dataclass(frozen=True)
+class Channels:
+    """The pub/sub channels of jobs' events. On a plain Redis they are PUBLISHed and SUBSCRIBEd;
+    ``sharded`` (a Redis Cluster), SPUBLISHed and SSUBSCRIBEd, a job's in its job's slot (its
+    event script publishes to it) and an owner's in a slot of its own."""
+
+    sharded: bool = False
+
+    @property
+    def publish(self) -> str:
+        return "SPUBLISH" if self.sharded else "PUBLISH"
+
+    def job(self, job_id: str) -> str:
+        """Each event of the job; a server's hub subscribes while a feed of its watches the job."""
+        return f"stepcast:{{{job_id}}}:job" if self.sharded else f"stepcast:job:{job_id}"
+
+    def owner(self, owner: str) -> str:
+        """Each event of the owner's jobs; a server's hub subscribes while a feed of its
+        watches all of the owner's jobs."""
+        return f"stepcast:{{owner:{owner}}}" if self.sharded else f"stepcast:owner:{owner}"
 
 
-def owner_channel(owner: str) -> str:
-    """Pub/sub: each event of the owner's jobs, published by the event script; a server's hub
-    subscribes while a feed of its watches all of the owner's jobs."""
-    return f"stepcast:owner:{owner}"
+PLAIN = Channels()
 
 
 # A pattern (PSUBSCRIBE): every job's events; benchmarks and tests listen to them all.
-ALL_JOB_CHANNELS = job_channel("*")
+ALL_JOB_CHANNELS = PLAIN.job("*")
 
-# Pub/sub: a server's hub always subscribes, so its connection is never left with no channel;
-# nobody publishes.
+# Pub/sub: a server's hub always subscribes on a plain Redis, so its connection is never left
+# with no channel; nobody publishes.
 HUB_CHANNEL = "stepcast:hub"
 
 

@@ -16,10 +16,13 @@ from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 Arg = str | int | float | bytes
+RedisClient = Redis | RedisCluster  # a plain Redis, or a Redis Cluster (the event plane's)
+AnyPipeline = Pipeline | ClusterPipeline
 I = TypeVar("I")  # noqa: E741 (one call's input)
 R = TypeVar("R")
 
@@ -115,8 +118,14 @@ class _Calls:
     each: list[tuple[list[str], list[Arg]]]
 
 
+def script(redis: RedisClient, text: str) -> AsyncScript:
+    """``redis.register_script(text)``, for a cluster client too (redis-py types it for a plain
+    one; its cluster client routes the script by its keys)."""
+    return AsyncScript(redis, text)  # type: ignore[arg-type]
+
+
 class GatheredScripts:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self._calls: Gatherer[_Calls, list[Any]] = Gatherer(self._pipelined, one=self._alone)
 
@@ -165,19 +174,19 @@ class GatheredCommands:
     round trip with those of the other calls of this loop pass; their replies, in order.
     The first reply that is an error is raised."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
-        self._calls: Gatherer[Callable[[Pipeline], object], list[Any]] = Gatherer(self._many)
+        self._calls: Gatherer[Callable[[AnyPipeline], object], list[Any]] = Gatherer(self._many)
 
-    async def __call__(self, fill: Callable[[Pipeline], object]) -> list[Any]:
+    async def __call__(self, fill: Callable[[AnyPipeline], object]) -> list[Any]:
         return await self._calls(fill)
 
-    async def _many(self, fills: list[Callable[[Pipeline], object]]) -> list[list[Any] | BaseException]:
+    async def _many(self, fills: list[Callable[[AnyPipeline], object]]) -> list[list[Any] | BaseException]:
         async with self.redis.pipeline(transaction=False) as pipe:
             ends = []
             for fill in fills:
                 fill(pipe)
-                ends.append(len(pipe.command_stack))
+                ends.append(len(pipe))
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         results: list[list[Any] | BaseException] = []
         start = 0

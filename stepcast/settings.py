@@ -48,6 +48,12 @@ class SharedSettings(BaseSettings):
     # applied (docs/migrations.md), waiting up to schema_wait_s for them.
     schema_wait_s: float = Field(60.0, ge=0)
     redis_url: str = "redis://127.0.0.1:63790/0"
+    # The event plane (each job's event log, seq counter, checkpoint and pub/sub channel):
+    # on redis_url unless event_redis_url is set. event_redis_cluster: that URL names a node
+    # of a Redis Cluster (7+), which holds each job's keys in one slot and fans its events out
+    # with sharded pub/sub (docs/scaling.md, "The event plane on Redis Cluster").
+    event_redis_url: str | None = None
+    event_redis_cluster: bool = False
     # The queues' common prefix: model M's jobs wait in "<queue_name>:M".
     queue_name: str = DEFAULT_QUEUE
 
@@ -121,6 +127,15 @@ class SharedSettings(BaseSettings):
         if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
             return None
         return value
+
+    @model_validator(mode="after")
+    def _check_event_plane(self) -> SharedSettings:
+        if self.event_redis_cluster and self.event_redis_url is None:
+            raise ValueError(
+                "STEPCAST_EVENT_REDIS_CLUSTER=true needs STEPCAST_EVENT_REDIS_URL (a node of the "
+                "cluster): the queue (STEPCAST_REDIS_URL) stays on a plain Redis"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_storage(self) -> SharedSettings:
@@ -212,6 +227,9 @@ class ServerSettings(SharedSettings):
 
     # Real-time delivery (WebSocket and SSE).
     queue_update_s: float = Field(1.0, gt=0)
+    # On a Redis Cluster event plane: how often a server reads the cluster's shards (besides
+    # at once after losing a node's connection), to follow slots that moved.
+    event_topology_check_s: float = Field(10.0, gt=0)
     # A client that reads slower than events come: what waits for it, at most (previews
     # then progress are dropped to stay under; then it is closed with 1013 to resume).
     feed_buffer_max: int = Field(256, ge=8)

@@ -34,7 +34,7 @@ from gpu_worker.worker import create_worker
 from server.app import Server, create_app
 from stepcast import schema
 from stepcast import settings as settings_module
-from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port, wait_for_port
+from stepcast.cli.processes import LocalPostgres, LocalRedis, LocalRedisCluster, free_port, wait_for_port
 from stepcast.db import Database
 from stepcast.models import queue_of
 from stepcast.params import JobParams
@@ -68,6 +68,34 @@ def redis_server() -> Iterator[LocalRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """Three primaries with a replica each, for the event plane on a cluster."""
+    cluster = LocalRedisCluster(DATA_DIR / "test" / "redis-cluster")
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def event_plane(request: pytest.FixtureRequest) -> str:
+    """Where the test's jobs' events live: "plain" (the queue's Redis), or "cluster" for a
+    module marked ``pytest.mark.parametrize("event_plane", ["cluster"], indirect=True)``."""
+    return str(getattr(request, "param", "plain"))
+
+
+@pytest.fixture
+async def event_plane_settings(event_plane: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if event_plane == "plain":
+        return {}
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    for node in await asyncio.to_thread(cluster.primaries):  # isolated state per test
+        client = Redis.from_url(node.url())
+        await client.flushall()
+        await client.aclose()
+    return {"event_redis_url": cluster.url(), "event_redis_cluster": True}
 
 
 @pytest.fixture
@@ -149,7 +177,9 @@ async def redis_url(redis_server: LocalRedis) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(
+    database_url: str, redis_url: str, tmp_path: Path, event_plane_settings: dict[str, Any]
+) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "database_url": database_url,
@@ -161,6 +191,7 @@ def make_settings(database_url: str, redis_url: str, tmp_path: Path) -> Callable
             "port": free_port(),
             # Tests about something else run as one user; tests/test_auth.py uses keys.
             "auth": "single_user",
+            **event_plane_settings,
         }
         values.update(overrides)
         return settings_module.load(**values)

@@ -88,7 +88,7 @@ async def test_an_older_attempt_is_fenced_and_a_log_ends_at_its_terminal_event(l
 
 
 async def test_a_finished_jobs_log_leaves_redis_soon_after_its_terminal_event(log: EventLog) -> None:
-    log = EventLog(log.redis, stream_max=100, ttl_s=86_400, finished_ttl_s=600)
+    log = EventLog(log.redis, stream_max=100, ttl_s=86_400, finished_ttl_s=600, channels=log.channels)
     counter, stream = event_keys("j")
     await log.emit("j", "o", STARTED, attempt=1, block=FIRST)
     await log.emit("j", "o", STEP, attempt=1)
@@ -114,6 +114,19 @@ async def test_a_stream_ahead_of_its_counter_takes_a_fresh_block(log: EventLog) 
     assert await log.emit("j", "o", STARTED, attempt=1) == NEED_BLOCK  # not 2 again
     assert await log.reserve("j", attempt=1) == NEED_BLOCK
     assert await log.emit("j", "o", STARTED, attempt=1, block=Block(1025, 2048)) == 1025
+
+
+async def test_a_counter_of_another_replication_history_takes_a_fresh_block(log: EventLog) -> None:
+    assert await log.emit("j", "o", QUEUED, attempt=1, block=FIRST) == 1
+    assert await log.emit("j", "o", STARTED, attempt=1) == 2
+    # A replica promoted in a failover (or an AOF replayed after a crash) serves a new
+    # replication id, and may have lost seqs watchers saw: the counter it kept is not trusted.
+    counter, _ = event_keys("j")
+    await log.redis.hset(counter, "rid", "an-older-primary")
+    assert await log.emit("j", "o", STEP, attempt=1) == NEED_BLOCK
+    assert await log.reserve("j", attempt=1) == NEED_BLOCK
+    assert await log.emit("j", "o", STEP, attempt=1, block=Block(1025, 2048)) == 1025
+    assert await log.emit("j", "o", STEP, attempt=1) == 1026  # trusted again, in this history
 
 
 async def test_position_updates_never_precede_the_submit_or_follow_start_or_a_reserved_seq(

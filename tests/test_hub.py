@@ -31,7 +31,7 @@ async def calls(redis: Redis, command: str) -> int:
 
 async def test_channels_added_or_dropped_together_go_to_redis_in_one_command(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
-    hub = Hub(redis)
+    hub = Hub.plain(redis)
     await hub.start()
     try:
         await asyncio.wait_for(hub.connected.wait(), 10)
@@ -79,7 +79,7 @@ async def test_a_channel_wanted_again_waits_for_its_new_subscribe_not_the_old_on
     redis_url: str, monkeypatch: Any
 ) -> None:
     redis = Redis.from_url(redis_url)
-    hub = Hub(redis)
+    hub = Hub.plain(redis)
     await hub.start()
     held: list[dict[str, Any]] = []  # Redis' answers on the channel, handed over one by one
     dispatch = hub._dispatch

@@ -193,10 +193,14 @@ class LocalPostgres:
 
 
 class LocalRedis:
-    def __init__(self, data_dir: Path, port: int, *, durable: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, *, durable: bool = True, options: tuple[str, ...] = ()
+    ) -> None:
+        """``options``: more of redis-server's arguments (``--cluster-enabled yes``, …)."""
         self.data_dir = data_dir
         self.port = port
         self.durable = durable
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -216,7 +220,7 @@ class LocalRedis:
             [
                 find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir), "--logfile", str(log), "--daemonize", "no",
-                "--protected-mode", "yes", *persistence,
+                "--protected-mode", "yes", *persistence, *self.options,
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -224,6 +228,82 @@ class LocalRedis:
 
     def stop(self) -> None:
         _stop(self.process, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or lost node (no goodbye to its clients or its cluster)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class LocalRedisCluster:
+    """A Redis Cluster on loopback: ``primaries`` shards of ``replicas + 1`` nodes each, made by
+    ``redis-cli --cluster create`` (both from the redis-server package). For tests and
+    benchmarks of the event plane on a cluster; nodes fail over after ``node_timeout_ms``."""
+
+    def __init__(
+        self, data_dir: Path, *, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+    ) -> None:
+        self.data_dir = data_dir
+        self.replicas = replicas
+        options = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms))
+        self.nodes = [
+            LocalRedis(data_dir / f"node-{index}", free_port(), durable=False, options=options)
+            for index in range(primaries * (replicas + 1))
+        ]
+        for node in self.nodes:  # each its own nodes.conf, made afresh
+            node.options += ("--cluster-config-file", str(node.data_dir / "nodes.conf"))
+
+    def url(self) -> str:
+        """A node of the cluster, from which a client finds the others."""
+        return self.nodes[0].url()
+
+    def start(self, timeout_s: float = 30) -> None:
+        for node in self.nodes:
+            shutil.rmtree(node.data_dir, ignore_errors=True)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [find_binary("redis-cli"), "--cluster", "create", *addresses,
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True, capture_output=True, timeout=timeout_s,
+        )  # fmt: skip
+        self.wait_until_healthy(timeout_s)
+
+    def wait_until_healthy(self, timeout_s: float = 30) -> None:
+        """Until every live node says the cluster is ok (every slot has a live primary) and
+        every replica is in sync."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if all(self._ok(node) for node in self.nodes if node.process and node.process.poll() is None):
+                return
+            if time.monotonic() > deadline:
+                raise ProcessError(f"the Redis Cluster under {self.data_dir} is not ok after {timeout_s} s")
+            time.sleep(0.1)
+
+    def _ok(self, node: LocalRedis) -> bool:
+        """The cluster is ok as this node sees it; a replica has its primary's data (it can
+        take over)."""
+        info = self.cli(node, "CLUSTER", "INFO", check=False)
+        role = self.cli(node, "ROLE", check=False).split()
+        synced = role[:1] == ["master"] or role[3:4] == ["connected"]
+        return "cluster_state:ok" in info and "cluster_slots_ok:16384" in info and synced
+
+    def cli(self, node: LocalRedis, *command: str, check: bool = True) -> str:
+        answer = subprocess.run(
+            [find_binary("redis-cli"), "-p", str(node.port), *command],
+            capture_output=True, text=True, check=check, timeout=10,
+        )  # fmt: skip
+        return answer.stdout
+
+    def primaries(self) -> list[LocalRedis]:
+        """The live nodes that serve slots now."""
+        live = [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+        return [node for node in live if self.cli(node, "ROLE", check=False).startswith("master")]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,243 @@
+"""A server's subscriptions to an event plane on Redis Cluster: one connection per primary.
+
+Each channel is sharded (``SSUBSCRIBE``) on the primary that serves its slot, through that
+node's :class:`~server.hub.Hub`. redis-py 5 (arq's pin) has no pub/sub on its asyncio cluster
+client, so :class:`ShardSubscriber` speaks it on one plain connection, and :class:`ClusterHub`
+follows ``CLUSTER SHARDS``: read at start, every ``check_s``, at once after a node's connection
+fails (and every half second until each wanted node is back), or after a node refused or dropped
+a channel (MOVED, a slot migrated away). A channel whose slot moved is subscribed on its new
+primary, and its feeds re-sync from the job's stream there. docs/scaling.md, "The event plane
+on Redis Cluster".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio.connection import Connection, parse_url
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from server.hub import Hub, Listener
+from stepcast.background import cancel_and_wait
+from stepcast.queue import CONNECTION_OPTIONS
+
+logger = logging.getLogger(__name__)
+
+UNHEALTHY_CHECK_S = 0.5  # how often the shards are read while a wanted node is unreachable
+
+# Redis' sharded pub/sub messages, named as redis-py's PubSub names the plain ones.
+_KINDS = {b"ssubscribe": "subscribe", b"sunsubscribe": "unsubscribe", b"smessage": "message"}
+
+
+@dataclass(frozen=True)
+class Node:
+    host: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which primary serves each slot, and every node known (to ask next time)."""
+
+    primaries: list[Node | None]  # by slot
+    nodes: frozenset[Node]
+
+    @classmethod
+    def parse(cls, shards: list[Any]) -> Topology:
+        """From a ``CLUSTER SHARDS`` reply (Redis 7): each shard's slot ranges and nodes."""
+        primaries: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        nodes: set[Node] = set()
+        for shard in shards:
+            fields = _pairs(shard)
+            masters = []
+            for description in fields[b"nodes"]:
+                node_fields = _pairs(description)
+                host = node_fields.get(b"endpoint") or node_fields[b"ip"]
+                if host in (b"?", b""):
+                    continue  # an endpoint not known yet
+                node = Node(host.decode(), int(node_fields.get(b"port") or node_fields[b"tls-port"]))
+                nodes.add(node)
+                if node_fields[b"role"] == b"master":
+                    masters.append((node_fields.get(b"health") != b"online", node))
+            # After a failover the old primary may be listed too, failed, until it comes back
+            # as a replica: the one online serves the slots.
+            primary = min(masters, key=lambda pair: pair[0])[1] if masters else None
+            slots = fields[b"slots"]
+            for start, end in zip(slots[::2], slots[1::2], strict=True):
+                primaries[int(start) : int(end) + 1] = [primary] * (int(end) - int(start) + 1)
+        return cls(primaries, frozenset(nodes))
+
+    def primary_of(self, channel: str) -> Node | None:
+        return self.primaries[key_slot(channel.encode())]
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, Any]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class ShardSubscriber:
+    """Sharded pub/sub on one plain connection to one node, with its messages as redis-py's
+    ``PubSub.listen`` gives plain ones. A refused channel (MOVED: not this node's slot) is an
+    error out of :meth:`listen`; the hub then connects again, its router having moved it."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    async def connect(self) -> None:
+        await self._connection.connect()  # type: ignore[no-untyped-call]
+
+    async def subscribe(self, *channels: str) -> None:
+        await self._send("SSUBSCRIBE", channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self._send("SUNSUBSCRIBE", channels)
+
+    async def _send(self, command: str, channels: tuple[str, ...]) -> None:
+        # One command per channel: the channels of one command must share a slot.
+        commands = [(command, channel) for channel in channels]
+        await self._connection.send_packed_command(self._connection.pack_commands(commands))
+
+    async def listen(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            kind, channel, data = await self._connection.read_response()
+            yield {"type": _KINDS.get(kind, kind.decode()), "channel": channel, "data": data}
+
+    async def aclose(self) -> None:
+        await self._connection.disconnect()
+
+
+class ClusterHub:
+    """The :class:`~server.hub.Subscriptions` of a server on a Redis Cluster: a hub per primary
+    that serves a wanted channel, each channel on the one serving its slot now."""
+
+    def __init__(self, url: str, *, check_s: float) -> None:
+        options: dict[str, Any] = {key: value for key, value in parse_url(url).items() if key != "db"}
+        self._seed = Node(options.pop("host", "127.0.0.1"), int(options.pop("port", 6379)))
+        self._options = {**CONNECTION_OPTIONS, **options}
+        self.check_s = check_s
+        self._topology: Topology | None = None
+        self._hubs: dict[Node, Hub] = {}
+        self._homes: dict[str, Node] = {}  # each wanted channel: the primary whose hub has it
+        self._trouble = asyncio.Event()
+        self._known = asyncio.Event()  # a topology was read
+        self._task: asyncio.Task[None] | None = None
+        self._moving = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="event-hub-shards")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+        for hub in self._hubs.values():
+            await hub.stop()
+
+    async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            await self._known.wait()
+            while True:
+                node = self._homes.get(channel) or self._home_of(channel)
+                self._homes[channel] = node
+                await self._hub(node).add(channel, listener, timeout_s)
+                if self._homes.get(channel) == node:
+                    return
+                self._hubs[node].remove(channel, listener)  # it moved meanwhile: add it there
+
+    def remove(self, channel: str, listener: Listener) -> None:
+        node = self._homes.get(channel)
+        hub = self._hubs.get(node) if node is not None else None
+        if hub is not None:
+            hub.remove(channel, listener)
+        if hub is None or not hub.has(channel):
+            self._homes.pop(channel, None)
+
+    def _home_of(self, channel: str) -> Node:
+        assert self._topology is not None
+        node = self._topology.primary_of(channel)
+        if node is None:
+            raise ConnectionError(f"no primary serves the slot of {channel} now")
+        return node
+
+    def _hub(self, node: Node) -> Hub:
+        hub = self._hubs.get(node)
+        if hub is None:
+            hub = Hub(lambda: ShardSubscriber(self._connection(node)), on_trouble=self._trouble.set)
+            self._hubs[node] = hub
+            hub.start_soon()
+        return hub
+
+    async def _follow(self) -> None:
+        """Read the shards now, then on trouble, every ``check_s``, and often while a wanted
+        node is down; move what moved."""
+        while True:
+            try:
+                await self._refresh()
+            except Exception:
+                logger.warning("could not read the Redis Cluster's shards", exc_info=True)
+            healthy = self._known.is_set() and all(
+                hub.connected.is_set() for hub in self._hubs.values() if hub.wanted
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.check_s if healthy else UNHEALTHY_CHECK_S):
+                    await self._trouble.wait()
+            self._trouble.clear()
+
+    async def _refresh(self) -> None:
+        topology = await self._read_topology()
+        self._topology = topology
+        self._known.set()
+        async with self._moving:
+            moved: dict[str, Node] = {}
+            for channel, node in list(self._homes.items()):
+                home = topology.primary_of(channel)
+                if home is not None and home != node:
+                    moved[channel] = home
+            told: set[Listener] = set()
+            for channel, home in moved.items():
+                listeners = self._hubs[self._homes[channel]].take(channel)
+                self._homes[channel] = home
+                for listener in listeners:
+                    with contextlib.suppress(TimeoutError):  # (it stays wanted there, and is told)
+                        await self._hub(home).add(channel, listener)
+                told |= listeners
+            for listener in told:  # what was published meanwhile is in the stream
+                listener.on_reconnect()
+            if moved:
+                logger.warning("event channels moved to other shards", extra={"moved": len(moved)})
+            for node, hub in list(self._hubs.items()):
+                if not hub.wanted and node not in topology.primaries:
+                    del self._hubs[node]
+                    await hub.stop()
+
+    async def _read_topology(self) -> Topology:
+        """``CLUSTER SHARDS`` from the first node that answers: those known, then the seed."""
+        known = self._topology.nodes if self._topology is not None else frozenset()
+        failure: Exception | None = None
+        for node in [*sorted(known, key=lambda n: n.name), self._seed]:
+            connection = self._connection(node)
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+                await connection.send_command("CLUSTER", "SHARDS")
+                return Topology.parse(await connection.read_response())
+            except Exception as exc:
+                failure = exc
+            finally:
+                await connection.disconnect()
+        raise ConnectionError(f"no node of the Redis Cluster answered ({failure})")
+
+    def _connection(self, node: Node) -> Connection:
+        """A plain connection to ``node`` (the URL's credentials and TLS), without health
+        checks: a subscriber's PING would be read in place of a message."""
+        options = {**self._options, "host": node.host, "port": node.port, "health_check_interval": 0}
+        connection_class = options.pop("connection_class", Connection)
+        connection: Connection = connection_class(**options)
+        return connection
