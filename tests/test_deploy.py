@@ -13,14 +13,15 @@ from stepcast.settings import Settings, WorkerSettings
 from tests.conftest import ROOT
 
 
-def rendered() -> dict[str, Any]:
+def rendered(*profiles: str, **variables: str) -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is missing: `make deps` installs it (Debian's docker-compose)"
-    command = [binary, "-f", str(ROOT / "compose.yaml"), "config"]
+    chosen = [argument for profile in profiles for argument in ("--profile", profile)]
+    command = [binary, "-f", str(ROOT / "compose.yaml"), *chosen, "config"]
     path = {"PATH": os.environ["PATH"]}
     bare = subprocess.run(command, capture_output=True, text=True, timeout=60, env=path)
     assert bare.returncode != 0 and "STEPCAST_SESSION_SECRET" in bare.stderr  # no insecure default
-    env = {**path, "STEPCAST_SESSION_SECRET": "s3cret"}
+    env = {**path, "STEPCAST_SESSION_SECRET": "s3cret", **variables}
     run = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     config: dict[str, Any] = yaml.safe_load(run.stdout)
@@ -83,3 +84,36 @@ def test_compose_runs_a_pool_per_model() -> None:
     assert first["environment"]["STEPCAST_MODEL_NAME"] != "sdxl"
     for key in ("deploy", "healthcheck", "stop_grace_period", "volumes", "command", "depends_on"):
         assert second[key] == first[key], key
+
+
+def test_compose_can_put_the_event_plane_on_a_redis_cluster() -> None:
+    """By default the events share `redis`; `--profile cluster` adds a Redis Cluster of three
+    primaries and three replicas, and two variables move the events onto it."""
+    plain = rendered()["services"]
+    assert all(service["profiles"] == ["cluster"] for name, service in plain.items() if "cluster" in name)
+    settings = Settings(**{"event_redis_url": plain["server"]["environment"]["STEPCAST_EVENT_REDIS_URL"]})
+    assert settings.event_redis_url is None and not settings.event_redis_cluster
+
+    url = "redis://redis-cluster-1:6379"
+    services = rendered("cluster", STEPCAST_EVENT_REDIS_URL=url, STEPCAST_EVENT_REDIS_CLUSTER="true")[
+        "services"
+    ]
+    nodes = {name: service for name, service in services.items() if name.startswith("redis-cluster-")}
+    assert set(nodes) == {f"redis-cluster-{n}" for n in range(1, 7)} | {"redis-cluster-create"}
+    for name in (f"redis-cluster-{n}" for n in range(1, 7)):
+        node = nodes[name]
+        command = " ".join(node["command"])
+        assert node["profiles"] == ["cluster"] and node["hostname"] == name
+        assert "--cluster-enabled yes" in command and "--maxmemory-policy noeviction" in command
+        assert node["healthcheck"]["test"]
+    create = " ".join(nodes["redis-cluster-create"]["command"])
+    assert "--cluster create --cluster-replicas 1" in create
+    assert set(nodes["redis-cluster-create"]["depends_on"]) == {f"redis-cluster-{n}" for n in range(1, 7)}
+    for name in ("server", "gpu_worker"):
+        env = services[name]["environment"]
+        chosen = Settings(
+            event_redis_url=env["STEPCAST_EVENT_REDIS_URL"],
+            event_redis_cluster=env["STEPCAST_EVENT_REDIS_CLUSTER"],
+        )
+        assert chosen.event_redis_url == url and chosen.event_redis_cluster, name
+        assert env["STEPCAST_REDIS_URL"] == "redis://redis:6379/0"  # the queue stays on its own Redis

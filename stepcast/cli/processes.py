@@ -246,13 +246,19 @@ class LocalRedisCluster:
     ) -> None:
         self.data_dir = data_dir
         self.replicas = replicas
-        options = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms))
-        self.nodes = [
-            LocalRedis(data_dir / f"node-{index}", free_port(), durable=False, options=options)
-            for index in range(primaries * (replicas + 1))
-        ]
-        for node in self.nodes:  # each its own nodes.conf, made afresh
-            node.options += ("--cluster-config-file", str(node.data_dir / "nodes.conf"))
+        count = primaries * (replicas + 1)
+        ports: list[int] = []  # each node's, then each node's cluster bus's (not port + 10000,
+        while len(ports) < 2 * count:  # which may lie in the ephemeral range): all different
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.nodes = []
+        for index, (port, bus) in enumerate(zip(ports[:count], ports[count:], strict=True)):
+            data_dir = self.data_dir / f"node-{index}"
+            options = (
+                "--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(bus), "--cluster-config-file", str(data_dir / "nodes.conf"),
+            )  # fmt: skip
+            self.nodes.append(LocalRedis(data_dir, port, durable=False, options=options))
 
     def url(self) -> str:
         """A node of the cluster, from which a client finds the others."""

@@ -1,0 +1,254 @@
+"""The event plane on Redis Cluster: events/s per shard and per server, Redis CPU per event,
+publish -> client latency, and how they change as shards are added.
+
+Loopback only. For each of ``--shards`` (0: the plain Redis of the default deployment, for
+comparison; n: a Redis Cluster of n primaries, ``--replicas`` each): Postgres, the queue's
+Redis, the cluster, and ``--servers`` server processes on it. ``--sockets`` WebSocket clients,
+spread evenly over the servers, each watch one pending job. This process then publishes
+``progress`` events through the event log, as a worker's step does (the simulated worker: no
+pipeline, only its events), at each of ``--rates`` events/s for ``--seconds``, spread over the
+jobs, whose owners are ``--owners`` (each event reaches its job's and its owner's channel).
+
+Reported per rate: events delivered/s; per shard, the events of its jobs/s and its Redis' CPU
+per event (µs of its process per event of its jobs; it also carries other jobs' owner channels);
+per server, events delivered/s and µs of CPU per event; latency p50/p99 (one clock: the
+publisher and the clients live in this process); lost events (must be 0).
+
+All of it shares this machine's 2 cores: the figures to carry to a fleet are the per-event
+costs, not the totals.
+
+    python -m bench.event_plane --shards 0 1 2 3 4 --servers 3 --sockets 3000 --rates 1000 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+import uvloop
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from bench import stack
+from bench.fanout import BLOCK, PROGRESS, watch
+from server.shards import ClusterHub, Node
+from stepcast.cli.processes import LocalRedis, LocalRedisCluster
+from stepcast.event_plane import EventCluster
+from stepcast.events import EventLog
+from stepcast.redis_keys import Channels
+from stepcast.round_trips import RedisClient
+
+
+def cpu_s(process: psutil.Process) -> float:
+    user, system = process.cpu_times()[:2]
+    return float(user + system)
+
+
+async def measure(
+    running: stack.Running,
+    shards: dict[Node, psutil.Process],
+    home_of: Any,
+    events: EventLog,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    sockets = args.sockets
+    jobs = [job["id"] for job in await stack.submit_jobs(running.http_url, sockets, {}, "plane")]
+    owners = [f"owner-{index % args.owners}" for index in range(len(jobs))]
+    homes = [home_of(job_id) for job_id in jobs]
+    servers = [psutil.Process(process.pid) for process in running.servers]
+    # A socket per job, on server index % servers; when each event was sent, by (job, seq).
+    sent: dict[tuple[str, int], float] = {}
+    early: dict[tuple[str, int], float] = {}
+    latencies: list[float] = []
+    delivered = Counter[int]()  # by server
+    all_in = asyncio.Event()
+    expected = [2**62]
+
+    def arrived(latency_s: float) -> None:
+        latencies.append(latency_s * 1000)
+        if len(latencies) >= expected[0]:
+            all_in.set()
+
+    def on_event_of(server: int) -> Any:
+        def on_event(message: dict[str, Any]) -> None:
+            if message.get("type") != "progress":
+                return
+            delivered[server] += 1
+            key = (message["job_id"], message["seq"])
+            at = sent.pop(key, None)
+            if at is None:
+                early[key] = time.perf_counter()
+            else:
+                arrived(time.perf_counter() - at)
+
+        return on_event
+
+    readies = [asyncio.Event() for _ in jobs]
+    urls = running.ws_urls
+    clients = []
+    subscribing = time.perf_counter()
+    for index, (job_id, ready) in enumerate(zip(jobs, readies, strict=True)):
+        server = index % len(urls)
+        clients.append(asyncio.create_task(watch(urls[server], job_id, on_event_of(server), ready)))
+        if index % 200 == 199:
+            await asyncio.sleep(0.05)  # the servers' accept queues stay short
+    await asyncio.gather(*(ready.wait() for ready in readies))
+    subscribe_s = time.perf_counter() - subscribing
+    gc.collect()
+    gc.freeze()
+    await asyncio.sleep(2)
+    rows = []
+    for rate in args.rates:
+        latencies.clear()
+        sent.clear()
+        early.clear()
+        delivered.clear()
+        expected[0] = 2**62
+        count = int(rate * args.seconds)
+        per_shard = Counter(homes[index % len(jobs)] for index in range(count))
+        redis_before = {node: cpu_s(process) for node, process in shards.items()}
+        servers_before = [cpu_s(process) for process in servers]
+        began = time.perf_counter()
+        for index in range(count):
+            job = index % len(jobs)
+            await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
+            emitting = time.perf_counter()
+            seq = await events.emit(jobs[job], owners[job], PROGRESS, attempt=1, block=BLOCK)
+            key = (jobs[job], seq)
+            if (at := early.pop(key, None)) is not None:
+                arrived(at - emitting)
+            else:
+                sent[key] = emitting
+        sent_s = time.perf_counter() - began
+        expected[0] = count
+        if len(latencies) < count:
+            all_in.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_in.wait(), 10)
+        wall_s = time.perf_counter() - began
+        shard_rows = {
+            node.name: {
+                "events_per_s": round(per_shard[node] / sent_s),
+                "redis_core_share": round((cpu_s(process) - redis_before[node]) / wall_s, 3),
+                "redis_us_per_event": round(
+                    (cpu_s(process) - redis_before[node]) / max(1, per_shard[node]) * 1e6, 1
+                ),
+            }
+            for node, process in shards.items()
+        }
+        server_rows = [
+            {
+                "events_per_s": round(delivered[index] / sent_s),
+                "core_share": round((cpu_s(process) - servers_before[index]) / wall_s, 3),
+                "us_per_event": round(
+                    (cpu_s(process) - servers_before[index]) / max(1, delivered[index]) * 1e6
+                ),
+            }
+            for index, process in enumerate(servers)
+        ]
+        rows.append(
+            {
+                "rate": rate,
+                "sent": count,
+                "delivered": len(latencies),
+                "lost": count - len(latencies),
+                "events_per_s": round(len(latencies) / sent_s),
+                "latency_ms": stack.summary(latencies, 1),
+                "shards": shard_rows,
+                "servers": server_rows,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    closed = Counter(client.result() for client in clients if client.done() and not client.exception())
+    for client in clients:
+        client.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    return {"connect_and_subscribe_s": round(subscribe_s, 1), "closed_early": dict(closed), "rates": rows}
+
+
+def run_one(shards: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One deployment: the plain Redis (``shards`` 0) or a cluster of ``shards`` primaries."""
+    name = f"event-plane-{shards}"
+    env = {"STEPCAST_MAX_JOBS_PER_OWNER": str(args.sockets), "STEPCAST_MAX_QUEUE_DEPTH": str(args.sockets)}
+    with contextlib.ExitStack() as resources:
+        postgres, queue_redis = resources.enter_context(stack.services(name))
+        cluster: LocalRedisCluster | None = None
+        if shards:
+            cluster = LocalRedisCluster(
+                stack.BENCH_DIR / name / "cluster", primaries=shards, replicas=args.replicas
+            )
+            cluster.start()
+            resources.callback(cluster.stop)
+            env |= {"STEPCAST_EVENT_REDIS_URL": cluster.url(), "STEPCAST_EVENT_REDIS_CLUSTER": "true"}
+        running = resources.enter_context(
+            stack.stepcast(name, postgres, queue_redis, workers=0, env=env, servers=args.servers)
+        )
+        return uvloop.run(publish_and_watch(running, queue_redis, cluster, args))
+
+
+async def publish_and_watch(
+    running: stack.Running,
+    queue_redis: LocalRedis,
+    cluster: LocalRedisCluster | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    client: RedisClient
+    if cluster is None:
+        client = Redis.from_url(queue_redis.url())
+        assert queue_redis.process is not None
+        processes = {Node("127.0.0.1", queue_redis.port): psutil.Process(queue_redis.process.pid)}
+
+        def home_of(job_id: str) -> Node:
+            return next(iter(processes))
+
+        channels = Channels()
+    else:
+        client = EventCluster.from_url(cluster.url())
+        topology = await ClusterHub(cluster.url(), check_s=60)._read_topology()
+        by_port = {node.port: node for node in cluster.nodes}
+        processes = {}
+        for node in set(topology.primaries):
+            assert node is not None
+            process = by_port[node.port].process
+            assert process is not None
+            processes[node] = psutil.Process(process.pid)
+        channels = Channels(sharded=True)
+
+        def home_of(job_id: str) -> Node:
+            node = topology.primaries[key_slot(channels.job(job_id).encode())]
+            assert node is not None
+            return node
+
+    events = EventLog(client, stream_max=1000, ttl_s=3600, channels=channels)
+    try:
+        return await measure(running, processes, home_of, events, args)
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--replicas", type=int, default=0, help="replicas per primary")
+    parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--sockets", type=int, default=3000)
+    parser.add_argument("--owners", type=int, default=64)
+    parser.add_argument("--rates", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--seconds", type=float, default=5)
+    args = parser.parse_args()
+    results = {}
+    for shards in args.shards:
+        print(json.dumps({"shards": shards, "servers": args.servers, "sockets": args.sockets}), flush=True)
+        results[str(shards)] = run_one(shards, args)
+    stack.write_result("event_plane", {"args": vars(args), "by_shards": results})
+
+
+if __name__ == "__main__":
+    main()
