@@ -178,11 +178,15 @@ class ClusterHub:
     async def _follow(self) -> None:
         """Read the shards now, then on trouble, every ``check_s``, and often while a wanted
         node is down; move what moved."""
+        failures = 0
         while True:
             try:
                 await self._refresh()
-            except Exception:
-                logger.warning("could not read the Redis Cluster's shards", exc_info=True)
+                failures = 0
+            except Exception as exc:
+                failures += 1  # said once, then once a minute while it lasts
+                if failures == 1 or failures % int(60 / UNHEALTHY_CHECK_S) == 0:
+                    logger.warning("could not read the Redis Cluster's shards: %s", exc)
             healthy = self._known.is_set() and all(
                 hub.connected.is_set() for hub in self._hubs.values() if hub.wanted
             )

@@ -42,8 +42,10 @@ TARGETS = sorted(
     for path in [K8S / "base" / "kustomization.yaml", *K8S.glob("overlays/*/kustomization.yaml")]
 )
 GPU = "overlays/gpu"
+GPU_REDIS_CLUSTER = "overlays/gpu-redis-cluster"  # the gpu overlay, its events on a Redis Cluster
+GPU_TARGETS = {GPU, GPU_REDIS_CLUSTER}
 # The targets that scale workers with KEDA; the others run a fixed worker count.
-KEDA_TARGETS = {GPU}
+KEDA_TARGETS = GPU_TARGETS
 # Custom resources kubernetes-validate has no schema for (it would only warn).
 CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
 # The oldest and the newest Kubernetes the manifests must validate against.
@@ -385,8 +387,9 @@ def check_worker_metrics(target: str, container: Obj, settings: Settings) -> Non
 # -- GPUs --------------------------------------------------------------------
 
 
-def test_gpu_workers_get_one_gpu_on_a_gpu_node() -> None:
-    rendered = render(GPU)
+@pytest.mark.parametrize("target", sorted(GPU_TARGETS))
+def test_gpu_workers_get_one_gpu_on_a_gpu_node(target: str) -> None:
+    rendered = render(target)
     for worker in rendered.workloads("worker"):
         check_gpu_worker(rendered, worker)
     server = rendered.workload("server")
@@ -409,6 +412,26 @@ def test_the_gpu_overlay_runs_one_pool_per_model_on_its_own_queue() -> None:
     xl = next(pool for pool in pools if rendered.settings(only_container(pool)).model_name == "sdxl")
     settings = rendered.settings(only_container(xl))
     assert settings.default_size_px is None and str(settings.model_dir) == "/models/sdxl"
+
+
+def test_an_overlay_puts_the_event_plane_on_a_redis_cluster() -> None:
+    """Every server and worker of gpu-redis-cluster reads the cluster's URL (a placeholder to
+    fill in) and cluster mode; the queue stays on STEPCAST_REDIS_URL; the base does neither."""
+    plain = render("base")
+    assert plain.settings(only_container(plain.workload("server"))).event_redis_url is None
+    rendered = render(GPU_REDIS_CLUSTER)
+    containers_of = [only_container(rendered.workload("server"))]
+    containers_of += [only_container(pool) for pool in rendered.workloads("worker")]
+    for container in containers_of:
+        assert PLACEHOLDER in rendered.env(container)["STEPCAST_EVENT_REDIS_URL"]
+        settings = rendered.settings(container)
+        assert settings.event_redis_cluster and settings.event_redis_url is not None
+        assert (
+            settings.event_redis_url.startswith("rediss://")
+            and settings.event_redis_url != settings.redis_url
+        )
+    secret = secret_values(rendered.named("Secret", "stepcast-secrets"))
+    assert {"STEPCAST_DATABASE_URL", "STEPCAST_REDIS_URL", "STEPCAST_EVENT_REDIS_URL"} <= set(secret)
 
 
 def check_gpu_worker(rendered: Rendered, worker: Obj) -> None:
@@ -435,7 +458,7 @@ def check_gpu_worker(rendered: Rendered, worker: Obj) -> None:
     )
 
 
-@pytest.mark.parametrize("target", [target for target in TARGETS if target != GPU])
+@pytest.mark.parametrize("target", [target for target in TARGETS if target not in GPU_TARGETS])
 def test_cpu_targets_ask_for_no_gpu(target: str) -> None:
     rendered = render(target)
     assert "nvidia.com/gpu" not in rendered.text, f"{target}: mentions nvidia.com/gpu"

@@ -261,8 +261,9 @@ class LocalRedisCluster:
             self.nodes.append(LocalRedis(data_dir, port, durable=False, options=options))
 
     def url(self) -> str:
-        """A node of the cluster, from which a client finds the others."""
-        return self.nodes[0].url()
+        """A live node of the cluster, from which a client finds the others."""
+        live = [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+        return (live or self.nodes)[0].url()
 
     def start(self, timeout_s: float = 30) -> None:
         for node in self.nodes:
