@@ -52,8 +52,9 @@ class Topology:
     nodes: frozenset[Node]
 
     @classmethod
-    def parse(cls, shards: list[Any]) -> Topology:
-        """From a ``CLUSTER SHARDS`` reply (Redis 7): each shard's slot ranges and nodes."""
+    def parse(cls, shards: list[Any], asked: Node) -> Topology:
+        """From a ``CLUSTER SHARDS`` reply (Redis 7) of node ``asked``: each shard's slot
+        ranges and nodes."""
         primaries: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         nodes: set[Node] = set()
         for shard in shards:
@@ -62,9 +63,12 @@ class Topology:
             for description in fields[b"nodes"]:
                 node_fields = _pairs(description)
                 host = node_fields.get(b"endpoint") or node_fields[b"ip"]
-                if host in (b"?", b""):
+                if host == b"?":
                     continue  # an endpoint not known yet
-                node = Node(host.decode(), int(node_fields.get(b"port") or node_fields[b"tls-port"]))
+                # Empty: "where you asked" (a node that has met no other does not know its address).
+                node = Node(
+                    host.decode() or asked.host, int(node_fields.get(b"port") or node_fields[b"tls-port"])
+                )
                 nodes.add(node)
                 if node_fields[b"role"] == b"master":
                     masters.append((node_fields.get(b"health") != b"online", node))
@@ -150,7 +154,8 @@ class ClusterHub:
                 await self._hub(node).add(channel, listener, timeout_s)
                 if self._homes.get(channel) == node:
                     return
-                self._hubs[node].remove(channel, listener)  # it moved meanwhile: add it there
+                if (left := self._hubs.get(node)) is not None:  # it moved meanwhile: add it there
+                    left.remove(channel, listener)
 
     def remove(self, channel: str, listener: Listener) -> None:
         node = self._homes.get(channel)
@@ -231,7 +236,7 @@ class ClusterHub:
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_command("CLUSTER", "SHARDS")
-                return Topology.parse(await connection.read_response())
+                return Topology.parse(await connection.read_response(), node)
             except Exception as exc:
                 failure = exc
             finally:

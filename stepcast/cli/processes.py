@@ -245,6 +245,7 @@ class LocalRedisCluster:
         self, data_dir: Path, *, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
     ) -> None:
         self.data_dir = data_dir
+        self.primaries_made = primaries
         self.replicas = replicas
         count = primaries * (replicas + 1)
         ports: list[int] = []  # each node's, then each node's cluster bus's (not port + 10000,
@@ -269,13 +270,42 @@ class LocalRedisCluster:
         for node in self.nodes:
             shutil.rmtree(node.data_dir, ignore_errors=True)
             node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [find_binary("redis-cli"), "--cluster", "create", *addresses,
-             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-            check=True, capture_output=True, timeout=timeout_s,
-        )  # fmt: skip
+        if self.primaries_made >= 3:
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [find_binary("redis-cli"), "--cluster", "create", *addresses,
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout_s,
+            )  # fmt: skip
+        else:
+            self._create_small(timeout_s)
         self.wait_until_healthy(timeout_s)
+
+    def _create_small(self, timeout_s: float) -> None:
+        """What ``redis-cli --cluster create`` does, for the one or two primaries it refuses
+        (a benchmark's cluster that grows from one shard)."""
+        primaries, replicas = self.nodes[: self.primaries_made], self.nodes[self.primaries_made :]
+        step = 16384 // len(primaries)
+        for index, node in enumerate(primaries):
+            last = 16383 if index == len(primaries) - 1 else (index + 1) * step - 1
+            self.cli(node, "CLUSTER", "ADDSLOTSRANGE", str(index * step), str(last))
+            self.cli(node, "CLUSTER", "SET-CONFIG-EPOCH", str(index + 1))
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            self.cli(node, "CLUSTER", "MEET", "127.0.0.1", str(first.port), self._bus_port(first))
+        deadline = time.monotonic() + timeout_s
+        while any(
+            f"cluster_known_nodes:{len(self.nodes)}" not in self.cli(n, "CLUSTER", "INFO") for n in self.nodes
+        ):
+            if time.monotonic() > deadline:
+                raise ProcessError(f"the nodes under {self.data_dir} did not meet in {timeout_s} s")
+            time.sleep(0.1)
+        for index, node in enumerate(replicas):
+            primary = primaries[index % len(primaries)]
+            self.cli(node, "CLUSTER", "REPLICATE", self.cli(primary, "CLUSTER", "MYID").strip())
+
+    def _bus_port(self, node: LocalRedis) -> str:
+        return node.options[node.options.index("--cluster-port") + 1]
 
     def wait_until_healthy(self, timeout_s: float = 30) -> None:
         """Until every live node says the cluster is ok (every slot has a live primary) and
