@@ -38,6 +38,8 @@ bench: deps dev-venv
 	$(PY) -m bench.fanout --sockets 1000 --rates 500 1000 2000 4000
 	$(PY) -m bench.scheduling --backlog 500 --workers 2
 	$(PY) -m bench.cluster --servers 3 --workers 3 --clients 30 --jobs-per-client 40
+	$(PY) -m bench.history_check --rounds 4 --events 20000
+	$(PY) -m bench.event_plane --shards 0 1 2 3 4 --servers 3 --sockets 3000 --rates 1000 2000 4000 6000
 	$(PY) -m bench.chaos --seconds 240 --watchers 200 --jobs-per-s 4
 
 bench-gpu: dev-venv

@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from bench import stack
-from bench.fanout import BLOCK, PROGRESS, watch
+from bench.fanout import BLOCK, PROGRESS, Arrivals, watch
 from server.shards import ClusterHub, Node
 from stepcast.cli.processes import LocalRedis, LocalRedisCluster
 from stepcast.event_plane import EventCluster
@@ -74,30 +74,15 @@ async def measure(
     owners = [f"owner-{index % args.owners}" for index in range(len(jobs))]
     homes = [home_of(job_id) for job_id in jobs]
     servers = [psutil.Process(process.pid) for process in running.servers]
-    # A socket per job, on server index % servers; when each event was sent, by (job, seq).
-    sent: dict[tuple[str, int], float] = {}
-    early: dict[tuple[str, int], float] = {}
-    latencies: list[float] = []
+    # A socket per job, on server index % servers.
+    arrivals = Arrivals()
     delivered = Counter[int]()  # by server
-    all_in = asyncio.Event()
-    expected = [2**62]
-
-    def arrived(latency_s: float) -> None:
-        latencies.append(latency_s * 1000)
-        if len(latencies) >= expected[0]:
-            all_in.set()
 
     def on_event_of(server: int) -> Any:
         def on_event(message: dict[str, Any]) -> None:
-            if message.get("type") != "progress":
-                return
-            delivered[server] += 1
-            key = (message["job_id"], message["seq"])
-            at = sent.pop(key, None)
-            if at is None:
-                early[key] = time.perf_counter()
-            else:
-                arrived(time.perf_counter() - at)
+            if message.get("type") == "progress":
+                delivered[server] += 1
+                arrivals.received(message)
 
         return on_event
 
@@ -124,11 +109,8 @@ async def measure(
     }
     rows = []
     for rate in args.rates:
-        latencies.clear()
-        sent.clear()
-        early.clear()
+        arrivals.reset()
         delivered.clear()
-        expected[0] = 2**62
         count = int(rate * args.seconds)
         per_shard = Counter(homes[index % len(jobs)] for index in range(count))
         redis_before = await redis_cpu_s(shards)
@@ -142,19 +124,11 @@ async def measure(
                 await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
                 emitting = time.perf_counter()
                 seq = await events.emit(jobs[job], owners[job], PROGRESS, attempt=1, block=BLOCK)
-                key = (jobs[job], seq)
-                if (at := early.pop(key, None)) is not None:
-                    arrived(at - emitting)
-                else:
-                    sent[key] = emitting
+                arrivals.published((jobs[job], seq), emitting)
 
         await asyncio.gather(*(publisher(first, count, rate, began) for first in range(args.publishers)))
         sent_s = time.perf_counter() - began
-        expected[0] = count
-        if len(latencies) < count:
-            all_in.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(all_in.wait(), 10)
+        await arrivals.wait_for(count)
         wall_s = time.perf_counter() - began
         redis_after = await redis_cpu_s(shards)
         busy = {node: redis_after[node] - redis_before[node] - idle_share[node] * wall_s for node in shards}
@@ -181,10 +155,10 @@ async def measure(
             {
                 "rate": rate,
                 "sent": count,
-                "delivered": len(latencies),
-                "lost": count - len(latencies),
-                "events_per_s": round(len(latencies) / sent_s),
-                "latency_ms": stack.summary(latencies, 1),
+                "delivered": len(arrivals.latencies_ms),
+                "lost": count - len(arrivals.latencies_ms),
+                "events_per_s": round(len(arrivals.latencies_ms) / sent_s),
+                "latency_ms": stack.summary(arrivals.latencies_ms, 1),
                 "shards": shard_rows,
                 "servers": server_rows,
             }

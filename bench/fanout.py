@@ -41,6 +41,52 @@ PROGRESS = Progress(step=1, total=20, eta_s=1.0)
 BLOCK = Block(1, 2**40)
 
 
+class Arrivals:
+    """Publish -> receive latencies of events by (job, seq), on one clock (the publisher and
+    the clients live in this process). An event may reach its socket before its publishing
+    call returns with its seq: its arrival then waits in ``early``."""
+
+    def __init__(self) -> None:
+        self.latencies_ms: list[float] = []
+        self._sent: dict[tuple[str, int], float] = {}
+        self._early: dict[tuple[str, int], float] = {}
+        self._expected = 2**62
+        self._all_in = asyncio.Event()
+
+    def reset(self) -> None:
+        self.latencies_ms.clear()
+        self._sent.clear()
+        self._early.clear()
+        self._expected = 2**62
+
+    def published(self, key: tuple[str, int], at: float) -> None:
+        if (arrived := self._early.pop(key, None)) is not None:
+            self._add(arrived - at)
+        else:
+            self._sent[key] = at
+
+    def received(self, message: dict[str, Any]) -> None:
+        key = (message["job_id"], message["seq"])
+        at = self._sent.pop(key, None)
+        if at is None:
+            self._early[key] = time.perf_counter()
+        else:
+            self._add(time.perf_counter() - at)
+
+    async def wait_for(self, count: int, timeout_s: float = 10) -> None:
+        """Until ``count`` events arrived, at most ``timeout_s`` (one still missing then is lost)."""
+        self._expected = count
+        if len(self.latencies_ms) < count:
+            self._all_in.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_in.wait(), timeout_s)
+
+    def _add(self, latency_s: float) -> None:
+        self.latencies_ms.append(latency_s * 1000)
+        if len(self.latencies_ms) >= self._expected:
+            self._all_in.set()
+
+
 async def watch(
     url: str, job_id: str, on_event: Callable[[dict[str, Any]], None], ready: asyncio.Event
 ) -> str:
@@ -67,27 +113,11 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
     server = psutil.Process(running.server_pid)
     rss_before = rss_kib(running.server_pid)
     print(json.dumps({"jobs_waiting": len(jobs), "server_rss_kib": rss_before}), flush=True)
-    # When each event was published, by (job, seq); one may reach its socket before the
-    # publishing call returns here with its seq: then its arrival waits in `early`.
-    sent: dict[tuple[str, int], float] = {}
-    early: dict[tuple[str, int], float] = {}
-    latencies: list[float] = []
-    expected = [0]  # events this rate sends, once all are sent
-    all_in = asyncio.Event()
-
-    def arrived(latency_s: float) -> None:
-        latencies.append(latency_s * 1000)
-        if len(latencies) >= expected[0]:
-            all_in.set()
+    arrivals = Arrivals()
 
     def on_event(message: dict[str, Any]) -> None:
         if message.get("type") == "progress":
-            key = (message["job_id"], message["seq"])
-            at = sent.pop(key, None)
-            if at is None:
-                early[key] = time.perf_counter()
-            else:
-                arrived(time.perf_counter() - at)
+            arrivals.received(message)
 
     readies = [asyncio.Event() for _ in jobs]
     subscribing = time.perf_counter()
@@ -111,10 +141,7 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
     events = EventLog(redis, stream_max=1000, ttl_s=3600)
     rows = []
     for rate in rates:
-        latencies.clear()
-        sent.clear()
-        early.clear()
-        expected[0] = 2**62
+        arrivals.reset()
         cpu_before = sum(server.cpu_times()[:2])
         began = time.perf_counter()
         count = int(rate * seconds)
@@ -122,27 +149,19 @@ async def measure(running: stack.Running, sockets: int, rates: list[int], second
             job_id, owner = jobs[index % len(jobs)]
             await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
             emitting = time.perf_counter()
-            key = (job_id, await events.emit(job_id, owner, PROGRESS, attempt=1, block=BLOCK))
-            if (at := early.pop(key, None)) is not None:
-                arrived(at - emitting)
-            else:
-                sent[key] = emitting
+            seq = await events.emit(job_id, owner, PROGRESS, attempt=1, block=BLOCK)
+            arrivals.published((job_id, seq), emitting)
         sent_s = time.perf_counter() - began
-        # The last events arrive: wait for every one, up to 10 s (one still missing then is lost).
-        expected[0] = count
-        if len(latencies) < count:
-            all_in.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(all_in.wait(), 10)
+        await arrivals.wait_for(count)
         wall_s = time.perf_counter() - began
-        delivered = len(latencies)
+        delivered = len(arrivals.latencies_ms)
         rows.append(
             {
                 "rate": rate,
                 "sent": count,
                 "delivered": delivered,
                 "events_per_s": round(delivered / sent_s),
-                "latency_ms": stack.summary(latencies, 1),
+                "latency_ms": stack.summary(arrivals.latencies_ms, 1),
                 "server_core_share": round((sum(server.cpu_times()[:2]) - cpu_before) / wall_s, 3),
             }
         )

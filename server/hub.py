@@ -61,10 +61,6 @@ class Subscriptions(Protocol):
     def remove(self, channel: str, listener: Listener) -> None: ...
 
 
-class Dropped(Exception):
-    """Redis dropped a subscription nobody asked it to drop (its slot moved to another shard)."""
-
-
 class Hub:
     def __init__(
         self,
@@ -74,7 +70,8 @@ class Hub:
         on_trouble: Callable[[], object] | None = None,
     ) -> None:
         """``subscriber`` makes the connection, again after each loss; ``always``: channels
-        it keeps, so that it is never left with none; ``on_trouble`` hears of each loss."""
+        it keeps, so that it is never left with none; ``on_trouble`` hears of each loss, and of
+        each channel in :attr:`dropped`."""
         self.subscriber = subscriber
         self.always = always
         self.on_trouble = on_trouble
@@ -93,6 +90,10 @@ class Hub:
         self._announcing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # a flush, or a (re)connect
         self.connected = asyncio.Event()
+        # Wanted channels Redis dropped, or refused, though the connection lives (on a cluster:
+        # their slot moved to another shard). Who routes them subscribes them again, elsewhere
+        # or (:meth:`retry`) here.
+        self.dropped: set[str] = set()
 
     @classmethod
     def plain(cls, redis: Redis) -> Hub:
@@ -116,6 +117,16 @@ class Hub:
         """Does a listener want the channel?"""
         return channel in self._channels
 
+    def listeners(self, channel: str) -> set[Listener]:
+        return set(self._channels.get(channel, ()))
+
+    def retry(self, channel: str) -> None:
+        """Subscribe a dropped channel again."""
+        self.dropped.discard(channel)
+        if channel in self._channels and channel not in self._known:
+            self._known.add(channel)
+            self._change(channel)
+
     async def start(self) -> None:
         self.start_soon()
 
@@ -131,15 +142,24 @@ class Hub:
 
     async def add(self, channel: str, listener: Listener, timeout_s: float = 5.0) -> None:
         """Deliver the channel's messages to ``listener``, from when Redis confirms it on."""
+        self.attach(channel, listener)
+        await self.confirmed(channel, timeout_s)
+
+    def attach(self, channel: str, listener: Listener) -> None:
+        """:meth:`add`, without waiting for Redis to confirm."""
         group = self._channels.setdefault(channel, set())
         group.add(listener)
         if channel not in self._known:
             self._known.add(channel)
             self._change(channel)
-        if channel not in self._confirmed:  # else: subscribed (a flush drops what is no longer wanted)
-            confirmed = self._waiting.setdefault(channel, asyncio.Event())
-            async with asyncio.timeout(timeout_s):
-                await confirmed.wait()
+
+    async def confirmed(self, channel: str, timeout_s: float = 5.0) -> None:
+        """Once Redis confirmed the channel (or nobody wants it any more)."""
+        if channel in self._confirmed or channel not in self._channels:
+            return  # (a flush drops what is no longer wanted)
+        confirmed = self._waiting.setdefault(channel, asyncio.Event())
+        async with asyncio.timeout(timeout_s):
+            await confirmed.wait()
 
     def remove(self, channel: str, listener: Listener) -> None:
         group = self._channels.get(channel)
@@ -148,6 +168,7 @@ class Hub:
         group.discard(listener)
         if not group:
             del self._channels[channel]
+            self.dropped.discard(channel)
             self._change(channel)
 
     def _change(self, channel: str) -> None:
@@ -206,6 +227,8 @@ class Hub:
                 self._pubsub = await self._connect()
                 self.connected.set()
                 if attempt:
+                    if self._announcing is not None:  # (of a connection lost since)
+                        self._announcing.cancel()
                     self._announcing = asyncio.create_task(self._announce_reconnect())
                 attempt = 0
                 async for message in self._pubsub.listen():
@@ -238,15 +261,27 @@ class Hub:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
-        if message["type"] == "unsubscribe":
-            if not self._unsubscribing[channel] and channel in self._subscribed:
-                raise Dropped(channel)  # subscribe everything again, wherever it lives now
+        kind = message["type"]
+        if kind == "refused":  # a sharded (UN)SUBSCRIBE refused: not this node's slot (MOVED)
+            kind = "unsubscribe" if message["data"] == "SUNSUBSCRIBE" else "dropped"
+        if kind == "unsubscribe" and not self._unsubscribing[channel] and channel in self._subscribed:
+            kind = "dropped"  # nobody asked: its slot moved to another shard
+        if kind == "dropped":
+            self._subscribed.discard(channel)
+            self._confirmed.discard(channel)
+            self._known.discard(channel)
+            if channel in self._channels:
+                self.dropped.add(channel)
+                if self.on_trouble is not None:
+                    self.on_trouble()
+            return
+        if kind == "unsubscribe":
             if self._unsubscribing[channel] > 1:
                 self._unsubscribing[channel] -= 1
             else:
                 self._unsubscribing.pop(channel, None)
             return
-        if message["type"] == "subscribe":
+        if kind == "subscribe":
             if self._unsubscribing[channel]:
                 # Answers come in order: this SUBSCRIBE came before an UNSUBSCRIBE not yet
                 # answered, so Redis has dropped the channel since; a new SUBSCRIBE follows.
@@ -257,7 +292,7 @@ class Hub:
             if confirmed is not None:
                 confirmed.set()
             return
-        if message["type"] != "message":
+        if kind != "message":
             return
         group = self._channels.get(channel)
         if not group:

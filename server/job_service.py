@@ -127,7 +127,7 @@ class JobService:
 
         # Announce before enqueueing: a worker may start the job at once, and `queued` must
         # come before `started` in the job's log. On the queue's Redis, in one round trip.
-        shared = self.lifecycle.events.shares_queue
+        shared = self.lifecycle.events.shares(self.redis)
 
         def announce(pipe: AnyPipeline) -> None:
             assert isinstance(pipe, Pipeline)  # (the queue's Redis is a plain one)

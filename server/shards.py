@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import ResponseError
 
 from server.hub import Hub, Listener
 from stepcast.background import cancel_and_wait
@@ -29,9 +31,13 @@ from stepcast.queue import CONNECTION_OPTIONS
 logger = logging.getLogger(__name__)
 
 UNHEALTHY_CHECK_S = 0.5  # how often the shards are read while a wanted node is unreachable
+COALESCE_S = 0.05  # news of one change (from several hubs) leads to one reading of the shards
+SUBSCRIBE_TIMEOUT_S = 5.0
 
-# Redis' sharded pub/sub messages, named as redis-py's PubSub names the plain ones.
+# Redis' sharded pub/sub messages, named as redis-py's PubSub names the plain ones; the
+# command each of the first two answers (a sunsubscribe may come unasked: its slot moved).
 _KINDS = {b"ssubscribe": "subscribe", b"sunsubscribe": "unsubscribe", b"smessage": "message"}
+_ANSWERS = {b"ssubscribe": "SSUBSCRIBE", b"sunsubscribe": "SUNSUBSCRIBE"}
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,9 @@ class Topology:
     nodes: frozenset[Node]
 
     @classmethod
-    def parse(cls, shards: list[Any], asked: Node) -> Topology:
+    def parse(cls, shards: list[Any], asked: Node, *, tls: bool = False) -> Topology:
         """From a ``CLUSTER SHARDS`` reply (Redis 7) of node ``asked``: each shard's slot
-        ranges and nodes."""
+        ranges and nodes (at their TLS ports, if ``tls`` and they have one)."""
         primaries: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         nodes: set[Node] = set()
         for shard in shards:
@@ -66,9 +72,9 @@ class Topology:
                 if host == b"?":
                     continue  # an endpoint not known yet
                 # Empty: "where you asked" (a node that has met no other does not know its address).
-                node = Node(
-                    host.decode() or asked.host, int(node_fields.get(b"port") or node_fields[b"tls-port"])
-                )
+                ports = (b"tls-port", b"port") if tls else (b"port", b"tls-port")
+                port = int(next(node_fields[name] for name in ports if node_fields.get(name)))
+                node = Node(host.decode() or asked.host, port)
                 nodes.add(node)
                 if node_fields[b"role"] == b"master":
                     masters.append((node_fields.get(b"health") != b"online", node))
@@ -90,11 +96,13 @@ def _pairs(flat: list[Any]) -> dict[bytes, Any]:
 
 class ShardSubscriber:
     """Sharded pub/sub on one plain connection to one node, with its messages as redis-py's
-    ``PubSub.listen`` gives plain ones. A refused channel (MOVED: not this node's slot) is an
-    error out of :meth:`listen`; the hub then connects again, its router having moved it."""
+    ``PubSub.listen`` gives plain ones, and one more: ``refused``, a command the node answered
+    with an error (MOVED: the channel's slot is not this node's), naming its channel and the
+    command. The connection lives on; the hub routes the channel again."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self._sent: deque[tuple[str, str]] = deque()  # (command, channel) not yet answered
 
     async def connect(self) -> None:
         await self._connection.connect()  # type: ignore[no-untyped-call]
@@ -108,11 +116,22 @@ class ShardSubscriber:
     async def _send(self, command: str, channels: tuple[str, ...]) -> None:
         # One command per channel: the channels of one command must share a slot.
         commands = [(command, channel) for channel in channels]
+        self._sent.extend(commands)
         await self._connection.send_packed_command(self._connection.pack_commands(commands))
 
     async def listen(self) -> AsyncIterator[dict[str, Any]]:
         while True:
-            kind, channel, data = await self._connection.read_response()
+            try:
+                kind, channel, data = await self._connection.read_response()
+            except ResponseError:
+                if not self._sent:
+                    raise
+                command, refused = self._sent.popleft()
+                yield {"type": "refused", "channel": refused.encode(), "data": command}
+                continue
+            answered = _ANSWERS.get(kind)
+            if answered is not None and self._sent and self._sent[0] == (answered, channel.decode()):
+                self._sent.popleft()
             yield {"type": _KINDS.get(kind, kind.decode()), "channel": channel, "data": data}
 
     async def aclose(self) -> None:
@@ -127,6 +146,7 @@ class ClusterHub:
         options: dict[str, Any] = {key: value for key, value in parse_url(url).items() if key != "db"}
         self._seed = Node(options.pop("host", "127.0.0.1"), int(options.pop("port", 6379)))
         self._options = {**CONNECTION_OPTIONS, **options}
+        self._tls = options.get("connection_class") is SSLConnection  # rediss://
         self.check_s = check_s
         self._topology: Topology | None = None
         self._hubs: dict[Node, Hub] = {}
@@ -134,7 +154,6 @@ class ClusterHub:
         self._trouble = asyncio.Event()
         self._known = asyncio.Event()  # a topology was read
         self._task: asyncio.Task[None] | None = None
-        self._moving = asyncio.Lock()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="event-hub-shards")
@@ -182,7 +201,7 @@ class ClusterHub:
 
     async def _follow(self) -> None:
         """Read the shards now, then on trouble, every ``check_s``, and often while a wanted
-        node is down; move what moved."""
+        node is down or a channel is dropped; move what moved."""
         failures = 0
         while True:
             try:
@@ -193,39 +212,50 @@ class ClusterHub:
                 if failures == 1 or failures % int(60 / UNHEALTHY_CHECK_S) == 0:
                     logger.warning("could not read the Redis Cluster's shards: %s", exc)
             healthy = self._known.is_set() and all(
-                hub.connected.is_set() for hub in self._hubs.values() if hub.wanted
+                hub.connected.is_set() and not hub.dropped for hub in self._hubs.values() if hub.wanted
             )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.check_s if healthy else UNHEALTHY_CHECK_S):
                     await self._trouble.wait()
+            await asyncio.sleep(COALESCE_S)  # the other hubs' news of the same change
             self._trouble.clear()
 
     async def _refresh(self) -> None:
+        """Read the shards; subscribe each channel whose slot moved on its new primary, and each
+        a node dropped where its slot lives now; then tell their feeds to re-sync."""
         topology = await self._read_topology()
         self._topology = topology
         self._known.set()
-        async with self._moving:
-            moved: dict[str, Node] = {}
-            for channel, node in list(self._homes.items()):
-                home = topology.primary_of(channel)
-                if home is not None and home != node:
-                    moved[channel] = home
-            told: set[Listener] = set()
-            for channel, home in moved.items():
-                listeners = self._hubs[self._homes[channel]].take(channel)
-                self._homes[channel] = home
-                for listener in listeners:
-                    with contextlib.suppress(TimeoutError):  # (it stays wanted there, and is told)
-                        await self._hub(home).add(channel, listener)
-                told |= listeners
-            for listener in told:  # what was published meanwhile is in the stream
+        # No await until every channel is where it belongs: a feed that goes meanwhile finds
+        # its channel's home as it is.
+        resubscribed: list[tuple[str, Hub]] = []
+        for channel, node in list(self._homes.items()):
+            home = topology.primary_of(channel)
+            if home is None or home == node:
+                continue
+            left = self._hubs.get(node)
+            listeners = left.take(channel) if left is not None else set()
+            self._homes[channel] = home
+            for listener in listeners:
+                self._hub(home).attach(channel, listener)
+            resubscribed.append((channel, self._hub(home)))
+        for hub in list(self._hubs.values()):
+            for channel in list(hub.dropped):
+                hub.retry(channel)
+                resubscribed.append((channel, hub))
+        if resubscribed:
+            logger.warning("event channels subscribed again", extra={"channels": len(resubscribed)})
+            with contextlib.suppress(TimeoutError):  # (one not confirmed stays wanted: a retry follows)
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                    await asyncio.gather(*(hub.confirmed(channel) for channel, hub in resubscribed))
+            # What was published meanwhile is in each job's stream (or, after a failover, a
+            # snapshot stands for it).
+            for listener in {each for channel, hub in resubscribed for each in hub.listeners(channel)}:
                 listener.on_reconnect()
-            if moved:
-                logger.warning("event channels moved to other shards", extra={"moved": len(moved)})
-            for node, hub in list(self._hubs.items()):
-                if not hub.wanted and node not in topology.primaries:
-                    del self._hubs[node]
-                    await hub.stop()
+        for node, hub in list(self._hubs.items()):
+            if not hub.wanted and node not in topology.primaries:
+                del self._hubs[node]
+                await hub.stop()
 
     async def _read_topology(self) -> Topology:
         """``CLUSTER SHARDS`` from the first node that answers: those known, then the seed."""
@@ -236,7 +266,7 @@ class ClusterHub:
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_command("CLUSTER", "SHARDS")
-                return Topology.parse(await connection.read_response(), node)
+                return Topology.parse(await connection.read_response(), node, tls=self._tls)
             except Exception as exc:
                 failure = exc
             finally:

@@ -9,10 +9,12 @@ sharded pub/sub. Why and how far it scales: docs/scaling.md, "The event plane on
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException
 
 from stepcast.queue import CONNECTION_OPTIONS
 from stepcast.redis_keys import Channels
@@ -39,7 +41,11 @@ def connect(settings: SharedSettings, queue: Redis) -> RedisClient:
     if settings.event_redis_url is None:
         return queue
     if settings.event_redis_cluster:
-        cluster: EventCluster = EventCluster.from_url(settings.event_redis_url, **CONNECTION_OPTIONS)
+        # One retry after a lost connection (0 is not a value redis-py 5 can take): a script sent
+        # to a node that died may have run there, and runs again where its slot lives now.
+        cluster: EventCluster = EventCluster.from_url(
+            settings.event_redis_url, cluster_error_retry_attempts=1, **CONNECTION_OPTIONS
+        )
         return cluster
     return Redis(connection_pool=ConnectionPool.from_url(settings.event_redis_url, **CONNECTION_OPTIONS))
 
@@ -55,12 +61,17 @@ async def ping(client: RedisClient) -> None:
         await client.ping()
         return
     await client.initialize()
-    for node in client.get_primaries():
-        try:
-            await client.execute_command("PING", target_nodes=node)
-            return
-        except RedisError:
-            continue
+    # Each node's own connection, all at once: the cluster client's PING would wait for a node
+    # that does not answer, then close the client's connections to every node.
+    pings = {asyncio.ensure_future(node.execute_command("PING")) for node in client.get_primaries()}
+    try:
+        while pings:
+            done, pings = await asyncio.wait(pings, return_when=asyncio.FIRST_COMPLETED)
+            if any(not ping.exception() for ping in done):
+                return
+    finally:
+        for ping in pings:  # (a cancelled read drops its connection: no stray reply is left)
+            ping.cancel()
     raise RedisConnectionError("no primary of the Redis Cluster answers")
 
 

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
@@ -42,11 +41,12 @@ local cur, ceil, att = tonumber(state[1]), tonumber(state[2]), tonumber(state[3]
 local attempt = tonumber(ARGV[1])
 -- A counter is trusted only in the history that wrote it. A replica promoted in a failover, a
 -- restart from an AOF or a restored snapshot starts a new replication id, and may have lost
--- the newest seqs (replication and fsync lag): such a counter takes a fresh block.
--- (A Redis whose scripts have no INFO, such as the model checker's fake, is one history.)
+-- the newest seqs (replication and fsync lag): such a counter takes a fresh block. (One
+-- written before counters named their history is taken as this one's; a Redis whose scripts
+-- have no INFO, such as the model checker's fake, is one history.)
 local info_ok, info = pcall(redis.call, 'INFO', 'replication')
 local rid = info_ok and string.match(info, 'master_replid:(%w+)') or '-'
-if state[4] ~= rid then cur = nil end
+if state[4] and state[4] ~= rid then cur = nil end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 local top, newest = 0, nil
 if last then
@@ -341,11 +341,10 @@ class EventLog:
         except RedisError:
             logger.warning("an owner's channel missed %d events", len(texts), extra={"owner": owner})
 
-    @property
-    def shares_queue(self) -> bool:
-        """Does the event plane live on the queue's Redis, so that :meth:`emit_in` may join an
-        enqueue's round trip?"""
-        return not self.channels.sharded and isinstance(self.redis, Redis)
+    def shares(self, redis: RedisClient) -> bool:
+        """Is ``redis`` (the queue's) the event plane's own client, so that :meth:`emit_in` may
+        join its round trips?"""
+        return self.redis is redis
 
     def emit_in(
         self, pipe: Pipeline, job_id: str, owner: str, event: Event, *, attempt: int, block: Block

@@ -65,6 +65,12 @@ def last_published(answers: list[int]) -> int | None:
     return max((answer for answer in answers if answer > 0), default=None)
 
 
+def _first_of(job: Job) -> tuple[int, Block]:
+    """A new job's first event: the attempt it speaks for (the one the job will run as), and
+    the block of seqs its insert reserved."""
+    return Speaker.waiting(job).attempt, Block(1, job.seq_ceiling)
+
+
 class Lifecycle:
     def __init__(self, db: Database, events: EventLog, *, db_retry_s: float = 0.0) -> None:
         self.db = db
@@ -74,17 +80,13 @@ class Lifecycle:
     def announce_in(self, pipe: Pipeline, job: Job, event: Queued) -> None:
         """A new job's ``queued``, on ``pipe`` (its enqueue shares the round trip), with the
         seqs its insert reserved (the schema: stepcast/migrations): offered to Redis this once."""
-        first = Block(1, job.seq_ceiling)
-        self.events.emit_in(
-            pipe, str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first
-        )
+        attempt, block = _first_of(job)
+        self.events.emit_in(pipe, str(job.id), job.owner, event, attempt=attempt, block=block)
 
     async def announce(self, job: Job, event: Queued) -> None:
         """:meth:`announce_in` on its own (the event plane is not the queue's Redis)."""
-        first = Block(1, job.seq_ceiling)
-        await self.events.emit(
-            str(job.id), job.owner, event, attempt=Speaker.waiting(job).attempt, block=first
-        )
+        attempt, block = _first_of(job)
+        await self.events.emit(str(job.id), job.owner, event, attempt=attempt, block=block)
 
     async def emit(
         self,

@@ -51,6 +51,7 @@ class Channels:
 
     @property
     def publish(self) -> str:
+        """The command that publishes on these channels."""
         return "SPUBLISH" if self.sharded else "PUBLISH"
 
     def job(self, job_id: str) -> str:

@@ -15,17 +15,19 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from server.shards import ClusterHub, Node, Topology
-from stepcast.cli.processes import LocalRedis, LocalRedisCluster
+from server.hub import Hub
+from server.shards import ClusterHub, Node, ShardSubscriber, Topology
+from stepcast.cli.processes import LocalRedis, LocalRedisCluster, free_port
 from stepcast.event_plane import EventCluster
 from stepcast.events import EventLog
 from stepcast.redis_keys import Channels, checkpoint_key, event_keys
 from stepcast.settings import DATA_DIR, Settings
 from tests import test_events, test_realtime
 from tests.conftest import StepcastProcess, eventually
-from tests.test_realtime import is_terminal, send, until
+from tests.test_realtime import is_terminal, recv, send, until
 
 SHARDED = Channels(sharded=True)
 
@@ -86,6 +88,11 @@ class Heard:
         self.reconnects += 1
 
 
+def a_job_on(topology: Topology, node: Node) -> str:
+    """A job id whose slot ``node`` serves."""
+    return next(f"job-{n}" for n in range(10_000) if topology.primary_of(SHARDED.job(f"job-{n}")) == node)
+
+
 async def primaries_of(url: str) -> Topology:
     hub = ClusterHub(url, check_s=60)
     return await hub._read_topology()
@@ -141,12 +148,16 @@ async def test_a_channel_follows_its_slot_to_another_shard(own_cluster: LocalRed
     await hub.start()
     events = EventCluster.from_url(own_cluster.url())
     try:
+        topology = await primaries_of(own_cluster.url())
         channel = SHARDED.job("moving")
-        heard = Heard()
+        home = topology.primary_of(channel)
+        assert home is not None
+        neighbour = SHARDED.job(a_job_on(topology, home))  # on the same shard; its slot stays
+        heard, stays = Heard(), Heard()
         await hub.add(channel, heard)
+        await hub.add(neighbour, stays)
         slot = key_slot(channel.encode())
-        by_port = {node.port: node for node in own_cluster.nodes}
-        source = by_port[(await primaries_of(own_cluster.url())).primary_of(channel).port]  # type: ignore[union-attr]
+        source = next(node for node in own_cluster.nodes if node.port == home.port)
         target = next(node for node in own_cluster.primaries() if node is not source)
         source_id, target_id = node_id(own_cluster, source), node_id(own_cluster, target)
         # Redis' own resharding steps, for a slot with no keys.
@@ -158,15 +169,46 @@ async def test_a_channel_follows_its_slot_to_another_shard(own_cluster: LocalRed
         await eventually(lambda: asyncio.sleep(0, heard.reconnects >= 1), timeout_s=10)
         await eventually(lambda: asyncio.sleep(0, Node("127.0.0.1", target.port) in hub._hubs), timeout_s=10)
 
-        async def heard_it() -> bool:
+        async def heard_both() -> bool:
             await events.execute_command("SPUBLISH", channel, '{"seq": 1}')
+            await events.execute_command("SPUBLISH", neighbour, '{"seq": 1}')
             await asyncio.sleep(0.05)
-            return bool(heard.events)
+            return bool(heard.events and stays.events)
 
-        await eventually(heard_it, timeout_s=10)
+        await eventually(heard_both, timeout_s=10)
+        # The source's connection lived on: its other channels lost nothing, so re-sync nothing.
+        assert stays.reconnects == 0
     finally:
         await hub.stop()
         await events.aclose()
+
+
+async def test_a_channel_a_node_refuses_is_dropped_and_its_connection_lives_on(
+    log: EventLog, event_plane_settings: dict[str, Any]
+) -> None:
+    url = event_plane_settings["event_redis_url"]
+    topology = await primaries_of(url)
+    channel = SHARDED.job("elsewhere")
+    wrong = next(node for node in set(topology.primaries) if node not in (None, topology.primary_of(channel)))
+    assert wrong is not None
+    hub = ClusterHub(url, check_s=60)
+    troubles = []
+    line = Hub(lambda: ShardSubscriber(hub._connection(wrong)), on_trouble=lambda: troubles.append(1))
+    await line.start()
+    try:
+        job = a_job_on(topology, wrong)
+        heard, refused = Heard(), Heard()
+        await line.add(SHARDED.job(job), heard)
+        adding = asyncio.create_task(line.add(channel, refused))  # MOVED: not this node's slot
+        await eventually(lambda: asyncio.sleep(0, channel in line.dropped), timeout_s=5)
+        assert troubles and line.connected.is_set() and not adding.done()
+        await log.emit(job, "o", test_events.QUEUED, attempt=1, block=test_events.FIRST)
+        await eventually(lambda: asyncio.sleep(0, bool(heard.events)), timeout_s=5)
+        assert heard.reconnects == 0  # the connection never dropped
+        line.remove(channel, refused)  # (its router would have moved it)
+        await asyncio.wait_for(adding, 5)
+    finally:
+        await line.stop()
 
 
 def follows_the_rules(messages: list[dict[str, Any]]) -> None:
@@ -226,3 +268,43 @@ async def test_a_primary_killed_while_watchers_watch_loses_them_nothing(
         follows_the_rules(before + resumed)
     new = (await primaries_of(own_cluster.url())).primary_of(SHARDED.job(job_id))
     assert new is not None and new != home  # its replica serves the slot now
+
+
+@pytest.fixture
+def second_redis() -> Iterator[LocalRedis]:
+    port = free_port()
+    server = LocalRedis(DATA_DIR / "test" / f"redis-{port}", port, durable=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_an_event_plane_on_another_plain_redis_has_every_event_and_the_queue_none(
+    second_redis: LocalRedis,
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    run_worker: Callable[..., Awaitable[None]],
+) -> None:
+    settings = make_settings(event_redis_url=second_redis.url(), event_redis_cluster=False)
+    base = await serve(settings)
+    await run_worker(settings)
+    async with websockets.connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
+        await send(ws, {"type": "submit", "params": {"prompt": "p", "steps": 3}})
+        job_id = (await recv(ws))["job_id"]
+        events = await until(ws, is_terminal)
+    assert [e["type"] for e in events] == [
+        "queued",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "completed",
+    ]
+    assert [e["seq"] for e in events] == list(range(1, 7))
+    queue, plane = Redis.from_url(settings.redis_url), Redis.from_url(second_redis.url())
+    try:
+        assert await plane.xlen(event_keys(job_id)[1]) == 6
+        assert not await queue.exists(*event_keys(job_id), checkpoint_key(job_id))
+    finally:
+        await queue.aclose()
+        await plane.aclose()

@@ -127,6 +127,9 @@ async def test_a_counter_of_another_replication_history_takes_a_fresh_block(log:
     assert await log.reserve("j", attempt=1) == NEED_BLOCK
     assert await log.emit("j", "o", STEP, attempt=1, block=Block(1025, 2048)) == 1025
     assert await log.emit("j", "o", STEP, attempt=1) == 1026  # trusted again, in this history
+    # One written before counters named their history (an older stepcast) is taken as this one's.
+    await log.redis.hdel(counter, "rid")
+    assert await log.emit("j", "o", STEP, attempt=1) == 1027
 
 
 async def test_position_updates_never_precede_the_submit_or_follow_start_or_a_reserved_seq(
