@@ -64,10 +64,10 @@ $(DEV_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(DEV_STAMP) $(RUN_STAMP)
 
-# The Postgres and Redis servers, from apt when missing.
+# The Postgres and Redis servers (redis-cli makes the tests' Redis Cluster), from apt when missing.
 deps:
-	@if ! command -v redis-server >/dev/null; then \
-		echo "installing redis-server (apt)"; \
+	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
+		echo "installing redis-server and redis-cli (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	fi
 	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \

@@ -328,13 +328,13 @@ class EventLog:
         of its own, hears each published event from here, after the job's channel. At most
         once, like all pub/sub: a lost one is a gap its watchers fill from the stream (or the
         re-sync after their own connection to that shard came back)."""
-        channel = self.channels.owner(owner)
         if not texts:
             return
+        channel, publish = self.channels.owner(owner), self.channels.publish
 
         def commands(pipe: AnyPipeline) -> None:
             for text in texts:
-                pipe.execute_command("SPUBLISH", channel, text)
+                pipe.execute_command(publish, channel, text)
 
         try:
             await self._publishes(commands)
