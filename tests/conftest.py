@@ -70,6 +70,16 @@ def redis_server() -> Iterator[LocalRedis]:
     server.stop()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[LocalRedis]:
+    """A Redis only this test uses, so it can be killed, or hold what another does not."""
+    port = free_port()
+    server = LocalRedis(DATA_DIR / "test" / f"redis-{port}", port, durable=False)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[LocalRedisCluster]:
     """Three primaries with a replica each, for the event plane on a cluster."""

@@ -20,7 +20,7 @@ from redis.crc import key_slot
 
 from server.hub import Hub
 from server.shards import ClusterHub, Node, ShardSubscriber, Topology
-from stepcast.cli.processes import LocalRedis, LocalRedisCluster, free_port
+from stepcast.cli.processes import LocalRedis, LocalRedisCluster
 from stepcast.event_plane import EventCluster
 from stepcast.events import EventLog
 from stepcast.redis_keys import Channels, checkpoint_key, event_keys
@@ -270,38 +270,22 @@ async def test_a_primary_killed_while_watchers_watch_loses_them_nothing(
     assert new is not None and new != home  # its replica serves the slot now
 
 
-@pytest.fixture
-def second_redis() -> Iterator[LocalRedis]:
-    port = free_port()
-    server = LocalRedis(DATA_DIR / "test" / f"redis-{port}", port, durable=False)
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_an_event_plane_on_another_plain_redis_has_every_event_and_the_queue_none(
-    second_redis: LocalRedis,
+    own_redis: LocalRedis,
     make_settings: Callable[..., Settings],
     serve: Callable[[Settings], Awaitable[str]],
     run_worker: Callable[..., Awaitable[None]],
 ) -> None:
-    settings = make_settings(event_redis_url=second_redis.url(), event_redis_cluster=False)
+    settings = make_settings(event_redis_url=own_redis.url(), event_redis_cluster=False)
     base = await serve(settings)
     await run_worker(settings)
     async with websockets.connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
         await send(ws, {"type": "submit", "params": {"prompt": "p", "steps": 3}})
         job_id = (await recv(ws))["job_id"]
         events = await until(ws, is_terminal)
-    assert [e["type"] for e in events] == [
-        "queued",
-        "started",
-        "progress",
-        "progress",
-        "progress",
-        "completed",
-    ]
+    assert [e["type"] for e in events] == ["queued", "started", *["progress"] * 3, "completed"]
     assert [e["seq"] for e in events] == list(range(1, 7))
-    queue, plane = Redis.from_url(settings.redis_url), Redis.from_url(second_redis.url())
+    queue, plane = Redis.from_url(settings.redis_url), Redis.from_url(own_redis.url())
     try:
         assert await plane.xlen(event_keys(job_id)[1]) == 6
         assert not await queue.exists(*event_keys(job_id), checkpoint_key(job_id))

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-import pytest
 
-from stepcast.cli.processes import LocalPostgres, LocalRedis, free_port
+from stepcast.cli.processes import LocalPostgres, LocalRedis
 from stepcast.db import Database
-from stepcast.settings import DATA_DIR, Settings
+from stepcast.settings import Settings
 from tests.conftest import StepcastProcess
 
 JOB = {"prompt": "a fox under stress", "steps": 20}
@@ -28,16 +27,6 @@ SIMULATED = {"backend": "simulated", "simulated_step_s": 0.1}  # 2 s a job
 JOBS = 4
 
 Spawn = Callable[[str, Settings], Awaitable[StepcastProcess]]
-
-
-@pytest.fixture
-def own_redis() -> Iterator[LocalRedis]:
-    """A Redis only this test uses, so it can be killed."""
-    port = free_port()
-    server = LocalRedis(DATA_DIR / "test" / f"redis-{port}", port, durable=False)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def get(client: httpx.AsyncClient, job_id: str) -> dict[str, Any] | None:
