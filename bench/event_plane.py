@@ -187,8 +187,8 @@ def run_one(shards: int, args: argparse.Namespace) -> dict[str, Any]:
             cluster = LocalRedisCluster(
                 stack.BENCH_DIR / name / "cluster", primaries=shards, replicas=args.replicas
             )
-            cluster.start()
             resources.callback(cluster.stop)
+            cluster.start()
             env |= {"STEPCAST_EVENT_REDIS_URL": cluster.url(), "STEPCAST_EVENT_REDIS_CLUSTER": "true"}
         running = resources.enter_context(
             stack.stepcast(name, postgres, queue_redis, workers=0, env=env, servers=args.servers)

@@ -267,6 +267,14 @@ class LocalRedisCluster:
         return (live or self.nodes)[0].url()
 
     def start(self, timeout_s: float = 30) -> None:
+        """Start the nodes and make them one cluster; on any failure, stop the nodes started."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         for node in self.nodes:
             shutil.rmtree(node.data_dir, ignore_errors=True)
             node.start()
